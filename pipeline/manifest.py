@@ -1,0 +1,112 @@
+"""CSV manifests: one row per image, paths relative to a recorded data root.
+
+A manifest ``NAME.csv`` has a sidecar ``NAME.json`` with the data root (stored relative to the
+manifest's folder, so a clone elsewhere still resolves it, and absolute as a fallback), the
+source, counts, and the duplicate/quarantine summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = [
+    "path",
+    "label",
+    "label_name",
+    "patient_id",
+    "split",
+    "format",
+    "height",
+    "width",
+    "bits_stored",
+    "photometric",
+    "transfer_syntax",
+    "pixel_hash",
+]
+REQUIRED = ["path", "label", "split"]
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not exist or cannot be used; the message names the file and the problem."""
+
+
+def sidecar_path(manifest: str | Path) -> Path:
+    return Path(manifest).with_suffix(".json")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(path: str | Path, df: pd.DataFrame, meta: dict[str, Any]) -> None:
+    path = Path(path)
+    atomic_write_text(path, df[COLUMNS].to_csv(index=False))
+    data_root = Path(meta["data_root_abs"])
+    meta = dict(meta, data_root=os.path.relpath(data_root, path.resolve().parent))
+    atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def resolve_data_root(manifest: str | Path) -> Path:
+    """Data root from the sidecar: relative to the manifest first, then the absolute path recorded."""
+    manifest = Path(manifest)
+    side = sidecar_path(manifest)
+    if not side.is_file():
+        return manifest.resolve().parent  # a hand-written manifest: paths relative to its own folder
+    meta = json.loads(side.read_text())
+    rel = (manifest.resolve().parent / meta.get("data_root", ".")).resolve()
+    if rel.is_dir():
+        return rel
+    absolute = Path(meta.get("data_root_abs", ""))
+    if absolute.is_dir():
+        return absolute
+    raise ManifestError(f"{manifest}: data root {rel} (recorded as {absolute}) does not exist")
+
+
+def read_manifest(manifest: str | Path, split: str | None = None) -> tuple[pd.DataFrame, Path]:
+    """Load a manifest, check its columns, and add ``abs_path``. Optionally keep one split."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise ManifestError(f"manifest {manifest} does not exist")
+    try:
+        df = pd.read_csv(manifest, dtype={"patient_id": str, "label_name": str}, keep_default_na=False)
+    except Exception as e:
+        raise ManifestError(f"{manifest}: not a readable CSV ({type(e).__name__}: {e})") from e
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{manifest}: missing required column(s) {missing}")
+    bad_split = sorted(set(df["split"]) - set(SPLITS))
+    if bad_split:
+        raise ManifestError(f"{manifest}: unknown split value(s) {bad_split}; expected {SPLITS}")
+    root = resolve_data_root(manifest)
+    df = df.copy()
+    df["abs_path"] = [str((root / p).resolve()) for p in df["path"]]
+    if split is not None:
+        if split not in SPLITS:
+            raise ManifestError(f"unknown split '{split}'; expected one of {SPLITS}")
+        df = df[df["split"] == split].reset_index(drop=True)
+    return df, root
+
+
+def label_names(df: pd.DataFrame) -> dict[int, str]:
+    """``{label: label_name}`` for the labelled rows of a manifest."""
+    if "label_name" not in df.columns:
+        return {int(v): str(v) for v in sorted(set(df["label"])) if int(v) >= 0}
+    pairs = df[df["label"] >= 0][["label", "label_name"]].drop_duplicates()
+    return {int(r.label): str(r.label_name) for r in pairs.itertuples()}

@@ -1,0 +1,69 @@
+"""Thin CLI: ``python -m pipeline.run STAGE [CONFIG.yaml] [key=value ...]``.
+
+Parses the stage, an optional YAML config and ``key=value`` overrides into the stage's typed
+config, then calls one stage function. ``ingest`` also takes ``SOURCE`` positionally and
+``--out``/``--labels`` flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+STAGES = ("ingest", "train")
+
+
+def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """Separate the YAML file, ``key=value`` overrides and other positionals."""
+    yaml_path, overrides, positional = None, [], []
+    for a in rest:
+        if a.endswith((".yaml", ".yml")) and "=" not in a:
+            if yaml_path is not None:
+                raise ConfigError(f"two config files given: {yaml_path} and {a}")
+            yaml_path = a
+        elif "=" in a and not a.startswith("-"):
+            overrides.append(a)
+        else:
+            positional.append(a)
+    return yaml_path, overrides, positional
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--out", help="ingest: output manifest CSV (default data_manifests/<source>.csv)")
+    parser.add_argument("--labels", help="ingest: CSV of path,label for a folder without class sub-folders")
+    parser.add_argument("rest", nargs="*", help="[CONFIG.yaml] [key=value ...] (ingest: SOURCE first)")
+    args = parser.parse_args(argv)
+    try:
+        yaml_path, overrides, positional = _split_args(args.rest)
+        if args.stage == "ingest":
+            from pipeline.ingest import IngestConfig, ingest
+
+            if len(positional) > 1:
+                raise ConfigError(f"ingest takes one SOURCE, got {positional}")
+            if positional:
+                overrides.insert(0, f"source={positional[0]}")
+            if args.out:
+                overrides.append(f"out={args.out}")
+            if args.labels:
+                overrides.append(f"labels={args.labels}")
+            ingest(load_config(IngestConfig, yaml_path, overrides))
+            return 0
+        if positional:
+            raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
+        if args.stage == "train":
+            from pipeline.train import TrainConfig, train
+
+            train(load_config(TrainConfig, yaml_path, overrides))
+            return 0
+    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
