@@ -78,13 +78,18 @@ class IngestResult:
 
 # ------------------------------------------------------------------------------------ patient ids
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
+_KERMANY_IM = re.compile(r"^(.*?IM-\d+)(?:-\d+)+$")
 _TRAILING_NUM = re.compile(r"^(.*?)-\d+$")
 
 
 def patient_from_filename(path: Path) -> str:
-    """Kermany naming: ``person1000_bacteria_2931`` -> ``person1000``; ``IM-0115-0001`` -> ``IM-0115``."""
+    """Kermany naming: ``person1000_bacteria_2931`` -> ``person1000``; ``IM-0115-0001`` -> ``IM-0115``;
+    ``NORMAL2-IM-0173-0001-0002`` -> ``NORMAL2-IM-0173``."""
     stem = path.name.split(".")[0]
     m = _PERSON.match(stem)
+    if m:
+        return m.group(1)
+    m = _KERMANY_IM.match(stem)
     if m:
         return m.group(1)
     m = _TRAILING_NUM.match(stem)

@@ -1,0 +1,243 @@
+"""VAE-GAN networks from MONAI blocks (Larsen et al. 2016, "Autoencoding beyond pixels").
+
+* :class:`Encoder`: strided MONAI ``Convolution`` stack (VarAutoEncoder style) -> ``(mu, logvar)``.
+* :class:`Decoder`: the generator; linear -> transposed ``Convolution`` stack -> ``tanh`` image.
+* :class:`Discriminator`: MONAI ``PatchDiscriminator`` that also exposes its intermediate features
+  (Larsen's feature-wise reconstruction loss is measured in one of them).
+
+A VarAutoEncoder-style conv stack was chosen over ``AutoencoderKL`` because it trains several
+times faster on CPU at equal size; see ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import PatchDiscriminator
+from torch import nn
+
+SUPPORTED_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass
+class ModelConfig:
+    """Network settings (the ``model`` section of the train config)."""
+
+    kind: str = "vaegan"  # vaegan | vae (same encoder/decoder, no discriminator: the ablation)
+    image_size: int = 0  # 0: taken from data.image_size
+    latent_dim: int = 128
+    base_channels: int = 32
+    max_channels: int = 256
+    num_classes: int = 0  # > 0 conditions encoder and decoder on the label
+    embed_dim: int = 16
+    disc_channels: int = 16
+    disc_layers: int = 0  # 0 = chosen from the image size
+    disc_norm: str = "INSTANCE"
+    feature_layer: int = -1  # which discriminator feature map carries the reconstruction loss
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vaegan", "vae"):
+            raise ValueError(f"model.kind must be 'vaegan' or 'vae', got {self.kind!r}")
+
+
+def _check_size(image_size: int) -> int:
+    if image_size not in SUPPORTED_SIZES:
+        raise ValueError(f"image_size must be one of {SUPPORTED_SIZES}, got {image_size}")
+    return int(math.log2(image_size)) - 2  # downsample to 4x4
+
+
+def _channels(n: int, base: int, cap: int) -> list[int]:
+    return [min(base * 2**i, cap) for i in range(n)]
+
+
+def _check_common(latent_dim: int, base_channels: int, max_channels: int, num_classes: int, embed_dim: int) -> None:
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+    if base_channels < 1:
+        raise ValueError(f"base_channels must be >= 1, got {base_channels}")
+    if max_channels < base_channels:
+        raise ValueError(f"max_channels ({max_channels}) must be >= base_channels ({base_channels})")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if num_classes > 0 and embed_dim < 1:
+        raise ValueError(f"embed_dim must be >= 1 when num_classes > 0, got {embed_dim}")
+
+
+class Encoder(nn.Module):
+    """``x [B, 1, S, S]`` (and labels ``[B]`` when conditioned) -> ``(mu, logvar)``, each ``[B, latent_dim]``."""
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        latent_dim: int = 128,
+        base_channels: int = 32,
+        max_channels: int = 256,
+        num_classes: int = 0,
+        embed_dim: int = 16,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        n_down = _check_size(image_size)
+        _check_common(latent_dim, base_channels, max_channels, num_classes, embed_dim)
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        chans = _channels(n_down, base_channels, max_channels)
+        layers, c_in = [], in_channels
+        for c in chans:
+            layers.append(
+                Convolution(2, c_in, c, strides=2, kernel_size=3, act=("leakyrelu", {"negative_slope": 0.2}), norm="BATCH")
+            )
+            c_in = c
+        self.conv = nn.Sequential(*layers)
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, embed_dim) if num_classes > 0 else None
+        flat = chans[-1] * 4 * 4 + (embed_dim if num_classes > 0 else 0)
+        self.fc = nn.Linear(flat, 2 * latent_dim)
+        self.latent_dim = latent_dim
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(x).flatten(1)
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this encoder is class-conditioned: pass labels")
+            h = torch.cat([h, self.embed(labels)], dim=1)
+        mu, logvar = self.fc(h).chunk(2, dim=1)
+        # clamp keeps exp(logvar) finite early in training, when the encoder is still random
+        return mu, logvar.clamp(-30.0, 20.0)
+
+
+class Decoder(nn.Module):
+    """The generator: ``z [B, latent_dim]`` (and labels) -> image ``[B, 1, S, S]`` in ``[-1, 1]``."""
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        latent_dim: int = 128,
+        base_channels: int = 32,
+        max_channels: int = 256,
+        num_classes: int = 0,
+        embed_dim: int = 16,
+        out_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        n_up = _check_size(image_size)
+        _check_common(latent_dim, base_channels, max_channels, num_classes, embed_dim)
+        if out_channels < 1:
+            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+        chans = _channels(n_up, base_channels, max_channels)[::-1]  # e.g. 256,128,64,32
+        self.num_classes = num_classes
+        self.latent_dim = latent_dim
+        self.image_size = image_size
+        self.embed = nn.Embedding(num_classes, embed_dim) if num_classes > 0 else None
+        self.start_channels = chans[0]
+        self.fc = nn.Linear(latent_dim + (embed_dim if num_classes > 0 else 0), chans[0] * 4 * 4)
+        layers = []
+        for c_in, c_out in zip(chans, [*chans[1:], chans[-1]], strict=True):
+            layers.append(
+                Convolution(
+                    2, c_in, c_out, strides=2, kernel_size=3, is_transposed=True, output_padding=1, act="relu", norm="BATCH"
+                )
+            )
+        layers.append(Convolution(2, chans[-1], out_channels, kernel_size=3, conv_only=True))
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this decoder is class-conditioned: pass labels")
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        h = torch.relu(self.fc(z)).view(-1, self.start_channels, 4, 4)
+        return torch.tanh(self.deconv(h))
+
+
+class Discriminator(nn.Module):
+    """MONAI ``PatchDiscriminator`` -> ``(logits [B, 1, h, w], features list)``.
+
+    ``features`` are the activations after each hidden layer (the output layer excluded), coarse
+    last; the feature-wise reconstruction loss picks one of them.
+    """
+
+    def __init__(
+        self, image_size: int = 64, channels: int = 32, num_layers: int = 0, norm: str = "INSTANCE", in_channels: int = 1
+    ) -> None:
+        super().__init__()
+        _check_size(image_size)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        if num_layers == 0:
+            num_layers = {16: 1, 32: 2, 64: 3, 128: 4, 256: 5}[image_size]
+        # each layer but the last halves the size, after the initial stride-2 conv: keep >= 4 px
+        if num_layers < 1 or image_size // 2**num_layers < 4:
+            raise ValueError(f"num_layers={num_layers} is too deep for image_size={image_size}")
+        if norm.upper() not in ("INSTANCE", "BATCH", "GROUP", "LAYER", "NONE"):
+            raise ValueError(f"norm must be INSTANCE, BATCH, GROUP, LAYER or NONE, got {norm!r}")
+        self.net = PatchDiscriminator(
+            spatial_dims=2,
+            channels=channels,
+            in_channels=in_channels,
+            out_channels=1,
+            num_layers_d=num_layers,
+            norm=None if norm.upper() == "NONE" else norm,
+        )
+        self.num_features = num_layers + 1
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outs = self.net(x)
+        return outs[-1], outs[:-1]
+
+
+class Generator(nn.Module):
+    """Decoder packaged for export (MLflow model): ``(z, labels) -> images``; ``sample(n)`` draws from the prior."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(z, labels)
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        p = next(self.decoder.parameters())
+        z = torch.randn(n, self.decoder.latent_dim, generator=generator, device=p.device if generator is None else "cpu")
+        return self.decoder(z.to(p.device), None if labels is None else labels.to(p.device))
+
+
+class VAEGAN(nn.Module):
+    """Encoder + decoder (+ discriminator when ``kind == 'vaegan'``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        common = dict(
+            image_size=cfg.image_size,
+            latent_dim=cfg.latent_dim,
+            base_channels=cfg.base_channels,
+            max_channels=cfg.max_channels,
+            num_classes=cfg.num_classes,
+            embed_dim=cfg.embed_dim,
+        )
+        self.encoder = Encoder(**common)
+        self.decoder = Decoder(**common)
+        self.discriminator = (
+            Discriminator(cfg.image_size, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm) if cfg.kind == "vaegan" else None
+        )
+        if self.discriminator is not None:
+            n = self.discriminator.num_features
+            if not -n <= cfg.feature_layer < n:
+                raise ValueError(f"feature_layer={cfg.feature_layer} out of range for {n} discriminator feature maps")
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(reconstruction, mu, logvar, z)`` with a sampled ``z``."""
+        mu, logvar = self.encoder(x, labels)
+        z = self.reparameterize(mu, logvar)
+        return self.decoder(z, labels), mu, logvar, z
