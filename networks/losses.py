@@ -40,5 +40,7 @@ def generator_adversarial(fake_logits: torch.Tensor) -> torch.Tensor:
 def discriminator_adversarial(real_logits: torch.Tensor, *fake_logits: torch.Tensor) -> torch.Tensor:
     """BCE: real -> 1, each fake set (reconstructions, prior samples) -> 0; fakes averaged."""
     loss_real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-    loss_fake = sum(F.binary_cross_entropy_with_logits(f, torch.zeros_like(f)) for f in fake_logits) / max(len(fake_logits), 1)
+    loss_fake = sum(F.binary_cross_entropy_with_logits(f, torch.zeros_like(f)) for f in fake_logits) / max(
+        len(fake_logits), 1
+    )
     return loss_real + loss_fake

@@ -31,7 +31,7 @@ class ModelConfig:
     latent_dim: int = 128
     base_channels: int = 32
     max_channels: int = 256
-    num_classes: int = 0  # > 0 conditions encoder and decoder on the label
+    num_classes: int = 0  # > 0 conditions encoder and decoder on the label (2 for normal/pneumonia)
     embed_dim: int = 16
     disc_channels: int = 16
     disc_layers: int = 0  # 0 = chosen from the image size
@@ -53,7 +53,9 @@ def _channels(n: int, base: int, cap: int) -> list[int]:
     return [min(base * 2**i, cap) for i in range(n)]
 
 
-def _check_common(latent_dim: int, base_channels: int, max_channels: int, num_classes: int, embed_dim: int) -> None:
+def _check_common(
+    latent_dim: int, base_channels: int, max_channels: int, num_classes: int, embed_dim: int
+) -> None:
     if latent_dim < 1:
         raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
     if base_channels < 1:
@@ -88,7 +90,15 @@ class Encoder(nn.Module):
         layers, c_in = [], in_channels
         for c in chans:
             layers.append(
-                Convolution(2, c_in, c, strides=2, kernel_size=3, act=("leakyrelu", {"negative_slope": 0.2}), norm="BATCH")
+                Convolution(
+                    2,
+                    c_in,
+                    c,
+                    strides=2,
+                    kernel_size=3,
+                    act=("leakyrelu", {"negative_slope": 0.2}),
+                    norm="BATCH",
+                )
             )
             c_in = c
         self.conv = nn.Sequential(*layers)
@@ -98,7 +108,9 @@ class Encoder(nn.Module):
         self.fc = nn.Linear(flat, 2 * latent_dim)
         self.latent_dim = latent_dim
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.conv(x).flatten(1)
         if self.embed is not None:
             if labels is None:
@@ -138,7 +150,15 @@ class Decoder(nn.Module):
         for c_in, c_out in zip(chans, [*chans[1:], chans[-1]], strict=True):
             layers.append(
                 Convolution(
-                    2, c_in, c_out, strides=2, kernel_size=3, is_transposed=True, output_padding=1, act="relu", norm="BATCH"
+                    2,
+                    c_in,
+                    c_out,
+                    strides=2,
+                    kernel_size=3,
+                    is_transposed=True,
+                    output_padding=1,
+                    act="relu",
+                    norm="BATCH",
                 )
             )
         layers.append(Convolution(2, chans[-1], out_channels, kernel_size=3, conv_only=True))
@@ -161,7 +181,12 @@ class Discriminator(nn.Module):
     """
 
     def __init__(
-        self, image_size: int = 64, channels: int = 32, num_layers: int = 0, norm: str = "INSTANCE", in_channels: int = 1
+        self,
+        image_size: int = 64,
+        channels: int = 32,
+        num_layers: int = 0,
+        norm: str = "INSTANCE",
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
         _check_size(image_size)
@@ -200,9 +225,13 @@ class Generator(nn.Module):
         return self.decoder(z, labels)
 
     @torch.no_grad()
-    def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         p = next(self.decoder.parameters())
-        z = torch.randn(n, self.decoder.latent_dim, generator=generator, device=p.device if generator is None else "cpu")
+        z = torch.randn(
+            n, self.decoder.latent_dim, generator=generator, device=p.device if generator is None else "cpu"
+        )
         return self.decoder(z.to(p.device), None if labels is None else labels.to(p.device))
 
 
@@ -223,12 +252,16 @@ class VAEGAN(nn.Module):
         self.encoder = Encoder(**common)
         self.decoder = Decoder(**common)
         self.discriminator = (
-            Discriminator(cfg.image_size, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm) if cfg.kind == "vaegan" else None
+            Discriminator(cfg.image_size, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
+            if cfg.kind == "vaegan"
+            else None
         )
         if self.discriminator is not None:
             n = self.discriminator.num_features
             if not -n <= cfg.feature_layer < n:
-                raise ValueError(f"feature_layer={cfg.feature_layer} out of range for {n} discriminator feature maps")
+                raise ValueError(
+                    f"feature_layer={cfg.feature_layer} out of range for {n} discriminator feature maps"
+                )
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0)
+    )
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -64,12 +66,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e})") from e
 
 
-def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: str | Path) -> None:
+def load_module_state(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: str | Path
+) -> None:
     """``load_state_dict`` with a message that names the checkpoint and the mismatched tensors."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and own[k].shape != state[k].shape]
+    shape = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and own[k].shape != state[k].shape
+    ]
     if missing or unexpected or shape:
         parts = []
         if shape:

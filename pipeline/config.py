@@ -59,9 +59,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}"
+            )
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-2" (no dot) as a string; accept any float literal
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -83,7 +91,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs: dict[str, Any] = {}
     for k, v in (data or {}).items():
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (valid keys here: {', '.join(sorted(names))})")
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}' (valid keys here: {', '.join(sorted(names))})"
+            )
         kwargs[k] = _coerce(f"{prefix}{k}", v, hints[k])
     try:
         return cls(**kwargs)

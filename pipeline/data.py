@@ -63,7 +63,9 @@ def resolve_manifest(cfg: DataConfig) -> Path:
         return default_manifest()
     p = Path(cfg.manifest)
     if not p.is_file():
-        raise ManifestError(f"data.manifest {p} does not exist (run `python -m pipeline.run ingest SOURCE` first)")
+        raise ManifestError(
+            f"data.manifest {p} does not exist (run `python -m pipeline.run ingest SOURCE` first)"
+        )
     return p
 
 

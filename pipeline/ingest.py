@@ -18,7 +18,6 @@ import math
 import os
 import re
 import sys
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -179,7 +178,7 @@ def candidates_from_npz(npz_path: Path, extract_dir: Path) -> tuple[list[Candida
         ik, lk = f"{split}_images", f"{split}_labels"
         if ik not in data:
             continue
-        imgs, labels = data[ik], data[lk] if lk in data else None
+        imgs, labels = data[ik], data.get(lk)
         (root / split).mkdir(parents=True, exist_ok=True)
         for i in range(len(imgs)):
             p = root / split / f"{split}_{i:06d}.png"
@@ -195,7 +194,9 @@ def candidates_from_npz(npz_path: Path, extract_dir: Path) -> tuple[list[Candida
 
 
 # ------------------------------------------------------------------------------------ labels
-def _parse_labels(cands: list[Candidate], names: list[str] | None) -> tuple[dict[int, Any], dict[int, str], dict[int, str]]:
+def _parse_labels(
+    cands: list[Candidate], names: list[str] | None
+) -> tuple[dict[int, Any], dict[int, str], dict[int, str]]:
     """Return ``(index -> int label, int label -> name, index -> quarantine reason)``."""
     parsed: dict[int, Any] = {}
     bad: dict[int, str] = {}
@@ -243,7 +244,9 @@ def _parse_labels(cands: list[Candidate], names: list[str] | None) -> tuple[dict
         name_of = {j: n for n, j in index.items()}
         labelled = {k: index[v] for k, v in labelled.items()}
     else:
-        name_of = {j: (names[j] if names and j < len(names) else str(j)) for j in sorted(set(labelled.values()))}
+        name_of = {
+            j: (names[j] if names and j < len(names) else str(j)) for j in sorted(set(labelled.values()))
+        }
     result = {i: labelled.get(i, -1) for i in parsed if i not in bad}
     return result, name_of, bad
 
@@ -253,7 +256,9 @@ def _inspect(c: Candidate, min_size: int) -> dict[str, Any]:
     """Decode the file fully: the manifest only lists images that really read."""
     arr, info = read_image(c.abs_path)
     if min(arr.shape) < min_size:
-        raise CXRReadError(c.abs_path, f"image is {arr.shape[0]}x{arr.shape[1]} px, smaller than the {min_size} px minimum")
+        raise CXRReadError(
+            c.abs_path, f"image is {arr.shape[0]}x{arr.shape[1]} px, smaller than the {min_size} px minimum"
+        )
     if float(arr.max()) == float(arr.min()):
         raise CXRReadError(c.abs_path, "image is constant (every pixel the same): nothing to learn from")
     rec = {
@@ -346,7 +351,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         cands, root = candidates_from_npz(source, Path(cfg.extract_dir))
         root = root.resolve()
         kind = "npz"
-        cfg.label_names = cfg.label_names or (["normal", "pneumonia"] if "pneumonia" in source.stem.lower() else None)
+        cfg.label_names = cfg.label_names or (
+            ["normal", "pneumonia"] if "pneumonia" in source.stem.lower() else None
+        )
     elif source.suffix.lower() == ".csv":
         cands, root = candidates_from_csv(source)
         kind = "csv"
@@ -368,7 +375,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     rows = []
     workers = cfg.workers or (os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, rec, err in tqdm(pool.map(work, todo), total=len(todo), desc="ingest", unit="img", file=sys.stderr):
+        for i, rec, err in tqdm(
+            pool.map(work, todo), total=len(todo), desc="ingest", unit="img", file=sys.stderr
+        ):
             c = cands[i]
             if err is not None:
                 quarantine.append((str(c.abs_path), err))
@@ -394,7 +403,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         raise ValueError(f"ingest source {source}: every file failed ({len(quarantine)} quarantined)")
     df = pd.DataFrame(rows)
     df["split"] = carve_val_by_patient(df, cfg.val_fraction, cfg.seed)
-    df = df.sort_values(["split", "path"], key=lambda s: s.map({"train": 0, "val": 1, "test": 2}) if s.name == "split" else s)
+    df = df.sort_values(
+        ["split", "path"], key=lambda s: s.map({"train": 0, "val": 1, "test": 2}) if s.name == "split" else s
+    )
     df = df.reset_index(drop=True)[COLUMNS]
 
     pats = {s: set(df.loc[df["split"] == s, "patient_id"]) for s in SPLITS}
@@ -411,7 +422,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "rows": len(df),
         "splits": split_counts,
         "labels": {str(k): v for k, v in sorted(name_of.items())},
-        "label_counts": {f"{s}/{name_of.get(k, k)}": int(v) for (s, k), v in df.groupby(["split", "label"]).size().items()},
+        "label_counts": {
+            f"{s}/{name_of.get(k, k)}": int(v) for (s, k), v in df.groupby(["split", "label"]).size().items()
+        },
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "quarantined": len(quarantine),

@@ -18,7 +18,9 @@ import numpy as np
 PHANTOM_VERSION = 1  # bump when the drawing changes, so cached sets are regenerated
 
 
-def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, soft: float = 0.04) -> np.ndarray:
+def _ellipse(
+    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, soft: float = 0.04
+) -> np.ndarray:
     r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
     return np.clip((1.0 - r) / soft, 0.0, 1.0)
 
@@ -67,7 +69,12 @@ def draw_phantom(rng: np.random.Generator, size: int = 128, pneumonia: bool = Fa
     # clavicles
     for side in (-1, 1):
         cy = 0.2 + j(0.015) + 0.15 * (np.abs(xx - 0.5) - 0.2) ** 2
-        img += 0.12 * np.clip(1 - np.abs(yy - cy) / 0.012, 0, 1) * (np.abs(xx - 0.5) < 0.33) * (np.sign(xx - 0.5) == side)
+        img += (
+            0.12
+            * np.clip(1 - np.abs(yy - cy) / 0.012, 0, 1)
+            * (np.abs(xx - 0.5) < 0.33)
+            * (np.sign(xx - 0.5) == side)
+        )
     if pneumonia:
         # patchy consolidation: textured blobs inside one or both lungs
         n = rng.integers(1, 4)
@@ -85,13 +92,23 @@ def draw_phantom(rng: np.random.Generator, size: int = 128, pneumonia: bool = Fa
 
 
 def ensure_phantom_dataset(
-    root: str | Path = "data/phantoms", n_per_class: int = 160, n_test_per_class: int = 40, size: int = 128, seed: int = 0
+    root: str | Path = "data/phantoms",
+    n_per_class: int = 160,
+    n_test_per_class: int = 40,
+    size: int = 128,
+    seed: int = 0,
 ) -> Path:
     """Write the phantom PNGs once (cached by version/parameters) and return the folder."""
     from PIL import Image
 
     root = Path(root)
-    spec = {"version": PHANTOM_VERSION, "n": n_per_class, "n_test": n_test_per_class, "size": size, "seed": seed}
+    spec = {
+        "version": PHANTOM_VERSION,
+        "n": n_per_class,
+        "n_test": n_test_per_class,
+        "size": size,
+        "seed": seed,
+    }
     stamp = root / "phantoms.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == spec:
         return root
@@ -103,6 +120,8 @@ def ensure_phantom_dataset(
             for i in range(n):
                 arr = draw_phantom(rng, size, pneumonia=bool(label))
                 # one 'patient' per image: phantom<id>-0001
-                Image.fromarray((arr * 255).round().astype(np.uint8)).save(d / f"phantom-{split}{label}{i:04d}-0001.png")
+                Image.fromarray((arr * 255).round().astype(np.uint8)).save(
+                    d / f"phantom-{split}{label}{i:04d}-0001.png"
+                )
     stamp.write_text(json.dumps(spec))
     return root

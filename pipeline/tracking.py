@@ -22,6 +22,7 @@ class TrackingConfig:
     experiment: str = "cxr-vaegan"
     run_name: str = ""
     register_model: str = "cxr-vaegan-generator"  # empty: do not register the generator
+    log_model: bool = True  # log (and register) the generator as an MLflow model at the end
     log_every: int = 10  # steps between per-step metric logs (each log is a host sync + a DB write)
 
 
@@ -43,7 +44,11 @@ def setup(cfg: TrackingConfig) -> str:
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         # with the embedded store, keep artifacts beside the database rather than in ./mlruns
-        loc = (STORE_DIR / "artifacts").as_uri() if uri.startswith("sqlite:///") and str(STORE_DIR) in uri else None
+        loc = (
+            (STORE_DIR / "artifacts").as_uri()
+            if uri.startswith("sqlite:///") and str(STORE_DIR) in uri
+            else None
+        )
         exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=loc)
     else:
         exp_id = exp.experiment_id
@@ -55,10 +60,19 @@ def git_commit() -> str:
     """The code version: commit hash, with '-dirty' when the tree has uncommitted changes."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

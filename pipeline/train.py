@@ -79,7 +79,9 @@ class TrainConfig:
         if self.model.image_size == 0:
             self.model.image_size = self.data.image_size
         elif self.model.image_size != self.data.image_size:
-            raise ValueError(f"model.image_size ({self.model.image_size}) != data.image_size ({self.data.image_size})")
+            raise ValueError(
+                f"model.image_size ({self.model.image_size}) != data.image_size ({self.data.image_size})"
+            )
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -107,7 +109,9 @@ class Groups:
             self.modules["discriminator"] = model.discriminator
         self.params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in self.modules.items()}
         self.opts = {
-            k: torch.optim.Adam(self.params[k], lr=ocfg.lr_disc if k == "discriminator" else ocfg.lr, betas=betas)
+            k: torch.optim.Adam(
+                self.params[k], lr=ocfg.lr_disc if k == "discriminator" else ocfg.lr, betas=betas
+            )
             for k in self.modules
         }
 
@@ -126,12 +130,14 @@ def compute_losses(
         if model.discriminator is None:
             recon = model.decoder(z, cond)
             pix = L.pixel_l1(recon.float(), x)
-            total = lcfg.pixel_l1 * pix + lcfg.kl_weight * kl if lcfg.pixel_l1 > 0 else pix + lcfg.kl_weight * kl
+            total = (
+                lcfg.pixel_l1 * pix + lcfg.kl_weight * kl if lcfg.pixel_l1 > 0 else pix + lcfg.kl_weight * kl
+            )
             return {"kl": kl, "pixel_l1": pix, "encoder": total, "decoder": total}
         b = x.shape[0]
         z_p = torch.randn_like(z)
         out = model.decoder(torch.cat([z, z_p]), None if cond is None else torch.cat([cond, cond]))
-        recon, prior = out[:b], out[b:]
+        recon = out[:b]  # out[b:] are the prior samples
         logits, feats = model.discriminator(torch.cat([x, out]))
         logits = logits.float()
         l_real, l_rec, l_prior = logits[:b], logits[b : 2 * b], logits[2 * b :]
@@ -155,7 +161,9 @@ def compute_losses(
     }
 
 
-def route_gradients(losses: dict[str, torch.Tensor], groups: Groups, scaler: torch.amp.GradScaler | None = None) -> None:
+def route_gradients(
+    losses: dict[str, torch.Tensor], groups: Groups, scaler: torch.amp.GradScaler | None = None
+) -> None:
     """Back-propagate each group's loss into that group's parameters only (Larsen's routing).
 
     The plain VAE has one loss for encoder and decoder together: one backward pass.
@@ -165,7 +173,9 @@ def route_gradients(losses: dict[str, torch.Tensor], groups: Groups, scaler: tor
     else:
         plan = [(losses[name], groups.params[name]) for name in groups.modules]
     for i, (loss, params) in enumerate(plan):
-        (scaler.scale(loss) if scaler is not None else loss).backward(inputs=params, retain_graph=i < len(plan) - 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward(
+            inputs=params, retain_graph=i < len(plan) - 1
+        )
 
 
 def train_one_epoch(
@@ -189,8 +199,18 @@ def train_one_epoch(
     window: dict[str, torch.Tensor] = {}
     n_batches, n_window = 0, 0
     total = len(loader)
-    bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr, leave=False,
-               disable=None, initial=skip_batches)
+    # a live bar on a terminal; in a log file (no TTY) a line every 30 s instead of every redraw
+    tty = sys.stderr.isatty()
+    bar = tqdm(
+        total=total,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        file=sys.stderr,
+        leave=False,
+        initial=skip_batches,
+        mininterval=0.5 if tty else 30,
+        dynamic_ncols=tty,
+    )
     for bi, batch in enumerate(loader):
         if bi < skip_batches:
             continue  # resumed mid-epoch: the loader and augmentations replay to here, no training
@@ -295,9 +315,9 @@ def _check_writable(path: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns the MLflow run id, the output folder, final metrics and artifact paths."""
-    import mlflow
     from monai.utils import set_determinism
 
+    import mlflow
     from pipeline import tracking
 
     # Everything that can fail cheaply fails before a model is built.
@@ -318,8 +338,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     train_items = records(manifest, cfg.data.train_split, cfg.data.max_train)
     val_items = records(manifest, cfg.data.val_split, cfg.data.max_val)
-    print(f"data: {manifest} train={len(train_items)} val={len(val_items)} size={cfg.data.image_size}px "
-          f"classes={names} device={device} amp={amp}", flush=True)
+    print(
+        f"data: {manifest} train={len(train_items)} val={len(val_items)} size={cfg.data.image_size}px "
+        f"classes={names} device={device} amp={amp}",
+        flush=True,
+    )
     train_ds = build_dataset(train_items, cfg.data, train=True)
     val_ds = build_dataset(val_items, cfg.data, train=False)
     gen = torch.Generator()
@@ -350,7 +373,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         print(f"resuming from {resume_path}: epoch {start_epoch + 1}, step {step}", flush=True)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.out_dir) / (cfg.tracking.run_name or f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}")
+        run_dir = Path(cfg.out_dir) / (
+            cfg.tracking.run_name or f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}"
+        )
     _check_writable(run_dir / "checkpoints")
 
     tracking.setup(cfg.tracking)
@@ -360,8 +385,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_id = run.info.run_id
     if resumed is None:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
-        mlflow.set_tags({"git_commit": code_version, "stage": "train", "model.kind": cfg.model.kind,
-                         "data.manifest": str(manifest), "classes": ",".join(names.values())})
+        mlflow.set_tags(
+            {
+                "git_commit": code_version,
+                "stage": "train",
+                "model.kind": cfg.model.kind,
+                "data.manifest": str(manifest),
+                "classes": ",".join(names.values()),
+            }
+        )
         mlflow.log_dict(cfg_dict, "config.json")
 
     def payload(step_: int, epoch_: int, batch_in_epoch: int) -> dict[str, Any]:
@@ -391,7 +423,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     n_cls = max(cfg.model.num_classes, 1)
     y_fixed = torch.arange(cfg.grid_size) % n_cls
     val_fixed = torch.stack([val_ds[i]["image"] for i in range(min(32, len(val_ds)))])
-    val_fixed_y = torch.stack([torch.as_tensor(val_ds[i]["label"]) for i in range(min(32, len(val_ds)))]).clamp_min(0)
+    val_fixed_y = torch.stack(
+        [torch.as_tensor(val_ds[i]["label"]) for i in range(min(32, len(val_ds)))]
+    ).clamp_min(0)
 
     metrics: dict[str, float] = {}
     grid_path = recon_path = None
@@ -406,7 +440,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.manual_seed(cfg.seed * 1000 + epoch)
             te = time.time()
             train_metrics, step = train_one_epoch(
-                model, train_loader, groups, cfg, device, step, epoch, amp, scaler, log_fn, save_mid,
+                model,
+                train_loader,
+                groups,
+                cfg,
+                device,
+                step,
+                epoch,
+                amp,
+                scaler,
+                log_fn,
+                save_mid,
                 skip_batches=skip if epoch == start_epoch else 0,
                 restore_rng=restore_rng if epoch == start_epoch else None,
             )
@@ -417,12 +461,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             val_metrics["time/images_per_s"] = len(train_ds) / max(epoch_s, 1e-9)
             mlflow.log_metrics(val_metrics, step=step)
             metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
-            grid_path, recon_path = _log_grids(model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device)
+            grid_path, recon_path = _log_grids(
+                model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device
+            )
             ckpt.save_checkpoint(run_dir / "checkpoints" / "last.pt", payload(step, epoch + 1, 0))
             print(
                 f"epoch {epoch + 1}/{cfg.epochs} step {step} {epoch_s:.1f}s "
-                + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/")))
-                , flush=True,
+                + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/"))),
+                flush=True,
             )
         _finish(model, run_dir, cfg, names)
     finally:
@@ -434,8 +480,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     print(f"MLflow run id: {run_id} (tracking: {tracking.resolve_uri(cfg.tracking)})")
     print(f"sample grid: {grid_path}")
     print(f"reconstruction grid: {recon_path}")
-    return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "grid": str(grid_path),
-            "recon_grid": str(recon_path), "checkpoint": str(run_dir / "checkpoints" / "last.pt")}
+    return {
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "metrics": metrics,
+        "grid": str(grid_path),
+        "recon_grid": str(recon_path),
+        "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
+    }
 
 
 def _log_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device) -> tuple[Path, Path]:
@@ -449,22 +501,32 @@ def _log_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device) -> tuple[
         mu, _ = model.encoder(vx.to(device), vcond)
         rec = model.decoder(mu, vcond).float().cpu()
     up = max(1, 256 // model.cfg.image_size)
-    gp = save_grid(samples, run_dir / "grids" / f"samples_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1)
-    rp = save_grid(pairs(vx, rec), run_dir / "grids" / f"recon_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1)
+    gp = save_grid(
+        samples, run_dir / "grids" / f"samples_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1
+    )
+    rp = save_grid(
+        pairs(vx, rec), run_dir / "grids" / f"recon_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1
+    )
     mlflow.log_artifact(str(gp), "grids")
     mlflow.log_artifact(str(rp), "grids")
     return gp, rp
 
 
 def _finish(model: VAEGAN, run_dir: Path, cfg: TrainConfig, names: dict[int, str]) -> None:
-    import mlflow
     import mlflow.pytorch
 
+    import mlflow
+
     mlflow.log_artifact(str(run_dir / "checkpoints" / "last.pt"), "checkpoints")
+    if not cfg.tracking.log_model:
+        return
     gen = Generator(copy.deepcopy(model.decoder)).cpu().eval()
     # pickle serialisation: torch.export (pt2) cannot trace a module with optional label input
-    kwargs: dict[str, Any] = {"name": "generator", "serialization_format": "pickle",
-                              "code_paths": [str(Path(__file__).resolve().parent.parent / "networks")]}
+    kwargs: dict[str, Any] = {
+        "name": "generator",
+        "serialization_format": "pickle",
+        "code_paths": [str(Path(__file__).resolve().parent.parent / "networks")],
+    }
     if cfg.tracking.register_model:
         kwargs["registered_model_name"] = cfg.tracking.register_model
     try:
@@ -493,5 +555,13 @@ def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, payload["config"])
 
 
-__all__ = ["TrainConfig", "LossConfig", "OptimConfig", "train", "train_one_epoch", "evaluate", "compute_losses",
-           "route_gradients"]
+__all__ = [
+    "TrainConfig",
+    "LossConfig",
+    "OptimConfig",
+    "train",
+    "train_one_epoch",
+    "evaluate",
+    "compute_losses",
+    "route_gradients",
+]

@@ -18,7 +18,9 @@ def make_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
     arr = ((imgs[:, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
     for i in range(n):
         r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            arr[i]
+        )
     return grid
 
 

@@ -48,7 +48,9 @@ class LoadCXRd(MapTransform):
 class CLAHEd(MapTransform):
     """Contrast-limited adaptive histogram equalisation (scikit-image) on an image already in [0, 1]."""
 
-    def __init__(self, keys: KeysCollection = "image", clip_limit: float = 0.01, kernel_fraction: float = 0.125) -> None:
+    def __init__(
+        self, keys: KeysCollection = "image", clip_limit: float = 0.01, kernel_fraction: float = 0.125
+    ) -> None:
         super().__init__(keys)
         if not 0 < clip_limit <= 1:
             raise ValueError(f"clip_limit must be in (0, 1], got {clip_limit}")
@@ -63,7 +65,12 @@ class CLAHEd(MapTransform):
             img = d[key]
             arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img, dtype=np.float64)
             ks = max(8, int(min(arr.shape[-2:]) * self.kernel_fraction))
-            out = np.stack([equalize_adapthist(np.clip(c, 0, 1), kernel_size=ks, clip_limit=self.clip_limit) for c in arr])
+            out = np.stack(
+                [
+                    equalize_adapthist(np.clip(c, 0, 1), kernel_size=ks, clip_limit=self.clip_limit)
+                    for c in arr
+                ]
+            )
             out_t = torch.as_tensor(out, dtype=torch.float32)
             d[key] = MetaTensor(out_t, meta=img.meta) if isinstance(img, MetaTensor) else out_t
         return d

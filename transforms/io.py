@@ -74,7 +74,9 @@ def sniff_format(path: str | Path) -> str:
     if suffix in DICOM_SUFFIXES:
         return "dicom"  # DICOM without the 128-byte preamble; pydicom decides
     if suffix in PIL_SUFFIXES:
-        raise CXRReadError(p, f"not a {suffix[1:].upper()} image: the content does not start with its signature")
+        raise CXRReadError(
+            p, f"not a {suffix[1:].upper()} image: the content does not start with its signature"
+        )
     raise CXRReadError(p, f"unsupported file type '{suffix or '(no suffix)'}'")
 
 
@@ -127,7 +129,9 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
         raise CXRReadError(p, f"declared size {rows}x{cols} is implausibly large for a radiograph")
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
-        raise CXRReadError(p, f"multi-frame DICOM (NumberOfFrames={frames}): only single 2D images are supported")
+        raise CXRReadError(
+            p, f"multi-frame DICOM (NumberOfFrames={frames}): only single 2D images are supported"
+        )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     tsuid = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
     ts_name = getattr(tsuid, "name", str(tsuid))

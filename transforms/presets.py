@@ -60,7 +60,12 @@ def deterministic_transforms(cfg: TransformConfig) -> list:
     head = [
         LoadCXRd(keys="image"),
         ScaleIntensityRangePercentilesd(
-            keys="image", lower=cfg.lower_percentile, upper=cfg.upper_percentile, b_min=0.0, b_max=1.0, clip=True
+            keys="image",
+            lower=cfg.lower_percentile,
+            upper=cfg.upper_percentile,
+            b_min=0.0,
+            b_max=1.0,
+            clip=True,
         ),
     ]
     if cfg.clahe:

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from networks import VAEGAN, Decoder, Discriminator, Encoder, Generator, ModelConfig
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_forward_backward_shapes(size):
+    m = VAEGAN(ModelConfig(image_size=size, latent_dim=16, base_channels=8, max_channels=32, disc_channels=8))
+    x = torch.randn(2, 1, size, size)
+    recon, mu, logvar, z = m(x)
+    assert recon.shape == x.shape and mu.shape == logvar.shape == z.shape == (2, 16)
+    assert float(recon.abs().max()) <= 1.0  # tanh output, same range as the data
+    logits, feats = m.discriminator(recon)
+    assert logits.shape[:2] == (2, 1) and len(feats) == m.discriminator.num_features
+    (recon.mean() + logits.mean()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+
+
+def test_class_conditioning():
+    m = VAEGAN(ModelConfig(image_size=32, latent_dim=8, base_channels=8, num_classes=2))
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
+    recon, *_ = m(x, y)
+    assert recon.shape == x.shape
+    m.eval()
+    z = torch.randn(1, 8).repeat(2, 1)
+    a = m.decoder(z, torch.tensor([0, 1]))
+    assert not torch.allclose(a[0], a[1])  # the label changes the image
+    with pytest.raises(ValueError, match="pass labels"):
+        m.decoder(z)
+
+
+def test_generator_sample_is_deterministic_with_a_generator():
+    g = Generator(Decoder(image_size=32, latent_dim=8, base_channels=8)).eval()
+    a = g.sample(3, generator=torch.Generator().manual_seed(0))
+    b = g.sample(3, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 1, 32, 32) and torch.equal(a, b)
+
+
+def test_encoder_validation():
+    with pytest.raises(ValueError, match="image_size must be one of"):
+        Encoder(image_size=100)
+    with pytest.raises(ValueError, match="latent_dim"):
+        Encoder(latent_dim=0)
+    with pytest.raises(ValueError, match="base_channels"):
+        Encoder(base_channels=0)
+    with pytest.raises(ValueError, match="max_channels"):
+        Encoder(base_channels=64, max_channels=32)
+    with pytest.raises(ValueError, match="num_classes"):
+        Encoder(num_classes=-1)
+    with pytest.raises(ValueError, match="embed_dim"):
+        Encoder(num_classes=2, embed_dim=0)
+    with pytest.raises(ValueError, match="in_channels"):
+        Encoder(in_channels=0)
+
+
+def test_decoder_validation():
+    with pytest.raises(ValueError, match="image_size must be one of"):
+        Decoder(image_size=48)
+    with pytest.raises(ValueError, match="out_channels"):
+        Decoder(out_channels=0)
+
+
+def test_discriminator_validation():
+    with pytest.raises(ValueError, match="too deep"):
+        Discriminator(image_size=32, num_layers=4)
+    with pytest.raises(ValueError, match="channels must be"):
+        Discriminator(channels=0)
+    with pytest.raises(ValueError, match="norm must be"):
+        Discriminator(norm="WEIRD")
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="model.kind"):
+        ModelConfig(kind="gan")
+    with pytest.raises(ValueError, match="feature_layer"):
+        VAEGAN(ModelConfig(image_size=32, feature_layer=7))
+    assert VAEGAN(ModelConfig(image_size=32, kind="vae")).discriminator is None

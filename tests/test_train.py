@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cxr_factory import REPO
+
+from networks import VAEGAN, ModelConfig
+from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.config import load_config
+from pipeline.train import (
+    Groups,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+    compute_losses,
+    route_gradients,
+    train,
+)
+
+
+def _tiny(manifest, tmp_path: Path, *extra: str) -> TrainConfig:
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.manifest={manifest}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "data.max_train=24",
+            "data.max_val=8",
+            "model.latent_dim=8",
+            "model.base_channels=8",
+            "model.max_channels=32",
+            "model.disc_channels=8",
+            "epochs=1",
+            "grid_size=8",
+            "threads=1",
+            f"out_dir={tmp_path / 'out'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.log_model=false",
+            "tracking.log_every=1",
+            *extra,
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------- gradient routing
+def _grads(model: VAEGAN) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
+
+
+def test_gradient_routing_follows_larsen():
+    torch.manual_seed(0)
+    model = VAEGAN(
+        ModelConfig(image_size=32, latent_dim=8, base_channels=8, max_channels=16, disc_channels=8)
+    )
+    groups = Groups(model, OptimConfig())
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    lcfg = LossConfig(kl_weight=0.1, pixel_l1=0.0, adversarial=1.0)
+
+    def run(select: str | None) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        losses = compute_losses(model, x, None, lcfg)
+        if select is None:
+            route_gradients(losses, groups)
+        else:  # plain backward of one named loss into every parameter
+            losses[select].backward()
+        return _grads(model)
+
+    routed = run(None)
+    rec = run("feature_rec")
+    adv_g = run("adv_g")
+    adv_d = run("adv_d")
+    enc = [n for n in routed if n.startswith("encoder.")]
+    disc = [n for n in routed if n.startswith("discriminator.")]
+    dec = [n for n in routed if n.startswith("decoder.")]
+    # the reconstruction loss does reach the discriminator's weights when nothing stops it ...
+    assert any(rec[n].abs().sum() > 0 for n in disc)
+    # ... and the adversarial loss reaches the encoder
+    assert any(adv_g[n].abs().sum() > 0 for n in enc)
+    # routed: the discriminator's gradient is exactly that of its adversarial loss (no reconstruction)
+    for n in disc:
+        torch.testing.assert_close(routed[n], adv_d[n])
+    # routed: the encoder's gradient is that of KL + feature reconstruction (no adversarial part)
+    kl = run("kl")
+    for n in enc:
+        torch.testing.assert_close(routed[n], lcfg.kl_weight * kl[n] + rec[n], rtol=1e-4, atol=1e-6)
+    # routed: the decoder's is gamma * reconstruction + adversarial
+    for n in dec:
+        torch.testing.assert_close(
+            routed[n], lcfg.gamma * rec[n] + lcfg.adversarial * adv_g[n], rtol=1e-4, atol=1e-6
+        )
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_gives_the_same_weights(tmp_path, phantom_manifest):
+    straight = train(_tiny(phantom_manifest, tmp_path / "a", "epochs=2", "tracking.run_name=straight"))
+    first = train(_tiny(phantom_manifest, tmp_path / "b", "epochs=1", "tracking.run_name=split"))
+    resumed = train(_tiny(phantom_manifest, tmp_path / "b", "epochs=2", f"resume={first['checkpoint']}"))
+    assert resumed["run_id"] == first["run_id"]  # the same MLflow run goes on
+    a = load_checkpoint(straight["checkpoint"])
+    b = load_checkpoint(resumed["checkpoint"])
+    assert a["step"] == b["step"] == 6 and b["epoch"] == 2
+    for net in a["models"]:
+        for k, v in a["models"][net].items():
+            torch.testing.assert_close(v, b["models"][net][k], msg=f"{net}.{k} differs after resume")
+    # everything needed to resume is in the checkpoint
+    assert {"optimizers", "rng", "config", "code_version", "scaler", "mlflow_run_id"} <= set(b)
+    assert b["config"]["data"]["image_size"] == 32
+
+
+def test_mid_epoch_resume_gives_the_same_weights(tmp_path, phantom_manifest):
+    straight = train(_tiny(phantom_manifest, tmp_path / "a", "epochs=1", "model.kind=vae"))
+    # interrupt after step 2 of 3 by training a run whose checkpoint is taken mid-epoch, then resume
+    cfg = _tiny(phantom_manifest, tmp_path / "b", "epochs=1", "model.kind=vae", "ckpt_every=2")
+    part = train(cfg)
+    ck = load_checkpoint(part["checkpoint"])
+    assert ck["batch_in_epoch"] == 0  # the epoch-end checkpoint overwrote the mid-epoch one
+    mid_dir = Path(part["run_dir"]) / "checkpoints"
+    # replay: rerun with a checkpoint taken at step 2 (kept by a second run that stops there)
+    from pipeline import train as T
+
+    saved = {}
+    orig = T.ckpt.save_checkpoint
+
+    def keep_mid(path, payload):
+        if payload["batch_in_epoch"] == 2:
+            saved["p"] = orig(Path(path).with_name("mid.pt"), payload)
+        return orig(path, payload)
+
+    T.ckpt.save_checkpoint = keep_mid
+    try:
+        train(_tiny(phantom_manifest, tmp_path / "c", "epochs=1", "model.kind=vae", "ckpt_every=2"))
+    finally:
+        T.ckpt.save_checkpoint = orig
+    resumed = train(
+        _tiny(phantom_manifest, tmp_path / "c", "epochs=1", "model.kind=vae", f"resume={saved['p']}")
+    )
+    a, b = load_checkpoint(straight["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    for net in a["models"]:
+        for k, v in a["models"][net].items():
+            torch.testing.assert_close(
+                v, b["models"][net][k], msg=f"{net}.{k} differs after mid-epoch resume"
+            )
+    assert mid_dir.is_dir()
+
+
+def test_checkpoint_from_other_model_config_is_refused(tmp_path, phantom_manifest):
+    res = train(_tiny(phantom_manifest, tmp_path, "model.kind=vae"))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        train(
+            _tiny(
+                phantom_manifest,
+                tmp_path,
+                "model.kind=vae",
+                "model.latent_dim=16",
+                "epochs=2",
+                f"resume={res['checkpoint']}",
+            )
+        )
+
+
+def test_missing_manifest_fails_before_any_model(tmp_path):
+    from pipeline.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="does not exist"):
+        train(_tiny(tmp_path / "nope.csv", tmp_path))
+
+
+# ----------------------------------------------------------------------------- the real CLI
+def test_cli_smoke(tmp_path, phantom_manifest):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'cli.db'}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "train",
+        f"data.manifest={phantom_manifest}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.max_train=32",
+        "model.base_channels=8",
+        "model.latent_dim=8",
+        "model.num_classes=2",
+        "epochs=1",
+        "grid_size=8",
+        f"out_dir={tmp_path / 'out'}",
+        f"tracking.uri={uri}",
+        "tracking.experiment=smoke",
+        "tracking.register_model=smoke-generator",
+    ]
+    env = dict(os.environ, MLFLOW_TRACKING_URI="")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MLflow run id:" in proc.stdout and "sample grid:" in proc.stdout
+    run_id = proc.stdout.split("MLflow run id:")[1].split()[0]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {"val/ssim", "val/psnr", "train/kl", "train/adv_d"} <= set(run.data.metrics)
+    assert run.data.params["data.image_size"] == "32" and "git_commit" in run.data.tags
+    grids = [f.path for f in client.list_artifacts(run_id, "grids")]
+    assert any(p.endswith(".png") and "samples" in p for p in grids)
+    assert any("recon" in p for p in grids)
+    assert [f.path for f in client.list_artifacts(run_id, "plots")] == ["plots/loss_curves.png"]
+    assert client.list_artifacts(run_id, "checkpoints")
+    versions = client.search_model_versions("name='smoke-generator'")
+    assert len(versions) == 1
+    # the logged generator loads back and makes images
+    gen = mlflow.pytorch.load_model(f"models:/smoke-generator/{versions[0].version}")
+    imgs = gen(torch.randn(2, 8), torch.tensor([0, 1]))
+    assert imgs.shape == (2, 1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- a real mlflow server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_against_a_real_mlflow_server(tmp_path, phantom_manifest, mlflow_server):
+    import mlflow
+
+    res = train(
+        _tiny(phantom_manifest, tmp_path, f"tracking.uri={mlflow_server}", "tracking.experiment=server")
+    )
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(res["run_id"])
+    assert run.info.status == "FINISHED"
+    assert "val/ssim" in run.data.metrics
+    steps = [m.step for m in client.get_metric_history(res["run_id"], "train/kl")]
+    assert steps == sorted(steps) and len(steps) == 3
+    assert any("samples" in f.path for f in client.list_artifacts(res["run_id"], "grids"))
+    # the artifacts went through the server into its artifact store
+    assert list((tmp_path / "art").rglob("*.png"))
