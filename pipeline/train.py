@@ -11,18 +11,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from networks import losses as L
 from networks.vaegan import VAEGAN, Generator, ModelConfig
 from pipeline import checkpoint as ckpt
+from pipeline import engine
 from pipeline.config import flatten, to_dict
 from pipeline.data import DataConfig, build_dataset, make_loader, records, resolve_manifest
 from pipeline.manifest import label_names, read_manifest
@@ -85,20 +84,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda requested but CUDA is not available")
-    return torch.device(name)
-
-
-def amp_dtype(cfg_amp: str, device: torch.device) -> torch.dtype | None:
-    if cfg_amp == "off" or (cfg_amp == "auto" and device.type != "cuda"):
-        return None
-    return torch.float16 if cfg_amp == "fp16" else torch.bfloat16
-
-
 class Groups:
     """The parameter groups and their optimisers, in the order encoder, decoder, discriminator."""
 
@@ -193,29 +178,13 @@ def train_one_epoch(
     skip_batches: int = 0,
     restore_rng: dict | None = None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns (epoch-mean losses, new global step)."""
+    """One pass over ``loader``; returns (epoch-mean losses, new global step).
+
+    ``ckpt_fn(step, epoch, batch_in_epoch)`` saves a mid-epoch checkpoint.
+    """
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    window: dict[str, torch.Tensor] = {}
-    n_batches, n_window = 0, 0
-    total = len(loader)
-    # a live bar on a terminal; in a log file (no TTY) a line every 30 s instead of every redraw
-    tty = sys.stderr.isatty()
-    bar = tqdm(
-        total=total,
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        unit="batch",
-        file=sys.stderr,
-        leave=False,
-        initial=skip_batches,
-        mininterval=0.5 if tty else 30,
-        dynamic_ncols=tty,
-    )
-    for bi, batch in enumerate(loader):
-        if bi < skip_batches:
-            continue  # resumed mid-epoch: the loader and augmentations replay to here, no training
-        if bi == skip_batches and restore_rng is not None:
-            ckpt.set_rng_state(restore_rng)
+
+    def step_fn(batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -235,27 +204,22 @@ def train_one_epoch(
                 opt.step()
         if scaler is not None:
             scaler.update()
-        step += 1
-        n_batches += 1
-        n_window += 1
-        for k, v in losses.items():
-            if k in ("encoder", "decoder", "discriminator"):
-                continue  # per-group totals are sums of the logged parts
-            d = v.detach()
-            sums[k] = sums.get(k, 0) + d
-            window[k] = window.get(k, 0) + d
-        # host sync (and an MLflow write) only every log_every steps
-        if step % cfg.tracking.log_every == 0 or bi == total - 1:
-            metrics = {f"train/{k}": float(v) / n_window for k, v in window.items()}
-            if log_fn is not None:
-                log_fn(metrics, step)
-            bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if "d_" not in k})
-            window, n_window = {}, 0
-        bar.update(1)
-        if ckpt_fn is not None and cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0 and bi < total - 1:
-            ckpt_fn(step, epoch, bi + 1)
-    bar.close()
-    return {k: float(v) / max(n_batches, 1) for k, v in sums.items()}, step
+        # per-group totals are sums of the logged parts
+        return {k: v.detach() for k, v in losses.items() if k not in ("encoder", "decoder", "discriminator")}
+
+    return engine.run_epoch(
+        loader,
+        step_fn,
+        step=step,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        log_every=cfg.tracking.log_every,
+        log_fn=log_fn,
+        ckpt_fn=None if ckpt_fn is None else (lambda s, bi: ckpt_fn(s, epoch, bi)),
+        ckpt_every=cfg.ckpt_every,
+        skip_batches=skip_batches,
+        restore_rng=restore_rng,
+        hide_in_bar=("d_",),
+    )
 
 
 @torch.no_grad()
@@ -289,30 +253,6 @@ def evaluate(model: VAEGAN, loader, device: torch.device, lcfg: LossConfig) -> d
 
 
 # ----------------------------------------------------------------------------------------- stage
-def _find_resume(cfg: TrainConfig) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        cands = sorted(Path(cfg.out_dir).glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-        return cands[-1] if cands else None
-    p = Path(cfg.resume)
-    if not p.is_file():
-        raise ckpt.CheckpointError(f"resume={p}: checkpoint does not exist")
-    return p
-
-
-def _check_writable(path: Path) -> None:
-    """Report a read-only output folder before training starts, not after the first epoch."""
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write-probe"
-    try:
-        probe.write_bytes(b"0" * 4096)
-    except OSError as e:
-        raise PermissionError(f"output folder {path} is not writable: {e}") from e
-    finally:
-        probe.unlink(missing_ok=True)
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns the MLflow run id, the output folder, final metrics and artifact paths."""
     from monai.utils import set_determinism
@@ -322,12 +262,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # Everything that can fail cheaply fails before a model is built.
     manifest = resolve_manifest(cfg.data)
-    resume_path = _find_resume(cfg)
+    resume_path = engine.find_resume(cfg.resume, cfg.out_dir)
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
-    device = pick_device(cfg.device)
+    device = engine.pick_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    amp = amp_dtype(cfg.amp, device)
+    amp = engine.amp_dtype(cfg.amp, device)
     if cfg.deterministic:
         set_determinism(seed=cfg.seed)
 
@@ -376,7 +316,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         run_dir = Path(cfg.out_dir) / (
             cfg.tracking.run_name or f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}"
         )
-    _check_writable(run_dir / "checkpoints")
+    engine.check_writable(run_dir / "checkpoints")
 
     tracking.setup(cfg.tracking)
     cfg_dict = to_dict(cfg)
@@ -434,10 +374,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for epoch in range(start_epoch, cfg.epochs):
             # seeding per epoch makes the data order, augmentation and noise of epoch e the same
             # whether or not the run was interrupted before it
-            gen.manual_seed(cfg.seed * 1000 + epoch)
-            if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
-                train_ds.transform.set_random_state(seed=cfg.seed * 1000 + epoch)
-            torch.manual_seed(cfg.seed * 1000 + epoch)
+            engine.seed_epoch(cfg.seed, epoch, gen, train_ds)
             te = time.time()
             train_metrics, step = train_one_epoch(
                 model,

@@ -1,0 +1,146 @@
+"""The training skeleton shared by every stage that trains a network (VAE-GAN, classifier).
+
+One epoch is: seed the epoch, iterate the loader (replaying to the right batch after a mid-epoch
+resume), call a stage-specific ``step_fn(batch) -> {name: detached tensor}``, accumulate, sync with
+the host and log only every ``log_every`` steps, checkpoint every ``ckpt_every`` steps. The stages
+differ only in their step function, their evaluation and what they put into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline import checkpoint as ckpt
+
+StepFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def amp_dtype(cfg_amp: str, device: torch.device) -> torch.dtype | None:
+    if cfg_amp == "off" or (cfg_amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if cfg_amp == "fp16" else torch.bfloat16
+
+
+def seed_epoch(seed: int, epoch: int, loader_generator: torch.Generator, dataset: Any) -> None:
+    """Seed data order, augmentation and noise of epoch ``epoch`` from (seed, epoch) alone, so an
+    interrupted and resumed run sees exactly what an uninterrupted one does."""
+    s = seed * 1000 + epoch
+    loader_generator.manual_seed(s)
+    tf = getattr(dataset, "transform", None)
+    if tf is not None and hasattr(tf, "set_random_state"):
+        tf.set_random_state(seed=s)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    torch.manual_seed(s)
+
+
+def run_epoch(
+    loader: Iterable,
+    step_fn: StepFn,
+    *,
+    step: int,
+    desc: str,
+    log_every: int,
+    log_fn: Callable[[dict[str, float], int], None] | None = None,
+    ckpt_fn: Callable[[int, int], None] | None = None,
+    ckpt_every: int = 0,
+    skip_batches: int = 0,
+    restore_rng: dict | None = None,
+    prefix: str = "train/",
+    hide_in_bar: tuple[str, ...] = (),
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader`` calling ``step_fn`` per batch; returns (epoch means, new global step).
+
+    ``ckpt_fn(step, batch_in_epoch)`` is called every ``ckpt_every`` steps (not on the last batch:
+    the caller checkpoints the epoch end itself).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    window: dict[str, torch.Tensor] = {}
+    n_batches = n_window = 0
+    total = len(loader)  # type: ignore[arg-type]
+    # a live bar on a terminal; in a log file (no TTY) a line every 30 s instead of every redraw
+    tty = sys.stderr.isatty()
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit="batch",
+        file=sys.stderr,
+        leave=False,
+        initial=skip_batches,
+        mininterval=0.5 if tty else 30,
+        dynamic_ncols=tty,
+    )
+    for bi, batch in enumerate(loader):
+        if bi < skip_batches:
+            continue  # resumed mid-epoch: the loader and augmentations replay to here, no training
+        if bi == skip_batches and restore_rng is not None:
+            ckpt.set_rng_state(restore_rng)
+        losses = step_fn(batch)
+        step += 1
+        n_batches += 1
+        n_window += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v
+            window[k] = window.get(k, 0) + v
+        # host sync (and a tracking write) only every log_every steps
+        if step % log_every == 0 or bi == total - 1:
+            metrics = {f"{prefix}{k}": float(v) / n_window for k, v in window.items()}
+            if log_fn is not None:
+                log_fn(metrics, step)
+            bar.set_postfix(
+                {k[len(prefix) :]: f"{v:.3f}" for k, v in metrics.items() if not k.startswith(hide_in_bar)}
+            )
+            window, n_window = {}, 0
+        bar.update(1)
+        if ckpt_fn is not None and ckpt_every > 0 and step % ckpt_every == 0 and bi < total - 1:
+            ckpt_fn(step, bi + 1)
+    bar.close()
+    return {k: float(v) / max(n_batches, 1) for k, v in sums.items()}, step
+
+
+def find_resume(resume: str, out_dir: str) -> Any:
+    """``""`` -> None; ``auto`` -> newest ``out_dir/*/checkpoints/last.pt`` (or None); else the path."""
+    from pathlib import Path
+
+    if not resume:
+        return None
+    if resume == "auto":
+        cands = sorted(Path(out_dir).glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+        return cands[-1] if cands else None
+    p = Path(resume)
+    if not p.is_file():
+        raise ckpt.CheckpointError(f"resume={p}: checkpoint does not exist")
+    return p
+
+
+def check_writable(path: Any) -> None:
+    """Report a read-only or full output folder before training starts, not after the first epoch."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"output folder {path} cannot be created: {e}") from e
+    probe = path / ".write-probe"
+    try:
+        probe.write_bytes(b"0" * 4096)
+    except OSError as e:
+        raise PermissionError(f"output folder {path} is not writable: {e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
