@@ -217,9 +217,11 @@ class Discriminator(nn.Module):
 class Generator(nn.Module):
     """Decoder packaged for export (MLflow model): ``(z, labels) -> images``; ``sample(n)`` draws from the prior."""
 
-    def __init__(self, decoder: Decoder) -> None:
+    def __init__(self, decoder: Decoder, label_names: dict[int, str] | None = None) -> None:
         super().__init__()
         self.decoder = decoder
+        # travels with the pickled MLflow model, so `generate label=pneumonia` works from a model URI
+        self.label_names = dict(label_names or {})
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z, labels)

@@ -112,3 +112,61 @@ def make_loader(ds: Dataset, cfg: DataConfig, shuffle: bool, generator: torch.Ge
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def sample_patients(df, fraction: float, seed: int):
+    """Rows of ``fraction`` of the patients of ``df``, stratified by each patient's majority label.
+
+    Whole patients are kept or dropped, so a fraction never splits a patient's images; at least one
+    patient per label is kept.
+    """
+    import numpy as np
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1 or df.empty:
+        return df
+    pid = df["patient_id"].astype(str).where(df["patient_id"].astype(str) != "", df["path"].astype(str))
+    per_patient = df.assign(_pid=pid).groupby("_pid")["label"].agg(lambda s: int(s.mode().iloc[0]))
+    rng = np.random.default_rng(seed)
+    keep: list[str] = []
+    for _, pids in per_patient.groupby(per_patient):
+        ids = sorted(pids.index)
+        k = max(1, int(round(fraction * len(ids))))
+        keep += list(rng.choice(ids, size=k, replace=False))
+    return df[pid.isin(set(keep))]
+
+
+def write_subset_manifest(manifest: str | Path, fraction: float, seed: int, out: str | Path) -> Path:
+    """A copy of ``manifest`` keeping ``fraction`` of the train and val patients (test kept whole).
+
+    The copy points at the same data root, so the images are not duplicated.
+    """
+    import json
+
+    from pipeline.manifest import COLUMNS, resolve_data_root, sidecar_path, write_manifest
+
+    df, _ = read_manifest(manifest)
+    df = df.drop(columns=["abs_path"])
+    parts = [
+        sample_patients(df[df["split"] == s], fraction, seed + i) if s != "test" else df[df["split"] == s]
+        for i, s in enumerate(("train", "val", "test"))
+    ]
+    import pandas as pd
+
+    sub = pd.concat(parts)
+    side = sidecar_path(manifest)
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    meta.update(
+        data_root_abs=str(resolve_data_root(manifest)),
+        subset_of=str(manifest),
+        fraction=fraction,
+        fraction_seed=seed,
+        counts={s: int((sub["split"] == s).sum()) for s in ("train", "val", "test")},
+    )
+    extra = tuple(c for c in sub.columns if c not in COLUMNS)
+    for c in COLUMNS:
+        if c not in sub.columns:
+            sub[c] = ""
+    write_manifest(out, sub, meta, extra=extra)
+    return Path(out)

@@ -55,9 +55,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def write_manifest(path: str | Path, df: pd.DataFrame, meta: dict[str, Any]) -> None:
+def write_manifest(
+    path: str | Path, df: pd.DataFrame, meta: dict[str, Any], extra: tuple[str, ...] = ()
+) -> None:
+    """Write ``COLUMNS`` (+ ``extra`` columns) and the sidecar; ``meta['data_root_abs']`` is required."""
     path = Path(path)
-    atomic_write_text(path, df[COLUMNS].to_csv(index=False))
+    atomic_write_text(path, df[COLUMNS + list(extra)].to_csv(index=False))
     data_root = Path(meta["data_root_abs"])
     meta = dict(meta, data_root=os.path.relpath(data_root, path.resolve().parent))
     atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2, default=str) + "\n")

@@ -12,7 +12,7 @@ import sys
 
 from pipeline.config import ConfigError, load_config
 
-STAGES = ("ingest", "train")
+STAGES = ("ingest", "train", "generate", "classify", "gain", "compare")
 
 
 def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -28,6 +28,12 @@ def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
         else:
             positional.append(a)
     return yaml_path, overrides, positional
+
+
+def _quote(item: str) -> str:
+    """Keep free-text values (experiment names, filters) strings rather than YAML scalars."""
+    key, value = item.split("=", 1)
+    return f"{key}={value}" if value.startswith(("'", '"')) else f"{key}='" + value.replace("'", "''") + "'"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +58,18 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"labels={args.labels}")
             ingest(load_config(IngestConfig, yaml_path, overrides))
             return 0
+        if args.stage == "compare":
+            from pipeline.compare import CompareConfig, compare
+
+            # compare [EXPERIMENT] [FILTER]: a filter string is free text (it may hold '=')
+            raw = [a for a in args.rest if not a.endswith((".yaml", ".yml"))]
+            own = [a for a in raw if a.split("=", 1)[0] in CompareConfig.__dataclass_fields__]
+            free = [a for a in raw if a not in own]
+            if free:
+                own.insert(0, f"experiment={free[0]}")
+            if len(free) > 1:
+                own.append("filter=" + " ".join(free[1:]))
+            return compare(load_config(CompareConfig, yaml_path, [_quote(o) for o in own]))
         if positional:
             raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
         if args.stage == "train":
@@ -59,7 +77,29 @@ def main(argv: list[str] | None = None) -> int:
 
             train(load_config(TrainConfig, yaml_path, overrides))
             return 0
-    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+        if args.stage == "generate":
+            from pipeline.generate import GenerateConfig, generate
+
+            generate(load_config(GenerateConfig, yaml_path, overrides))
+            return 0
+        if args.stage == "classify":
+            from pipeline.classify import ClassifyConfig, classify
+
+            classify(load_config(ClassifyConfig, yaml_path, overrides))
+            return 0
+        if args.stage == "gain":
+            from pipeline.gain import GainConfig, gain
+
+            gain(load_config(GainConfig, yaml_path, overrides))
+            return 0
+    except (
+        ConfigError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+        LookupError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1

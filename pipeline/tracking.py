@@ -24,6 +24,7 @@ class TrackingConfig:
     register_model: str = "cxr-vaegan-generator"  # empty: do not register the generator
     log_model: bool = True  # log (and register) the generator as an MLflow model at the end
     log_every: int = 10  # steps between per-step metric logs (each log is a host sync + a DB write)
+    parent_run_id: str = ""  # make the run a child of this one (the gain experiment sets it)
 
 
 def embedded_uri(store_dir: Path = STORE_DIR) -> str:

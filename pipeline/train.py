@@ -255,9 +255,9 @@ def evaluate(model: VAEGAN, loader, device: torch.device, lcfg: LossConfig) -> d
 # ----------------------------------------------------------------------------------------- stage
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns the MLflow run id, the output folder, final metrics and artifact paths."""
+    import mlflow
     from monai.utils import set_determinism
 
-    import mlflow
     from pipeline import tracking
 
     # Everything that can fail cheaply fails before a model is built.
@@ -324,6 +324,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
     run_id = run.info.run_id
     if resumed is None:
+        if cfg.tracking.parent_run_id:
+            mlflow.set_tag("mlflow.parentRunId", cfg.tracking.parent_run_id)
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
         mlflow.set_tags(
             {
@@ -450,14 +452,13 @@ def _log_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device) -> tuple[
 
 
 def _finish(model: VAEGAN, run_dir: Path, cfg: TrainConfig, names: dict[int, str]) -> None:
-    import mlflow.pytorch
-
     import mlflow
+    import mlflow.pytorch
 
     mlflow.log_artifact(str(run_dir / "checkpoints" / "last.pt"), "checkpoints")
     if not cfg.tracking.log_model:
         return
-    gen = Generator(copy.deepcopy(model.decoder)).cpu().eval()
+    gen = Generator(copy.deepcopy(model.decoder), names).cpu().eval()
     # pickle serialisation: torch.export (pt2) cannot trace a module with optional label input
     kwargs: dict[str, Any] = {
         "name": "generator",

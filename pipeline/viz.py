@@ -68,3 +68,65 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, t
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_roc(curves: dict[str, tuple], path: str | Path, title: str = "") -> Path:
+    """ROC curves: ``{name: (labels, scores)}``, the AUROC in each legend entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (y, p) in curves.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_gain(table, path: str | Path, title: str = "") -> Path:
+    """Per real-data fraction, each arm's AUROC difference to real-only with its 95 % CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fractions = sorted(table["fraction"].unique())
+    arms = [a for a in table["arm"].unique()]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(fractions) * max(1, len(arms)) / 2, 3.6))
+    width = 0.8 / max(1, len(arms))
+    for j, arm in enumerate(arms):
+        sub = table[table["arm"] == arm].set_index("fraction").reindex(fractions)
+        x = np.arange(len(fractions)) + (j - (len(arms) - 1) / 2) * width
+        m = sub["delta_auroc"].to_numpy(dtype=float)
+        lo = m - sub["delta_lo"].to_numpy(dtype=float)
+        hi = sub["delta_hi"].to_numpy(dtype=float) - m
+        ax.bar(x, m, width, label=arm)
+        ax.errorbar(
+            x, m, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], fmt="none", ecolor="k", capsize=3, lw=1
+        )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(fractions)), [f"{f:g}" for f in fractions])
+    ax.set_xlabel("fraction of the real training split")
+    ax.set_ylabel("AUROC - AUROC(real only)")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

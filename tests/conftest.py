@@ -19,3 +19,39 @@ def phantom_manifest(tmp_path_factory):
     out = root / "phantoms.csv"
     ingest(IngestConfig(source=str(root / "png"), out=str(out), val_fraction=0.2))
     return out
+
+
+@pytest.fixture(scope="session")
+def phantom_generator(tmp_path_factory, phantom_manifest):
+    """A tiny class-conditioned VAE-GAN (32 px, 1 epoch) trained on the phantoms: its checkpoint."""
+    from pipeline.config import load_config
+    from pipeline.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("generator")
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.manifest={phantom_manifest}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "model.latent_dim=8",
+            "model.base_channels=8",
+            "model.max_channels=32",
+            "model.disc_channels=8",
+            "model.num_classes=2",
+            "epochs=1",
+            "grid_size=8",
+            "threads=1",
+            f"out_dir={root / 'out'}",
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            "tracking.register_model=''",
+            "tracking.log_every=5",
+        ],
+    )
+    res = train(cfg)
+    return {
+        "checkpoint": res["checkpoint"],
+        "run_id": res["run_id"],
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+    }

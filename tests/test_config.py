@@ -51,6 +51,7 @@ def test_cli_rejects_unknown_key_and_missing_manifest_before_building_anything(t
             text=True,
             timeout=120,
         )
+
     p = run("train", "optim.learning_rate=1")
     assert p.returncode == 2 and "optim.learning_rate" in p.stderr
     p = run("train", f"data.manifest={tmp_path}/missing.csv")

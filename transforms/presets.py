@@ -88,9 +88,7 @@ def eval_transforms(cfg: TransformConfig) -> Compose:
     return Compose([*deterministic_transforms(cfg), _to_signed(), ToPlainTensord(keys="image")])
 
 
-def train_transforms(cfg: TransformConfig) -> Compose:
-    if not cfg.augment:
-        return eval_transforms(cfg)
+def _random_augmentations(cfg: TransformConfig) -> list:
     size = cfg.image_size
     p = cfg.aug_prob
     rand = [
@@ -109,4 +107,23 @@ def train_transforms(cfg: TransformConfig) -> Compose:
     ]
     if cfg.hflip:
         rand.append(RandFlipd(keys="image", prob=0.5, spatial_axis=1))
-    return Compose([*deterministic_transforms(cfg), *rand, _to_signed(), ToPlainTensord(keys="image")])
+    return rand
+
+
+def train_transforms(cfg: TransformConfig) -> Compose:
+    if not cfg.augment:
+        return eval_transforms(cfg)
+    return Compose(
+        [
+            *deterministic_transforms(cfg),
+            *_random_augmentations(cfg),
+            _to_signed(),
+            ToPlainTensord(keys="image"),
+        ]
+    )
+
+
+def tensor_augment_transforms(cfg: TransformConfig) -> Compose:
+    """The same random augmentation for images already preprocessed to ``[-1, 1]`` (synthetic ones)."""
+    to_unit = ScaleIntensityRanged(keys="image", a_min=-1.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True)
+    return Compose([to_unit, *_random_augmentations(cfg), _to_signed(), ToPlainTensord(keys="image")])

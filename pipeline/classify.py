@@ -1,0 +1,328 @@
+"""``python -m pipeline.run classify [CONFIG.yaml] [key=value ...]``: one arm of the augmentation study.
+
+Arms (``arm=``):
+
+* ``real``: the real training split, no augmentation;
+* ``classical``: the real split with the classical augmentation of ``train_transforms``;
+* ``synthetic``: the real split plus ``ratio x`` as many synthetic images of the real labels;
+* ``classical+synthetic``: both;
+* ``synthetic_only``: as many synthetic images as real ones, with the real labels, and no real image.
+
+The model is picked on the validation split (best AUROC over epochs) and the operating threshold
+is set on it (Youden's J); the held-out test split (Kermany's official one) is touched once, at
+the end: AUROC, balanced accuracy, sensitivity, specificity with 95 % bootstrap CIs, an ROC plot,
+the per-image scores, all logged to MLflow. The epoch loop is the VAE-GAN's (``pipeline.engine``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from networks.classifier import ClassifierConfig, CXRClassifier
+from pipeline import engine
+from pipeline.data import DataConfig, build_dataset, make_loader, records, resolve_manifest
+from pipeline.tracking import TrackingConfig
+
+ARMS = ("real", "classical", "synthetic", "classical+synthetic", "synthetic_only")
+
+
+@dataclass
+class ClassifyConfig:
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_val=0))
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    tracking: TrackingConfig = field(
+        default_factory=lambda: TrackingConfig(
+            experiment="cxr-vaegan-classify", register_model="", log_model=False
+        )
+    )
+    arm: str = "real"
+    synthetic: str = ""  # generator checkpoint / MLflow model URI, or a generated manifest (.csv)
+    ratio: float = 1.0  # synthetic images per real image (synthetic arms)
+    fraction: float = 1.0  # fraction of the real train (and val) patients used, stratified by label
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    threads: int = 0
+    test_split: str = "test"
+    bootstrap: int = 1000
+    out_dir: str = "outputs/classify"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if "synthetic" in self.arm and not self.synthetic:
+            raise ValueError(
+                f"arm={self.arm} needs synthetic=<generator checkpoint | MLflow URI | manifest.csv>"
+            )
+        if self.ratio <= 0 and self.arm in ("synthetic", "classical+synthetic"):
+            raise ValueError(f"ratio must be > 0 for arm={self.arm}, got {self.ratio}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
+
+
+@torch.no_grad()
+def predict(model: CXRClassifier, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, P(positive)) over a loader."""
+    model.eval()
+    ys, ps = [], []
+    for batch in loader:
+        x = batch["image"].to(device)
+        ps.append(torch.sigmoid(model(x).float()).cpu())
+        ys.append(torch.as_tensor(batch["label"]))
+    return torch.cat(ys).numpy().astype(int), torch.cat(ps).numpy()
+
+
+def evaluate(model: CXRClassifier, loader, device: torch.device) -> dict[str, float]:
+    """Validation AUROC and BCE loss."""
+    from pipeline.metrics import auroc
+
+    y, p = predict(model, loader, device)
+    pt = torch.from_numpy(p).clamp(1e-6, 1 - 1e-6)
+    loss = float(F.binary_cross_entropy(pt, torch.from_numpy(y).float()))
+    return {"auroc": auroc(y, p), "loss": loss}
+
+
+def load_classifier(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[CXRClassifier, dict[str, Any]]:
+    """A classifier checkpoint written by :func:`classify` (``weights_only`` load)."""
+    from pipeline import checkpoint as ckpt
+    from pipeline.config import from_dict
+
+    payload = ckpt.load_checkpoint(path)
+    mcfg = from_dict(ClassifierConfig, payload["config"]["model"])
+    model = CXRClassifier(mcfg)
+    ckpt.load_module_state(model, payload["model"], "classifier", path)
+    return model.to(device).eval(), payload
+
+
+def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device):
+    """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
+    from transforms.presets import tensor_augment_transforms
+    from transforms.synthetic import SyntheticMixDataset, make_source
+
+    classical = cfg.arm in ("classical", "classical+synthetic")
+    real = build_dataset(items, cfg.data, train=classical)
+    if "synthetic" not in cfg.arm:
+        return real, (real, None)
+    labels = [int(it["label"]) for it in items]
+    source = make_source(cfg.synthetic, cfg.data.image_size, str(device))
+    syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment else None
+    if cfg.arm == "synthetic_only":
+        ds = SyntheticMixDataset.synthetic_only(real, labels, source, seed=cfg.seed)
+    else:
+        ds = SyntheticMixDataset(real, labels, source, ratio=cfg.ratio, transform=syn_tf, seed=cfg.seed)
+    return ds, (real, syn_tf)
+
+
+def classify(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Train one arm, pick the epoch on val, test once; returns metrics, paths and the run id."""
+    import mlflow
+    from monai.utils import set_determinism
+
+    from pipeline import checkpoint as ckpt
+    from pipeline import metrics as M
+    from pipeline import tracking
+    from pipeline.config import flatten, to_dict
+    from pipeline.data import write_subset_manifest
+    from pipeline.manifest import label_names, read_manifest
+    from pipeline.viz import plot_curves, plot_roc
+
+    manifest = resolve_manifest(cfg.data)
+    device = engine.pick_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    amp = engine.amp_dtype(cfg.amp, device)
+    set_determinism(seed=cfg.seed)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.out_dir) / (
+        cfg.tracking.run_name or f"{cfg.arm}-f{cfg.fraction:g}-s{cfg.seed}-{stamp}"
+    )
+    engine.check_writable(run_dir)
+    if cfg.fraction < 1:
+        manifest = write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
+    names = label_names(read_manifest(manifest)[0])
+    if len(names) != 2 or cfg.model.num_classes != 2:
+        raise ValueError(
+            f"classify is binary: {manifest} has classes {names}, model.num_classes={cfg.model.num_classes}"
+        )
+
+    train_items = records(manifest, cfg.data.train_split, cfg.data.max_train)
+    val_items = records(manifest, cfg.data.val_split, cfg.data.max_val)
+    test_items = records(manifest, cfg.test_split)
+    train_ds, seeded = _train_dataset(cfg, train_items, device)
+    val_ds = build_dataset(val_items, cfg.data, train=False)
+    test_ds = build_dataset(test_items, cfg.data, train=False)
+    gen = torch.Generator()
+    train_loader = make_loader(train_ds, cfg.data, shuffle=True, generator=gen)
+    val_loader = make_loader(val_ds, cfg.data, shuffle=False)
+    test_loader = make_loader(test_ds, cfg.data, shuffle=False)
+    n_pos = sum(int(it["label"]) == 1 for it in train_items)
+    n_neg = len(train_items) - n_pos
+    # class balance by loss weight: Kermany's train split is ~3:1 pneumonia:normal
+    pos_weight = torch.tensor(n_neg / max(n_pos, 1), device=device)
+    print(
+        f"classify arm={cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: train={len(train_items)} "
+        f"(+{len(train_ds) - len(train_items)} synthetic) val={len(val_items)} test={len(test_items)} "
+        f"classes={names} device={device}",
+        flush=True,
+    )
+
+    model = CXRClassifier(cfg.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * len(train_loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
+    )
+
+    tracking.setup(cfg.tracking)
+    tags = {
+        "stage": "classify",
+        "arm": cfg.arm,
+        "fraction": f"{cfg.fraction:g}",
+        "seed": str(cfg.seed),
+        "git_commit": tracking.git_commit(),
+        "data.manifest": str(manifest),
+    }
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    cfg_dict = to_dict(cfg)
+    best: dict[str, Any] = {"auroc": -1.0, "state": None, "epoch": 0}
+    t0 = time.time()
+    with mlflow.start_run(run_name=run_dir.name, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
+        mlflow.log_params({"n_train_real": len(train_items), "n_train_total": len(train_ds)})
+
+        def step_fn(batch: dict) -> dict[str, torch.Tensor]:
+            x = batch["image"].to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["label"].to(device).float()
+            ctx = (
+                torch.autocast(device.type, dtype=amp)
+                if amp is not None
+                else torch.autocast("cpu", enabled=False)
+            )
+            with ctx:
+                logits = model(x).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            return {"loss": loss.detach()}
+
+        step = 0
+        for epoch in range(cfg.epochs):
+            real_ds, syn_tf = seeded
+            engine.seed_epoch(cfg.seed, epoch, gen, real_ds)
+            if train_ds is not real_ds:
+                train_ds.set_epoch(epoch)  # fresh synthetic draws each epoch, reproducibly
+            if syn_tf is not None:
+                syn_tf.set_random_state(seed=cfg.seed * 1000 + epoch + 7)
+            model.train()
+            tr, step = engine.run_epoch(
+                train_loader,
+                step_fn,
+                step=step,
+                desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
+                log_every=cfg.tracking.log_every,
+                log_fn=lambda m, s: mlflow.log_metrics(m, step=s),
+            )
+            val = {f"val/{k}": v for k, v in evaluate(model, val_loader, device).items()}
+            val["epoch"] = epoch + 1
+            mlflow.log_metrics(val, step=step)
+            if val["val/auroc"] > best["auroc"]:
+                best = {
+                    "auroc": val["val/auroc"],
+                    "state": copy.deepcopy(model.state_dict()),
+                    "epoch": epoch + 1,
+                }
+            print(
+                f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
+                f"val/auroc={val['val/auroc']:.4f} val/loss={val['val/loss']:.4f}",
+                flush=True,
+            )
+        model.load_state_dict(best["state"])
+        yv, pv = predict(model, val_loader, device)
+        threshold = M.youden_threshold(yv, pv)
+        yt, pt = predict(model, test_loader, device)
+        test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+        results = {f"test/{k}": v for k, v in test.items()}
+        results.update({"best_epoch": best["epoch"], "threshold": threshold, "val/best_auroc": best["auroc"]})
+        mlflow.log_metrics(results, step=step)
+
+        # per-image scores (the gain stage pairs arms on them), ROC plot, curves, checkpoint
+        import pandas as pd
+
+        scores = pd.DataFrame({"path": [it["image"] for it in test_items], "label": yt, "score": pt})
+        scores_path = run_dir / "test_scores.csv"
+        scores.to_csv(scores_path, index=False)
+        roc = plot_roc(
+            {f"{cfg.arm} (test)": (yt, pt), "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name
+        )
+        client = mlflow.tracking.MlflowClient()
+        hist = {
+            k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
+            for k in ("train/loss", "val/auroc", "val/loss")
+        }
+        curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
+        ck = ckpt.save_checkpoint(
+            run_dir / "classifier.pt",
+            {
+                "model": model.state_dict(),
+                "config": cfg_dict,
+                "label_names": {int(k): v for k, v in names.items()},
+                "threshold": threshold,
+                "epoch": best["epoch"],
+                "code_version": tags["git_commit"],
+                "mlflow_run_id": run.info.run_id,
+            },
+        )
+        for p in (scores_path, roc, curves):
+            mlflow.log_artifact(str(p), "eval")
+        mlflow.log_artifact(str(ck), "checkpoints")
+        run_id = run.info.run_id
+    print(
+        f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['auroc']:.4f} "
+        f"[{test['auroc_lo']:.4f}, {test['auroc_hi']:.4f}] balanced acc {test['balanced_accuracy']:.4f} "
+        f"sens {test['sensitivity']:.4f} spec {test['specificity']:.4f} (threshold {threshold:.3f} from val, "
+        f"best epoch {best['epoch']}) in {time.time() - t0:.0f}s",
+        flush=True,
+    )
+    print(f"MLflow run id: {run_id}\nROC plot: {roc}")
+    result = {
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "metrics": results,
+        "checkpoint": str(ck),
+        "scores": str(scores_path),
+        "roc": str(roc),
+    }
+    # written last: its presence marks the arm as done (the gain stage skips it on a re-run)
+    from pipeline.manifest import atomic_write_text
+
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
+    return result

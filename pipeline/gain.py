@@ -1,0 +1,248 @@
+"""``python -m pipeline.run gain [CONFIG.yaml] [key=value ...]``: does synthetic augmentation help?
+
+Arms x real-training fractions x seeds, each a child MLflow run of one parent run:
+
+* for each fraction f and seed s, a subset of the real train (and val) split is drawn by patient,
+  stratified by label (``pipeline.data.write_subset_manifest``); the test split is never reduced;
+* the VAE-GAN that feeds the synthetic arms of (f, s) is trained on that subset only, so no real
+  image outside it reaches the classifier through the generator. At f = 1 every seed has the same
+  subset, so one generator serves all seeds (``generators=['1.0=PATH']`` reuses one trained before);
+* every arm is trained by the classify stage with the same seed, so arms can be paired by seed.
+
+Output on the parent run: per fraction and arm, the mean AUROC difference to real-only over seeds
+(paired by seed) with a 95 % t-interval, as a CSV, a Markdown table and a plot. Finished children
+are kept: a re-run skips every (arm, fraction, seed) whose ``result.json`` exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.classify import ARMS, ClassifyConfig, classify
+
+DEFAULT_ARMS = ["real", "classical", "synthetic", "synthetic_only"]
+
+
+@dataclass
+class GainConfig:
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # the base of every arm
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # "FRACTION=PATH": a generator trained on exactly that fraction's train split (only 1.0 is
+    # the same subset for every seed, so only 1.0 may be reused)
+    generators: list[str] = field(default_factory=list)
+    vaegan_config: str = ""  # YAML for the VAE-GANs trained per subset ("" = TrainConfig defaults)
+    vaegan_overrides: list[str] = field(default_factory=list)  # e.g. ["epochs=30"]
+    experiment: str = "cxr-vaegan-gain"
+    run_name: str = ""
+    out_dir: str = "outputs/gain"
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; choose from {ARMS}")
+        if "real" not in self.arms:
+            raise ValueError("arms must include 'real': every gain is measured against real-only")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for g in self.generators:
+            f, _, path = g.partition("=")
+            if not path:
+                raise ValueError(f"generators entry {g!r} is not FRACTION=PATH")
+            if float(f) != 1.0:
+                raise ValueError(
+                    f"generators entry {g!r}: only a fraction-1.0 generator can be shared; smaller fractions "
+                    "draw a different patient subset per seed and get a generator trained on that subset"
+                )
+
+
+def _generator_for(
+    cfg: GainConfig, fraction: float, seed: int, manifest: Path, out: Path, parent_id: str, cache: dict
+) -> str:
+    """A generator checkpoint trained on exactly this subset (trained, resumed or reused)."""
+    from pipeline.config import load_config
+    from pipeline.train import TrainConfig, train
+
+    given = {float(g.partition("=")[0]): g.partition("=")[2] for g in cfg.generators}
+    if fraction in given:
+        return given[fraction]
+    key = (fraction, None if fraction == 1.0 else seed)
+    if key in cache:
+        return cache[key]
+    name = f"vaegan-f{fraction:g}" + ("" if fraction == 1.0 else f"-s{seed}")
+    run_dir = out / "generators" / name
+    last = run_dir / "checkpoints" / "last.pt"
+    overrides = [
+        f"data.manifest={manifest}",
+        f"seed={seed}",
+        f"out_dir={out / 'generators'}",
+        f"tracking.run_name={name}",
+        f"tracking.experiment={cfg.experiment}",
+        f"tracking.parent_run_id={parent_id}",
+        "tracking.register_model=''",
+        *cfg.vaegan_overrides,
+    ]
+    tcfg = load_config(TrainConfig, cfg.vaegan_config or None, overrides)
+    if (run_dir / "done").is_file() and last.is_file():
+        cache[key] = str(last)
+        return cache[key]
+    if last.is_file():
+        tcfg.resume = str(last)  # an interrupted generator continues where it stopped
+    print(f"gain: training the generator for fraction {fraction:g} seed {seed} on {manifest}", flush=True)
+    res = train(tcfg)
+    (run_dir / "done").write_text(res["run_id"])
+    cache[key] = res["checkpoint"]
+    return cache[key]
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (fraction, arm): mean AUROC with a t-interval over seeds and the AUROC difference to
+    real-only paired by seed, with its t-interval."""
+    from pipeline.metrics import mean_ci
+
+    rows = []
+    for (frac, arm), g in results.groupby(["fraction", "arm"], sort=True):
+        real = results[(results["fraction"] == frac) & (results["arm"] == "real")].set_index("seed")["auroc"]
+        mine = g.set_index("seed")["auroc"]
+        common = sorted(set(real.index) & set(mine.index))
+        d = (mine.loc[common] - real.loc[common]).to_numpy()
+        m, lo, hi = mean_ci(mine.to_numpy())
+        dm, dlo, dhi = mean_ci(d) if arm != "real" else (0.0, 0.0, 0.0)
+        rows.append(
+            {
+                "fraction": frac,
+                "arm": arm,
+                "n_seeds": len(mine),
+                "auroc": m,
+                "auroc_lo": lo,
+                "auroc_hi": hi,
+                "balanced_accuracy": g["balanced_accuracy"].mean(),
+                "sensitivity": g["sensitivity"].mean(),
+                "specificity": g["specificity"].mean(),
+                "delta_auroc": dm,
+                "delta_lo": dlo,
+                "delta_hi": dhi,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    head = "| fraction | arm | seeds | AUROC (95% CI) | ΔAUROC vs real (95% CI) | bal. acc | sens | spec |\n"
+    head += "|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for r in table.itertuples():
+        delta = "—" if r.arm == "real" else f"{r.delta_auroc:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]"
+        lines.append(
+            f"| {r.fraction:g} | {r.arm} | {r.n_seeds} | {r.auroc:.4f} [{r.auroc_lo:.4f}, {r.auroc_hi:.4f}] | "
+            f"{delta} | {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def gain(cfg: GainConfig) -> dict[str, Any]:
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.config import flatten, to_dict
+    from pipeline.data import resolve_manifest, write_subset_manifest
+    from pipeline.engine import check_writable
+    from pipeline.viz import plot_gain
+
+    base = copy.deepcopy(cfg.classify)
+    manifest = resolve_manifest(base.data)
+    out = Path(cfg.out_dir) / (cfg.run_name or "gain")
+    check_writable(out)
+    tcfg = copy.deepcopy(base.tracking)
+    tcfg.experiment = cfg.experiment
+    exp_id = tracking.setup(tcfg)
+    client = mlflow.tracking.MlflowClient()
+    state_file = out / "parent_run_id"
+    if state_file.is_file():
+        parent_id = state_file.read_text().strip()  # a re-run continues the same parent
+    else:
+        parent = client.create_run(
+            exp_id,
+            run_name=cfg.run_name or f"gain-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"stage": "gain", "git_commit": tracking.git_commit(), "data.manifest": str(manifest)},
+        )
+        parent_id = parent.info.run_id
+        state_file.write_text(parent_id)
+        for k, v in flatten(to_dict(cfg)).items():
+            client.log_param(parent_id, k, str(v)[:500])
+    print(f"gain: parent MLflow run {parent_id} in experiment {cfg.experiment}", flush=True)
+
+    gen_cache: dict = {}
+    rows = []
+    t0 = time.time()
+    for fraction in cfg.fractions:
+        for seed in cfg.seeds:
+            sub = (
+                manifest
+                if fraction == 1.0
+                else write_subset_manifest(
+                    manifest, fraction, seed, out / "subsets" / f"f{fraction:g}_s{seed}.csv"
+                )
+            )
+            gen_path = None
+            for arm in cfg.arms:
+                name = f"{arm}-f{fraction:g}-s{seed}"
+                done = out / "children" / name / "result.json"
+                if done.is_file():
+                    res = json.loads(done.read_text())
+                    print(f"gain: {name} already done (run {res['run_id']})", flush=True)
+                else:
+                    if "synthetic" in arm and gen_path is None:
+                        gen_path = _generator_for(cfg, fraction, seed, Path(sub), out, parent_id, gen_cache)
+                    c = copy.deepcopy(base)
+                    c.data.manifest = str(sub)
+                    c.arm, c.seed, c.fraction = arm, seed, 1.0  # the subset manifest is the fraction
+                    c.synthetic = gen_path or ""
+                    c.out_dir = str(out / "children")
+                    c.tracking.experiment = cfg.experiment
+                    c.tracking.run_name = name
+                    c.tracking.parent_run_id = parent_id
+                    res = classify(c)
+                    client.set_tag(res["run_id"], "fraction", f"{fraction:g}")
+                m = res["metrics"]
+                rows.append(
+                    {
+                        "fraction": fraction,
+                        "arm": arm,
+                        "seed": seed,
+                        "auroc": m["test/auroc"],
+                        "balanced_accuracy": m["test/balanced_accuracy"],
+                        "sensitivity": m["test/sensitivity"],
+                        "specificity": m["test/specificity"],
+                        "run_id": res["run_id"],
+                    }
+                )
+    results = pd.DataFrame(rows)
+    table = summarise(results)
+    results.to_csv(out / "gain_runs.csv", index=False)
+    table.to_csv(out / "gain_table.csv", index=False)
+    md = to_markdown(table)
+    (out / "gain_table.md").write_text(md)
+    plot = plot_gain(table, out / "gain.png", title=f"AUROC gain over real-only ({len(cfg.seeds)} seeds)")
+    for p in ("gain_runs.csv", "gain_table.csv", "gain_table.md", "gain.png"):
+        client.log_artifact(parent_id, str(out / p), "gain")
+    for r in table.itertuples():
+        if r.arm != "real" and np.isfinite(r.delta_auroc):
+            client.log_metric(parent_id, f"delta_auroc/{r.arm}/f{r.fraction:g}", float(r.delta_auroc))
+        client.log_metric(parent_id, f"auroc/{r.arm}/f{r.fraction:g}", float(r.auroc))
+    client.set_terminated(parent_id)
+    print(md)
+    print(f"gain: done in {time.time() - t0:.0f}s; table {out / 'gain_table.md'}, plot {plot}")
+    print(f"MLflow parent run id: {parent_id}")
+    return {"parent_run_id": parent_id, "table": table, "runs": results, "plot": str(plot)}

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError, load_config
+from pipeline.generate import GenerateConfig, generate, load_generator, resolve_labels, sample_images
+from transforms.io import read_image
+
+
+def _cfg(tmp_path, ckpt, out, *extra):
+    return load_config(
+        GenerateConfig,
+        None,
+        [
+            f"checkpoint={ckpt}",
+            f"out={tmp_path / out}",
+            f"tracking.uri=sqlite:///{tmp_path / 'gen.db'}",
+            *extra,
+        ],
+    )
+
+
+def test_same_seed_same_images_other_seed_differs(tmp_path, phantom_generator):
+    ck = phantom_generator["checkpoint"]
+    a = generate(_cfg(tmp_path, ck, "a", "n=12", "seed=3", "batch_size=5"))
+    b = generate(_cfg(tmp_path, ck, "b", "n=12", "seed=3", "batch_size=12", "log_mlflow=false"))
+    c = generate(_cfg(tmp_path, ck, "c", "n=12", "seed=4", "log_mlflow=false"))
+    da, db, dc = (pd.read_csv(r["manifest"]) for r in (a, b, c))
+    # identical pixels whatever the batch size; a different seed gives different images
+    assert list(da["pixel_hash"]) == list(db["pixel_hash"])
+    assert len(set(da["pixel_hash"]) & set(dc["pixel_hash"])) == 0
+    assert a["run_id"] is not None and b["run_id"] is None
+
+
+def test_manifest_records_label_seed_and_source_hash(tmp_path, phantom_generator):
+    from pipeline.generate import file_sha256
+    from pipeline.manifest import read_manifest
+
+    ck = phantom_generator["checkpoint"]
+    res = generate(_cfg(tmp_path, ck, "g", "n=6", "label=balanced", "seed=7"))
+    df, root = read_manifest(res["manifest"])
+    assert list(df["label"]) == [0, 1, 0, 1, 0, 1]
+    assert set(df["label_name"]) == {"normal", "pneumonia"}
+    assert set(df["seed"]) == {7} and list(df["index"]) == list(range(6))
+    assert set(df["source_sha256"]) == {file_sha256(ck)}
+    # every row points at a real PNG of the generator's size
+    img, info = read_image(df["abs_path"][0])
+    assert img.shape == (32, 32)
+    one = generate(_cfg(tmp_path, ck, "p", "n=3", "label=pneumonia", "log_mlflow=false"))
+    assert set(pd.read_csv(one["manifest"])["label_name"]) == {"pneumonia"}
+
+
+def test_dicom_secondary_capture_is_marked_synthetic_and_carries_no_patient(tmp_path, phantom_generator):
+    res = generate(
+        _cfg(tmp_path, phantom_generator["checkpoint"], "d", "n=2", "dicom=true", "log_mlflow=false")
+    )
+    files = sorted((tmp_path / "d" / "dicom").glob("*.dcm"))
+    assert len(files) == 2
+    ds = pydicom.dcmread(files[0])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    assert ds.ConversionType == "SYN" and list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert "synthetic" in ds.DerivationDescription.lower()
+    assert (
+        str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientBirthDate == "" and ds.StudyDate == ""
+    )
+    # the DICOM holds the same pixels as the PNG
+    png, _ = read_image(tmp_path / "d" / pd.read_csv(res["manifest"])["path"][0])
+    dcm, _ = read_image(files[0])
+    np.testing.assert_array_equal(png, dcm)
+
+
+def test_loads_from_mlflow_model_uri(tmp_path, phantom_manifest):
+    """The registered MLflow model generates the same images as the checkpoint it came from."""
+    import mlflow
+
+    from pipeline.train import TrainConfig, train
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.manifest={phantom_manifest}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "data.max_train=16",
+            "model.latent_dim=8",
+            "model.base_channels=8",
+            "model.num_classes=2",
+            "epochs=1",
+            "grid_size=4",
+            "threads=1",
+            f"out_dir={tmp_path / 'out'}",
+            f"tracking.uri={uri}",
+            "tracking.register_model=g",
+        ],
+    )
+    res = train(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    a = load_generator(res["checkpoint"])
+    b = load_generator("models:/g/1")
+    assert b.label_names == {0: "normal", 1: "pneumonia"}
+    labels = resolve_labels("balanced", 4, a)
+    torch.testing.assert_close(sample_images(a, labels, 0), sample_images(b, labels, 0))
+
+
+def test_validation_rules(tmp_path, phantom_generator):
+    with pytest.raises(ConfigError, match="checkpoint is required"):
+        load_config(GenerateConfig, None, [])
+    with pytest.raises(ConfigError, match="n must be >= 1"):
+        load_config(GenerateConfig, None, ["checkpoint=x.pt", "n=0"])
+    with pytest.raises(ValueError, match="not a class of this generator"):
+        generate(_cfg(tmp_path, phantom_generator["checkpoint"], "x", "label=cat", "log_mlflow=false"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        generate(_cfg(tmp_path, tmp_path / "missing.pt", "y", "log_mlflow=false"))

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import auroc, binary_metrics, bootstrap_ci, mean_ci, youden_threshold
+
+
+def test_perfect_and_inverted_scores():
+    y = np.array([0, 0, 1, 1])
+    assert auroc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert auroc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
+    m = binary_metrics(y, np.array([0.1, 0.6, 0.8, 0.4]), 0.5)
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5 and m["balanced_accuracy"] == 0.5
+
+
+def test_youden_threshold_separates_separable_scores():
+    y = np.array([0] * 50 + [1] * 50)
+    p = np.concatenate([np.linspace(0.0, 0.4, 50), np.linspace(0.6, 1.0, 50)])
+    t = youden_threshold(y, p)
+    assert 0.4 < t <= 0.6
+    assert binary_metrics(y, p, t)["balanced_accuracy"] == 1.0
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        y = rng.integers(0, 2, n)
+        return y, y * 0.8 + rng.normal(0, 0.5, n)
+
+    small = bootstrap_ci(*draw(60), 0.4, n_boot=300)
+    large = bootstrap_ci(*draw(2000), 0.4, n_boot=300)
+    for r in (small, large):
+        assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"]
+    assert (large["auroc_hi"] - large["auroc_lo"]) < (small["auroc_hi"] - small["auroc_lo"])
+
+
+def test_mean_ci():
+    m, lo, hi = mean_ci(np.array([1.0, 2.0, 3.0]))
+    assert m == 2.0 and lo < 2.0 < hi
+    assert np.isnan(mean_ci(np.array([1.0]))[1])
+
+
+def test_bad_labels_are_rejected():
+    with pytest.raises(ValueError, match="binary labels"):
+        auroc(np.array([0, 2]), np.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match="differ in length"):
+        auroc(np.array([0, 1]), np.array([0.1]))

@@ -1,0 +1,202 @@
+"""Synthetic augmentation for any MONAI/PyTorch training loop.
+
+Two ways to mix synthetic radiographs of the right label into a real training set:
+
+* :class:`SyntheticMixDataset` appends ``round(ratio * len(real))`` synthetic items; each one takes
+  the label of a real item (so the class balance of the real set is kept) and an image of that
+  label from a source.
+* :class:`RandSyntheticSwapd`, a MONAI random dictionary transform, replaces the image of a
+  dictionary by a synthetic one of the same label with probability ``prob``.
+
+A source is either :class:`GeneratorSource` (images drawn on the fly from a generator checkpoint
+or MLflow model URI) or :class:`ManifestSource` (images read from a manifest written by
+``python -m pipeline.run generate``). Both return ``[1, S, S]`` tensors in ``[-1, 1]`` and are
+deterministic given the random state they are handed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, RandomizableTransform
+from torch.utils.data import Dataset
+
+
+class SyntheticSource(Protocol):
+    image_size: int
+
+    def labels(self) -> list[int]: ...
+
+    def draw(self, label: int, rng: np.random.RandomState) -> torch.Tensor: ...
+
+
+class GeneratorSource:
+    """Draws images on the fly from a VAE-GAN generator (checkpoint path or MLflow model URI).
+
+    Images are produced in blocks of ``block`` per label and handed out one by one, so the cost
+    of a decoder call is shared; the latent codes come from the caller's random state.
+    """
+
+    def __init__(self, checkpoint: str | Path | Any, device: str = "cpu", block: int = 64) -> None:
+        from pipeline.generate import LoadedGenerator, load_generator
+
+        self.gen: LoadedGenerator = (
+            checkpoint if isinstance(checkpoint, LoadedGenerator) else load_generator(checkpoint, device)
+        )
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        self.block = block
+        self.image_size = self.gen.image_size
+
+    def labels(self) -> list[int]:
+        return list(range(self.gen.num_classes)) if self.gen.num_classes else [-1]
+
+    @torch.no_grad()
+    def draw(self, label: int, rng: np.random.RandomState) -> torch.Tensor:
+        if self.gen.num_classes and not 0 <= label < self.gen.num_classes:
+            raise ValueError(
+                f"label {label} is not a class of the generator ({self.gen.num_classes} classes)"
+            )
+        z = torch.from_numpy(
+            rng.standard_normal((1, self.gen.generator.decoder.latent_dim)).astype(np.float32)
+        )
+        dev = next(self.gen.generator.parameters()).device
+        lab = None if self.gen.num_classes == 0 else torch.tensor([label], device=dev)
+        return self.gen.generator(z.to(dev), lab).float().cpu()[0]
+
+
+class ManifestSource:
+    """Images of a generated (or any) manifest, preprocessed once and kept in memory per label."""
+
+    def __init__(self, manifest: str | Path, image_size: int, split: str | None = None) -> None:
+        from pipeline.manifest import ManifestError, read_manifest
+        from transforms.presets import TransformConfig, eval_transforms
+
+        df, _ = read_manifest(manifest, split)
+        if df.empty:
+            raise ManifestError(f"{manifest}: no images to draw synthetic samples from")
+        tf = eval_transforms(TransformConfig(image_size=image_size))
+        self.image_size = image_size
+        self.by_label: dict[int, list[torch.Tensor]] = {}
+        for p, lab in zip(df["abs_path"], df["label"], strict=True):
+            self.by_label.setdefault(int(lab), []).append(
+                torch.as_tensor(tf({"image": p, "label": int(lab)})["image"])
+            )
+
+    def labels(self) -> list[int]:
+        return sorted(self.by_label)
+
+    def draw(self, label: int, rng: np.random.RandomState) -> torch.Tensor:
+        pool = self.by_label.get(int(label))
+        if not pool:
+            raise ValueError(f"the synthetic manifest has no images of label {label} (has {self.labels()})")
+        return pool[rng.randint(len(pool))].clone()
+
+
+def make_source(spec: str | Path, image_size: int, device: str = "cpu") -> SyntheticSource:
+    """A ``.csv`` is a generated manifest; anything else a generator checkpoint or MLflow model URI."""
+    if str(spec).endswith(".csv"):
+        return ManifestSource(spec, image_size)
+    src = GeneratorSource(spec, device)
+    if src.image_size != image_size:
+        raise ValueError(f"generator {spec} makes {src.image_size}px images but the data are {image_size}px")
+    return src
+
+
+class SyntheticMixDataset(Dataset):
+    """A real dataset plus ``round(ratio * len(real))`` synthetic items of the real labels.
+
+    Item ``i < len(real)`` is ``real[i]`` with ``synthetic=0``; item ``len(real) + j`` has the label
+    of real item ``j % len(real)``, an image drawn from ``source`` with a random state seeded by
+    ``(seed, epoch, j)`` (call :meth:`set_epoch` for fresh samples each epoch) passed through
+    ``transform`` when given, and ``synthetic=1``. ``ratio=inf``-like use (synthetic only) is
+    :meth:`synthetic_only`.
+    """
+
+    def __init__(
+        self,
+        real: Dataset,
+        real_labels: Sequence[int],
+        source: SyntheticSource,
+        ratio: float = 1.0,
+        transform: Callable[[dict], dict] | None = None,
+        seed: int = 0,
+        include_real: bool = True,
+    ) -> None:
+        if ratio < 0:
+            raise ValueError(f"ratio must be >= 0, got {ratio}")
+        if len(real_labels) != len(real):  # type: ignore[arg-type]
+            raise ValueError(f"real_labels has {len(real_labels)} entries for {len(real)} real items")  # type: ignore[arg-type]
+        self.real, self.real_labels = real, [int(v) for v in real_labels]
+        self.source, self.transform, self.seed = source, transform, seed
+        self.include_real = include_real
+        self.n_real = len(self.real_labels) if include_real else 0
+        self.n_syn = int(round(ratio * len(self.real_labels)))
+        self.epoch = 0
+
+    @classmethod
+    def synthetic_only(cls, real: Dataset, real_labels: Sequence[int], source: SyntheticSource, **kw):
+        """As many synthetic items as real ones, with the real labels, and no real image."""
+        return cls(real, real_labels, source, ratio=1.0, include_real=False, **kw)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n_real + self.n_syn
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i < self.n_real:
+            item = dict(self.real[i])
+            item["synthetic"] = 0
+            return item
+        j = i - self.n_real
+        label = self.real_labels[j % len(self.real_labels)]
+        rng = np.random.RandomState(np.random.SeedSequence([self.seed, self.epoch, j]).generate_state(1))
+        item = {"image": self.source.draw(label, rng), "label": label}
+        if self.transform is not None:
+            item = self.transform(item)
+        item = dict(item)
+        item["image"] = torch.as_tensor(item["image"]).float()
+        item["label"] = torch.as_tensor(label, dtype=torch.long)  # as the real items' labels, for collation
+        item["synthetic"] = 1
+        return item
+
+
+class RandSyntheticSwapd(RandomizableTransform, MapTransform):
+    """With probability ``prob``, replace ``d[image_key]`` by a synthetic image of label ``d[label_key]``.
+
+    The input dictionary is never mutated: a shallow copy is returned.
+    """
+
+    def __init__(
+        self,
+        source: SyntheticSource,
+        prob: float = 0.5,
+        image_key: str = "image",
+        label_key: str = "label",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, [image_key], allow_missing_keys)
+        self.source, self.image_key, self.label_key = source, image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            d["synthetic"] = 0
+            return d
+        d[self.image_key] = self.source.draw(int(d[self.label_key]), self.R)
+        d["synthetic"] = 1
+        return d
