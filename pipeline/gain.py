@@ -85,6 +85,9 @@ def _generator_for(
     last = run_dir / "checkpoints" / "last.pt"
     overrides = [
         f"data.manifest={manifest}",
+        # the generator must make images of the classifier's size
+        f"data.image_size={cfg.classify.data.image_size}",
+        "model.image_size=0",
         f"seed={seed}",
         f"out_dir={out / 'generators'}",
         f"tracking.run_name={name}",

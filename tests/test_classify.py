@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from cxr_factory import REPO
+
+from networks.classifier import ClassifierConfig, CXRClassifier
+from pipeline.config import ConfigError, load_config
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, MLFLOW_TRACKING_URI="")
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "densenet121"])
+def test_classifier_shapes(arch):
+    m = CXRClassifier(ClassifierConfig(arch=arch))
+    x = torch.randn(2, 1, 32, 32)
+    assert m(x).shape == (2,)
+    assert m.features(x).shape == (2, m.feature_dim)
+    assert CXRClassifier(ClassifierConfig(arch=arch, num_classes=3))(x).shape == (2, 3)
+
+
+def test_classifier_validation():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        ClassifierConfig(arch="vgg")
+    with pytest.raises(ValueError, match="4 positive stage widths"):
+        ClassifierConfig(widths=[8, 16])
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        ClassifierConfig(num_classes=1)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        ClassifierConfig(dropout=1.0)
+
+
+def test_generate_then_classify_with_synthetic_augmentation_then_compare(
+    tmp_path, phantom_manifest, phantom_generator
+):
+    """The real CLI end to end: generate -> generated manifest -> classify arms -> compare."""
+    uri = f"sqlite:///{tmp_path / 'cls.db'}"
+    gen = _cli(
+        "generate",
+        f"checkpoint={phantom_generator['checkpoint']}",
+        "n=40",
+        f"out={tmp_path / 'gen'}",
+        f"tracking.uri={uri}",
+    )
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    manifest = tmp_path / "gen" / "generated.csv"
+    assert len(pd.read_csv(manifest)) == 40
+    common = [
+        f"data.manifest={phantom_manifest}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "model.widths=[8,16,16,16]",
+        "epochs=2",
+        "bootstrap=50",
+        "threads=1",
+        f"out_dir={tmp_path / 'cls'}",
+        f"tracking.uri={uri}",
+        "tracking.experiment=arms",
+    ]
+    for arm in ("real", "classical+synthetic", "synthetic_only"):
+        p = _cli("classify", *common, f"arm={arm}", f"synthetic={manifest}", f"tracking.run_name={arm}")
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "test AUROC" in p.stdout and "MLflow run id:" in p.stdout
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("arms")
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.data.tags["arm"] for r in runs} == {"real", "classical+synthetic", "synthetic_only"}
+    for r in runs:
+        m = r.data.metrics
+        assert 0.0 <= m["test/auroc_lo"] <= m["test/auroc"] <= m["test/auroc_hi"] <= 1.0
+        assert {"test/balanced_accuracy", "test/sensitivity", "test/specificity", "val/auroc"} <= set(m)
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "eval")} >= {
+            "eval/roc.png",
+            "eval/test_scores.csv",
+        }
+    mixed = next(r for r in runs if r.data.tags["arm"] == "classical+synthetic")
+    assert int(mixed.data.params["n_train_total"]) == 2 * int(mixed.data.params["n_train_real"])
+
+    cmp = _cli("compare", "arms", f"uri={uri}", f"out={tmp_path / 'cmp'}")
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    for arm in ("real", "classical+synthetic", "synthetic_only"):
+        assert arm in cmp.stdout
+    assert (tmp_path / "cmp" / "arms.png").is_file()
+    filtered = _cli("compare", "arms", "tags.arm = 'real'", f"uri={uri}", f"out={tmp_path / 'cmp'}")
+    assert filtered.returncode == 0 and "synthetic_only" not in filtered.stdout and "real" in filtered.stdout
+    missing = _cli("compare", "no-such-experiment", f"uri={uri}")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_fraction_subsets_are_whole_patients_stratified(tmp_path, phantom_manifest):
+    from pipeline.data import write_subset_manifest
+    from pipeline.manifest import read_manifest
+
+    full, _ = read_manifest(phantom_manifest)
+    sub_path = write_subset_manifest(phantom_manifest, 0.5, 0, tmp_path / "sub.csv")
+    sub, _ = read_manifest(sub_path)
+    assert (sub["split"] == "test").sum() == (full["split"] == "test").sum()  # test never reduced
+    tr, ftr = sub[sub["split"] == "train"], full[full["split"] == "train"]
+    assert 0.3 * len(ftr) <= len(tr) <= 0.7 * len(ftr)
+    assert set(tr["label"]) == set(ftr["label"])  # both classes kept
+    # every kept patient keeps all of its images
+    kept = set(tr["patient_id"])
+    assert len(ftr[ftr["patient_id"].isin(kept)]) == len(tr)
+    again, _ = read_manifest(write_subset_manifest(phantom_manifest, 0.5, 0, tmp_path / "sub2.csv"))
+    assert list(again["path"]) == list(sub["path"])
+
+
+def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manifest):
+    import mlflow
+
+    from pipeline.gain import GainConfig, gain
+
+    uri = f"sqlite:///{tmp_path / 'gain.db'}"
+    cfg = load_config(
+        GainConfig,
+        None,
+        [
+            f"classify.data.manifest={phantom_manifest}",
+            "classify.data.image_size=32",
+            "classify.data.batch_size=16",
+            "classify.model.widths=[8,16,16,16]",
+            "classify.epochs=1",
+            "classify.bootstrap=20",
+            "classify.threads=1",
+            f"classify.tracking.uri={uri}",
+            "arms=[real,synthetic]",
+            "fractions=[0.5,1.0]",
+            "seeds=[0,1]",
+            "vaegan_overrides=[epochs=1,data.batch_size=16,model.base_channels=8,model.latent_dim=8,"
+            "model.num_classes=2,grid_size=4,tracking.log_model=false]",
+            f"out_dir={tmp_path / 'gain'}",
+            "run_name=t",
+        ],
+    )
+    res = gain(cfg)
+    table = res["table"]
+    assert set(table["arm"]) == {"real", "synthetic"} and set(table["fraction"]) == {0.5, 1.0}
+    syn = table[table["arm"] == "synthetic"]
+    assert syn["delta_auroc"].notna().all() and (syn["n_seeds"] == 2).all()
+    # the delta is the paired-by-seed difference of the children's test AUROCs
+    runs = res["runs"].set_index(["fraction", "arm", "seed"])["auroc"]
+    d = [runs[(0.5, "synthetic", s)] - runs[(0.5, "real", s)] for s in (0, 1)]
+    assert abs(float(syn[syn["fraction"] == 0.5]["delta_auroc"].iloc[0]) - sum(d) / 2) < 1e-9
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("cxr-vaegan-gain")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")
+    stages = [r.data.tags.get("stage") for r in children]
+    assert stages.count("classify") == 8
+    # one generator per (fraction 0.5, seed) subset, one shared at fraction 1.0
+    assert stages.count("train") == 3
+    assert {a.path for a in client.list_artifacts(res["parent_run_id"], "gain")} >= {
+        "gain/gain.png",
+        "gain/gain_table.md",
+    }
+    # a re-run loses nothing already done: every child is skipped
+    again = gain(cfg)
+    assert again["parent_run_id"] == res["parent_run_id"]
+    assert list(again["runs"]["run_id"]) == list(res["runs"]["run_id"])
+
+
+def test_validation_rules():
+    from pipeline.classify import ClassifyConfig
+    from pipeline.gain import GainConfig
+
+    with pytest.raises(ConfigError, match="arm must be one of"):
+        load_config(ClassifyConfig, None, ["arm=magic"])
+    with pytest.raises(ConfigError, match="needs synthetic="):
+        load_config(ClassifyConfig, None, ["arm=synthetic"])
+    with pytest.raises(ConfigError, match=r"fraction must be in \(0, 1\]"):
+        load_config(ClassifyConfig, None, ["fraction=0"])
+    with pytest.raises(ConfigError, match="must include 'real'"):
+        load_config(GainConfig, None, ["arms=[classical]"])
+    with pytest.raises(ConfigError, match="only a fraction-1.0 generator can be shared"):
+        load_config(GainConfig, None, ["generators=['0.1=x.pt']"])
+    with pytest.raises(ConfigError, match="unknown config key 'classify.nope'"):
+        load_config(GainConfig, None, ["classify.nope=1"])
