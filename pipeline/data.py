@@ -9,7 +9,7 @@ the benchmark compares against). Random augmentation runs after the cache bounda
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class DataConfig(TransformConfig):
     cache_dir: str = "data/cache"
     max_train: int = 0  # > 0: use only the first N training images (quick runs, tests)
     max_val: int = 512
+    labels: list[int] = field(default_factory=list)  # keep only these labels (e.g. [0]: normals only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,10 +70,14 @@ def resolve_manifest(cfg: DataConfig) -> Path:
     return p
 
 
-def records(manifest: str | Path, split: str, limit: int = 0) -> list[dict]:
+def records(manifest: str | Path, split: str, limit: int = 0, labels: list[int] | None = None) -> list[dict]:
     df, _ = read_manifest(manifest, split)
+    if labels:
+        df = df[df["label"].isin(labels)].reset_index(drop=True)
     if df.empty:
-        raise ManifestError(f"{manifest}: split '{split}' has no images")
+        raise ManifestError(
+            f"{manifest}: split '{split}' has no images" + (f" with labels {labels}" if labels else "")
+        )
     if limit > 0:
         df = df.iloc[:limit]
     return [{"image": p, "label": int(lab)} for p, lab in zip(df["abs_path"], df["label"], strict=True)]

@@ -38,6 +38,11 @@ class GenerateConfig:
     device: str = "auto"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-generate"))
     log_mlflow: bool = True
+    # drop near-copies of training images: a manifest whose train split is the generator's
+    # training set; its test split sets the threshold (the near_copy_percentile-th percentile of
+    # test-to-train nearest-neighbour distances); dropped images are replaced by new draws
+    drop_near_copies: str = ""
+    near_copy_percentile: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -149,6 +154,32 @@ def sample_images(lg: LoadedGenerator, labels: np.ndarray, seed: int, batch_size
     return torch.cat(out)
 
 
+def _drop_near_copies(
+    cfg: GenerateConfig, lg: LoadedGenerator, images: torch.Tensor, labels: np.ndarray, max_rounds: int = 20
+) -> tuple[torch.Tensor, np.ndarray, int]:
+    """Replace near-copies of training images by fresh draws (seeded from ``cfg.seed``)."""
+    from pipeline.evaluate import load_images
+    from pipeline.quality import memorisation_audit
+
+    train_x, _ = load_images(cfg.drop_near_copies, "train", lg.image_size)
+    test_x, _ = load_images(cfg.drop_near_copies, "test", lg.image_size)
+    flags = memorisation_audit(images, train_x, test_x, cfg.near_copy_percentile)["near_copy"]
+    dropped = int(flags.sum())
+    for r in range(1, max_rounds + 1):
+        if not flags.any():
+            return images, labels, dropped
+        bad = np.flatnonzero(flags)
+        new = sample_images(lg, labels[bad], cfg.seed + 7919 * r, cfg.batch_size)
+        images[bad] = new
+        again = memorisation_audit(new, train_x, test_x, cfg.near_copy_percentile)["near_copy"]
+        flags = np.zeros_like(flags)
+        flags[bad[again]] = True
+        dropped += int(again.sum())
+    raise RuntimeError(
+        f"{int(flags.sum())} images still near-copies after {max_rounds} redraws: the generator memorises"
+    )
+
+
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     return ((img.clamp(-1, 1)[0].numpy() + 1) * 127.5).round().astype(np.uint8)
 
@@ -214,6 +245,9 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     labels = resolve_labels(cfg.label, cfg.n, lg)
     t0 = time.time()
     images = sample_images(lg, labels, cfg.seed, cfg.batch_size)
+    dropped = 0
+    if cfg.drop_near_copies:
+        images, labels, dropped = _drop_near_copies(cfg, lg, images, labels)
     (out / "images").mkdir(parents=True, exist_ok=True)
     if cfg.dicom:
         from pydicom.uid import generate_uid
@@ -264,7 +298,11 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     write_manifest(manifest, df, meta, extra=SYNTHETIC_COLUMNS)
     grid = save_grid(images[:64], out / "preview.png", nrow=8, upscale=max(1, 128 // lg.image_size))
     counts = df["label_name"].value_counts().to_dict()
-    print(f"generated {cfg.n} images {counts} in {time.time() - t0:.1f}s -> {manifest}")
+    meta["near_copies_dropped"] = dropped
+    print(
+        f"generated {cfg.n} images {counts} in {time.time() - t0:.1f}s -> {manifest}"
+        + (f" ({dropped} near-copies of training images dropped and redrawn)" if cfg.drop_near_copies else "")
+    )
     run_id = None
     if cfg.log_mlflow:
         import mlflow
@@ -279,9 +317,17 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
                 {"stage": "generate", "source_sha256": lg.sha256, "git_commit": tracking.git_commit()}
             )
             mlflow.log_metrics({f"count/{k}": float(v) for k, v in counts.items()})
+            mlflow.log_metric("near_copies_dropped", float(dropped))
             mlflow.log_artifact(str(manifest), "generated")
             mlflow.log_artifact(str(grid), "generated")
             mlflow.log_text(json.dumps(meta, indent=2, default=str), "generated/generated.json")
             run_id = run.info.run_id
         print(f"MLflow run id: {run_id}")
-    return {"manifest": str(manifest), "n": cfg.n, "counts": counts, "run_id": run_id, "preview": str(grid)}
+    return {
+        "manifest": str(manifest),
+        "n": cfg.n,
+        "counts": counts,
+        "run_id": run_id,
+        "preview": str(grid),
+        "near_copies_dropped": dropped,
+    }

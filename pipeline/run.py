@@ -12,7 +12,7 @@ import sys
 
 from pipeline.config import ConfigError, load_config
 
-STAGES = ("ingest", "train", "generate", "classify", "gain", "compare")
+STAGES = ("ingest", "train", "generate", "classify", "gain", "compare", "evaluate")
 
 
 def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.classify import ClassifyConfig, classify
 
             classify(load_config(ClassifyConfig, yaml_path, overrides))
+            return 0
+        if args.stage == "evaluate":
+            from pipeline.evaluate import EvaluateConfig, evaluate
+
+            evaluate(load_config(EvaluateConfig, yaml_path, overrides))
             return 0
         if args.stage == "gain":
             from pipeline.gain import GainConfig, gain

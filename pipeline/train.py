@@ -276,8 +276,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.model.num_classes and cfg.model.num_classes < len(names):
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but {manifest} has {len(names)} classes")
 
-    train_items = records(manifest, cfg.data.train_split, cfg.data.max_train)
-    val_items = records(manifest, cfg.data.val_split, cfg.data.max_val)
+    train_items = records(manifest, cfg.data.train_split, cfg.data.max_train, cfg.data.labels)
+    val_items = records(manifest, cfg.data.val_split, cfg.data.max_val, cfg.data.labels)
     print(
         f"data: {manifest} train={len(train_items)} val={len(val_items)} size={cfg.data.image_size}px "
         f"classes={names} device={device} amp={amp}",

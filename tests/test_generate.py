@@ -119,3 +119,39 @@ def test_validation_rules(tmp_path, phantom_generator):
         generate(_cfg(tmp_path, phantom_generator["checkpoint"], "x", "label=cat", "log_mlflow=false"))
     with pytest.raises(CheckpointError, match="does not exist"):
         generate(_cfg(tmp_path, tmp_path / "missing.pt", "y", "log_mlflow=false"))
+
+
+def test_drop_near_copies_replaces_flagged_images(tmp_path, phantom_generator, phantom_manifest, monkeypatch):
+    """Force every first draw to be a training image: the option must replace all of them."""
+    import pipeline.generate as G
+    from pipeline.evaluate import load_images
+
+    train_x, _ = load_images(phantom_manifest, "train", 32)
+    real_sample = G.sample_images
+    calls = {"n": 0}
+
+    def first_draw_copies(lg, labels, seed, batch_size=256):
+        calls["n"] += 1
+        out = real_sample(lg, labels, seed, batch_size)
+        if calls["n"] == 1:
+            out[: min(len(out), 3)] = train_x[:3]
+        return out
+
+    monkeypatch.setattr(G, "sample_images", first_draw_copies)
+    res = generate(
+        _cfg(
+            tmp_path,
+            phantom_generator["checkpoint"],
+            "nc",
+            "n=5",
+            f"drop_near_copies={phantom_manifest}",
+            "log_mlflow=false",
+        )
+    )
+    assert res["near_copies_dropped"] >= 3
+    imgs = torch.stack(
+        [torch.from_numpy(read_image(tmp_path / "nc" / p)[0]) for p in pd.read_csv(res["manifest"])["path"]]
+    )
+    train_u8 = ((train_x[:3, 0] + 1) * 127.5).round()
+    for t in train_u8:
+        assert not any(torch.equal(t, (im * 255).round()) or torch.equal(t, im) for im in imgs)

@@ -1,0 +1,354 @@
+"""``python -m pipeline.run evaluate checkpoint=... extractor=... [reference=<manifest>] [n=...]``.
+
+Synthesis quality of a trained VAE-GAN (or VAE) against real images, logged to MLflow with a
+Markdown report and its figures:
+
+* Fréchet distance, MMD (MONAI, linear kernel) and KID, precision / recall / density / coverage
+  (k = 5), all in the feature space of a classifier trained on real radiographs (``extractor``,
+  from the classify stage: no pretrained network can be downloaded here). The extractor's file
+  hash is recorded: two runs compare only with the same extractor;
+* diversity: mean MS-SSIM of random synthetic pairs against random real pairs;
+* class fidelity: the extractor's AUROC on labelled synthetic images;
+* memorisation: each synthetic image's nearest-neighbour pixel distance to the generator's
+  training set against the test-to-train nearest-neighbour distances; the fraction closer than
+  their 1st percentile, and a grid of the closest pairs;
+* latent space: interpolation between the codes of two real images; with ``anomaly_checkpoint``
+  (a model trained on normal images only) the AUROC of its anomaly score for pneumonia.
+
+Every metric comes with a 95 % bootstrap interval and the N used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.tracking import TrackingConfig
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = ""  # a train checkpoint (.pt): encoder + decoder
+    extractor: str = ""  # a classifier checkpoint from the classify stage, trained on real images
+    reference: str = ""  # manifest of the real images; "" = the generator's training manifest
+    reference_split: str = "test"
+    train_split: str = "train"  # the generator's training images (memorisation audit)
+    n: int = 0  # synthetic images; 0 = as many as reference images
+    k: int = 5
+    bootstrap: int = 200
+    near_copy_percentile: float = 1.0
+    anomaly_checkpoint: str = ""  # a model trained on normal images only (unconditioned)
+    normal_label: int = 0
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 256
+    out_dir: str = "outputs/evaluate"
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-evaluate"))
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required (a train checkpoint .pt)")
+        if not self.extractor:
+            raise ValueError(
+                "extractor is required: a classifier checkpoint trained on real images (classify stage)"
+            )
+        if self.n < 0:
+            raise ValueError(f"n must be >= 0, got {self.n}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0 < self.near_copy_percentile < 100:
+            raise ValueError(f"near_copy_percentile must be in (0, 100), got {self.near_copy_percentile}")
+
+
+def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
+    """(model with encoder and decoder, train config) from a train checkpoint."""
+    from networks.vaegan import VAEGAN
+    from pipeline import checkpoint as ckpt
+    from pipeline.train import config_from_checkpoint
+
+    payload = ckpt.load_checkpoint(path)
+    tcfg = config_from_checkpoint(payload)
+    mcfg = tcfg.model
+    mcfg.kind = "vae"  # the discriminator is not needed here
+    model = VAEGAN(mcfg)
+    ckpt.load_module_state(model.encoder, payload["models"]["encoder"], "encoder", path)
+    ckpt.load_module_state(model.decoder, payload["models"]["decoder"], "decoder", path)
+    return model.to(device).eval(), tcfg, payload
+
+
+def load_images(
+    manifest: str | Path, split: str, image_size: int, limit: int = 0
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Preprocessed ``[N, 1, S, S]`` images in ``[-1, 1]`` and their labels."""
+    from monai.data import DataLoader
+
+    from pipeline.data import DataConfig, build_dataset, records
+
+    items = records(manifest, split, limit)
+    ds = build_dataset(items, DataConfig(image_size=image_size), train=False)
+    xs, ys = [], []
+    for b in DataLoader(ds, batch_size=256, shuffle=False):
+        xs.append(b["image"].float())
+        ys.append(torch.as_tensor(b["label"]))
+    return torch.cat(xs), torch.cat(ys).numpy().astype(int)
+
+
+@torch.no_grad()
+def _features(model, x: torch.Tensor, device, bs: int = 256) -> tuple[torch.Tensor, np.ndarray]:
+    feats, probs = [], []
+    for i in range(0, len(x), bs):
+        xb = x[i : i + bs].to(device)
+        f = model.features(xb)
+        feats.append(f.float().cpu())
+        probs.append(torch.sigmoid(model.head(f).float()[:, 0]).cpu())
+    return torch.cat(feats), torch.cat(probs).numpy()
+
+
+@torch.no_grad()
+def anomaly_scores(
+    model, x: torch.Tensor, device, kl_weight: float, bs: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: reconstruction error (mean L1 of the posterior-mean reconstruction) and a
+    negative-ELBO-like score (that error + kl_weight x per-pixel KL), from an unconditioned model."""
+    if model.cfg.num_classes:
+        raise ValueError(
+            "the anomaly model must be unconditioned (model.num_classes=0): a label input would leak the answer"
+        )
+    rec_err, elbo = [], []
+    npix = x[0].numel()
+    for i in range(0, len(x), bs):
+        xb = x[i : i + bs].to(device)
+        mu, logvar = model.encoder(xb, None)
+        recon = model.decoder(mu, None).float()
+        e = (recon - xb).abs().flatten(1).mean(1)
+        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(1) / npix
+        rec_err.append(e.cpu())
+        elbo.append((e + kl_weight * kl).cpu())
+    return torch.cat(rec_err).numpy(), torch.cat(elbo).numpy()
+
+
+@torch.no_grad()
+def interpolate(
+    model, a: torch.Tensor, b: torch.Tensor, label: int | None, steps: int, device
+) -> torch.Tensor:
+    """Decoded images along the straight line between the posterior means of ``a`` and ``b``."""
+    cond = None if label is None else torch.tensor([label, label], device=device)
+    mu, _ = model.encoder(torch.stack([a, b]).to(device), cond)
+    t = torch.linspace(0, 1, steps, device=device)[:, None]
+    z = (1 - t) * mu[0:1] + t * mu[1:2]
+    lab = None if label is None else torch.full((steps,), label, device=device)
+    return model.decoder(z, lab).float().cpu()
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    import mlflow
+    from monai.utils import set_determinism
+
+    from networks.vaegan import Generator
+    from pipeline import quality as Q
+    from pipeline import tracking
+    from pipeline.classify import load_classifier
+    from pipeline.config import flatten, to_dict
+    from pipeline.engine import check_writable, pick_device
+    from pipeline.generate import LoadedGenerator, file_sha256, sample_images
+    from pipeline.metrics import auroc, bootstrap_ci
+    from pipeline.viz import pairs, plot_roc, save_grid
+
+    device = pick_device(cfg.device)
+    set_determinism(seed=cfg.seed)
+    t0 = time.time()
+    model, tcfg, payload = load_vaegan(cfg.checkpoint, device)
+    size = tcfg.model.image_size
+    extractor, epay = load_classifier(cfg.extractor, device)
+    ref_manifest = cfg.reference or tcfg.data.manifest
+    if not ref_manifest:
+        from pipeline.data import default_manifest
+
+        ref_manifest = str(default_manifest())
+    run_dir = Path(cfg.out_dir) / (
+        cfg.tracking.run_name or f"{tcfg.model.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    check_writable(run_dir)
+
+    real_x, real_y = load_images(ref_manifest, cfg.reference_split, size)
+    train_x, _ = load_images(tcfg.data.manifest or ref_manifest, cfg.train_split, size, tcfg.data.max_train)
+    n = cfg.n or len(real_x)
+    names = {int(k): v for k, v in payload.get("label_names", {}).items()}
+    lg = LoadedGenerator(
+        Generator(model.decoder, names).eval(), names, cfg.checkpoint, file_sha256(cfg.checkpoint)
+    )
+    # synthetic labels follow the reference's class mix, so class-conditional models are compared fairly
+    syn_y = real_y[np.arange(n) % len(real_y)] if lg.num_classes else np.full(n, -1)
+    fake_x = sample_images(lg, syn_y, cfg.seed, cfg.batch_size)
+    print(
+        f"evaluate: {n} synthetic vs {len(real_x)} real ({cfg.reference_split}) images, {len(train_x)} train",
+        flush=True,
+    )
+
+    f_real, p_real = _features(extractor, real_x, device)
+    f_fake, p_fake = _features(extractor, fake_x, device)
+    B = cfg.bootstrap
+    res: dict[str, float] = {"n_fake": n, "n_real": len(real_x), "n_train": len(train_x)}
+
+    def put(name: str, triple: tuple[float, float, float]) -> None:
+        res[name], res[f"{name}_lo"], res[f"{name}_hi"] = triple
+
+    ft, rt = f_fake.double(), f_real.double()
+    put("fd", Q.bootstrap(lambda a, b: Q.frechet_distance(a, b), ft, rt, n_boot=B, seed=cfg.seed))
+    put("mmd", Q.bootstrap(lambda a, b: Q.mmd_linear(a, b), ft, rt, n_boot=B, seed=cfg.seed))
+    put(
+        "kid",
+        Q.bootstrap(
+            lambda a, b: Q.kid(a, b, subsets=5, seed=cfg.seed), ft, rt, n_boot=max(B // 4, 20), seed=cfg.seed
+        ),
+    )
+    ind = Q.prdc_indicators(f_real, f_fake, cfg.k)
+    for name, v in ind.items():
+        put(name, Q.mean_with_ci(v, n_boot=1000, seed=cfg.seed))
+    ms_fake = Q.ms_ssim_pairs(fake_x, 500, cfg.seed)
+    ms_real = Q.ms_ssim_pairs(real_x, 500, cfg.seed)
+    put("ms_ssim_synthetic", Q.mean_with_ci(ms_fake, seed=cfg.seed))
+    put("ms_ssim_real", Q.mean_with_ci(ms_real, seed=cfg.seed))
+    if lg.num_classes == 2:
+        cf = bootstrap_ci(syn_y, p_fake, 0.5, n_boot=1000, seed=cfg.seed)
+        put("class_fidelity_auroc", (cf["auroc"], cf["auroc_lo"], cf["auroc_hi"]))
+        res["real_auroc_extractor"] = auroc(real_y, p_real)
+
+    # memorisation audit in pixel space: a near-copy is close in every space
+    audit = Q.memorisation_audit(fake_x, train_x, real_x, cfg.near_copy_percentile)
+    d_fake, i_fake, d_test, thr = (
+        audit["distance"],
+        audit["nearest"],
+        audit["test_distance"],
+        audit["threshold"],
+    )
+    res["near_copy_threshold"] = thr
+    put("memorisation_fraction", Q.mean_with_ci(audit["near_copy"].astype(float), seed=cfg.seed))
+    res["nn_distance_synthetic_median"] = float(np.median(d_fake))
+    res["nn_distance_test_median"] = float(np.median(d_test))
+    order = np.argsort(d_fake)[:16]
+    figs = {
+        "samples": save_grid(fake_x[:64], run_dir / "samples.png", nrow=8, upscale=max(1, 128 // size)),
+        "closest_pairs": save_grid(
+            pairs(fake_x[order], train_x[i_fake[order]]),
+            run_dir / "closest_pairs.png",
+            nrow=8,
+            upscale=max(1, 128 // size),
+        ),
+        "nn_distances": _hist(d_fake, d_test, thr, run_dir / "nn_distances.png"),
+    }
+    # latent interpolation between two real images of each class
+    rows = []
+    for lab in sorted(set(real_y.tolist())) if lg.num_classes else [None]:
+        idx = np.flatnonzero(real_y == lab) if lab is not None else np.arange(len(real_y))
+        rows.append(interpolate(model, real_x[idx[0]], real_x[idx[-1]], lab, 10, device))
+    figs["interpolation"] = save_grid(
+        torch.cat(rows), run_dir / "interpolation.png", nrow=10, upscale=max(1, 128 // size)
+    )
+
+    if cfg.anomaly_checkpoint:
+        amodel, acfg, _ = load_vaegan(cfg.anomaly_checkpoint, device)
+        if acfg.model.image_size != size:
+            raise ValueError(f"anomaly model is {acfg.model.image_size}px, evaluated images are {size}px")
+        rec, elbo = anomaly_scores(amodel, real_x, device, acfg.loss.kl_weight)
+        target = (real_y != cfg.normal_label).astype(int)
+        a = bootstrap_ci(target, rec, float(np.median(rec)), n_boot=1000, seed=cfg.seed)
+        put("anomaly_auroc", (a["auroc"], a["auroc_lo"], a["auroc_hi"]))
+        e = bootstrap_ci(target, elbo, float(np.median(elbo)), n_boot=1000, seed=cfg.seed)
+        put("anomaly_auroc_elbo", (e["auroc"], e["auroc_lo"], e["auroc_hi"]))
+        figs["anomaly_roc"] = plot_roc(
+            {"reconstruction error": (target, rec), "neg. ELBO": (target, elbo)},
+            run_dir / "anomaly_roc.png",
+            title="pneumonia vs normal, model trained on normal only",
+        )
+
+    extractor_hash = file_sha256(cfg.extractor)
+    meta = {
+        "checkpoint": cfg.checkpoint,
+        "checkpoint_sha256": lg.sha256,
+        "model_kind": tcfg.model.kind,
+        "extractor": cfg.extractor,
+        "extractor_sha256": extractor_hash,
+        "extractor_arch": epay["config"]["model"]["arch"],
+        "reference": str(ref_manifest),
+        "reference_split": cfg.reference_split,
+    }
+    report = _report(res, meta, figs, run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps({"metrics": res, "meta": meta}, indent=2))
+    tracking.setup(cfg.tracking)
+    with mlflow.start_run(run_name=run_dir.name) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()})
+        mlflow.set_tags(
+            {
+                "stage": "evaluate",
+                "model.kind": tcfg.model.kind,
+                "extractor_sha256": extractor_hash,
+                "checkpoint_sha256": lg.sha256,
+                "git_commit": tracking.git_commit(),
+            }
+        )
+        mlflow.log_metrics({k: float(v) for k, v in res.items() if np.isfinite(v)})
+        for p in [*figs.values(), report, run_dir / "metrics.json"]:
+            mlflow.log_artifact(str(p), "report")
+        run_id = run.info.run_id
+    print(report.read_text())
+    print(f"evaluate done in {time.time() - t0:.0f}s; report {report}\nMLflow run id: {run_id}")
+    return {"metrics": res, "meta": meta, "report": str(report), "run_id": run_id}
+
+
+def _hist(d_fake: np.ndarray, d_test: np.ndarray, thr: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = np.linspace(0, max(d_fake.max(), d_test.max()), 50)
+    ax.hist(d_test, bins, alpha=0.6, density=True, label="real test -> train")
+    ax.hist(d_fake, bins, alpha=0.6, density=True, label="synthetic -> train")
+    ax.axvline(thr, color="k", ls="--", lw=1, label="near-copy threshold")
+    ax.set_xlabel("nearest-neighbour distance to the training set (pixels, L2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> Path:
+    def row(name: str, label: str) -> str:
+        if name not in res:
+            return ""
+        return f"| {label} | {res[name]:.4f} | [{res.get(name + '_lo', float('nan')):.4f}, {res.get(name + '_hi', float('nan')):.4f}] |\n"
+
+    lines = [
+        f"# Synthesis quality: {meta['model_kind']} ({Path(meta['checkpoint']).name})\n\n",
+        f"Extractor: {meta['extractor_arch']} `{meta['extractor']}` sha256 `{meta['extractor_sha256'][:16]}`; "
+        f"reference {meta['reference']} split {meta['reference_split']}; N synthetic {int(res['n_fake'])}, "
+        f"N real {int(res['n_real'])}, N train {int(res['n_train'])}.\n\n",
+        "| metric | value | 95% CI |\n|---|---|---|\n",
+        row("fd", "Fréchet distance (classifier features)"),
+        row("mmd", "MMD, linear kernel (MONAI)"),
+        row("kid", "KID, cubic kernel"),
+        row("precision", "precision (k=5)"),
+        row("recall", "recall (k=5)"),
+        row("density", "density (k=5)"),
+        row("coverage", "coverage (k=5)"),
+        row("ms_ssim_synthetic", "MS-SSIM synthetic pairs (lower = more diverse)"),
+        row("ms_ssim_real", "MS-SSIM real pairs"),
+        row("class_fidelity_auroc", "class fidelity (classifier AUROC on synthetic)"),
+        row("memorisation_fraction", "memorisation: fraction below the 1st pct of test->train NN distance"),
+        row("anomaly_auroc", "anomaly AUROC (reconstruction error)"),
+        row("anomaly_auroc_elbo", "anomaly AUROC (neg. ELBO)"),
+        "\n",
+    ]
+    lines += [f"![{k}]({p.name})\n\n" for k, p in figs.items()]
+    path = run_dir / "report.md"
+    path.write_text("".join(lines))
+    return path
