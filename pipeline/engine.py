@@ -144,3 +144,59 @@ def check_writable(path: Any) -> None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
+
+
+class RollbackNeeded(RuntimeError):
+    """Raised inside an epoch after too many consecutive non-finite steps."""
+
+
+class DivergenceError(RuntimeError):
+    """Training kept diverging after the allowed number of rollbacks."""
+
+
+class DivergenceGuard:
+    """Skip steps whose losses or gradient norms are NaN/Inf; after ``max_bad_steps`` consecutive
+    bad steps ask for a rollback to the last good checkpoint (with a lower learning rate); after
+    ``max_rollbacks`` rollbacks give up with a clear error.
+
+    The check costs one host sync per step (a single boolean), which at these step times is noise.
+    """
+
+    def __init__(self, max_bad_steps: int = 3, max_rollbacks: int = 3, lr_factor: float = 0.5) -> None:
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        if max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be >= 0, got {max_rollbacks}")
+        if not 0 < lr_factor <= 1:
+            raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor}")
+        self.max_bad_steps, self.max_rollbacks, self.lr_factor = max_bad_steps, max_rollbacks, lr_factor
+        self.skipped = 0
+        self.consecutive = 0
+        self.rollbacks = 0
+
+    def ok(self, *tensors: torch.Tensor) -> bool:
+        """True if every tensor is finite; otherwise count a bad step (and maybe ask for a rollback)."""
+        finite = bool(torch.stack([t.detach().float().reshape(()) for t in tensors]).isfinite().all())
+        if finite:
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_bad_steps:
+            self.consecutive = 0
+            raise RollbackNeeded(f"{self.max_bad_steps} consecutive non-finite steps")
+        return False
+
+    def rollback(self) -> float:
+        """Count a rollback; return the factor to multiply the learning rates by, or raise."""
+        self.rollbacks += 1
+        if self.rollbacks > self.max_rollbacks:
+            raise DivergenceError(
+                f"training diverged: non-finite losses or gradients persisted after {self.max_rollbacks} "
+                f"rollback(s) with the learning rate lowered by {self.lr_factor} each time "
+                f"({self.skipped} steps skipped in all); lower optim.lr or check the data"
+            )
+        return self.lr_factor**self.rollbacks
+
+    def state(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "rollbacks": self.rollbacks}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +51,23 @@ class OptimConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Divergence guard: skip non-finite steps; roll back after K in a row; stop after R rollbacks."""
+
+    enabled: bool = True
+    max_bad_steps: int = 3  # K
+    max_rollbacks: int = 3  # R
+    lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     seed: int = 0
     epochs: int = 12
     device: str = "auto"  # auto | cpu | cuda
@@ -177,8 +189,12 @@ def train_one_epoch(
     ckpt_fn=None,
     skip_batches: int = 0,
     restore_rng: dict | None = None,
+    guard: engine.DivergenceGuard | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns (epoch-mean losses, new global step).
+
+    With a ``guard``, a step whose losses or gradient norms are not finite updates nothing and is
+    counted; too many in a row raise :class:`pipeline.engine.RollbackNeeded`.
 
     ``ckpt_fn(step, epoch, batch_in_epoch)`` saves a mid-epoch checkpoint.
     """
@@ -193,11 +209,20 @@ def train_one_epoch(
             opt.zero_grad(set_to_none=True)
         losses = compute_losses(model, x, y, cfg.loss, amp)
         route_gradients(losses, groups, scaler)
+        norms = []
         for name, opt in groups.opts.items():
             if scaler is not None:
                 scaler.unscale_(opt)
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(groups.params[name], cfg.optim.grad_clip)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            norms.append(torch.nn.utils.clip_grad_norm_(groups.params[name], clip))
+        # fp16's scaler skips inf steps itself; the guard covers bf16/fp32 and persistent NaNs
+        if guard is not None and scaler is None:
+            parts = [v for k, v in losses.items() if k in ("encoder", "decoder", "discriminator")]
+            if not guard.ok(*parts, *norms):
+                for opt in groups.opts.values():
+                    opt.zero_grad(set_to_none=True)
+                return {}
+        for opt in groups.opts.values():
             if scaler is not None:
                 scaler.step(opt)
             else:
@@ -372,32 +397,69 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     grid_path = recon_path = None
     t0 = time.time()
+    guard = (
+        engine.DivergenceGuard(cfg.guard.max_bad_steps, cfg.guard.max_rollbacks, cfg.guard.lr_factor)
+        if cfg.guard.enabled
+        else None
+    )
+    last_ckpt = run_dir / "checkpoints" / "last.pt"
+    if resumed is None:
+        # a good state to roll back to before the first epoch ends
+        ckpt.save_checkpoint(last_ckpt, payload(step, start_epoch, 0))
+    base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in groups.opts.items()}
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        epoch = start_epoch
+        while epoch < cfg.epochs:
             # seeding per epoch makes the data order, augmentation and noise of epoch e the same
             # whether or not the run was interrupted before it
             engine.seed_epoch(cfg.seed, epoch, gen, train_ds)
             te = time.time()
-            train_metrics, step = train_one_epoch(
-                model,
-                train_loader,
-                groups,
-                cfg,
-                device,
-                step,
-                epoch,
-                amp,
-                scaler,
-                log_fn,
-                save_mid,
-                skip_batches=skip if epoch == start_epoch else 0,
-                restore_rng=restore_rng if epoch == start_epoch else None,
-            )
+            try:
+                train_metrics, step = train_one_epoch(
+                    model,
+                    train_loader,
+                    groups,
+                    cfg,
+                    device,
+                    step,
+                    epoch,
+                    amp,
+                    scaler,
+                    log_fn,
+                    save_mid,
+                    skip_batches=skip if epoch == start_epoch else 0,
+                    restore_rng=restore_rng if epoch == start_epoch else None,
+                    guard=guard,
+                )
+            except engine.RollbackNeeded as e:
+                factor = guard.rollback()  # raises DivergenceError after R rollbacks
+                good = ckpt.load_checkpoint(last_ckpt)
+                for name, module in groups.modules.items():
+                    module.load_state_dict(good["models"][name])
+                for name, opt in groups.opts.items():
+                    opt.load_state_dict(good["optimizers"][name])
+                    for g, lr0 in zip(opt.param_groups, base_lrs[name], strict=True):
+                        g["lr"] = lr0 * factor
+                step, epoch, skip = int(good["step"]), int(good["epoch"]), int(good["batch_in_epoch"])
+                start_epoch, restore_rng = epoch, good["rng"] if skip > 0 else None
+                print(
+                    f"divergence guard: {e}; rolled back to step {step} (epoch {epoch + 1}), "
+                    f"learning rates x{factor:g} (rollback {guard.rollbacks}/{guard.max_rollbacks})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                mlflow.log_metrics(
+                    {"guard/rollbacks": guard.rollbacks, "guard/skipped_steps": guard.skipped}, step=step
+                )
+                continue
             val_metrics = evaluate(model, val_loader, device, cfg.loss)
             epoch_s = time.time() - te
             val_metrics["epoch"] = epoch + 1
             val_metrics["time/epoch_s"] = epoch_s
             val_metrics["time/images_per_s"] = len(train_ds) / max(epoch_s, 1e-9)
+            if guard is not None:
+                val_metrics["guard/skipped_steps"] = guard.skipped
+                val_metrics["guard/rollbacks"] = guard.rollbacks
             mlflow.log_metrics(val_metrics, step=step)
             metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
             grid_path, recon_path = _log_grids(
@@ -409,6 +471,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/"))),
                 flush=True,
             )
+            epoch += 1
         _finish(model, run_dir, cfg, names)
     finally:
         curve = _loss_curve(run_id, run_dir)
@@ -423,6 +486,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "run_id": run_id,
         "run_dir": str(run_dir),
         "metrics": metrics,
+        "guard": guard.state() if guard is not None else {},
         "grid": str(grid_path),
         "recon_grid": str(recon_path),
         "checkpoint": str(run_dir / "checkpoints" / "last.pt"),

@@ -296,3 +296,59 @@ def test_against_a_real_mlflow_server(tmp_path, phantom_manifest, mlflow_server)
     assert any("samples" in f.path for f in client.list_artifacts(res["run_id"], "grids"))
     # the artifacts went through the server into its artifact store
     assert list((tmp_path / "art").rglob("*.png"))
+
+
+# ----------------------------------------------------------------------------- divergence guard
+def _inject_nan(monkeypatch, bad_calls):
+    """Make compute_losses return NaN losses on the given (1-based) calls."""
+    import pipeline.train as T
+
+    real = T.compute_losses
+    calls = {"n": 0}
+
+    def patched(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        if bad_calls == "all" or calls["n"] in bad_calls:
+            out = {k2: v * float("nan") for k2, v in out.items()}
+        return out
+
+    monkeypatch.setattr(T, "compute_losses", patched)
+    return calls
+
+
+def test_guard_skips_a_nan_step_and_counts_it(tmp_path, phantom_manifest, monkeypatch):
+    _inject_nan(monkeypatch, {2})
+    res = train(_tiny(phantom_manifest, tmp_path, "epochs=1"))
+    assert res["guard"] == {"skipped": 1, "rollbacks": 0}
+    ck = load_checkpoint(res["checkpoint"])
+    assert all(torch.isfinite(v).all() for v in ck["models"]["decoder"].values() if v.is_floating_point())
+
+
+def test_guard_rolls_back_with_lower_lr_after_k_bad_steps(tmp_path, phantom_manifest, monkeypatch):
+    _inject_nan(monkeypatch, {4, 5})
+    res = train(_tiny(phantom_manifest, tmp_path, "epochs=2", "guard.max_bad_steps=2"))
+    assert res["guard"]["rollbacks"] == 1 and res["guard"]["skipped"] == 2
+    ck = load_checkpoint(res["checkpoint"])
+    lr = ck["optimizers"]["encoder"]["param_groups"][0]["lr"]
+    assert abs(lr - 3e-4 * 0.5) < 1e-12
+    assert ck["epoch"] == 2
+
+
+def test_guard_stops_with_a_clear_error_after_r_rollbacks(tmp_path, phantom_manifest, monkeypatch):
+    from pipeline.engine import DivergenceError
+
+    _inject_nan(monkeypatch, "all")
+    with pytest.raises(DivergenceError, match="after 2 rollback"):
+        train(_tiny(phantom_manifest, tmp_path, "guard.max_bad_steps=2", "guard.max_rollbacks=2"))
+
+
+def test_guard_validation():
+    from pipeline.engine import DivergenceGuard
+
+    with pytest.raises(ValueError, match="max_bad_steps must be >= 1"):
+        DivergenceGuard(max_bad_steps=0)
+    with pytest.raises(ValueError, match="max_rollbacks must be >= 0"):
+        DivergenceGuard(max_rollbacks=-1)
+    with pytest.raises(ValueError, match=r"lr_factor must be in \(0, 1\]"):
+        DivergenceGuard(lr_factor=0)
