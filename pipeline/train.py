@@ -381,8 +381,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def save_mid(step_: int, epoch_: int, bi: int) -> None:
         ckpt.save_checkpoint(run_dir / "checkpoints" / "last.pt", payload(step_, epoch_, bi))
 
+    # A run resumed after a crash recomputes the steps between its checkpoint and the crash;
+    # they were logged already (with the same values: training is deterministic), so only steps
+    # past the highest one logged are sent, and the run's metric steps never go backwards.
+    # (A divergence-guard rollback replays steps in the same way, with new values: those are
+    # not logged again either.)
+    logged = {"floor": _max_logged_step(run_id) if resumed is not None else -1, "last": -1}
+
     def log_fn(metrics: dict[str, float], s: int) -> None:
-        mlflow.log_metrics(metrics, step=s)
+        if s > logged["floor"]:
+            mlflow.log_metrics(metrics, step=s)
+            logged["last"] = max(logged["last"], s)
 
     # fixed inputs for the grids: the same prior codes and validation images every epoch
     g = torch.Generator().manual_seed(1234)
@@ -448,8 +457,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     file=sys.stderr,
                     flush=True,
                 )
+                logged["floor"] = max(logged["floor"], logged["last"])
                 mlflow.log_metrics(
-                    {"guard/rollbacks": guard.rollbacks, "guard/skipped_steps": guard.skipped}, step=step
+                    {"guard/rollbacks": guard.rollbacks, "guard/skipped_steps": guard.skipped},
+                    step=max(logged["floor"], 0),
                 )
                 continue
             val_metrics = evaluate(model, val_loader, device, cfg.loss)
@@ -460,7 +471,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if guard is not None:
                 val_metrics["guard/skipped_steps"] = guard.skipped
                 val_metrics["guard/rollbacks"] = guard.rollbacks
-            mlflow.log_metrics(val_metrics, step=step)
+            log_fn(val_metrics, step)
             metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
             grid_path, recon_path = _log_grids(
                 model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device
@@ -535,6 +546,15 @@ def _finish(model: VAEGAN, run_dir: Path, cfg: TrainConfig, names: dict[int, str
         mlflow.pytorch.log_model(gen, **kwargs)
     except TypeError:  # older MLflow without name/serialization_format
         mlflow.pytorch.log_model(gen, "generator", registered_model_name=kwargs.get("registered_model_name"))
+
+
+def _max_logged_step(run_id: str) -> int:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(run_id)
+    steps = [m.step for k in run.data.metrics for m in client.get_metric_history(run_id, k)]
+    return max(steps, default=-1)
 
 
 def _loss_curve(run_id: str, run_dir: Path) -> Path | None:
