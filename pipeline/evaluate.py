@@ -20,6 +20,7 @@ Every metric comes with a 95 % bootstrap interval and the N used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -74,9 +75,8 @@ def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
 
     payload = ckpt.load_checkpoint(path)
     tcfg = config_from_checkpoint(payload)
-    mcfg = tcfg.model
-    mcfg.kind = "vae"  # the discriminator is not needed here
-    model = VAEGAN(mcfg)
+    # the discriminator is not needed here; tcfg keeps the trained kind for the report
+    model = VAEGAN(dataclasses.replace(tcfg.model, kind="vae"))
     ckpt.load_module_state(model.encoder, payload["models"]["encoder"], "encoder", path)
     ckpt.load_module_state(model.decoder, payload["models"]["decoder"], "decoder", path)
     return model.to(device).eval(), tcfg, payload
