@@ -46,6 +46,7 @@ class IngestConfig:
     min_size: int = 16  # smaller images are quarantined: too small to be a radiograph
     extract_dir: str = "data/extracted"  # where .npz images are written as PNG
     workers: int = 0  # decoding threads; 0 = one per core
+    data_root: str = ""  # CSV sources: paths must lie under this folder ("" = the CSV's folder)
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -113,21 +114,35 @@ def _is_candidate_file(p: Path) -> bool:
     return False
 
 
-def _walk(root: Path) -> tuple[list[Path], int]:
-    files, ignored = [], 0
+def _safe_resolve(p: Path) -> Path:
+    """``resolve()`` that survives symlink loops (Python 3.11 raises RuntimeError on them): the
+    unresolved path is kept, and reading it later fails with a clear, quarantinable reason."""
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(p))
+
+
+def _walk(root: Path) -> tuple[list[Path], int, list[tuple[str, str]]]:
+    files, ignored, broken = [], 0, []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        for name in sorted(filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]):
             p = Path(dirpath) / name
+            if p.is_symlink() and not p.exists():
+                broken.append((str(p), "broken symlink or symlink loop: the link leads to no file"))
+                continue
             if _is_candidate_file(p):
                 files.append(p)
-            elif not name.startswith("."):
+            elif not name.startswith(".") and not p.is_dir():
                 ignored += 1
-    return files, ignored
+    return files, ignored, broken
 
 
-def candidates_from_folder(root: Path, labels_csv: str | None) -> tuple[list[Candidate], int]:
-    files, ignored = _walk(root)
+def candidates_from_folder(
+    root: Path, labels_csv: str | None
+) -> tuple[list[Candidate], int, list[tuple[str, str]]]:
+    files, ignored, broken = _walk(root)
     label_map: dict[str, Any] = {}
     if labels_csv:
         lab = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
@@ -147,24 +162,44 @@ def candidates_from_folder(root: Path, labels_csv: str | None) -> tuple[list[Can
         elif class_parts:
             label = class_parts[0]
         out.append(Candidate(p, label, split))
-    return out, ignored
+    return out, ignored, broken
 
 
-def candidates_from_csv(csv_path: Path) -> tuple[list[Candidate], Path]:
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+def candidates_from_csv(
+    csv_path: Path, data_root: str = ""
+) -> tuple[list[Candidate], Path, list[tuple[str, str]]]:
+    """Rows of a ``path,label[,patient_id,split]`` CSV. Relative paths are taken from the CSV's
+    folder; the data root (the CSV's folder unless ``data_root`` is given) bounds them: a path that
+    escapes it is quarantined, never read. A path listed twice is kept once and reported."""
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise ValueError(f"{csv_path}: not a readable CSV ({type(e).__name__}: {e})") from e
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
         raise ValueError(f"{csv_path}: missing required column(s) {missing}; need at least path,label")
     base = csv_path.resolve().parent
-    out = []
-    for r in df.to_dict("records"):
-        p = Path(r["path"])
-        p = p if p.is_absolute() else (base / p)
+    root = _safe_resolve(Path(data_root)) if data_root else base
+    out, problems, seen = [], [], {}
+    for n, r in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
+        raw = str(r["path"]).strip()
+        if not raw:
+            problems.append((f"{csv_path}:{n}", "empty path"))
+            continue
+        p = Path(raw)
+        p = _safe_resolve(p if p.is_absolute() else (base / p))
+        if p in seen:
+            problems.append(
+                (str(p), f"duplicate row: listed again on line {n} of {csv_path.name} (line {seen[p]} kept)")
+            )
+            continue
+        seen[p] = n
         split = (r.get("split") or "").strip().lower() or None
-        out.append(Candidate(p.resolve(), r["label"], split, (r.get("patient_id") or "").strip() or None))
-    parents = [str(c.abs_path.parent) for c in out] or [str(base)]
-    root = Path(os.path.commonpath(parents))
-    return out, root
+        if split is not None and split not in SPLITS:
+            problems.append((str(p), f"unknown split {split!r} on line {n}; expected one of {SPLITS}"))
+            continue
+        out.append(Candidate(p, r["label"], split, (r.get("patient_id") or "").strip() or None))
+    return out, root, problems
 
 
 def candidates_from_npz(npz_path: Path, extract_dir: Path) -> tuple[list[Candidate], Path]:
@@ -343,8 +378,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         raise PermissionError(f"--out {out}: directory {out_dir} is not writable")
 
     ignored = 0
+    pre_quarantine: list[tuple[str, str]] = []
     if source.is_dir():
-        cands, ignored = candidates_from_folder(source, cfg.labels)
+        cands, ignored, pre_quarantine = candidates_from_folder(source, cfg.labels)
         root = source.resolve()
         kind = "folder"
     elif source.suffix.lower() == ".npz":
@@ -355,7 +391,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
             ["normal", "pneumonia"] if "pneumonia" in source.stem.lower() else None
         )
     elif source.suffix.lower() == ".csv":
-        cands, root = candidates_from_csv(source)
+        cands, root, pre_quarantine = candidates_from_csv(source, cfg.data_root)
         kind = "csv"
     else:
         raise ValueError(f"ingest source {source}: expected a folder, a .npz or a .csv")
@@ -363,8 +399,18 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         raise ValueError(f"ingest source {source}: no image files found ({ignored} other files ignored)")
 
     labels, name_of, bad_labels = _parse_labels(cands, cfg.label_names)
-    quarantine: list[tuple[str, str]] = [(str(cands[i].abs_path), r) for i, r in sorted(bad_labels.items())]
-    todo = [i for i in range(len(cands)) if i not in bad_labels]
+    quarantine: list[tuple[str, str]] = list(pre_quarantine)
+    quarantine += [(str(cands[i].abs_path), r) for i, r in sorted(bad_labels.items())]
+    # a path outside the data root is refused before it is opened
+    outside = {
+        i
+        for i, c in enumerate(cands)
+        if os.path.relpath(c.abs_path, root).startswith("..") and i not in bad_labels
+    }
+    quarantine += [
+        (str(cands[i].abs_path), f"path lies outside the data root {root}") for i in sorted(outside)
+    ]
+    todo = [i for i in range(len(cands)) if i not in bad_labels and i not in outside]
 
     def work(i: int) -> tuple[int, dict[str, Any] | None, str | None]:
         try:
@@ -383,9 +429,6 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                 quarantine.append((str(c.abs_path), err))
                 continue
             rel = os.path.relpath(c.abs_path, root)
-            if rel.startswith(".."):
-                quarantine.append((str(c.abs_path), f"path lies outside the data root {root}"))
-                continue
             pid = c.patient_id or rec.pop("dicom_patient", None) or patient_from_filename(c.abs_path)
             rec.pop("dicom_patient", None)
             lab = labels[i]

@@ -99,7 +99,14 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> tuple[pd.Da
         raise ManifestError(f"{manifest}: unknown split value(s) {bad_split}; expected {SPLITS}")
     root = resolve_data_root(manifest)
     df = df.copy()
-    df["abs_path"] = [str((root / p).resolve()) for p in df["path"]]
+    abs_paths = []
+    for i, p in enumerate(df["path"]):
+        a = Path(os.path.normpath(root / str(p)))
+        # a manifest row can never point outside its data root (no ../ or absolute escapes)
+        if os.path.relpath(a, root).startswith(".."):
+            raise ManifestError(f"{manifest}: row {i + 1} path {p!r} escapes the data root {root}")
+        abs_paths.append(str(a))
+    df["abs_path"] = abs_paths
     if split is not None:
         if split not in SPLITS:
             raise ManifestError(f"unknown split '{split}'; expected one of {SPLITS}")

@@ -58,8 +58,17 @@ def suffix_of(path: str | Path) -> str:
 def sniff_format(path: str | Path) -> str:
     """Decide the format from the file's content first (magic bytes), then from its suffix."""
     p = Path(path)
-    with open(p, "rb") as f:
-        head = f.read(132)
+    if p.is_symlink() and not p.exists():
+        raise CXRReadError(p, "broken symlink or symlink loop: the link leads to no file")
+    if not p.exists():
+        raise CXRReadError(p, "file does not exist")
+    if not p.is_file():
+        raise CXRReadError(p, "not a regular file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise CXRReadError(p, f"cannot be opened: {e.strerror or e}") from e
     if len(head) == 0:
         raise CXRReadError(p, "empty file (0 bytes)")
     if head[128:132] == b"DICM":
@@ -84,7 +93,14 @@ def read_image(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
     """Read any supported file into an upright float32 ``(H, W)`` array (brighter = denser)."""
     fmt = sniff_format(path)
     reader = {"dicom": read_dicom, "png": read_pil, "jpeg": read_pil, "nifti": read_nifti}[fmt]
-    arr, info = reader(path)
+    try:
+        arr, info = reader(path)
+    except CXRReadError:
+        raise
+    except Exception as e:  # a malformed header (wrong VR, garbage values): name the file, one line
+        raise CXRReadError(
+            path, f"malformed {fmt.upper()} file: {' '.join(f'{type(e).__name__}: {e}'.split())}"
+        ) from e
     if arr.ndim != 2:
         raise CXRReadError(path, f"expected a 2D image, got shape {tuple(arr.shape)}")
     if not np.isfinite(arr).all():
