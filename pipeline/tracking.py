@@ -44,10 +44,10 @@ def setup(cfg: TrackingConfig) -> str:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
-        # with the embedded store, keep artifacts beside the database rather than in ./mlruns
+        # with an sqlite store, keep artifacts beside the database rather than in ./mlruns
         loc = (
-            (STORE_DIR / "artifacts").as_uri()
-            if uri.startswith("sqlite:///") and str(STORE_DIR) in uri
+            (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
+            if uri.startswith("sqlite:///")
             else None
         )
         exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=loc)

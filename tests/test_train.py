@@ -352,3 +352,13 @@ def test_guard_validation():
         DivergenceGuard(max_rollbacks=-1)
     with pytest.raises(ValueError, match=r"lr_factor must be in \(0, 1\]"):
         DivergenceGuard(lr_factor=0)
+
+
+def test_unwritable_output_is_reported_before_training(tmp_path, phantom_manifest):
+    (tmp_path / "a_file").write_text("x")
+    cfg = _tiny(phantom_manifest, tmp_path, f"out_dir={tmp_path / 'a_file' / 'out'}")
+    t0 = time.time()
+    with pytest.raises(PermissionError, match="cannot be created"):
+        train(cfg)
+    assert time.time() - t0 < 30
+    assert not list(tmp_path.glob("mlflow.db"))  # nothing was started, not even the tracking run
