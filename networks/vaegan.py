@@ -36,6 +36,10 @@ class ModelConfig:
     disc_channels: int = 16
     disc_layers: int = 0  # 0 = chosen from the image size
     disc_norm: str = "INSTANCE"
+    # encoder/decoder normalisation: BATCH (default) | INSTANCE | NONE. On CPU under torchrun
+    # BatchNorm cannot be synchronised across processes; INSTANCE makes N processes exactly
+    # equivalent to one.
+    norm: str = "BATCH"
     feature_layer: int = -1  # which discriminator feature map carries the reconstruction loss
 
     def __post_init__(self) -> None:
@@ -47,6 +51,15 @@ def _check_size(image_size: int) -> int:
     if image_size not in SUPPORTED_SIZES:
         raise ValueError(f"image_size must be one of {SUPPORTED_SIZES}, got {image_size}")
     return int(math.log2(image_size)) - 2  # downsample to 4x4
+
+
+NORMS = ("BATCH", "INSTANCE", "NONE")
+
+
+def _check_norm(norm: str) -> str | None:
+    if norm.upper() not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return None if norm.upper() == "NONE" else norm.upper()
 
 
 def _channels(n: int, base: int, cap: int) -> list[int]:
@@ -80,10 +93,12 @@ class Encoder(nn.Module):
         num_classes: int = 0,
         embed_dim: int = 16,
         in_channels: int = 1,
+        norm: str = "BATCH",
     ) -> None:
         super().__init__()
         n_down = _check_size(image_size)
         _check_common(latent_dim, base_channels, max_channels, num_classes, embed_dim)
+        norm_arg = _check_norm(norm)
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         chans = _channels(n_down, base_channels, max_channels)
@@ -97,7 +112,7 @@ class Encoder(nn.Module):
                     strides=2,
                     kernel_size=3,
                     act=("leakyrelu", {"negative_slope": 0.2}),
-                    norm="BATCH",
+                    norm=norm_arg,
                 )
             )
             c_in = c
@@ -133,10 +148,12 @@ class Decoder(nn.Module):
         num_classes: int = 0,
         embed_dim: int = 16,
         out_channels: int = 1,
+        norm: str = "BATCH",
     ) -> None:
         super().__init__()
         n_up = _check_size(image_size)
         _check_common(latent_dim, base_channels, max_channels, num_classes, embed_dim)
+        norm_arg = _check_norm(norm)
         if out_channels < 1:
             raise ValueError(f"out_channels must be >= 1, got {out_channels}")
         chans = _channels(n_up, base_channels, max_channels)[::-1]  # e.g. 256,128,64,32
@@ -158,7 +175,7 @@ class Decoder(nn.Module):
                     is_transposed=True,
                     output_padding=1,
                     act="relu",
-                    norm="BATCH",
+                    norm=norm_arg,
                 )
             )
         layers.append(Convolution(2, chans[-1], out_channels, kernel_size=3, conv_only=True))
@@ -250,6 +267,7 @@ class VAEGAN(nn.Module):
             max_channels=cfg.max_channels,
             num_classes=cfg.num_classes,
             embed_dim=cfg.embed_dim,
+            norm=cfg.norm,
         )
         self.encoder = Encoder(**common)
         self.decoder = Decoder(**common)

@@ -104,16 +104,25 @@ def build_dataset(
     return Dataset(items, tf)
 
 
-def make_loader(ds: Dataset, cfg: DataConfig, shuffle: bool, generator: torch.Generator | None = None):
+def make_loader(
+    ds: Dataset,
+    cfg: DataConfig,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    sampler=None,
+    batch_size: int | None = None,
+):
     from monai.data import DataLoader
 
     return DataLoader(
         ds,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle,
+        batch_size=batch_size or cfg.batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=cfg.num_workers,
         generator=generator,
-        drop_last=shuffle and len(ds) > cfg.batch_size,
+        drop_last=shuffle
+        and (len(sampler) if sampler is not None else len(ds)) > (batch_size or cfg.batch_size),
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )

@@ -116,6 +116,7 @@ def load_generator(source: str | Path, device: str | torch.device = "cpu") -> Lo
         max_channels=mcfg.max_channels,
         num_classes=mcfg.num_classes,
         embed_dim=mcfg.embed_dim,
+        norm=mcfg.norm,
     )
     ckpt.load_module_state(dec, payload["models"]["decoder"], "decoder", src)
     names = {int(k): str(v) for k, v in payload.get("label_names", {}).items()}

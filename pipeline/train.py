@@ -22,7 +22,7 @@ import torch
 from networks import losses as L
 from networks.vaegan import VAEGAN, Generator, ModelConfig
 from pipeline import checkpoint as ckpt
-from pipeline import engine
+from pipeline import distributed, engine
 from pipeline.config import flatten, to_dict
 from pipeline.data import DataConfig, build_dataset, make_loader, records, resolve_manifest
 from pipeline.manifest import label_names, read_manifest
@@ -114,15 +114,28 @@ class Groups:
 
 
 def compute_losses(
-    model: VAEGAN, x: torch.Tensor, y: torch.Tensor | None, lcfg: LossConfig, amp: torch.dtype | None = None
+    model: VAEGAN,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    lcfg: LossConfig,
+    amp: torch.dtype | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One forward pass -> named losses, including the per-group totals ``encoder``/``decoder``/``discriminator``."""
+    """One forward pass -> named losses, including the per-group totals ``encoder``/``decoder``/``discriminator``.
+
+    ``noise = (eps, z_prior)``, each ``[B, latent_dim]``, fixes the reparameterisation noise and
+    the prior codes (replicas under torchrun take their slice of one global draw); by default both
+    are drawn here.
+    """
     cond = y if model.cfg.num_classes > 0 else None
     npix = x[0].numel()
     ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with ctx:
         mu, logvar = model.encoder(x, cond)
-        z = model.reparameterize(mu.float(), logvar.float())
+        if noise is None:
+            z = model.reparameterize(mu.float(), logvar.float())
+        else:
+            z = mu.float() + noise[0] * torch.exp(0.5 * logvar.float())
         kl = L.kl_divergence(mu.float(), logvar.float(), per_pixel=npix)
         if model.discriminator is None:
             recon = model.decoder(z, cond)
@@ -132,7 +145,7 @@ def compute_losses(
             )
             return {"kl": kl, "pixel_l1": pix, "encoder": total, "decoder": total}
         b = x.shape[0]
-        z_p = torch.randn_like(z)
+        z_p = torch.randn_like(z) if noise is None else noise[1]
         out = model.decoder(torch.cat([z, z_p]), None if cond is None else torch.cat([cond, cond]))
         recon = out[:b]  # out[b:] are the prior samples
         logits, feats = model.discriminator(torch.cat([x, out]))
@@ -190,6 +203,7 @@ def train_one_epoch(
     skip_batches: int = 0,
     restore_rng: dict | None = None,
     guard: engine.DivergenceGuard | None = None,
+    dinfo: distributed.DistInfo | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns (epoch-mean losses, new global step).
 
@@ -207,10 +221,18 @@ def train_one_epoch(
         y = batch["label"].to(device, non_blocking=True).clamp_min(0)
         for opt in groups.opts.values():
             opt.zero_grad(set_to_none=True)
-        losses = compute_losses(model, x, y, cfg.loss, amp)
+        # one global draw of the noise, sliced per replica: N replicas see what one process would
+        b, world, rank = x.shape[0], dinfo.world if dinfo else 1, dinfo.rank if dinfo else 0
+        g_eps = torch.randn(b * world, cfg.model.latent_dim)
+        g_zp = torch.randn(b * world, cfg.model.latent_dim)
+        # DistributedSampler deals global position r + world * i to replica r as its i-th sample
+        noise = (g_eps[rank::world].to(device), g_zp[rank::world].to(device))
+        losses = compute_losses(model, x, y, cfg.loss, amp, noise)
         route_gradients(losses, groups, scaler)
         norms = []
         for name, opt in groups.opts.items():
+            if dinfo is not None:
+                distributed.average_gradients(groups.params[name], dinfo)
             if scaler is not None:
                 scaler.unscale_(opt)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -218,6 +240,10 @@ def train_one_epoch(
         # fp16's scaler skips inf steps itself; the guard covers bf16/fp32 and persistent NaNs
         if guard is not None and scaler is None:
             parts = [v for k, v in losses.items() if k in ("encoder", "decoder", "discriminator")]
+            if dinfo is not None:  # every replica must take the same decision
+                parts = [
+                    distributed.all_finite(torch.stack([p.detach().float() for p in parts]).sum(), dinfo)
+                ]
             if not guard.ok(*parts, *norms):
                 for opt in groups.opts.values():
                     opt.zero_grad(set_to_none=True)
@@ -285,11 +311,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from pipeline import tracking
 
+    dinfo = distributed.init()  # under torchrun: join the group; rank 0 alone logs and checkpoints
+    ml: Any = mlflow if dinfo.is_main else _NoTracking()
+    if cfg.data.batch_size % dinfo.world:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes")
+
     # Everything that can fail cheaply fails before a model is built.
     manifest = resolve_manifest(cfg.data)
     resume_path = engine.find_resume(cfg.resume, cfg.out_dir)
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
     device = engine.pick_device(cfg.device)
+    if dinfo.enabled and device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     amp = engine.amp_dtype(cfg.amp, device)
@@ -311,10 +344,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_ds = build_dataset(train_items, cfg.data, train=True)
     val_ds = build_dataset(val_items, cfg.data, train=False)
     gen = torch.Generator()
-    train_loader = make_loader(train_ds, cfg.data, shuffle=True, generator=gen)
+    from torch.utils.data.distributed import DistributedSampler
+
+    # one permutation per epoch (seed + epoch) split across replicas: N processes together see
+    # the same global batches as one process
+    sampler = DistributedSampler(
+        train_ds,
+        num_replicas=dinfo.world,
+        rank=dinfo.rank,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=dinfo.enabled,
+    )
+    train_loader = make_loader(
+        train_ds,
+        cfg.data,
+        shuffle=True,
+        generator=gen,
+        sampler=sampler,
+        batch_size=cfg.data.batch_size // dinfo.world,
+    )
     val_loader = make_loader(val_ds, cfg.data, shuffle=False)
 
-    model = VAEGAN(cfg.model).to(device)
+    model = VAEGAN(cfg.model)
+    if dinfo.enabled and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = Groups(model, cfg.optim)
@@ -341,18 +396,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         run_dir = Path(cfg.out_dir) / (
             cfg.tracking.run_name or f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}"
         )
-    engine.check_writable(run_dir / "checkpoints")
+    if dinfo.is_main:
+        engine.check_writable(run_dir / "checkpoints")
 
-    tracking.setup(cfg.tracking)
+    if dinfo.is_main:
+        tracking.setup(cfg.tracking)
     cfg_dict = to_dict(cfg)
     code_version = git_commit()
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
+    run = ml.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
     run_id = run.info.run_id
     if resumed is None:
         if cfg.tracking.parent_run_id:
-            mlflow.set_tag("mlflow.parentRunId", cfg.tracking.parent_run_id)
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
-        mlflow.set_tags(
+            ml.set_tag("ml.parentRunId", cfg.tracking.parent_run_id)
+        ml.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
+        ml.set_tags(
             {
                 "git_commit": code_version,
                 "stage": "train",
@@ -361,7 +418,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "classes": ",".join(names.values()),
             }
         )
-        mlflow.log_dict(cfg_dict, "config.json")
+        ml.log_dict(cfg_dict, "config.json")
 
     def payload(step_: int, epoch_: int, batch_in_epoch: int) -> dict[str, Any]:
         return {
@@ -378,19 +435,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "label_names": {int(k): v for k, v in names.items()},
         }
 
-    def save_mid(step_: int, epoch_: int, bi: int) -> None:
-        ckpt.save_checkpoint(run_dir / "checkpoints" / "last.pt", payload(step_, epoch_, bi))
+    def save(step_: int, epoch_: int, bi: int) -> None:
+        if dinfo.is_main:
+            ckpt.save_checkpoint(run_dir / "checkpoints" / "last.pt", payload(step_, epoch_, bi))
+        distributed.barrier(dinfo)  # no replica reads a checkpoint (rollback) before it is whole
+
+    save_mid = save
 
     # A run resumed after a crash recomputes the steps between its checkpoint and the crash;
     # they were logged already (with the same values: training is deterministic), so only steps
     # past the highest one logged are sent, and the run's metric steps never go backwards.
     # (A divergence-guard rollback replays steps in the same way, with new values: those are
     # not logged again either.)
-    logged = {"floor": _max_logged_step(run_id) if resumed is not None else -1, "last": -1}
+    logged = {"floor": _max_logged_step(run_id) if resumed is not None and dinfo.is_main else -1, "last": -1}
 
     def log_fn(metrics: dict[str, float], s: int) -> None:
         if s > logged["floor"]:
-            mlflow.log_metrics(metrics, step=s)
+            ml.log_metrics(metrics, step=s)
             logged["last"] = max(logged["last"], s)
 
     # fixed inputs for the grids: the same prior codes and validation images every epoch
@@ -414,7 +475,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_ckpt = run_dir / "checkpoints" / "last.pt"
     if resumed is None:
         # a good state to roll back to before the first epoch ends
-        ckpt.save_checkpoint(last_ckpt, payload(step, start_epoch, 0))
+        save(step, start_epoch, 0)
     base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in groups.opts.items()}
     try:
         epoch = start_epoch
@@ -422,6 +483,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # seeding per epoch makes the data order, augmentation and noise of epoch e the same
             # whether or not the run was interrupted before it
             engine.seed_epoch(cfg.seed, epoch, gen, train_ds)
+            sampler.set_epoch(epoch)
             te = time.time()
             try:
                 train_metrics, step = train_one_epoch(
@@ -439,6 +501,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     skip_batches=skip if epoch == start_epoch else 0,
                     restore_rng=restore_rng if epoch == start_epoch else None,
                     guard=guard,
+                    dinfo=dinfo if dinfo.enabled else None,
                 )
             except engine.RollbackNeeded as e:
                 factor = guard.rollback()  # raises DivergenceError after R rollbacks
@@ -458,7 +521,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     flush=True,
                 )
                 logged["floor"] = max(logged["floor"], logged["last"])
-                mlflow.log_metrics(
+                ml.log_metrics(
                     {"guard/rollbacks": guard.rollbacks, "guard/skipped_steps": guard.skipped},
                     step=max(logged["floor"], 0),
                 )
@@ -473,26 +536,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 val_metrics["guard/rollbacks"] = guard.rollbacks
             log_fn(val_metrics, step)
             metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
-            grid_path, recon_path = _log_grids(
-                model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device
-            )
-            ckpt.save_checkpoint(run_dir / "checkpoints" / "last.pt", payload(step, epoch + 1, 0))
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs} step {step} {epoch_s:.1f}s "
-                + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/"))),
-                flush=True,
-            )
+            if dinfo.is_main:
+                grid_path, recon_path = _log_grids(
+                    model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device
+                )
+            save(step, epoch + 1, 0)
+            if dinfo.is_main:
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs} step {step} {epoch_s:.1f}s "
+                    + " ".join(
+                        f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/"))
+                    ),
+                    flush=True,
+                )
             epoch += 1
-        _finish(model, run_dir, cfg, names)
+        if dinfo.is_main:
+            _finish(model, run_dir, cfg, names)
     finally:
-        curve = _loss_curve(run_id, run_dir)
-        if curve is not None:
-            mlflow.log_artifact(str(curve), "plots")
-        mlflow.end_run()
-    print(f"done in {time.time() - t0:.0f}s")
-    print(f"MLflow run id: {run_id} (tracking: {tracking.resolve_uri(cfg.tracking)})")
-    print(f"sample grid: {grid_path}")
-    print(f"reconstruction grid: {recon_path}")
+        if dinfo.is_main:
+            curve = _loss_curve(run_id, run_dir)
+            if curve is not None:
+                ml.log_artifact(str(curve), "plots")
+            ml.end_run()
+        distributed.shutdown(dinfo)
+    if dinfo.is_main:
+        print(f"done in {time.time() - t0:.0f}s")
+        print(f"MLflow run id: {run_id} (tracking: {tracking.resolve_uri(cfg.tracking)})")
+        print(f"sample grid: {grid_path}")
+        print(f"reconstruction grid: {recon_path}")
     return {
         "run_id": run_id,
         "run_dir": str(run_dir),
@@ -502,6 +573,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "recon_grid": str(recon_path),
         "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
     }
+
+
+class _NoTracking:
+    """Stands in for ``mlflow`` on replicas other than rank 0: every call does nothing."""
+
+    class _Run:
+        class info:  # noqa: N801 - mirrors mlflow's Run.info
+            run_id = None
+
+    def start_run(self, *a: Any, **k: Any) -> _Run:
+        return self._Run()
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
 
 
 def _log_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device) -> tuple[Path, Path]:

@@ -79,3 +79,18 @@ def test_model_config_validation():
     with pytest.raises(ValueError, match="feature_layer"):
         VAEGAN(ModelConfig(image_size=32, feature_layer=7))
     assert VAEGAN(ModelConfig(image_size=32, kind="vae")).discriminator is None
+
+
+def test_norm_choice_and_validation():
+    from networks.vaegan import Decoder, Encoder
+
+    enc = Encoder(image_size=32, latent_dim=4, base_channels=4, norm="INSTANCE")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+    assert Decoder(image_size=32, latent_dim=4, base_channels=4, norm="NONE")(torch.randn(2, 4)).shape == (
+        2,
+        1,
+        32,
+        32,
+    )
+    with pytest.raises(ValueError, match="norm must be one of"):
+        Encoder(image_size=32, norm="LAYER")
