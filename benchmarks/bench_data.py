@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         for arm, v in arms.items():
             print(f"{wname:<11} {arm:<11} {v:>10.1f} {v / arms['cold']:>8.1f}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
 
