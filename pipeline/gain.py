@@ -121,6 +121,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         common = sorted(set(real.index) & set(mine.index))
         d = (mine.loc[common] - real.loc[common]).to_numpy()
         m, lo, hi = mean_ci(mine.to_numpy())
+        lo, hi = max(lo, 0.0), min(hi, 1.0)  # a t-interval over 3 seeds can overrun AUROC's range
         dm, dlo, dhi = mean_ci(d) if arm != "real" else (0.0, 0.0, 0.0)
         rows.append(
             {
