@@ -254,23 +254,27 @@ class Generator(nn.Module):
         return self.decoder(z.to(p.device), None if labels is None else labels.to(p.device))
 
 
+def autoencoder_kwargs(cfg: ModelConfig) -> dict:
+    """The constructor arguments shared by :class:`Encoder` and :class:`Decoder`."""
+    return dict(
+        image_size=cfg.image_size,
+        latent_dim=cfg.latent_dim,
+        base_channels=cfg.base_channels,
+        max_channels=cfg.max_channels,
+        num_classes=cfg.num_classes,
+        embed_dim=cfg.embed_dim,
+        norm=cfg.norm,
+    )
+
+
 class VAEGAN(nn.Module):
     """Encoder + decoder (+ discriminator when ``kind == 'vaegan'``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        common = dict(
-            image_size=cfg.image_size,
-            latent_dim=cfg.latent_dim,
-            base_channels=cfg.base_channels,
-            max_channels=cfg.max_channels,
-            num_classes=cfg.num_classes,
-            embed_dim=cfg.embed_dim,
-            norm=cfg.norm,
-        )
-        self.encoder = Encoder(**common)
-        self.decoder = Decoder(**common)
+        self.encoder = Encoder(**autoencoder_kwargs(cfg))
+        self.decoder = Decoder(**autoencoder_kwargs(cfg))
         self.discriminator = (
             Discriminator(cfg.image_size, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
             if cfg.kind == "vaegan"

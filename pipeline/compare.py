@@ -103,10 +103,9 @@ def compare(cfg: CompareConfig) -> int:
 
 
 def _plot_arms(table: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    import matplotlib
+    from pipeline.viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fractions = sorted(table["fraction"].unique())
     arms = list(dict.fromkeys(table["arm"]))
@@ -129,16 +128,13 @@ def _plot_arms(table: pd.DataFrame, metric: str, path: Path, title: str) -> None
     ax.set_ylim(max(0.0, (lo if np.isfinite(lo) else 0.5) - 0.05), 1.0)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_runs(runs: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    import matplotlib
+    from pipeline.viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = runs.get("tags.mlflow.runName", runs["run_id"]).astype(str).to_list()
     vals = runs[f"metrics.{metric}"].to_numpy(dtype=float)
@@ -147,6 +143,4 @@ def _plot_runs(runs: pd.DataFrame, metric: str, path: Path, title: str) -> None:
     ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

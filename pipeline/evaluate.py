@@ -303,10 +303,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _hist(d_fake: np.ndarray, d_test: np.ndarray, thr: float, path: Path) -> Path:
-    import matplotlib
+    from pipeline.viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     bins = np.linspace(0, max(d_fake.max(), d_test.max()), 50)
@@ -315,10 +314,7 @@ def _hist(d_fake: np.ndarray, d_test: np.ndarray, thr: float, path: Path) -> Pat
     ax.axvline(thr, color="k", ls="--", lw=1, label="near-copy threshold")
     ax.set_xlabel("nearest-neighbour distance to the training set (pixels, L2)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from networks.vaegan import Decoder, Generator
+from networks.vaegan import Decoder, Generator, autoencoder_kwargs
 from pipeline.tracking import TrackingConfig
 
 SYNTHETIC_COLUMNS = ("synthetic", "seed", "index", "source", "source_sha256")
@@ -109,15 +109,7 @@ def load_generator(source: str | Path, device: str | torch.device = "cpu") -> Lo
     from pipeline.train import config_from_checkpoint
 
     mcfg = config_from_checkpoint(payload).model
-    dec = Decoder(
-        image_size=mcfg.image_size,
-        latent_dim=mcfg.latent_dim,
-        base_channels=mcfg.base_channels,
-        max_channels=mcfg.max_channels,
-        num_classes=mcfg.num_classes,
-        embed_dim=mcfg.embed_dim,
-        norm=mcfg.norm,
-    )
+    dec = Decoder(**autoencoder_kwargs(mcfg))
     ckpt.load_module_state(dec, payload["models"]["decoder"], "decoder", src)
     names = {int(k): str(v) for k, v in payload.get("label_names", {}).items()}
     return LoadedGenerator(Generator(dec, names).to(device).eval(), names, src, file_sha256(src))

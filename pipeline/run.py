@@ -8,11 +8,20 @@ config, then calls one stage function. ``ingest`` also takes ``SOURCE`` position
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from pipeline.config import ConfigError, load_config
 
-STAGES = ("ingest", "train", "generate", "classify", "gain", "compare", "evaluate")
+# stage -> (module, config dataclass, stage function) for the stages taking only key=value overrides
+KEYVALUE_STAGES = {
+    "train": ("pipeline.train", "TrainConfig", "train"),
+    "generate": ("pipeline.generate", "GenerateConfig", "generate"),
+    "classify": ("pipeline.classify", "ClassifyConfig", "classify"),
+    "evaluate": ("pipeline.evaluate", "EvaluateConfig", "evaluate"),
+    "gain": ("pipeline.gain", "GainConfig", "gain"),
+}
+STAGES = ("ingest", "compare", *KEYVALUE_STAGES)
 
 
 def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -72,31 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             return compare(load_config(CompareConfig, yaml_path, [_quote(o) for o in own]))
         if positional:
             raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
-        if args.stage == "train":
-            from pipeline.train import TrainConfig, train
-
-            train(load_config(TrainConfig, yaml_path, overrides))
-            return 0
-        if args.stage == "generate":
-            from pipeline.generate import GenerateConfig, generate
-
-            generate(load_config(GenerateConfig, yaml_path, overrides))
-            return 0
-        if args.stage == "classify":
-            from pipeline.classify import ClassifyConfig, classify
-
-            classify(load_config(ClassifyConfig, yaml_path, overrides))
-            return 0
-        if args.stage == "evaluate":
-            from pipeline.evaluate import EvaluateConfig, evaluate
-
-            evaluate(load_config(EvaluateConfig, yaml_path, overrides))
-            return 0
-        if args.stage == "gain":
-            from pipeline.gain import GainConfig, gain
-
-            gain(load_config(GainConfig, yaml_path, overrides))
-            return 0
+        # the remaining stages differ only in which config class and function they use
+        module_name, cls_name, fn_name = KEYVALUE_STAGES[args.stage]
+        module = importlib.import_module(module_name)
+        getattr(module, fn_name)(load_config(getattr(module, cls_name), yaml_path, overrides))
+        return 0
     except (
         ConfigError,
         FileNotFoundError,

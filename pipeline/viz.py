@@ -41,13 +41,26 @@ def pairs(real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return torch.stack([real, recon], dim=1).flatten(0, 1)
 
 
-def plot_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
-    """One panel per metric, step on x."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers or in CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
+    """One panel per metric, step on x."""
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = [k for k, v in history.items() if v]
@@ -64,10 +77,7 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, t
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_roc(curves: dict[str, tuple], path: str | Path, title: str = "") -> Path:
@@ -90,19 +100,12 @@ def plot_roc(curves: dict[str, tuple], path: str | Path, title: str = "") -> Pat
     ax.legend(fontsize=8, loc="lower right")
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_gain(table, path: str | Path, title: str = "") -> Path:
     """Per real-data fraction, each arm's AUROC difference to real-only with its 95 % CI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fractions = sorted(table["fraction"].unique())
@@ -126,7 +129,4 @@ def plot_gain(table, path: str | Path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -50,43 +50,20 @@ def test_two_process_ddp_matches_one_process(tmp_path, phantom_manifest):
     import mlflow
 
     env = dict(os.environ, MLFLOW_TRACKING_URI="", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    t0 = time.time()
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.run",
-            *_args(phantom_manifest, tmp_path / "one", f"sqlite:///{tmp_path / 'one.db'}"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+
+    def timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+        t0 = time.time()
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p, time.time() - t0
+
+    run = [sys.executable, "-m"]
+    one, t_one = timed(
+        [*run, "pipeline.run", *_args(phantom_manifest, tmp_path / "one", f"sqlite:///{tmp_path / 'one.db'}")]
     )
-    t_one = time.time() - t0
-    assert one.returncode == 0, one.stderr[-2000:]
     uri = f"sqlite:///{tmp_path / 'two.db'}"
-    t0 = time.time()
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "-m",
-            "pipeline.run",
-            *_args(phantom_manifest, tmp_path / "two", uri),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    t_two = time.time() - t0
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun = [*run, "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m"]
+    two, t_two = timed([*torchrun, "pipeline.run", *_args(phantom_manifest, tmp_path / "two", uri)])
     print(f"wall time 1 process {t_one:.1f}s, 2 processes {t_two:.1f}s (ratio {t_one / t_two:.2f})")
     a = load_checkpoint(tmp_path / "one" / "ddp" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "two" / "ddp" / "checkpoints" / "last.pt")
