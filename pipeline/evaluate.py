@@ -200,12 +200,25 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         res[name], res[f"{name}_lo"], res[f"{name}_hi"] = triple
 
     ft, rt = f_fake.double(), f_real.double()
-    put("fd", Q.bootstrap(lambda a, b: Q.frechet_distance(a, b), ft, rt, n_boot=B, seed=cfg.seed))
-    put("mmd", Q.bootstrap(lambda a, b: Q.mmd_linear(a, b), ft, rt, n_boot=B, seed=cfg.seed))
+    put(
+        "fd",
+        Q.bootstrap(
+            lambda a, b: Q.frechet_distance(a, b), ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True
+        ),
+    )
+    put(
+        "mmd",
+        Q.bootstrap(lambda a, b: Q.mmd_linear(a, b), ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True),
+    )
     put(
         "kid",
         Q.bootstrap(
-            lambda a, b: Q.kid(a, b, subsets=5, seed=cfg.seed), ft, rt, n_boot=max(B // 4, 20), seed=cfg.seed
+            lambda a, b: Q.kid(a, b, subsets=5, seed=cfg.seed),
+            ft,
+            rt,
+            n_boot=max(B // 4, 20),
+            seed=cfg.seed,
+            bias_correct=True,
         ),
     )
     ind = Q.prdc_indicators(f_real, f_fake, cfg.k)

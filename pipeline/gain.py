@@ -92,6 +92,7 @@ def _generator_for(
         f"out_dir={out / 'generators'}",
         f"tracking.run_name={name}",
         f"tracking.experiment={cfg.experiment}",
+        f"tracking.uri={cfg.classify.tracking.uri}",
         f"tracking.parent_run_id={parent_id}",
         "tracking.register_model=''",
         *cfg.vaegan_overrides,

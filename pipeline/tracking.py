@@ -42,6 +42,8 @@ def setup(cfg: TrackingConfig) -> str:
 
     uri = resolve_uri(cfg)
     mlflow.set_tracking_uri(uri)
+    # models are registered in the same store the runs go to
+    mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         # with an sqlite store, keep artifacts beside the database rather than in ./mlruns

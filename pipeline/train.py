@@ -407,7 +407,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_id = run.info.run_id
     if resumed is None:
         if cfg.tracking.parent_run_id:
-            ml.set_tag("ml.parentRunId", cfg.tracking.parent_run_id)
+            ml.set_tag("mlflow.parentRunId", cfg.tracking.parent_run_id)
         ml.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
         ml.set_tags(
             {

@@ -6,6 +6,10 @@ import pytest
 @pytest.fixture(autouse=True)
 def _quiet_tqdm(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
+    # mlflow.set_tracking_uri / set_registry_uri also write these variables: without this, one
+    # test's store would leak into the next test's subprocesses and default stores
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
 @pytest.fixture(scope="session")
