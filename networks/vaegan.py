@@ -288,8 +288,11 @@ class VAEGAN(nn.Module):
                 )
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    def reparameterize(
+        mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``mu + eps * sigma``; ``eps`` is drawn here unless given (replicas pass their slice)."""
+        return mu + (torch.randn_like(mu) if eps is None else eps) * torch.exp(0.5 * logvar)
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None

@@ -103,32 +103,20 @@ def compare(cfg: CompareConfig) -> int:
 
 
 def _plot_arms(table: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    from pipeline.viz import pyplot, save_figure
+    from pipeline.viz import plot_arm_bars
 
-    plt = pyplot()
-
-    fractions = sorted(table["fraction"].unique())
-    arms = list(dict.fromkeys(table["arm"]))
-    width = 0.8 / max(1, len(arms))
-    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(fractions) * len(arms) / 2, 3.6))
-    for j, arm in enumerate(arms):
-        sub = table[table["arm"] == arm].set_index("fraction").reindex(fractions)
-        x = np.arange(len(fractions)) + (j - (len(arms) - 1) / 2) * width
-        m = sub[metric].to_numpy(dtype=float)
-        err = [
-            np.nan_to_num(m - sub[f"{metric}_lo"].to_numpy(float)),
-            np.nan_to_num(sub[f"{metric}_hi"].to_numpy(float) - m),
-        ]
-        ax.bar(x, m, width, label=arm)
-        ax.errorbar(x, m, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1)
-    ax.set_xticks(np.arange(len(fractions)), [f"{f:g}" for f in fractions])
-    ax.set_xlabel("fraction of the real training split")
-    ax.set_ylabel(f"test {metric} (mean over seeds, 95% CI)")
     lo = np.nanmin(table[f"{metric}_lo"].to_numpy(float)) if f"{metric}_lo" in table else 0.5
-    ax.set_ylim(max(0.0, (lo if np.isfinite(lo) else 0.5) - 0.05), 1.0)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    save_figure(fig, path)
+    bottom = max(0.0, (lo if np.isfinite(lo) else 0.5) - 0.05)
+    plot_arm_bars(
+        table,
+        metric,
+        f"{metric}_lo",
+        f"{metric}_hi",
+        path,
+        f"test {metric} (mean over seeds, 95% CI)",
+        title,
+        ylim=(bottom, 1.0),
+    )
 
 
 def _plot_runs(runs: pd.DataFrame, metric: str, path: Path, title: str) -> None:

@@ -132,10 +132,7 @@ def compute_losses(
     ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with ctx:
         mu, logvar = model.encoder(x, cond)
-        if noise is None:
-            z = model.reparameterize(mu.float(), logvar.float())
-        else:
-            z = mu.float() + noise[0] * torch.exp(0.5 * logvar.float())
+        z = model.reparameterize(mu.float(), logvar.float(), None if noise is None else noise[0])
         kl = L.kl_divergence(mu.float(), logvar.float(), per_pixel=npix)
         if model.discriminator is None:
             recon = model.decoder(z, cond)
@@ -398,8 +395,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     if dinfo.is_main:
         engine.check_writable(run_dir / "checkpoints")
-
-    if dinfo.is_main:
         tracking.setup(cfg.tracking)
     cfg_dict = to_dict(cfg)
     code_version = git_commit()
@@ -439,8 +434,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if dinfo.is_main:
             ckpt.save_checkpoint(run_dir / "checkpoints" / "last.pt", payload(step_, epoch_, bi))
         distributed.barrier(dinfo)  # no replica reads a checkpoint (rollback) before it is whole
-
-    save_mid = save
 
     # A run resumed after a crash recomputes the steps between its checkpoint and the crash;
     # they were logged already (with the same values: training is deterministic), so only steps
@@ -497,7 +490,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     amp,
                     scaler,
                     log_fn,
-                    save_mid,
+                    save,
                     skip_batches=skip if epoch == start_epoch else 0,
                     restore_rng=restore_rng if epoch == start_epoch else None,
                     guard=guard,

@@ -103,30 +103,50 @@ def plot_roc(curves: dict[str, tuple], path: str | Path, title: str = "") -> Pat
     return save_figure(fig, path)
 
 
-def plot_gain(table, path: str | Path, title: str = "") -> Path:
-    """Per real-data fraction, each arm's AUROC difference to real-only with its 95 % CI."""
+def plot_arm_bars(
+    table,
+    value: str,
+    lo: str,
+    hi: str,
+    path: str | Path,
+    ylabel: str,
+    title: str = "",
+    zero_line: bool = False,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """Per real-data fraction, one bar per arm (``table`` columns ``fraction``, ``arm``) with its CI."""
     plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fractions = sorted(table["fraction"].unique())
-    arms = [a for a in table["arm"].unique()]
+    arms = list(dict.fromkeys(table["arm"]))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(fractions) * max(1, len(arms)) / 2, 3.6))
     width = 0.8 / max(1, len(arms))
     for j, arm in enumerate(arms):
         sub = table[table["arm"] == arm].set_index("fraction").reindex(fractions)
         x = np.arange(len(fractions)) + (j - (len(arms) - 1) / 2) * width
-        m = sub["delta_auroc"].to_numpy(dtype=float)
-        lo = m - sub["delta_lo"].to_numpy(dtype=float)
-        hi = sub["delta_hi"].to_numpy(dtype=float) - m
+        m = sub[value].to_numpy(dtype=float)
+        err = [
+            np.nan_to_num(m - sub[lo].to_numpy(dtype=float)),
+            np.nan_to_num(sub[hi].to_numpy(dtype=float) - m),
+        ]
         ax.bar(x, m, width, label=arm)
-        ax.errorbar(
-            x, m, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], fmt="none", ecolor="k", capsize=3, lw=1
-        )
-    ax.axhline(0, color="k", lw=0.8)
+        ax.errorbar(x, m, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1)
+    if zero_line:
+        ax.axhline(0, color="k", lw=0.8)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xticks(np.arange(len(fractions)), [f"{f:g}" for f in fractions])
     ax.set_xlabel("fraction of the real training split")
-    ax.set_ylabel("AUROC - AUROC(real only)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_gain(table, path: str | Path, title: str = "") -> Path:
+    """Per real-data fraction, each arm's AUROC difference to real-only with its 95 % CI."""
+    return plot_arm_bars(
+        table, "delta_auroc", "delta_lo", "delta_hi", path, "AUROC - AUROC(real only)", title, zero_line=True
+    )
