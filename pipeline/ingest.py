@@ -123,26 +123,22 @@ def _safe_resolve(p: Path) -> Path:
         return Path(os.path.abspath(p))
 
 
-def _walk(root: Path) -> tuple[list[Path], int, list[tuple[str, str]]]:
-    files, ignored, broken = [], 0, []
+def _walk(root: Path) -> tuple[list[Path], int]:
+    files, ignored = [], 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]):
+        for name in sorted(filenames):
             p = Path(dirpath) / name
-            if p.is_symlink() and not p.exists():
-                broken.append((str(p), "broken symlink or symlink loop: the link leads to no file"))
-                continue
-            if _is_candidate_file(p):
+            # a broken link or loop is kept: the reader quarantines it with the reason
+            if _is_candidate_file(p) or (p.is_symlink() and not p.exists()):
                 files.append(p)
-            elif not name.startswith(".") and not p.is_dir():
+            elif not name.startswith("."):
                 ignored += 1
-    return files, ignored, broken
+    return files, ignored
 
 
-def candidates_from_folder(
-    root: Path, labels_csv: str | None
-) -> tuple[list[Candidate], int, list[tuple[str, str]]]:
-    files, ignored, broken = _walk(root)
+def candidates_from_folder(root: Path, labels_csv: str | None) -> tuple[list[Candidate], int]:
+    files, ignored = _walk(root)
     label_map: dict[str, Any] = {}
     if labels_csv:
         lab = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
@@ -162,7 +158,7 @@ def candidates_from_folder(
         elif class_parts:
             label = class_parts[0]
         out.append(Candidate(p, label, split))
-    return out, ignored, broken
+    return out, ignored
 
 
 def candidates_from_csv(
@@ -380,7 +376,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     ignored = 0
     pre_quarantine: list[tuple[str, str]] = []
     if source.is_dir():
-        cands, ignored, pre_quarantine = candidates_from_folder(source, cfg.labels)
+        cands, ignored = candidates_from_folder(source, cfg.labels)
         root = source.resolve()
         kind = "folder"
     elif source.suffix.lower() == ".npz":
