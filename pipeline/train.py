@@ -185,31 +185,21 @@ def route_gradients(
         )
 
 
-def train_one_epoch(
+def make_step_fn(
     model: VAEGAN,
-    loader,
     groups: Groups,
     cfg: TrainConfig,
     device: torch.device,
-    step: int,
-    epoch: int,
     amp: torch.dtype | None,
     scaler: torch.amp.GradScaler | None,
-    log_fn=None,
-    ckpt_fn=None,
-    skip_batches: int = 0,
-    restore_rng: dict | None = None,
     guard: engine.DivergenceGuard | None = None,
     dinfo: distributed.DistInfo | None = None,
-) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns (epoch-mean losses, new global step).
+):
+    """The VAE-GAN training step ``step_fn(batch) -> {loss name: detached tensor}``.
 
-    With a ``guard``, a step whose losses or gradient norms are not finite updates nothing and is
-    counted; too many in a row raise :class:`pipeline.engine.RollbackNeeded`.
-
-    ``ckpt_fn(step, epoch, batch_in_epoch)`` saves a mid-epoch checkpoint.
+    It never syncs with the host (the engine does, every ``log_every`` steps), except for the
+    divergence guard's single boolean. ``benchmarks/bench_train.py`` times exactly this function.
     """
-    model.train()
 
     def step_fn(batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
@@ -255,6 +245,35 @@ def train_one_epoch(
         # per-group totals are sums of the logged parts
         return {k: v.detach() for k, v in losses.items() if k not in ("encoder", "decoder", "discriminator")}
 
+    return step_fn
+
+
+def train_one_epoch(
+    model: VAEGAN,
+    loader,
+    groups: Groups,
+    cfg: TrainConfig,
+    device: torch.device,
+    step: int,
+    epoch: int,
+    amp: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    log_fn=None,
+    ckpt_fn=None,
+    skip_batches: int = 0,
+    restore_rng: dict | None = None,
+    guard: engine.DivergenceGuard | None = None,
+    dinfo: distributed.DistInfo | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns (epoch-mean losses, new global step).
+
+    With a ``guard``, a step whose losses or gradient norms are not finite updates nothing and is
+    counted; too many in a row raise :class:`pipeline.engine.RollbackNeeded`.
+
+    ``ckpt_fn(step, epoch, batch_in_epoch)`` saves a mid-epoch checkpoint.
+    """
+    model.train()
+    step_fn = make_step_fn(model, groups, cfg, device, amp, scaler, guard, dinfo)
     return engine.run_epoch(
         loader,
         step_fn,

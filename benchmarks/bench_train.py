@@ -1,0 +1,372 @@
+"""VAE-GAN training speed: the project's step against a naive reference, in one process.
+
+    python benchmarks/bench_train.py                      # 64/128/256 px steps + a Kermany 64 px epoch
+    python benchmarks/bench_train.py --sizes 64 --epoch-images 0 --json out.json
+
+Part 1, the training step at each size (random images, the real model and losses), two arms:
+  naive      float32, NCHW tensors, and the host reads every loss with ``.item()`` after every
+             step to log it (the tutorial-style loop)
+  project    ``pipeline.train.make_step_fn`` as ``train`` runs it: channels_last, bf16 autocast on
+             CUDA, no host sync inside the step (the engine syncs every ``log_every`` steps)
+  compiled   (``--compile``) the project arm with ``torch.compile`` on the three networks
+For each: images/s, step time (median of ``--repeats`` blocks of ``--steps`` steps, each block
+synchronised at its end), peak memory (CUDA: allocator peak; CPU: peak RSS growth, sampled),
+FLOPs per image (``torch.utils.flop_counter`` over one whole step, forward and backward), the
+machine's dense matmul FLOP/s measured in the same run, and achieved / matmul FLOP/s.
+
+Part 2, one training epoch end-to-end on a manifest (Kermany 64 px by default; skipped with a
+reason when the manifest is absent):
+  naive      MONAI ``Dataset`` that decodes and preprocesses every image every epoch, the naive
+             step, a log line every step
+  project    ``CacheDataset`` (filled once; the fill is reported on its own), the project step,
+             logging every ``log_every`` steps
+plus the loader alone over the cached training set with its augmentation, as a rate to compare
+with the training rate (the loader must not be what the GPU or CPU waits on).
+
+Speed-ups are ratios between arms of the same run. Results go to stdout as a table and to
+``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from networks.vaegan import VAEGAN  # noqa: E402
+from pipeline import engine  # noqa: E402
+from pipeline.train import Groups, TrainConfig, make_step_fn  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------- measurement
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory over a block: the CUDA allocator's peak, or on CPU the peak growth of the
+    resident set above its level at entry (sampled every 2 ms by a thread)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base, self._stop = _rss(), threading.Event()
+            self._max = self.base
+
+            def sample() -> None:
+                while not self._stop.is_set():
+                    self._max = max(self._max, _rss())
+                    time.sleep(0.002)
+
+            self._t = threading.Thread(target=sample, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self._stop.set()
+            self._t.join()
+            self.peak = max(self._max, _rss()) - self.base
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """Dense square matmul FLOP/s (median of ``repeats``), the machine's practical peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def make_config(size: int, arm: str, device: torch.device) -> TrainConfig:
+    """The Kermany 64 px recipe (configs/kermany64.yaml) at ``size``; ``arm`` switches the speed work."""
+    cfg = TrainConfig()
+    cfg.data.image_size = cfg.model.image_size = size
+    cfg.model.num_classes, cfg.model.latent_dim, cfg.loss.kl_weight = 2, 128, 0.1
+    cfg.channels_last = arm != "naive"
+    cfg.amp = "off" if arm == "naive" else "auto"
+    cfg.device = device.type
+    return cfg
+
+
+def build(cfg: TrainConfig, device: torch.device, compile_: bool = False):
+    torch.manual_seed(0)
+    model = VAEGAN(cfg.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    groups = Groups(model, cfg.optim)
+    if compile_:
+        for m in groups.modules.values():
+            m.compile()
+    amp = engine.amp_dtype(cfg.amp, device)
+    step_fn = make_step_fn(model, groups, cfg, device, amp, None)
+    return model, step_fn, amp
+
+
+def naive_step(step_fn, log: io.StringIO):
+    """The project step wrapped the tutorial way: every loss read on the host after every step."""
+
+    def fn(batch: dict) -> dict[str, torch.Tensor]:
+        out = step_fn(batch)
+        log.write(" ".join(f"{k}={v.item():.4f}" for k, v in out.items()) + "\n")
+        return out
+
+    return fn
+
+
+def random_batch(size: int, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(batch, 1, size, size, generator=g) * 2 - 1
+    x = x.to(device)
+    if device.type == "cuda":
+        x = x.contiguous()
+    return {"image": x, "label": torch.randint(0, 2, (batch,), generator=g).to(device)}
+
+
+def time_steps(fn, batch: dict, device: torch.device, warmup: int, steps: int, repeats: int) -> float:
+    """Median over ``repeats`` blocks of the mean step time in a block of ``steps`` steps."""
+    for _ in range(warmup):
+        fn(batch)
+    _sync(device)
+    blocks = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn(batch)
+        _sync(device)
+        blocks.append((time.perf_counter() - t) / steps)
+    return statistics.median(blocks)
+
+
+def count_flops(step_fn, batch: dict) -> int:
+    with FlopCounterMode(display=False) as fc:
+        step_fn(batch)
+    return int(fc.get_total_flops())
+
+
+def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks: dict[str, float]) -> dict:
+    batch_size = args.batch
+    batch = random_batch(size, batch_size, device)
+    res: dict[str, Any] = {"size": size, "batch": batch_size, "arms": {}}
+    arms = ["naive", "project"] + (["compiled"] if args.compile else [])
+    flops = None
+    for arm in arms:
+        cfg = make_config(size, "naive" if arm == "naive" else "project", device)
+        model, step_fn, amp = build(cfg, device, compile_=arm == "compiled")
+        if flops is None:  # the same network and step in every arm: count once, in float32
+            flops = count_flops(step_fn, batch)
+        fn = naive_step(step_fn, io.StringIO()) if arm == "naive" else step_fn
+        with PeakMemory(device) as mem:
+            t = time_steps(
+                fn, batch, device, args.warmup + (2 if arm == "compiled" else 0), args.steps, args.repeats
+            )
+        peak = peaks["bf16" if amp == torch.bfloat16 else "fp32"]
+        res["arms"][arm] = {
+            "amp": str(amp).replace("torch.", "") if amp else "fp32",
+            "channels_last": cfg.channels_last,
+            "step_s": t,
+            "images_per_s": batch_size / t,
+            "peak_mem_mib": mem.peak / 2**20,
+            "achieved_flops": flops / t,
+            "ratio_to_matmul_peak": flops / t / peak,
+        }
+        del model, step_fn
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["flops_per_image"] = flops / batch_size
+    base = res["arms"]["naive"]["step_s"]
+    for a in res["arms"].values():
+        a["speedup_vs_naive"] = base / a["step_s"]
+    return res
+
+
+# ---------------------------------------------------------------------------------------- epoch
+def _items(manifest: str, limit: int) -> list[dict]:
+    from pipeline.data import records
+
+    items = records(manifest, "train")
+    return items[:limit] if limit > 0 else items
+
+
+def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
+    from pipeline.data import build_dataset, make_loader
+
+    items = _items(args.manifest, args.epoch_images)
+    out: dict[str, Any] = {"manifest": args.manifest, "images": len(items), "size": 64, "arms": {}}
+    for arm in ("naive", "project"):
+        cfg = make_config(64, arm, device)
+        cfg.data.batch_size = args.batch
+        cfg.data.num_workers = 0 if arm == "naive" else args.workers
+        model, step_fn, _ = build(cfg, device)
+        t = time.perf_counter()
+        ds = build_dataset(items, cfg.data, train=True, cache="none" if arm == "naive" else "memory")
+        fill = time.perf_counter() - t
+        gen = torch.Generator()
+        loader = make_loader(ds, cfg.data, shuffle=True, generator=gen)
+        engine.seed_epoch(0, 0, gen, ds)
+        log = io.StringIO()
+        fn = naive_step(step_fn, log) if arm == "naive" else step_fn
+        log_fn = (lambda m, s, log=log: log.write(f"{s} {m}\n")) if arm == "project" else None
+        _sync(device)
+        t = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # no progress bar inside a timing
+            _, steps = engine.run_epoch(
+                loader,
+                fn,
+                step=0,
+                desc=arm,
+                log_every=1 if arm == "naive" else cfg.tracking.log_every,
+                log_fn=log_fn,
+            )
+        _sync(device)
+        epoch = time.perf_counter() - t
+        n = steps * args.batch
+        arm_res = {
+            "epoch_s": epoch,
+            "images_per_s": n / epoch,
+            "steps": steps,
+            "num_workers": cfg.data.num_workers,
+        }
+        if arm == "project":
+            arm_res["cache_fill_s"] = fill
+            arm_res["epoch_incl_cache_fill_s"] = epoch + fill
+            # the loader alone, same settings, a later epoch: what it can deliver per second
+            engine.seed_epoch(0, 1, gen, ds)
+            t = time.perf_counter()
+            m = sum(b["image"].shape[0] for b in loader)
+            out["loader_images_per_s"] = m / (time.perf_counter() - t)
+        out["arms"][arm] = arm_res
+        del model, step_fn, loader, ds
+    p, nv = out["arms"]["project"], out["arms"]["naive"]
+    out["speedup_steady"] = nv["epoch_s"] / p["epoch_s"]
+    out["speedup_incl_cache_fill"] = nv["epoch_s"] / p["epoch_incl_cache_fill_s"]
+    out["loader_over_training_rate"] = out["loader_images_per_s"] / p["images_per_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    ap.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time the project step under torch.compile")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
+    ap.add_argument("--matmul-n", type=int, default=0, help="matmul size (0: 2048 on CPU, 8192 on CUDA)")
+    ap.add_argument("--manifest", default="data_manifests/kermany_pneumonia_224.csv")
+    ap.add_argument(
+        "--epoch-images", type=int, default=-1, help="-1: the whole train split; 0: skip the epoch"
+    )
+    ap.add_argument("--workers", type=int, default=0, help="loader workers of the project arm")
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    device = engine.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
+    peaks = {"fp32": matmul_flops(device, torch.float32, n)}
+    # bf16 is what the project arm runs on CUDA; on CPU every arm runs float32
+    peaks["bf16"] = matmul_flops(device, torch.bfloat16, n) if device.type == "cuda" else peaks["fp32"]
+    res: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "matmul_n": n,
+        "matmul_flops": peaks,
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
+        "steps": [],
+    }
+    print(f"device {res['device']} threads {res['threads']} torch {torch.__version__}", flush=True)
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()), flush=True)
+    for size in args.sizes:
+        r = bench_step(size, args, device, peaks)
+        res["steps"].append(r)
+        print(f"size {size}: done", flush=True)
+    if args.epoch_images != 0:
+        if Path(args.manifest).is_file():
+            res["epoch"] = bench_epoch(args, device)
+        else:
+            res["epoch"] = {"skipped": f"{args.manifest} not found (run `python -m pipeline.run ingest ...`)"}
+    print(table(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [
+        f"\n{res['device']}, {res['threads']} threads, torch {res['torch']}; matmul peak "
+        + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in res["matmul_flops"].items()),
+        "",
+        "| size | arm | precision | images/s | step (ms) | peak mem (MiB) | GFLOP/img | achieved GFLOP/s "
+        "| / matmul peak | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["steps"]:
+        for arm, a in r["arms"].items():
+            lines.append(
+                f"| {r['size']} | {arm} | {a['amp']} | {a['images_per_s']:,.1f} | {a['step_s'] * 1e3:,.1f} "
+                f"| {a['peak_mem_mib']:,.0f} | {r['flops_per_image'] / 1e9:.2f} | {a['achieved_flops'] / 1e9:,.0f} "
+                f"| {a['ratio_to_matmul_peak']:.0%} | {a['speedup_vs_naive']:.2f}x |"
+            )
+    e = res.get("epoch")
+    if e and "skipped" in e:
+        lines.append(f"\nepoch: skipped, {e['skipped']}")
+    elif e:
+        nv, p = e["arms"]["naive"], e["arms"]["project"]
+        lines += [
+            "",
+            f"epoch, {e['images']} images at 64 px ({e['manifest']}):",
+            f"  naive    {nv['epoch_s']:.1f} s ({nv['images_per_s']:.1f} img/s)",
+            f"  project  {p['epoch_s']:.1f} s ({p['images_per_s']:.1f} img/s) + cache fill {p['cache_fill_s']:.1f} s once",
+            f"  speed-up {e['speedup_steady']:.2f}x steady, {e['speedup_incl_cache_fill']:.2f}x on the first epoch",
+            f"  loader alone {e['loader_images_per_s']:.0f} img/s = {e['loader_over_training_rate']:.1f}x the training rate",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
