@@ -23,6 +23,9 @@ class ClassifierConfig:
     num_classes: int = 2  # 2 -> one logit (binary); > 2 -> one logit per class
     dropout: float = 0.0
     max_pool: bool = True  # ResNet stem max-pool: 4x less compute; off keeps more resolution
+    # ResNet normalisation: batch | instance. Under torchrun on CPU, BatchNorm cannot be
+    # synchronised (no SyncBatchNorm on gloo); instance norm makes N processes equal to one
+    norm: str = "batch"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -33,6 +36,20 @@ class ClassifierConfig:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("batch", "instance"):
+            raise ValueError(f"classifier norm must be 'batch' or 'instance', got {self.norm!r}")
+        if self.norm != "batch" and self.arch == "densenet121":
+            raise ValueError("classifier norm applies to the ResNets; densenet121 uses batch norm")
+
+
+def _batch_to_instance_norm(module: nn.Module) -> None:
+    """Replace each BatchNorm2d in place by an affine InstanceNorm2d (same learnable scale and
+    shift, statistics per image instead of per batch)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.InstanceNorm2d(child.num_features, eps=child.eps, affine=True))
+        else:
+            _batch_to_instance_norm(child)
 
 
 class CXRClassifier(nn.Module):
@@ -67,6 +84,9 @@ class CXRClassifier(nn.Module):
                 no_max_pool=not cfg.max_pool,
                 feed_forward=False,
             )
+            if cfg.norm == "instance":
+                # MONAI's ResNet blocks build BatchNorm whatever ``norm`` says: swap every one
+                _batch_to_instance_norm(self.backbone)
             self.feature_dim = cfg.widths[-1]
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.feature_dim, out))
 

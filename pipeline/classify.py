@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from networks.classifier import ClassifierConfig, CXRClassifier
-from pipeline import engine
+from pipeline import distributed, engine
 from pipeline.data import DataConfig, build_dataset, make_loader, records, resolve_manifest
 from pipeline.tracking import TrackingConfig
 
@@ -147,18 +147,31 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     from pipeline.viz import plot_curves, plot_roc
 
     manifest = resolve_manifest(cfg.data)
+    # under torchrun: N replicas split every batch (DistributedSampler) and DDP averages the
+    # gradients; each replica evaluates the whole val/test split (identical weights, identical
+    # decisions); rank 0 alone logs and writes files
+    dinfo = distributed.init()
+    if cfg.data.batch_size % dinfo.world:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes")
+    ml: Any = mlflow if dinfo.is_main else distributed.NoTracking()
     device = engine.pick_device(cfg.device)
+    if dinfo.enabled and device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     amp = engine.amp_dtype(cfg.amp, device)
     set_determinism(seed=cfg.seed)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = distributed.agree(time.strftime("%Y%m%d-%H%M%S"), dinfo)
     run_dir = Path(cfg.out_dir) / (
         cfg.tracking.run_name or f"{cfg.arm}-f{cfg.fraction:g}-s{cfg.seed}-{stamp}"
     )
-    engine.check_writable(run_dir)
+    if dinfo.is_main:
+        engine.check_writable(run_dir)
     if cfg.fraction < 1:
-        manifest = write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
+        if dinfo.is_main:
+            write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
+        distributed.barrier(dinfo)
+        manifest = run_dir / "subset.csv"
     names = label_names(read_manifest(manifest)[0])
     if len(names) != 2 or cfg.model.num_classes != 2:
         raise ValueError(
@@ -172,7 +185,24 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     val_ds = build_dataset(val_items, cfg.data, train=False)
     test_ds = build_dataset(test_items, cfg.data, train=False)
     gen = torch.Generator()
-    train_loader = make_loader(train_ds, cfg.data, shuffle=True, generator=gen)
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(
+        train_ds,
+        num_replicas=dinfo.world,
+        rank=dinfo.rank,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=dinfo.enabled,
+    )
+    train_loader = make_loader(
+        train_ds,
+        cfg.data,
+        shuffle=True,
+        generator=gen,
+        sampler=sampler,
+        batch_size=cfg.data.batch_size // dinfo.world,
+    )
     val_loader = make_loader(val_ds, cfg.data, shuffle=False)
     test_loader = make_loader(test_ds, cfg.data, shuffle=False)
     n_pos = sum(int(it["label"]) == 1 for it in train_items)
@@ -186,16 +216,25 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         flush=True,
     )
 
-    model = CXRClassifier(cfg.model).to(device)
+    net = CXRClassifier(cfg.model)
+    if dinfo.enabled and device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    model: torch.nn.Module = net
+    if dinfo.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * len(train_loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
     )
 
-    tracking.setup(cfg.tracking)
+    if dinfo.is_main:
+        tracking.setup(cfg.tracking)
     tags = {
         "stage": "classify",
         "arm": cfg.arm,
@@ -209,9 +248,11 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     cfg_dict = to_dict(cfg)
     best: dict[str, Any] = {"auroc": -1.0, "state": None, "epoch": 0}
     t0 = time.time()
-    with mlflow.start_run(run_name=run_dir.name, tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
-        mlflow.log_params({"n_train_real": len(train_items), "n_train_total": len(train_ds)})
+    with ml.start_run(run_name=run_dir.name, tags=tags) as run:
+        ml.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
+        ml.log_params(
+            {"n_train_real": len(train_items), "n_train_total": len(train_ds), "replicas": dinfo.world}
+        )
 
         def step_fn(batch: dict) -> dict[str, torch.Tensor]:
             x = batch["image"].to(device, non_blocking=True)
@@ -238,6 +279,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         for epoch in range(cfg.epochs):
             real_ds, syn_tf = seeded
             engine.seed_epoch(cfg.seed, epoch, gen, real_ds)
+            sampler.set_epoch(epoch)
             if train_ds is not real_ds:
                 train_ds.set_epoch(epoch)  # fresh synthetic draws each epoch, reproducibly
             if syn_tf is not None:
@@ -249,30 +291,34 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
                 step=step,
                 desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
                 log_every=cfg.tracking.log_every,
-                log_fn=lambda m, s: mlflow.log_metrics(m, step=s),
+                log_fn=lambda m, s: ml.log_metrics(m, step=s),
             )
-            val = {f"val/{k}": v for k, v in evaluate(model, val_loader, device).items()}
+            val = {f"val/{k}": v for k, v in evaluate(net, val_loader, device).items()}
             val["epoch"] = epoch + 1
-            mlflow.log_metrics(val, step=step)
+            ml.log_metrics(val, step=step)
             if val["val/auroc"] > best["auroc"]:
                 best = {
                     "auroc": val["val/auroc"],
-                    "state": copy.deepcopy(model.state_dict()),
+                    "state": copy.deepcopy(net.state_dict()),
                     "epoch": epoch + 1,
                 }
             print(
-                f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
+                ("" if dinfo.is_main else f"[rank {dinfo.rank}] ")
+                + f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
                 f"val/auroc={val['val/auroc']:.4f} val/loss={val['val/loss']:.4f}",
                 flush=True,
             )
-        model.load_state_dict(best["state"])
-        yv, pv = predict(model, val_loader, device)
+        if not dinfo.is_main:  # training is over: rank 0 alone tests, writes and logs
+            distributed.shutdown(dinfo)
+            return {"run_id": None, "run_dir": str(run_dir), "metrics": {}}
+        net.load_state_dict(best["state"])
+        yv, pv = predict(net, val_loader, device)
         threshold = M.youden_threshold(yv, pv)
-        yt, pt = predict(model, test_loader, device)
+        yt, pt = predict(net, test_loader, device)
         test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
         results = {f"test/{k}": v for k, v in test.items()}
         results.update({"best_epoch": best["epoch"], "threshold": threshold, "val/best_auroc": best["auroc"]})
-        mlflow.log_metrics(results, step=step)
+        ml.log_metrics(results, step=step)
 
         # per-image scores (the gain stage pairs arms on them), ROC plot, curves, checkpoint
         import pandas as pd
@@ -292,7 +338,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         ck = ckpt.save_checkpoint(
             run_dir / "classifier.pt",
             {
-                "model": model.state_dict(),
+                "model": net.state_dict(),
                 "config": cfg_dict,
                 "label_names": {int(k): v for k, v in names.items()},
                 "threshold": threshold,
@@ -325,4 +371,5 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     from pipeline.manifest import atomic_write_text
 
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
+    distributed.shutdown(dinfo)
     return result

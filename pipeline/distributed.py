@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owner: bool = False  # this call created the process group (and shuts it down)
 
     @property
     def is_main(self) -> bool:
@@ -40,12 +42,13 @@ def init() -> DistInfo:
     if world <= 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owner = not dist.is_initialized()
+    if owner:  # else a stage inside another (gain -> train/classify) shares its group
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
+    return DistInfo(rank, world, local, owner)
 
 
 def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
@@ -78,5 +81,35 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owner and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree(value: Any, info: DistInfo) -> Any:
+    """Rank 0's ``value`` on every replica (decisions that read files rank 0 wrote, run names
+    with a time stamp): replicas must take the same branch or the collectives deadlock."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class NoTracking:
+    """Stands in for ``mlflow`` on replicas other than rank 0: every call does nothing."""
+
+    class _Run:
+        class info:  # noqa: N801 - mirrors mlflow's Run.info
+            run_id = None
+
+        def __enter__(self) -> NoTracking._Run:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+    def start_run(self, *a: Any, **k: Any) -> _Run:
+        return self._Run()
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None

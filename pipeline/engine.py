@@ -127,8 +127,14 @@ def find_resume(resume: str, out_dir: str) -> Any:
     return p
 
 
-def check_writable(path: Any) -> None:
-    """Report a read-only or full output folder before training starts, not after the first epoch."""
+def check_writable(path: Any, need_bytes: int = 0) -> None:
+    """Report a read-only or full output folder before training starts, not after the first epoch.
+
+    ``need_bytes``: what the run will write at least (checkpoints are written beside the old one
+    and then renamed over it, so twice their size); less free space than that is an error too.
+    """
+    import errno
+    import shutil
     from pathlib import Path
 
     path = Path(path)
@@ -140,10 +146,24 @@ def check_writable(path: Any) -> None:
     try:
         probe.write_bytes(b"0" * 4096)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PermissionError(f"output folder {path} is full: {e}") from e
         raise PermissionError(f"output folder {path} is not writable: {e}") from e
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise PermissionError(
+            f"output folder {path} has {free / 2**20:.1f} MiB free; this run needs at least "
+            f"{need_bytes / 2**20:.1f} MiB for its checkpoints and grids"
+        )
+
+
+def state_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the modules' parameters and buffers (a checkpoint holds them, plus Adam's two
+    moments per parameter)."""
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 class RollbackNeeded(RuntimeError):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import distributed
 from pipeline.classify import ARMS, ClassifyConfig, classify
 
 DEFAULT_ARMS = ["real", "classical", "synthetic", "synthetic_only"]
@@ -68,7 +69,14 @@ class GainConfig:
 
 
 def _generator_for(
-    cfg: GainConfig, fraction: float, seed: int, manifest: Path, out: Path, parent_id: str, cache: dict
+    cfg: GainConfig,
+    fraction: float,
+    seed: int,
+    manifest: Path,
+    out: Path,
+    parent_id: str,
+    cache: dict,
+    dinfo: distributed.DistInfo,
 ) -> str:
     """A generator checkpoint trained on exactly this subset (trained, resumed or reused)."""
     from pipeline.config import load_config
@@ -98,16 +106,65 @@ def _generator_for(
         *cfg.vaegan_overrides,
     ]
     tcfg = load_config(TrainConfig, cfg.vaegan_config or None, overrides)
-    if (run_dir / "done").is_file() and last.is_file():
+    # under torchrun every replica must take the same branch: rank 0 reads the files
+    if distributed.agree((run_dir / "done").is_file() and last.is_file(), dinfo):
         cache[key] = str(last)
         return cache[key]
-    if last.is_file():
+    if distributed.agree(last.is_file(), dinfo):
         tcfg.resume = str(last)  # an interrupted generator continues where it stopped
     print(f"gain: training the generator for fraction {fraction:g} seed {seed} on {manifest}", flush=True)
     res = train(tcfg)
-    (run_dir / "done").write_text(res["run_id"])
+    if dinfo.is_main:
+        (run_dir / "done").write_text(str(res["run_id"]))
     cache[key] = res["checkpoint"]
     return cache[key]
+
+
+def _child_config(
+    cfg: GainConfig,
+    base: ClassifyConfig,
+    arm: str,
+    fraction: float,
+    seed: int,
+    sub: Path | str,
+    gen_path: str | None,
+    out: Path,
+    parent_id: str,
+) -> ClassifyConfig:
+    c = copy.deepcopy(base)
+    c.data.manifest = str(sub)
+    c.arm, c.seed, c.fraction = arm, seed, 1.0  # the subset manifest is the fraction
+    c.synthetic = gen_path or ""
+    c.out_dir = str(out / "children")
+    c.tracking.experiment = cfg.experiment
+    c.tracking.run_name = f"{arm}-f{fraction:g}-s{seed}"
+    c.tracking.parent_run_id = parent_id
+    return c
+
+
+def _gain_replica(
+    cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path, dinfo: distributed.DistInfo
+) -> dict[str, Any]:
+    """A replica (rank > 0) of ``gain`` under torchrun: the same sequence of children, each trained
+    data-parallel with rank 0, skipping exactly what rank 0 skips; no files, no tracking."""
+    parent_id = distributed.agree(None, dinfo)
+    gen_cache: dict = {}
+    for fraction in cfg.fractions:
+        for seed in cfg.seeds:
+            distributed.barrier(dinfo)  # rank 0 has written the subset manifest
+            sub = manifest if fraction == 1.0 else out / "subsets" / f"f{fraction:g}_s{seed}.csv"
+            gen_path = None
+            for arm in cfg.arms:
+                done = out / "children" / f"{arm}-f{fraction:g}-s{seed}" / "result.json"
+                if distributed.agree(done.is_file(), dinfo):
+                    continue
+                if "synthetic" in arm and gen_path is None:
+                    gen_path = _generator_for(
+                        cfg, fraction, seed, Path(sub), out, parent_id, gen_cache, dinfo
+                    )
+                classify(_child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, parent_id))
+    distributed.shutdown(dinfo)
+    return {"parent_run_id": parent_id}
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -168,6 +225,11 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
     base = copy.deepcopy(cfg.classify)
     manifest = resolve_manifest(base.data)
     out = Path(cfg.out_dir) / (cfg.run_name or "gain")
+    # under torchrun (N processes) every child trains data-parallel; rank 0 alone writes files and
+    # talks to MLflow, and broadcasts the decisions that depend on them
+    dinfo = distributed.init()
+    if not dinfo.is_main:
+        return _gain_replica(cfg, base, manifest, out, dinfo)
     check_writable(out)
     tcfg = copy.deepcopy(base.tracking)
     tcfg.experiment = cfg.experiment
@@ -187,6 +249,7 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
         for k, v in flatten(to_dict(cfg)).items():
             client.log_param(parent_id, k, str(v)[:500])
     print(f"gain: parent MLflow run {parent_id} in experiment {cfg.experiment}", flush=True)
+    parent_id = distributed.agree(parent_id, dinfo)
 
     gen_cache: dict = {}
     rows = []
@@ -200,25 +263,22 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
                     manifest, fraction, seed, out / "subsets" / f"f{fraction:g}_s{seed}.csv"
                 )
             )
+            distributed.barrier(dinfo)  # the replicas read the subset rank 0 wrote
             gen_path = None
             for arm in cfg.arms:
                 name = f"{arm}-f{fraction:g}-s{seed}"
                 done = out / "children" / name / "result.json"
-                if done.is_file():
+                if distributed.agree(done.is_file(), dinfo):
                     res = json.loads(done.read_text())
                     print(f"gain: {name} already done (run {res['run_id']})", flush=True)
                 else:
                     if "synthetic" in arm and gen_path is None:
-                        gen_path = _generator_for(cfg, fraction, seed, Path(sub), out, parent_id, gen_cache)
-                    c = copy.deepcopy(base)
-                    c.data.manifest = str(sub)
-                    c.arm, c.seed, c.fraction = arm, seed, 1.0  # the subset manifest is the fraction
-                    c.synthetic = gen_path or ""
-                    c.out_dir = str(out / "children")
-                    c.tracking.experiment = cfg.experiment
-                    c.tracking.run_name = name
-                    c.tracking.parent_run_id = parent_id
-                    res = classify(c)
+                        gen_path = _generator_for(
+                            cfg, fraction, seed, Path(sub), out, parent_id, gen_cache, dinfo
+                        )
+                    res = classify(
+                        _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, parent_id)
+                    )
                     client.set_tag(res["run_id"], "fraction", f"{fraction:g}")
                 m = res["metrics"]
                 rows.append(
@@ -247,6 +307,7 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
             client.log_metric(parent_id, f"delta_auroc/{r.arm}/f{r.fraction:g}", float(r.delta_auroc))
         client.log_metric(parent_id, f"auroc/{r.arm}/f{r.fraction:g}", float(r.auroc))
     client.set_terminated(parent_id)
+    distributed.shutdown(dinfo)
     print(md)
     print(f"gain: done in {time.time() - t0:.0f}s; table {out / 'gain_table.md'}, plot {plot}")
     print(f"MLflow parent run id: {parent_id}")

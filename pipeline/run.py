@@ -2,7 +2,8 @@
 
 Parses the stage, an optional YAML config and ``key=value`` overrides into the stage's typed
 config, then calls one stage function. ``ingest`` also takes ``SOURCE`` positionally and
-``--out``/``--labels`` flags.
+``--out``/``--labels`` flags. ``sync OUTBOX [uri=URI]`` sends the MLflow calls a run buffered on
+disk while its tracking server was unreachable.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ KEYVALUE_STAGES = {
     "evaluate": ("pipeline.evaluate", "EvaluateConfig", "evaluate"),
     "gain": ("pipeline.gain", "GainConfig", "gain"),
 }
-STAGES = ("ingest", "compare", *KEYVALUE_STAGES)
+STAGES = ("ingest", "compare", "sync", *KEYVALUE_STAGES)
 
 
 def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -79,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             if len(free) > 1:
                 own.append("filter=" + " ".join(free[1:]))
             return compare(load_config(CompareConfig, yaml_path, [_quote(o) for o in own]))
+        if args.stage == "sync":
+            from pipeline.tracking import sync
+
+            extra = [o for o in overrides if not o.startswith("uri=")]
+            if len(positional) != 1 or extra:
+                raise ConfigError("usage: python -m pipeline.run sync OUTBOX_FOLDER [uri=TRACKING_URI]")
+            uri = next((o.split("=", 1)[1] for o in overrides if o.startswith("uri=")), "")
+            return 0 if sync(positional[0], uri)["pending"] == 0 else 1
         if positional:
             raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
         # the remaining stages differ only in which config class and function they use

@@ -7,10 +7,14 @@ embedded store ``sqlite:///<repo>/mlflow/store/mlflow.db`` with artifacts in
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STORE_DIR = REPO_ROOT / "mlflow" / "store"
@@ -25,6 +29,7 @@ class TrackingConfig:
     log_model: bool = True  # log (and register) the generator as an MLflow model at the end
     log_every: int = 10  # steps between per-step metric logs (each log is a host sync + a DB write)
     parent_run_id: str = ""  # make the run a child of this one (the gain experiment sets it)
+    retry_s: float = 30.0  # while the server is unreachable, seconds between attempts to send the outbox
 
 
 def embedded_uri(store_dir: Path = STORE_DIR) -> str:
@@ -80,3 +85,362 @@ def git_commit() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# ------------------------------------------------------------------------ outage-tolerant logging
+OUTBOX_NAME = "tracking_outbox"
+
+
+def _fail_fast_http() -> None:
+    """MLflow retries a failed HTTP request 7 times with exponential back-off (minutes) and
+    waits 120 s for an answer. A training loop must not stall that long on a dead server: fail
+    at once and let the outbox keep the data (it is retried every ``retry_s``). Explicit settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+class Tracker:
+    """Logs one run to MLflow and keeps going when the tracking server cannot be reached.
+
+    Every call is sent at once when the server answers. When a call fails (the server is down at
+    start, killed mid-run, the disk behind it is full, ...), that call and every later one go to an
+    outbox on disk, in order (``<run_dir>/tracking_outbox/ops.jsonl``; logged files are copied
+    there, so a file overwritten later, such as the checkpoint, is sent as it was). Every
+    ``retry_s`` seconds the next call first tries to send the outbox; the end of the run tries once
+    more. What still cannot be sent stays on disk, a warning says where, and
+    ``python -m pipeline.run sync OUTBOX`` sends it later. A run that could not be created on the
+    server at start is created when the outbox is first sent, with the original metric timestamps.
+
+    Beside the outbox, every metric logged is appended to ``<run_dir>/metrics.jsonl``: the local
+    record a resumed run reads its highest logged step from, and the loss curve is drawn from,
+    whether or not the server is up.
+
+    ``enabled=False`` (replicas other than rank 0 under torchrun) makes every call a no-op.
+    """
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, enabled: bool = True) -> None:
+        self.cfg, self.enabled = cfg, enabled
+        self.run_dir = Path(run_dir)
+        self.outbox = self.run_dir / OUTBOX_NAME
+        self.ops_file, self.state_file = self.outbox / "ops.jsonl", self.outbox / "state.json"
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.uri = resolve_uri(cfg) if enabled else ""
+        self.run_id: str | None = None
+        self.pending: list[dict] = []
+        self.online = True
+        self.next_retry = 0.0
+        self.sent_late = 0
+        self.last_error = ""
+        self._seq = 0
+        self._client = None
+        if enabled:
+            if self.uri.startswith(("http://", "https://")):
+                _fail_fast_http()
+            import mlflow
+
+            # no server contact here: the experiment is looked up or created by the start op
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_registry_uri(self.uri)
+
+    # ------------------------------------------------------------------ public API (train uses)
+    def start(self, run_id: str | None, run_name: str, tags: dict[str, str] | None = None) -> str | None:
+        """Begin (or, with ``run_id``, continue) the run. Returns the run id, or None while the
+        server has not been reached yet."""
+        if not self.enabled:
+            return None
+        self._load()
+        self.run_id = run_id or self.run_id
+        if self.run_id is None and not any(op["op"] == "start" for op in self.pending):
+            self._submit(
+                {"op": "start", "experiment": self.cfg.experiment, "run_name": run_name, "tags": tags or {}}
+            )
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._submit({"op": "params", "data": {k: str(v)[:500] for k, v in params.items()}})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._submit({"op": "tags", "data": {k: str(v) for k, v in tags.items()}})
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self._submit({"op": "dict", "data": data, "name": name})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        ts = int(time.time() * 1000)
+        self._submit(
+            {"op": "metrics", "data": {k: float(v) for k, v in metrics.items()}, "step": step, "ts": ts}
+        )
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, "ts": ts, "metrics": metrics}) + "\n")
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._submit({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def log_generator(self, checkpoint: str | Path, registered_name: str = "") -> None:
+        """Log the generator of a train checkpoint as an MLflow PyTorch model (and register it)."""
+        self._submit({"op": "generator", "path": str(checkpoint), "registered_name": registered_name})
+
+    def max_logged_step(self) -> int:
+        """The highest step logged by this run so far, by any process (from the local record)."""
+        return max((s for s, _ in self._records()), default=-1)
+
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        out: dict[str, list[tuple[int, float]]] = {}
+        for step, metrics in self._records():
+            for k, v in metrics.items():
+                out.setdefault(k, []).append((step, float(v)))
+        return out
+
+    def close(self, status: str = "FINISHED") -> dict[str, Any]:
+        """End the run; try to send what is buffered; warn clearly about whatever is left."""
+        if not self.enabled:
+            return {}
+        self._submit({"op": "end", "status": status})
+        if self.pending:
+            self.flush()
+        summary = {"pending": len(self.pending), "sent_late": self.sent_late, "outbox": str(self.outbox)}
+        if self.pending:
+            kinds: dict[str, int] = {}
+            for op in self.pending:
+                kinds[op["op"]] = kinds.get(op["op"], 0) + 1
+            print(
+                f"WARNING tracking: {self.uri} could not be reached; {len(self.pending)} operations "
+                f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}) are kept in {self.outbox}. "
+                f"Nothing is lost: send them when the server is back with\n"
+                f"    python -m pipeline.run sync {self.outbox}",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif self.sent_late:
+            print(
+                f"tracking: {self.sent_late} operations buffered during the outage were sent to {self.uri}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return summary
+
+    def flush(self) -> bool:
+        """Send the outbox in order; True when it is empty afterwards."""
+        if not self.pending:
+            return True
+        n_before = len(self.pending)
+        while self.pending:
+            try:
+                self._send(self.pending[0])
+            except Exception as e:  # noqa: BLE001 - any failure of the store keeps the op
+                self._went_offline(e)
+                break
+            self.pending.pop(0)
+            self.sent_late += 1
+        self._rewrite()
+        if not self.pending:
+            if not self.online:
+                print(
+                    f"tracking: {self.uri} is reachable again; sent {n_before} buffered operations",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.online = True
+            return True
+        return False
+
+    # ------------------------------------------------------------------------------ internals
+    def _submit(self, op: dict) -> None:
+        if not self.enabled:
+            return
+        self._seq += 1
+        op = {**op, "seq": self._seq}
+        if self.pending and time.monotonic() >= self.next_retry:
+            self.flush()
+        if not self.pending:
+            try:
+                self._send(op)
+                return
+            except Exception as e:  # noqa: BLE001
+                self._went_offline(e)
+        self._enqueue(op)
+
+    def _went_offline(self, err: Exception) -> None:
+        self.last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        if self.online:
+            msg = str(err).splitlines()[0][:300] if str(err) else ""
+            print(
+                f"WARNING tracking: {self.uri} failed ({type(err).__name__}: {msg}); training goes on, "
+                f"logging is kept in {self.outbox} and retried every {self.cfg.retry_s:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.online = False
+        self.next_retry = time.monotonic() + self.cfg.retry_s
+
+    def _enqueue(self, op: dict) -> None:
+        import shutil
+
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        if op["op"] in ("artifact", "generator"):
+            # keep the file as it is now: the checkpoint, for one, is overwritten later
+            src = Path(op["path"])
+            dst = self.outbox / "files" / f"{op['seq']:06d}-{src.name}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            op = {**op, "path": str(dst), "name": src.name}
+        self.pending.append(op)
+        if not self.state_file.is_file():
+            self._save_state()
+        with open(self.ops_file, "a") as f:
+            f.write(json.dumps(op) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _rewrite(self) -> None:
+        if not self.outbox.is_dir():
+            return
+        keep = {op["path"] for op in self.pending if "path" in op}
+        files = self.outbox / "files"
+        if files.is_dir():
+            for p in files.iterdir():
+                if str(p) not in keep:
+                    p.unlink(missing_ok=True)
+        tmp = self.ops_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(op) + "\n" for op in self.pending))
+        os.replace(tmp, self.ops_file)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        state = {"uri": self.uri, "experiment": self.cfg.experiment, "run_id": self.run_id}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_file)
+
+    def _load(self) -> None:
+        """Pick up an outbox left by an earlier process of this run (a crash during an outage)."""
+        if self.state_file.is_file():
+            self.run_id = json.loads(self.state_file.read_text()).get("run_id") or self.run_id
+        if self.ops_file.is_file():
+            self.pending = [
+                json.loads(line) for line in self.ops_file.read_text().splitlines() if line.strip()
+            ]
+            if self.run_id:  # the run was created already; a start left in the file is stale
+                self.pending = [op for op in self.pending if op["op"] != "start"]
+            self._seq = max((op["seq"] for op in self.pending), default=0)
+            self.online = not self.pending
+
+    def _records(self):
+        if not self.metrics_file.is_file():
+            return
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            yield int(rec["step"]), rec["metrics"]
+
+    @property
+    def client(self):
+        if self._client is None:
+            import mlflow
+
+            self._client = mlflow.tracking.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    def _send(self, op: dict) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op["op"]
+        if kind == "start":
+            if self.run_id:
+                return
+            exp_id = _experiment_id(self.client, self.uri, op["experiment"])
+            run = self.client.create_run(exp_id, run_name=op["run_name"], tags=op["tags"])
+            self.run_id = run.info.run_id
+            if self.outbox.is_dir():  # an outbox is being sent: record the run before anything else
+                self._save_state()
+            return
+        if self.run_id is None:
+            raise RuntimeError("no run yet: the start of the run has not been sent")
+        if kind == "params":
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op["data"].items()])
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["data"].items()])
+        elif kind == "dict":
+            self.client.log_dict(self.run_id, op["data"], op["name"])
+        elif kind == "metrics":
+            ms = [Metric(k, v, op["ts"], op["step"]) for k, v in op["data"].items()]
+            self.client.log_batch(self.run_id, metrics=ms)
+        elif kind == "artifact":
+            path = Path(op["path"])
+            if "name" in op and path.name != op["name"]:
+                # a buffered copy: send it under its original file name
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as d:
+                    (Path(d) / op["name"]).symlink_to(path.resolve())
+                    self.client.log_artifact(self.run_id, str(Path(d) / op["name"]), op["artifact_path"])
+            else:
+                self.client.log_artifact(self.run_id, str(path), op["artifact_path"])
+        elif kind == "generator":
+            _log_generator_model(self.run_id, op["path"], op["registered_name"])
+        elif kind == "end":
+            self.client.set_terminated(self.run_id, op["status"])
+        else:
+            raise ValueError(f"unknown outbox operation {kind!r}")
+
+
+def _experiment_id(client, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    loc = (
+        (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
+        if uri.startswith("sqlite:///")
+        else None
+    )
+    return client.create_experiment(name, artifact_location=loc)
+
+
+def _log_generator_model(run_id: str, checkpoint: str, registered_name: str) -> None:
+    import mlflow
+    import mlflow.pytorch
+
+    from pipeline.generate import load_generator
+
+    gen = load_generator(checkpoint).generator
+    # pickle serialisation: torch.export (pt2) cannot trace a module with optional label input
+    kwargs: dict[str, Any] = {
+        "name": "generator",
+        "serialization_format": "pickle",
+        "code_paths": [str(REPO_ROOT / "networks")],
+    }
+    if registered_name:
+        kwargs["registered_model_name"] = registered_name
+    # log_model needs an active run; nested: a parent run may be active in this process
+    with mlflow.start_run(run_id=run_id, nested=True):
+        try:
+            mlflow.pytorch.log_model(gen, **kwargs)
+        except TypeError:  # older MLflow without name/serialization_format
+            mlflow.pytorch.log_model(gen, "generator", registered_model_name=registered_name or None)
+
+
+def sync(outbox: str | Path, uri: str = "") -> dict[str, Any]:
+    """Send an outbox left by a run whose tracking server was unreachable (``pipeline.run sync``)."""
+    outbox = Path(outbox)
+    state_file = outbox / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{outbox} is not a tracking outbox (no state.json)")
+    state = json.loads(state_file.read_text())
+    cfg = TrackingConfig(uri=uri or state["uri"], experiment=state["experiment"])
+    tr = Tracker(cfg, outbox.parent)
+    tr._load()
+    n = len(tr.pending)
+    ok = tr.flush()
+    print(
+        f"sync {outbox}: sent {tr.sent_late} of {n} operations to {tr.uri}"
+        + ("" if ok else f"; {len(tr.pending)} still pending ({tr.last_error})")
+        + (f"; run id {tr.run_id}" if tr.run_id else ""),
+        flush=True,
+    )
+    return {"sent": tr.sent_late, "pending": len(tr.pending), "run_id": tr.run_id}

@@ -43,6 +43,14 @@ def test_classifier_validation():
         ClassifierConfig(num_classes=1)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         ClassifierConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="norm must be 'batch' or 'instance'"):
+        ClassifierConfig(norm="group")
+    with pytest.raises(ValueError, match="densenet121 uses batch norm"):
+        ClassifierConfig(arch="densenet121", norm="instance")
+    # instance norm keeps the shapes and has no running statistics
+    m = CXRClassifier(ClassifierConfig(norm="instance"))
+    assert m(torch.randn(2, 1, 64, 64)).shape == (2,)
+    assert not any("running_mean" in k for k in m.state_dict())
 
 
 def test_generate_then_classify_with_synthetic_augmentation_then_compare(

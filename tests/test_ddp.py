@@ -82,3 +82,66 @@ def test_two_process_ddp_matches_one_process(tmp_path, phantom_manifest):
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "val/ssim" in runs[0].data.metrics
     assert two.stdout.count("MLflow run id:") == 1
+
+
+def test_gain_under_torchrun_matches_one_process(tmp_path, phantom_manifest):
+    """The gain experiment under torchrun: every child (the generator's VAE-GAN and each
+    classifier) trains data-parallel, rank 0 alone writes and logs, and the real-only classifier
+    ends with the weights one process gives."""
+    import mlflow
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI="", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+
+    def args(out, uri) -> list[str]:
+        return [
+            "gain",
+            f"classify.data.manifest={phantom_manifest}",
+            "classify.data.image_size=32",
+            "classify.data.batch_size=8",
+            "classify.data.augment=false",
+            "classify.model.widths=[8,16,16,16]",
+            "classify.model.norm=instance",
+            "classify.model.max_pool=false",  # instance norm needs more than 1x1 in the last stage
+            "classify.epochs=2",
+            "classify.bootstrap=20",
+            "classify.threads=1",
+            f"classify.tracking.uri={uri}",
+            "arms=[real,synthetic]",
+            "fractions=[1.0]",
+            "seeds=[0]",
+            "vaegan_overrides=[epochs=1,data.batch_size=8,data.augment=false,model.base_channels=8,"
+            "model.latent_dim=8,model.num_classes=2,model.norm=INSTANCE,grid_size=4,tracking.log_model=false]",
+            f"out_dir={out}",
+            "run_name=g",
+        ]
+
+    def run(cmd):
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    run([sys.executable, "-m", "pipeline.run", *args(tmp_path / "one", f"sqlite:///{tmp_path / 'one.db'}")])
+    uri = f"sqlite:///{tmp_path / 'two.db'}"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+    ]
+    two = run([*torchrun, "-m", "pipeline.run", *args(tmp_path / "two", uri)])
+    assert two.stdout.count("MLflow parent run id:") == 1
+    for arm in ("real", "synthetic"):
+        a = load_checkpoint(tmp_path / "one" / "g" / "children" / f"{arm}-f1-s0" / "classifier.pt")
+        b = load_checkpoint(tmp_path / "two" / "g" / "children" / f"{arm}-f1-s0" / "classifier.pt")
+        keys = [k for k, v in a["model"].items() if v.is_floating_point()]
+        va = torch.cat([a["model"][k].flatten() for k in keys])
+        vb = torch.cat([b["model"][k].flatten() for k in keys])
+        rel = ((va - vb).norm() / va.norm()).item()
+        assert rel < 2e-3, f"{arm}: relative weight difference {rel:.2e}"
+    # one parent, one generator run and two classifier runs: nothing logged twice
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("cxr-vaegan-gain").experiment_id])
+    stages = sorted(r.data.tags.get("stage") for r in runs)
+    assert stages == ["classify", "classify", "gain", "train"]
+    assert (tmp_path / "two" / "g" / "gain_table.md").is_file()

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from cxr_factory import REPO
+from mlflow_server import free_port, kill, start_server
 
 from networks import VAEGAN, ModelConfig
 from pipeline.checkpoint import CheckpointError, load_checkpoint
@@ -228,57 +229,12 @@ def test_cli_smoke(tmp_path, phantom_manifest):
 
 
 # ----------------------------------------------------------------------------- a real mlflow server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "art"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    port = free_port()
+    proc = start_server(port, tmp_path)
+    yield f"http://127.0.0.1:{port}"
+    kill(proc, signal.SIGTERM)
 
 
 def test_against_a_real_mlflow_server(tmp_path, phantom_manifest, mlflow_server):
@@ -362,3 +318,35 @@ def test_unwritable_output_is_reported_before_training(tmp_path, phantom_manifes
         train(cfg)
     assert time.time() - t0 < 30
     assert not list(tmp_path.glob("mlflow.db"))  # nothing was started, not even the tracking run
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs), mounted for the test: a nearly full disk."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_output_disk_is_reported_before_training(tmp_path, phantom_manifest, small_disk):
+    cfg = _tiny(phantom_manifest, tmp_path, f"out_dir={small_disk / 'out'}")
+    t0 = time.time()
+    with pytest.raises(PermissionError, match=r"MiB free; this run needs at least"):
+        train(cfg)
+    assert time.time() - t0 < 30
+    # a disk with no space left at all: the write probe itself fails, and says why
+    from pipeline.engine import check_writable
+
+    (small_disk / "out2").mkdir()
+    with pytest.raises(OSError), open(small_disk / "filler", "wb") as f:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    with pytest.raises(PermissionError, match="is full"):
+        check_writable(small_disk / "out2")

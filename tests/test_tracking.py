@@ -1,0 +1,174 @@
+"""Tracking outages: a real ``mlflow server`` on 127.0.0.1, unreachable at start or killed mid-run.
+
+Training must go on, keep on disk what it could not send, and lose no metric or artifact: after
+the server is back (reconnect during the run, or ``pipeline.run sync`` afterwards) the server holds
+every step of the run's local metric record and every grid, checkpoint and plot.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cxr_factory import REPO
+from mlflow_server import free_port, kill, start_server
+
+TINY = [
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.max_train=24",
+    "data.max_val=8",
+    "model.latent_dim=8",
+    "model.base_channels=8",
+    "model.max_channels=32",
+    "model.disc_channels=8",
+    "model.num_classes=2",
+    "grid_size=8",
+    "threads=1",
+    "tracking.log_every=1",
+    "tracking.experiment=outage",
+    "tracking.register_model=outage-generator",
+]
+
+
+def _local_steps(run_dir: Path, key: str) -> list[int]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in recs if key in r["metrics"]]
+
+
+def _check_server_has_everything(url: str, run_id: str, run_dir: Path, epochs: int) -> None:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=url, registry_uri=url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == str(epochs)
+    assert run.data.tags["stage"] == "train"
+    for key in ("train/kl", "val/ssim"):
+        server = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert server == _local_steps(run_dir, key), key
+    assert len(_local_steps(run_dir, "val/ssim")) == epochs
+    grids = {f.path for f in client.list_artifacts(run_id, "grids")}
+    assert grids == {
+        f"grids/{k}_epoch{e:03d}.png" for k in ("samples", "recon") for e in range(1, epochs + 1)
+    }
+    assert [f.path for f in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    assert [f.path for f in client.list_artifacts(run_id, "plots")] == ["plots/loss_curves.png"]
+    assert "config.json" in {f.path for f in client.list_artifacts(run_id)}
+    versions = client.search_model_versions("name='outage-generator'")
+    assert [v.run_id for v in versions] == [run_id]
+    # the outbox is empty once everything is sent
+    assert not (run_dir / "tracking_outbox" / "ops.jsonl").read_text().strip()
+    assert not list((run_dir / "tracking_outbox").glob("files/*"))
+
+
+def test_server_unreachable_at_start(tmp_path, phantom_manifest, capsys):
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.config import load_config
+    from pipeline.train import TrainConfig, train
+
+    port = free_port()  # nothing listens here yet
+    url = f"http://127.0.0.1:{port}"
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.manifest={phantom_manifest}",
+            *TINY,
+            "epochs=2",
+            f"out_dir={tmp_path / 'out'}",
+            f"tracking.uri={url}",
+        ],
+    )
+    res = train(cfg)
+    err = capsys.readouterr().err
+    run_dir = Path(res["run_dir"])
+    assert res["run_id"] is None  # never reached
+    assert f"WARNING tracking: {url} failed" in err
+    assert "python -m pipeline.run sync" in err and "Nothing is lost" in err
+    # training itself finished and checkpointed
+    assert load_checkpoint(res["checkpoint"])["epoch"] == 2
+    ops = [json.loads(line) for line in (run_dir / "tracking_outbox" / "ops.jsonl").read_text().splitlines()]
+    assert ops[0]["op"] == "start" and ops[-1]["op"] == "end"
+    assert sum(op["op"] == "metrics" for op in ops) == len(
+        (run_dir / "metrics.jsonl").read_text().splitlines()
+    )
+    assert all(Path(op["path"]).is_file() for op in ops if "path" in op)
+
+    proc = start_server(port, tmp_path / "server")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeline.run", "sync", str(run_dir / "tracking_outbox")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        state = json.loads((run_dir / "tracking_outbox" / "state.json").read_text())
+        assert state["run_id"] and state["run_id"] in out.stdout
+        _check_server_has_everything(url, state["run_id"], run_dir, epochs=2)
+    finally:
+        kill(proc, signal.SIGTERM)
+
+
+def test_server_killed_mid_run_and_back(tmp_path, phantom_manifest):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    store = tmp_path / "server"
+    server = start_server(port, store)
+    epochs = 8
+    errlog = tmp_path / "train.err"
+    with open(errlog, "w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.run",
+                "train",
+                f"data.manifest={phantom_manifest}",
+                *TINY,
+                f"epochs={epochs}",
+                f"out_dir={tmp_path / 'out'}",
+                f"tracking.uri={url}",
+                "tracking.retry_s=1",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("epoch 2/"):
+                    kill(server)  # SIGKILL: the server vanishes mid-run
+                elif line.startswith("epoch 4/"):
+                    # hold training while the server restarts, so that it reconnects mid-run
+                    proc.send_signal(signal.SIGSTOP)
+                    server = start_server(port, store)
+                    proc.send_signal(signal.SIGCONT)
+            assert proc.wait(timeout=600) == 0, errlog.read_text()
+            text = errlog.read_text()
+            assert f"WARNING tracking: {url} failed" in text
+            assert "is reachable again; sent" in text
+            assert "could not be reached" not in text  # nothing was left over at the end
+            run_id = next(ln.split()[3] for ln in lines if ln.startswith("MLflow run id:"))
+            grid = next(ln.split(": ", 1)[1].strip() for ln in lines if ln.startswith("sample grid:"))
+            _check_server_has_everything(url, run_id, Path(grid).parent.parent, epochs=epochs)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            kill(server, signal.SIGTERM)
+
+
+def test_sync_refuses_a_folder_that_is_not_an_outbox(tmp_path):
+    from pipeline.tracking import sync
+
+    with pytest.raises(FileNotFoundError, match="is not a tracking outbox"):
+        sync(tmp_path)
