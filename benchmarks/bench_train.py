@@ -123,7 +123,7 @@ def make_config(size: int, arm: str, device: torch.device) -> TrainConfig:
     return cfg
 
 
-def build(cfg: TrainConfig, device: torch.device, compile_: bool = False):
+def build(cfg: TrainConfig, device: torch.device, compile_: bool = False, batch_aug=None):
     torch.manual_seed(0)
     model = VAEGAN(cfg.model).to(device)
     if cfg.channels_last:
@@ -133,7 +133,7 @@ def build(cfg: TrainConfig, device: torch.device, compile_: bool = False):
         for m in groups.modules.values():
             m.compile()
     amp = engine.amp_dtype(cfg.amp, device)
-    step_fn = make_step_fn(model, groups, cfg, device, amp, None)
+    step_fn = make_step_fn(model, groups, cfg, device, amp, None, batch_aug=batch_aug)
     return model, step_fn, amp
 
 
@@ -223,7 +223,7 @@ def _items(manifest: str, limit: int) -> list[dict]:
 
 
 def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
-    from pipeline.data import build_dataset, make_loader
+    from pipeline.data import build_dataset, device_augment, make_loader
 
     items = _items(args.manifest, args.epoch_images)
     out: dict[str, Any] = {"manifest": args.manifest, "images": len(items), "size": 64, "arms": {}}
@@ -231,9 +231,14 @@ def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
         cfg = make_config(64, arm, device)
         cfg.data.batch_size = args.batch
         cfg.data.num_workers = 0 if arm == "naive" else args.workers
-        model, step_fn, _ = build(cfg, device)
+        # the naive loop augments in the loader; the project does what train does (on CUDA: on the GPU)
+        cfg.data.augment_on = "loader" if arm == "naive" else cfg.data.augment_on
+        batch_aug = device_augment(cfg.data, device)
+        model, step_fn, _ = build(cfg, device, batch_aug=batch_aug)
         t = time.perf_counter()
-        ds = build_dataset(items, cfg.data, train=True, cache="none" if arm == "naive" else "memory")
+        ds = build_dataset(
+            items, cfg.data, train=batch_aug is None, cache="none" if arm == "naive" else "memory"
+        )
         fill = time.perf_counter() - t
         gen = torch.Generator()
         loader = make_loader(ds, cfg.data, shuffle=True, generator=gen)

@@ -35,9 +35,14 @@ class DataConfig(TransformConfig):
     max_train: int = 0  # > 0: use only the first N training images (quick runs, tests)
     max_val: int = 512
     labels: list[int] = field(default_factory=list)  # keep only these labels (e.g. [0]: normals only)
+    # where the train augmentation runs: loader (MONAI, per image, CPU workers) | device (the
+    # whole batch at once on the training device, transforms.batch) | auto (device on CUDA)
+    augment_on: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.augment_on not in ("auto", "loader", "device"):
+            raise ValueError(f"augment_on must be auto, loader or device, got {self.augment_on!r}")
         if self.cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache must be memory, disk or none, got {self.cache!r}")
         if self.batch_size < 1:
@@ -102,6 +107,16 @@ def build_dataset(
         d.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(items, tf, cache_dir=d)
     return Dataset(items, tf)
+
+
+def device_augment(cfg: DataConfig, device: torch.device):
+    """A :class:`transforms.batch.BatchAugment` when the train augmentation runs on the device
+    (``augment_on=device``, or ``auto`` on CUDA), else None (the loader augments)."""
+    from transforms.batch import BatchAugment
+
+    if not cfg.augment or cfg.augment_on == "loader" or (cfg.augment_on == "auto" and device.type != "cuda"):
+        return None
+    return BatchAugment(cfg)
 
 
 def make_loader(

@@ -23,7 +23,7 @@ from networks.vaegan import VAEGAN, ModelConfig
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, engine, tracking
 from pipeline.config import flatten, to_dict
-from pipeline.data import DataConfig, build_dataset, make_loader, records, resolve_manifest
+from pipeline.data import DataConfig, build_dataset, device_augment, make_loader, records, resolve_manifest
 from pipeline.manifest import label_names, read_manifest
 from pipeline.tracking import TrackingConfig, git_commit
 from pipeline.viz import pairs, plot_curves, save_grid
@@ -196,6 +196,7 @@ def make_step_fn(
     scaler: torch.amp.GradScaler | None,
     guard: engine.DivergenceGuard | None = None,
     dinfo: distributed.DistInfo | None = None,
+    batch_aug=None,
 ):
     """The VAE-GAN training step ``step_fn(batch) -> {loss name: detached tensor}``.
 
@@ -205,6 +206,8 @@ def make_step_fn(
 
     def step_fn(batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
+        if batch_aug is not None:  # augmentation on the device, the whole batch at once
+            x = batch_aug(x)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device, non_blocking=True).clamp_min(0)
@@ -266,6 +269,7 @@ def train_one_epoch(
     restore_rng: dict | None = None,
     guard: engine.DivergenceGuard | None = None,
     dinfo: distributed.DistInfo | None = None,
+    batch_aug=None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns (epoch-mean losses, new global step).
 
@@ -275,7 +279,7 @@ def train_one_epoch(
     ``ckpt_fn(step, epoch, batch_in_epoch)`` saves a mid-epoch checkpoint.
     """
     model.train()
-    step_fn = make_step_fn(model, groups, cfg, device, amp, scaler, guard, dinfo)
+    step_fn = make_step_fn(model, groups, cfg, device, amp, scaler, guard, dinfo, batch_aug)
     return engine.run_epoch(
         loader,
         step_fn,
@@ -355,7 +359,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"classes={names} device={device} amp={amp}",
         flush=True,
     )
-    train_ds = build_dataset(train_items, cfg.data, train=True)
+    batch_aug = device_augment(cfg.data, device)  # None: the loader augments each image
+    train_ds = build_dataset(train_items, cfg.data, train=batch_aug is None)
     val_ds = build_dataset(val_items, cfg.data, train=False)
     gen = torch.Generator()
     from torch.utils.data.distributed import DistributedSampler
@@ -515,6 +520,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     restore_rng=restore_rng if epoch == start_epoch else None,
                     guard=guard,
                     dinfo=dinfo if dinfo.enabled else None,
+                    batch_aug=batch_aug,
                 )
             except engine.RollbackNeeded as e:
                 factor = guard.rollback()  # raises DivergenceError after R rollbacks

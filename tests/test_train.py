@@ -350,3 +350,15 @@ def test_full_output_disk_is_reported_before_training(tmp_path, phantom_manifest
             f.flush()
     with pytest.raises(PermissionError, match="is full"):
         check_writable(small_disk / "out2")
+
+
+def test_augmentation_on_the_device_trains(tmp_path, phantom_manifest):
+    """augment_on=device (the CUDA default) works on CPU too: the loader serves unaugmented
+    cached tensors and the step augments the batch."""
+    from pipeline.data import DataConfig
+
+    res = train(_tiny(phantom_manifest, tmp_path, "data.augment_on=device"))
+    ck = load_checkpoint(res["checkpoint"])
+    assert all(torch.isfinite(v).all() for v in ck["models"]["decoder"].values() if v.is_floating_point())
+    with pytest.raises(ValueError, match="augment_on must be auto, loader or device"):
+        DataConfig(augment_on="gpu")

@@ -79,3 +79,57 @@ def test_cached_datasets(tmp_path, phantom_manifest):
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == len(items)
     with pytest.raises(ValueError, match="cache"):
         DataConfig(cache="ram")
+
+
+# --------------------------------------------------------------------- batched device augmentation
+def _blob_batch(b: int = 6, s: int = 32) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    blob = ((yy - s / 2) ** 2 + (xx - s / 2) ** 2 < (s / 4) ** 2).float()
+    return (blob * torch.linspace(0.5, 1.0, b)[:, None, None]).unsqueeze(1) * 2 - 1
+
+
+def test_batch_augment_identity_when_off_and_keeps_shape_range():
+    from transforms.batch import BatchAugment
+    from transforms.presets import TransformConfig
+
+    x = _blob_batch()
+    before = x.clone()
+    out = BatchAugment(TransformConfig(image_size=32, aug_prob=0.0))(x)
+    assert torch.equal(x, before)  # the input is not modified
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.allclose(out, x, atol=1e-5)  # probability 0: every image unchanged
+    torch.manual_seed(0)
+    on = BatchAugment(TransformConfig(image_size=32, aug_prob=1.0))(x)
+    assert on.min() >= -1 and on.max() <= 1
+    assert (on - x).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # probability 1: every image changed
+    torch.manual_seed(0)
+    assert torch.equal(on, BatchAugment(TransformConfig(image_size=32, aug_prob=1.0))(x))  # seeded
+
+
+def test_batch_augment_parameters_stay_in_their_ranges():
+    from transforms.batch import BatchAugment
+    from transforms.presets import TransformConfig
+
+    x = _blob_batch(b=64)
+    unit = (x + 1) / 2
+    # intensity scale alone: each image is multiplied by a factor in [1 - f, 1 + f]
+    only_scale = TransformConfig(
+        image_size=32, aug_prob=1.0, rotate_deg=0, scale=0, translate=0, contrast_gamma=0, intensity_scale=0.1
+    )
+    out = (BatchAugment(only_scale)(x) + 1) / 2
+    ratio = out.amax(dim=(1, 2, 3)) / unit.amax(dim=(1, 2, 3))
+    assert ratio.min() >= 0.9 - 1e-5 and ratio.max() <= 1.1 + 1e-5 and ratio.std() > 0.01
+    # rotation alone (about the centre, black outside): a centred disc keeps its area
+    only_rot = TransformConfig(
+        image_size=32, aug_prob=1.0, rotate_deg=30, scale=0, translate=0, contrast_gamma=0, intensity_scale=0
+    )
+    out = (BatchAugment(only_rot)(x) + 1) / 2
+    assert torch.allclose(out.sum(dim=(1, 2, 3)), unit.sum(dim=(1, 2, 3)), rtol=0.03)
+    # translation alone moves the disc's centre by at most translate * size pixels per axis
+    only_shift = TransformConfig(
+        image_size=32, aug_prob=1.0, rotate_deg=0, scale=0, translate=0.1, contrast_gamma=0, intensity_scale=0
+    )
+    out = (BatchAugment(only_shift)(x) + 1) / 2
+    grid = torch.arange(32.0)
+    cx = (out.sum(dim=(1, 2)) * grid).sum(-1) / out.sum(dim=(1, 2, 3))
+    assert (cx - 16).abs().max() <= 0.1 * 32 + 0.5 and (cx - 16).abs().max() > 0.5
