@@ -265,6 +265,7 @@ def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
             "images_per_s": n / epoch,
             "steps": steps,
             "num_workers": cfg.data.num_workers,
+            "augment_on": "device" if batch_aug is not None else "loader",
         }
         if arm == "project":
             arm_res["cache_fill_s"] = fill

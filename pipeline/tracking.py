@@ -184,8 +184,22 @@ class Tracker:
         self._submit({"op": "generator", "path": str(checkpoint), "registered_name": registered_name})
 
     def max_logged_step(self) -> int:
-        """The highest step logged by this run so far, by any process (from the local record)."""
-        return max((s for s, _ in self._records()), default=-1)
+        """The highest step this run has logged so far, by any process: the larger of the local
+        record and, when it answers, the server (a process killed between sending a metric and
+        appending it to the local record sent one step the record lacks)."""
+        local = max((s for s, _ in self._records()), default=-1)
+        if not self.enabled or not self.run_id or self.pending:
+            return local
+        try:
+            run = self.client.get_run(self.run_id)
+            server = max(
+                (m.step for k in run.data.metrics for m in self.client.get_metric_history(self.run_id, k)),
+                default=-1,
+            )
+        except Exception as e:  # noqa: BLE001 - unreachable: the local record is what we have
+            self._went_offline(e)
+            return local
+        return max(local, server)
 
     def history(self) -> dict[str, list[tuple[int, float]]]:
         out: dict[str, list[tuple[int, float]]] = {}
