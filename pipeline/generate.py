@@ -109,7 +109,7 @@ def load_generator(source: str | Path, device: str | torch.device = "cpu") -> Lo
     from pipeline.train import config_from_checkpoint
 
     mcfg = config_from_checkpoint(payload).model
-    dec = Decoder(**autoencoder_kwargs(mcfg))
+    dec = Decoder(**autoencoder_kwargs(mcfg), head=mcfg.decoder_head)
     ckpt.load_module_state(dec, payload["models"]["decoder"], "decoder", src)
     names = {int(k): str(v) for k, v in payload.get("label_names", {}).items()}
     return LoadedGenerator(Generator(dec, names).to(device).eval(), names, src, file_sha256(src))

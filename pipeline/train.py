@@ -9,6 +9,7 @@ its own parameter group only (``backward(inputs=...)``), so no loss can leak int
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import time
@@ -629,7 +630,10 @@ def _loss_curve(tracker: tracking.Tracker, run_dir: Path) -> Path | None:
 def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
     from pipeline.config import from_dict
 
-    return from_dict(TrainConfig, payload["config"])
+    cfg = copy.deepcopy(payload["config"])
+    # checkpoints from before decoder heads existed were all "deconv"
+    cfg.setdefault("model", {}).setdefault("decoder_head", "deconv")
+    return from_dict(TrainConfig, cfg)
 
 
 __all__ = [

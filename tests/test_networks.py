@@ -94,3 +94,24 @@ def test_norm_choice_and_validation():
     )
     with pytest.raises(ValueError, match="norm must be one of"):
         Encoder(image_size=32, norm="LAYER")
+
+
+@pytest.mark.parametrize("size", [16, 64, 256])
+def test_subpixel_decoder_head(size):
+    """The sub-pixel head reaches full size without full-resolution layers, and (ICNR) starts as
+    a nearest-neighbour upsampling: every 2x2 block of the first output is constant."""
+    dec = Decoder(image_size=size, latent_dim=8, base_channels=8, max_channels=32, head="subpixel").eval()
+    img = dec(torch.randn(3, 8))
+    assert img.shape == (3, 1, size, size)
+    assert torch.allclose(img[..., 0::2, 0::2], img[..., 1::2, 1::2], atol=1e-6)
+    assert torch.allclose(img[..., 0::2, 0::2], img[..., 0::2, 1::2], atol=1e-6)
+    full = [m for m in dec.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    deconv = Decoder(image_size=size, latent_dim=8, base_channels=8, max_channels=32)
+    assert (
+        len(full)
+        == len([m for m in deconv.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]) - 1
+    )
+    with pytest.raises(ValueError, match="head must be one of"):
+        Decoder(image_size=size, head="upsample")
+    with pytest.raises(ValueError, match="decoder_head must be one of"):
+        ModelConfig(decoder_head="upsample")
