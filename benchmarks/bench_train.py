@@ -113,12 +113,19 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int 
 
 
 def make_config(size: int, arm: str, device: torch.device) -> TrainConfig:
-    """The Kermany 64 px recipe (configs/kermany64.yaml) at ``size``; ``arm`` switches the speed work."""
+    """The Kermany 64 px recipe (configs/kermany64.yaml) at ``size``; ``arm`` switches the speed work.
+
+    naive: float32, NCHW, and the decoder as first built (transposed-conv head); project: the
+    defaults ``train`` uses; project-deconv: the defaults with the transposed-conv head (the
+    architecture's share of the speed-up, when the default head is another).
+    """
     cfg = TrainConfig()
     cfg.data.image_size = cfg.model.image_size = size
     cfg.model.num_classes, cfg.model.latent_dim, cfg.loss.kl_weight = 2, 128, 0.1
     cfg.channels_last = arm != "naive"
     cfg.amp = "off" if arm == "naive" else "auto"
+    if arm in ("naive", "project-deconv"):
+        cfg.model.decoder_head = "deconv"
     cfg.device = device.type
     return cfg
 
@@ -182,13 +189,20 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
     batch_size = args.batch
     batch = random_batch(size, batch_size, device)
     res: dict[str, Any] = {"size": size, "batch": batch_size, "arms": {}}
-    arms = ["naive", "project"] + (["compiled"] if args.compile else [])
-    flops = None
+    arms = ["naive", "project"]
+    if TrainConfig().model.decoder_head != "deconv":
+        arms.append("project-deconv")
+    arms += ["compiled"] if args.compile else []
+    flops_by_head: dict[str, int] = {}
     for arm in arms:
-        cfg = make_config(size, "naive" if arm == "naive" else "project", device)
+        cfg = make_config(size, "project" if arm == "compiled" else arm, device)
+        head = cfg.model.decoder_head
+        if head not in flops_by_head:  # counted on a plain (uncompiled) float32 build
+            _, plain, _ = build(make_config(size, "naive", device) if head == "deconv" else cfg, device)
+            flops_by_head[head] = count_flops(plain, batch)
+            del plain
+        flops = flops_by_head[head]
         model, step_fn, amp = build(cfg, device, compile_=arm == "compiled")
-        if flops is None:  # the same network and step in every arm: count once, in float32
-            flops = count_flops(step_fn, batch)
         fn = naive_step(step_fn, io.StringIO()) if arm == "naive" else step_fn
         with PeakMemory(device) as mem:
             t = time_steps(
@@ -198,6 +212,8 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
         res["arms"][arm] = {
             "amp": str(amp).replace("torch.", "") if amp else "fp32",
             "channels_last": cfg.channels_last,
+            "decoder_head": head,
+            "flops_per_image": flops / batch_size,
             "step_s": t,
             "images_per_s": batch_size / t,
             "peak_mem_mib": mem.peak / 2**20,
@@ -207,7 +223,7 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
         del model, step_fn
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    res["flops_per_image"] = flops / batch_size
+    res["flops_per_image"] = res["arms"]["project"]["flops_per_image"]
     base = res["arms"]["naive"]["step_s"]
     for a in res["arms"].values():
         a["speedup_vs_naive"] = base / a["step_s"]
@@ -347,15 +363,16 @@ def table(res: dict) -> str:
         f"\n{res['device']}, {res['threads']} threads, torch {res['torch']}; matmul peak "
         + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in res["matmul_flops"].items()),
         "",
-        "| size | arm | precision | images/s | step (ms) | peak mem (MiB) | GFLOP/img | achieved GFLOP/s "
+        "| size | arm | head | precision | images/s | step (ms) | peak mem (MiB) | GFLOP/img | achieved GFLOP/s "
         "| / matmul peak | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["steps"]:
         for arm, a in r["arms"].items():
             lines.append(
-                f"| {r['size']} | {arm} | {a['amp']} | {a['images_per_s']:,.1f} | {a['step_s'] * 1e3:,.1f} "
-                f"| {a['peak_mem_mib']:,.0f} | {r['flops_per_image'] / 1e9:.2f} | {a['achieved_flops'] / 1e9:,.0f} "
+                f"| {r['size']} | {arm} | {a['decoder_head']} | {a['amp']} | {a['images_per_s']:,.1f} "
+                f"| {a['step_s'] * 1e3:,.1f} | {a['peak_mem_mib']:,.0f} | {a['flops_per_image'] / 1e9:.2f} "
+                f"| {a['achieved_flops'] / 1e9:,.0f} "
                 f"| {a['ratio_to_matmul_peak']:.0%} | {a['speedup_vs_naive']:.2f}x |"
             )
     e = res.get("epoch")

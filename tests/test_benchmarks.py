@@ -1,0 +1,86 @@
+"""The benchmark scripts run (tiny settings) and report what they promise; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from cxr_factory import REPO
+
+
+def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
+    out = tmp_path / "bt.json"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_train.py",
+            "--sizes",
+            "16",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--matmul-n",
+            "256",
+            "--manifest",
+            str(phantom_manifest),
+            "--epoch-images",
+            "16",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    step = res["steps"][0]
+    assert {"naive", "project"} <= set(step["arms"])
+    for a in step["arms"].values():
+        assert a["images_per_s"] > 0 and a["flops_per_image"] > 0 and a["ratio_to_matmul_peak"] > 0
+    assert step["arms"]["naive"]["speedup_vs_naive"] == 1.0
+    e = res["epoch"]
+    assert e["images"] == 16 and e["loader_images_per_s"] > 0 and e["speedup_steady"] > 0
+    assert "| 16 | project |" in p.stdout  # the printed table
+
+
+def test_bench_data_reports_formats_and_workers(tmp_path, phantom_manifest):
+    out = tmp_path / "bd.json"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_data.py",
+            "--manifest",
+            str(phantom_manifest),
+            "--size",
+            "32",
+            "--limit",
+            "8",
+            "--formats",
+            "jpeg",
+            "png",
+            "dicom",
+            "dicom-rle",
+            "--workers",
+            "0",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    arms = json.loads(out.read_text())["arms"]
+    assert set(arms) == {f"{f} workers={w}" for f in ("jpeg", "png", "dicom", "dicom-rle") for w in (0, 1)}
+    for v in arms.values():
+        assert set(v) == {"cold", "cache-fill", "cached", "cached+aug", "disk-warm"} and min(v.values()) > 0
