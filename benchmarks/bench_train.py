@@ -112,7 +112,7 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int 
     return 2 * n**3 / statistics.median(times)
 
 
-def make_config(size: int, arm: str, device: torch.device) -> TrainConfig:
+def make_config(size: int, arm: str, device: torch.device, head: str = "") -> TrainConfig:
     """The Kermany 64 px recipe (configs/kermany64.yaml) at ``size``; ``arm`` switches the speed work.
 
     naive: float32, NCHW, and the decoder as first built (transposed-conv head); project: the
@@ -126,6 +126,8 @@ def make_config(size: int, arm: str, device: torch.device) -> TrainConfig:
     cfg.amp = "off" if arm == "naive" else "auto"
     if arm in ("naive", "project-deconv"):
         cfg.model.decoder_head = "deconv"
+    elif head:
+        cfg.model.decoder_head = head
     cfg.device = device.type
     return cfg
 
@@ -190,12 +192,12 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
     batch = random_batch(size, batch_size, device)
     res: dict[str, Any] = {"size": size, "batch": batch_size, "arms": {}}
     arms = ["naive", "project"]
-    if TrainConfig().model.decoder_head != "deconv":
+    if (args.project_head or TrainConfig().model.decoder_head) != "deconv":
         arms.append("project-deconv")
     arms += ["compiled"] if args.compile else []
     flops_by_head: dict[str, int] = {}
     for arm in arms:
-        cfg = make_config(size, "project" if arm == "compiled" else arm, device)
+        cfg = make_config(size, "project" if arm == "compiled" else arm, device, args.project_head)
         head = cfg.model.decoder_head
         if head not in flops_by_head:  # counted on a plain (uncompiled) float32 build
             _, plain, _ = build(make_config(size, "naive", device) if head == "deconv" else cfg, device)
@@ -244,7 +246,7 @@ def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
     items = _items(args.manifest, args.epoch_images)
     out: dict[str, Any] = {"manifest": args.manifest, "images": len(items), "size": 64, "arms": {}}
     for arm in ("naive", "project"):
-        cfg = make_config(64, arm, device)
+        cfg = make_config(64, arm, device, args.project_head)
         cfg.data.batch_size = args.batch
         cfg.data.num_workers = 0 if arm == "naive" else args.workers
         # the naive loop augments in the loader; the project does what train does (on CUDA: on the GPU)
@@ -308,6 +310,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--project-head",
+        default="",
+        choices=["", "deconv", "subpixel"],
+        help="decoder head of the project arm",
+    )
     ap.add_argument("--compile", action="store_true", help="also time the project step under torch.compile")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")

@@ -43,9 +43,10 @@ class ModelConfig:
     norm: str = "BATCH"
     feature_layer: int = -1  # which discriminator feature map carries the reconstruction loss
     # how the decoder reaches full resolution: "deconv" (a last transposed conv to full size, then
-    # a 3x3 conv to the image) or "subpixel" (a 3x3 conv at half size predicting the 2x2
-    # sub-pixels, then PixelShuffle; Shi et al. 2016). Sub-pixel skips the two full-resolution
-    # layers, which oneDNN runs at a fraction of its matmul rate: 1.9x faster steps on CPU.
+    # a 3x3 conv to the image) or "subpixel" (one more 3x3 conv at half size, then a conv
+    # predicting the 2x2 sub-pixels and PixelShuffle; Shi et al. 2016). Sub-pixel skips the two
+    # full-resolution layers, which oneDNN runs at a fraction of its matmul rate: ~1.6x faster
+    # steps on CPU. See docs/benchmarks.md for what it does to sample quality.
     decoder_head: str = "deconv"
 
     def __post_init__(self) -> None:
@@ -207,6 +208,8 @@ class Decoder(nn.Module):
             )
         c_last = outs[-1] if outs else chans[0]
         if head == "subpixel":
+            # the depth the dropped full-resolution stage had, spent at half resolution
+            layers.append(Convolution(2, c_last, c_last, kernel_size=3, act="relu", norm=norm_arg))
             out = Convolution(2, c_last, out_channels * 4, kernel_size=3, conv_only=True)
             _icnr_(out.conv.weight, out.conv.bias)
             layers += [out, nn.PixelShuffle(2)]
