@@ -106,8 +106,8 @@ def test_subpixel_decoder_head(size):
     assert torch.allclose(img[..., 0::2, 0::2], img[..., 1::2, 1::2], atol=1e-6)
     assert torch.allclose(img[..., 0::2, 0::2], img[..., 0::2, 1::2], atol=1e-6)
     # no layer runs at full resolution: the last one before PixelShuffle works at half size
-    h = {}
-    dec.deconv[-2].register_forward_hook(lambda m, i, o: h.setdefault("shape", o.shape))
+    h: dict = {}
+    dec.deconv[-2].register_forward_hook(lambda m, i, o: h.update(shape=o.shape))  # returns None
     dec(torch.randn(1, 8))
     assert h["shape"][-1] == size // 2 and h["shape"][1] == 4
     with pytest.raises(ValueError, match="head must be one of"):
