@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from networks.classifier import ClassifierConfig, CXRClassifier
 from pipeline import distributed, engine
-from pipeline.data import DataConfig, build_dataset, make_loader, records, resolve_manifest
+from pipeline.data import DataConfig, build_dataset, make_loader, make_train_loader, records, resolve_manifest
 from pipeline.tracking import TrackingConfig
 
 ARMS = ("real", "classical", "synthetic", "classical+synthetic", "synthetic_only")
@@ -184,25 +184,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     train_ds, seeded = _train_dataset(cfg, train_items, device)
     val_ds = build_dataset(val_items, cfg.data, train=False)
     test_ds = build_dataset(test_items, cfg.data, train=False)
-    gen = torch.Generator()
-    from torch.utils.data.distributed import DistributedSampler
-
-    sampler = DistributedSampler(
-        train_ds,
-        num_replicas=dinfo.world,
-        rank=dinfo.rank,
-        shuffle=True,
-        seed=cfg.seed,
-        drop_last=dinfo.enabled,
-    )
-    train_loader = make_loader(
-        train_ds,
-        cfg.data,
-        shuffle=True,
-        generator=gen,
-        sampler=sampler,
-        batch_size=cfg.data.batch_size // dinfo.world,
-    )
+    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
     val_loader = make_loader(val_ds, cfg.data, shuffle=False)
     test_loader = make_loader(test_ds, cfg.data, shuffle=False)
     n_pos = sum(int(it["label"]) == 1 for it in train_items)

@@ -143,6 +143,26 @@ def make_loader(
     )
 
 
+def make_train_loader(ds: Dataset, cfg: DataConfig, seed: int, dinfo):
+    """The shuffled training loader, one replica's share under torchrun. Returns
+    ``(loader, sampler, generator)``: call ``sampler.set_epoch(e)`` each epoch.
+
+    One permutation per epoch (seed + epoch) is split across the replicas by
+    ``DistributedSampler``, so N processes together see the same global batches as one; each
+    takes ``batch_size / N`` of every batch.
+    """
+    from torch.utils.data.distributed import DistributedSampler
+
+    gen = torch.Generator()
+    sampler = DistributedSampler(
+        ds, num_replicas=dinfo.world, rank=dinfo.rank, shuffle=True, seed=seed, drop_last=dinfo.enabled
+    )
+    loader = make_loader(
+        ds, cfg, shuffle=True, generator=gen, sampler=sampler, batch_size=cfg.batch_size // dinfo.world
+    )
+    return loader, sampler, gen
+
+
 def sample_patients(df, fraction: float, seed: int):
     """Rows of ``fraction`` of the patients of ``df``, stratified by each patient's majority label.
 

@@ -24,7 +24,15 @@ from networks.vaegan import VAEGAN, ModelConfig
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, engine, tracking
 from pipeline.config import flatten, to_dict
-from pipeline.data import DataConfig, build_dataset, device_augment, make_loader, records, resolve_manifest
+from pipeline.data import (
+    DataConfig,
+    build_dataset,
+    device_augment,
+    make_loader,
+    make_train_loader,
+    records,
+    resolve_manifest,
+)
 from pipeline.manifest import label_names, read_manifest
 from pipeline.tracking import TrackingConfig, git_commit
 from pipeline.viz import pairs, plot_curves, save_grid
@@ -363,27 +371,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     batch_aug = device_augment(cfg.data, device)  # None: the loader augments each image
     train_ds = build_dataset(train_items, cfg.data, train=batch_aug is None)
     val_ds = build_dataset(val_items, cfg.data, train=False)
-    gen = torch.Generator()
-    from torch.utils.data.distributed import DistributedSampler
-
-    # one permutation per epoch (seed + epoch) split across replicas: N processes together see
-    # the same global batches as one process
-    sampler = DistributedSampler(
-        train_ds,
-        num_replicas=dinfo.world,
-        rank=dinfo.rank,
-        shuffle=True,
-        seed=cfg.seed,
-        drop_last=dinfo.enabled,
-    )
-    train_loader = make_loader(
-        train_ds,
-        cfg.data,
-        shuffle=True,
-        generator=gen,
-        sampler=sampler,
-        batch_size=cfg.data.batch_size // dinfo.world,
-    )
+    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
     val_loader = make_loader(val_ds, cfg.data, shuffle=False)
 
     model = VAEGAN(cfg.model)

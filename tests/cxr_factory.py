@@ -11,6 +11,21 @@ SHARED = REPO.parent / "shared" / "data"
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
+# a VAE-GAN small enough to train an epoch in a second or two: the train tests' common settings
+TINY_TRAIN = [
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.max_train=24",
+    "data.max_val=8",
+    "model.latent_dim=8",
+    "model.base_channels=8",
+    "model.max_channels=32",
+    "model.disc_channels=8",
+    "grid_size=8",
+    "threads=1",
+    "tracking.log_every=1",
+]
+
 
 def chest_like(h: int = 96, w: int = 80, dtype=np.uint16, seed: int = 0) -> np.ndarray:
     """A non-symmetric test image with a bright marker in the top-left corner (orientation check)."""

@@ -9,37 +9,33 @@ import sys
 from cxr_factory import REPO
 
 
-def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
-    out = tmp_path / "bt.json"
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     p = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_train.py",
-            "--sizes",
-            "16",
-            "--batch",
-            "4",
-            "--steps",
-            "1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "1",
-            "--matmul-n",
-            "256",
-            "--manifest",
-            str(phantom_manifest),
-            "--epoch-images",
-            "16",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
+    out = tmp_path / "bt.json"
+    tiny = [
+        "--sizes",
+        "16",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--matmul-n",
+        "256",
+        "--epoch-images",
+        "16",
+    ]
+    p = _run("bench_train.py", *tiny, "--manifest", str(phantom_manifest), "--json", str(out))
     res = json.loads(out.read_text())
     step = res["steps"][0]
     assert {"naive", "project"} <= set(step["arms"])
@@ -53,33 +49,21 @@ def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
 
 def test_bench_data_reports_formats_and_workers(tmp_path, phantom_manifest):
     out = tmp_path / "bd.json"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_data.py",
-            "--manifest",
-            str(phantom_manifest),
-            "--size",
-            "32",
-            "--limit",
-            "8",
-            "--formats",
-            "jpeg",
-            "png",
-            "dicom",
-            "dicom-rle",
-            "--workers",
-            "0",
-            "1",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    tiny = [
+        "--size",
+        "32",
+        "--limit",
+        "8",
+        "--formats",
+        "jpeg",
+        "png",
+        "dicom",
+        "dicom-rle",
+        "--workers",
+        "0",
+        "1",
+    ]
+    _run("bench_data.py", *tiny, "--manifest", str(phantom_manifest), "--json", str(out))
     arms = json.loads(out.read_text())["arms"]
     assert set(arms) == {f"{f} workers={w}" for f in ("jpeg", "png", "dicom", "dicom-rle") for w in (0, 1)}
     for v in arms.values():

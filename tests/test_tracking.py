@@ -14,22 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from cxr_factory import REPO
+from cxr_factory import REPO, TINY_TRAIN
 from mlflow_server import free_port, kill, start_server
 
 TINY = [
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.max_train=24",
-    "data.max_val=8",
-    "model.latent_dim=8",
-    "model.base_channels=8",
-    "model.max_channels=32",
-    "model.disc_channels=8",
+    *TINY_TRAIN,
     "model.num_classes=2",
-    "grid_size=8",
-    "threads=1",
-    "tracking.log_every=1",
     "tracking.experiment=outage",
     "tracking.register_model=outage-generator",
 ]

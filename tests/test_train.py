@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cxr_factory import REPO
+from cxr_factory import REPO, TINY_TRAIN
 from mlflow_server import free_port, kill, start_server
 
 from networks import VAEGAN, ModelConfig
@@ -32,21 +32,11 @@ def _tiny(manifest, tmp_path: Path, *extra: str) -> TrainConfig:
         None,
         [
             f"data.manifest={manifest}",
-            "data.image_size=32",
-            "data.batch_size=8",
-            "data.max_train=24",
-            "data.max_val=8",
-            "model.latent_dim=8",
-            "model.base_channels=8",
-            "model.max_channels=32",
-            "model.disc_channels=8",
+            *TINY_TRAIN,
             "epochs=1",
-            "grid_size=8",
-            "threads=1",
             f"out_dir={tmp_path / 'out'}",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "tracking.log_model=false",
-            "tracking.log_every=1",
             *extra,
         ],
     )
