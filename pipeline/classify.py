@@ -135,7 +135,6 @@ def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device)
 
 def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     """Train one arm, pick the epoch on val, test once; returns metrics, paths and the run id."""
-    import mlflow
     from monai.utils import set_determinism
 
     from pipeline import checkpoint as ckpt
@@ -153,7 +152,6 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     dinfo = distributed.init()
     if cfg.data.batch_size % dinfo.world:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes")
-    ml: Any = mlflow if dinfo.is_main else distributed.NoTracking()
     device = engine.pick_device(cfg.device)
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
@@ -215,8 +213,6 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
     )
 
-    if dinfo.is_main:
-        tracking.setup(cfg.tracking)
     tags = {
         "stage": "classify",
         "arm": cfg.arm,
@@ -230,9 +226,12 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     cfg_dict = to_dict(cfg)
     best: dict[str, Any] = {"auroc": -1.0, "state": None, "epoch": 0}
     t0 = time.time()
-    with ml.start_run(run_name=run_dir.name, tags=tags) as run:
-        ml.log_params({k: str(v)[:500] for k, v in flatten(cfg_dict).items()})
-        ml.log_params(
+    # rank 0 alone logs; an unreachable tracking server does not stop the run (see Tracker)
+    tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
+    tracker.start(None, run_dir.name, tags)
+    with tracker:
+        tracker.log_params(flatten(cfg_dict))
+        tracker.log_params(
             {"n_train_real": len(train_items), "n_train_total": len(train_ds), "replicas": dinfo.world}
         )
 
@@ -273,11 +272,11 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
                 step=step,
                 desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
                 log_every=cfg.tracking.log_every,
-                log_fn=lambda m, s: ml.log_metrics(m, step=s),
+                log_fn=lambda m, s: tracker.log_metrics(m, step=s),
             )
             val = {f"val/{k}": v for k, v in evaluate(net, val_loader, device).items()}
             val["epoch"] = epoch + 1
-            ml.log_metrics(val, step=step)
+            tracker.log_metrics(val, step=step)
             if val["val/auroc"] > best["auroc"]:
                 best = {
                     "auroc": val["val/auroc"],
@@ -300,7 +299,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
         results = {f"test/{k}": v for k, v in test.items()}
         results.update({"best_epoch": best["epoch"], "threshold": threshold, "val/best_auroc": best["auroc"]})
-        ml.log_metrics(results, step=step)
+        tracker.log_metrics(results, step=step)
 
         # per-image scores (the gain stage pairs arms on them), ROC plot, curves, checkpoint
         import pandas as pd
@@ -311,11 +310,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         roc = plot_roc(
             {f"{cfg.arm} (test)": (yt, pt), "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name
         )
-        client = mlflow.tracking.MlflowClient()
-        hist = {
-            k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
-            for k in ("train/loss", "val/auroc", "val/loss")
-        }
+        hist = {k: v for k, v in tracker.history().items() if k in ("train/loss", "val/auroc", "val/loss")}
         curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
         ck = ckpt.save_checkpoint(
             run_dir / "classifier.pt",
@@ -326,13 +321,13 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
                 "threshold": threshold,
                 "epoch": best["epoch"],
                 "code_version": tags["git_commit"],
-                "mlflow_run_id": run.info.run_id,
+                "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
             },
         )
         for p in (scores_path, roc, curves):
-            mlflow.log_artifact(str(p), "eval")
-        mlflow.log_artifact(str(ck), "checkpoints")
-        run_id = run.info.run_id
+            tracker.log_artifact(p, "eval")
+        tracker.log_artifact(ck, "checkpoints")
+    run_id = tracker.run_id
     print(
         f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['auroc']:.4f} "
         f"[{test['auroc_lo']:.4f}, {test['auroc_hi']:.4f}] balanced acc {test['balanced_accuracy']:.4f} "

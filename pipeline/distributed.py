@@ -93,23 +93,3 @@ def agree(value: Any, info: DistInfo) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class NoTracking:
-    """Stands in for ``mlflow`` on replicas other than rank 0: every call does nothing."""
-
-    class _Run:
-        class info:  # noqa: N801 - mirrors mlflow's Run.info
-            run_id = None
-
-        def __enter__(self) -> NoTracking._Run:
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            return None
-
-    def start_run(self, *a: Any, **k: Any) -> _Run:
-        return self._Run()
-
-    def __getattr__(self, name: str):
-        return lambda *a, **k: None

@@ -279,7 +279,8 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
                     res = classify(
                         _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, parent_id)
                     )
-                    client.set_tag(res["run_id"], "fraction", f"{fraction:g}")
+                    if res["run_id"]:  # None: the child's tracking is buffered in its outbox
+                        client.set_tag(res["run_id"], "fraction", f"{fraction:g}")
                 m = res["metrics"]
                 rows.append(
                     {

@@ -208,6 +208,12 @@ class Tracker:
                 out.setdefault(k, []).append((step, float(v)))
         return out
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FAILED" if exc_type is not None else "FINISHED")
+
     def close(self, status: str = "FINISHED") -> dict[str, Any]:
         """End the run; try to send what is buffered; warn clearly about whatever is left."""
         if not self.enabled:

@@ -162,3 +162,51 @@ def test_sync_refuses_a_folder_that_is_not_an_outbox(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="is not a tracking outbox"):
         sync(tmp_path)
+
+
+def test_classify_goes_on_when_the_server_is_down(tmp_path, phantom_manifest):
+    """The classifier stage logs through the same outbox: no server, the arm still finishes and
+    writes its results; ``sync`` later delivers the run."""
+    from pipeline.classify import ClassifyConfig, classify
+    from pipeline.config import load_config
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = load_config(
+        ClassifyConfig,
+        None,
+        [
+            f"data.manifest={phantom_manifest}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "model.widths=[8,16,16,16]",
+            "epochs=1",
+            "bootstrap=20",
+            "threads=1",
+            f"out_dir={tmp_path / 'cls'}",
+            f"tracking.uri={url}",
+            "tracking.run_name=offline-arm",
+        ],
+    )
+    res = classify(cfg)
+    assert res["run_id"] is None and 0 <= res["metrics"]["test/auroc"] <= 1
+    outbox = Path(res["run_dir"]) / "tracking_outbox"
+    proc = start_server(port, tmp_path / "server")
+    try:
+        from pipeline.tracking import sync
+
+        out = sync(outbox)
+        assert out["pending"] == 0 and out["run_id"]
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(tracking_uri=url)
+        run = client.get_run(out["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["stage"] == "classify"
+        assert run.data.metrics["test/auroc"] == pytest.approx(res["metrics"]["test/auroc"])
+        assert {f.path for f in client.list_artifacts(out["run_id"], "eval")} == {
+            "eval/test_scores.csv",
+            "eval/roc.png",
+            "eval/curves.png",
+        }
+    finally:
+        kill(proc, signal.SIGTERM)
