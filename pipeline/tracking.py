@@ -170,11 +170,10 @@ class Tracker:
         if not self.enabled:
             return
         ts = int(time.time() * 1000)
-        self._submit(
-            {"op": "metrics", "data": {k: float(v) for k, v in metrics.items()}, "step": step, "ts": ts}
-        )
+        data = {k: float(v) for k, v in metrics.items()}  # numpy and tensor scalars included
+        self._submit({"op": "metrics", "data": data, "step": step, "ts": ts})
         with open(self.metrics_file, "a") as f:
-            f.write(json.dumps({"step": step, "ts": ts, "metrics": metrics}) + "\n")
+            f.write(json.dumps({"step": step, "ts": ts, "metrics": data}) + "\n")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._submit({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
