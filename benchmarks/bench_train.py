@@ -200,8 +200,8 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
     for arm in arms:
         cfg = make_config(size, "project" if arm == "compiled" else arm, device, args.project_head)
         head = cfg.model.decoder_head
-        if head not in flops_by_head:  # counted on a plain (uncompiled) float32 build
-            _, plain, _ = build(make_config(size, "naive", device) if head == "deconv" else cfg, device)
+        if head not in flops_by_head:  # counted on an uncompiled build (FLOPs do not depend on dtype)
+            _, plain, _ = build(cfg, device)
             flops_by_head[head] = count_flops(plain, batch)
             del plain
         flops = flops_by_head[head]
@@ -242,7 +242,8 @@ def _items(manifest: str, limit: int) -> list[dict]:
 
 
 def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
-    from pipeline.data import build_dataset, device_augment, make_loader
+    from pipeline.data import build_dataset, device_augment, make_train_loader
+    from pipeline.distributed import DistInfo
 
     items = _items(args.manifest, args.epoch_images)
     out: dict[str, Any] = {"manifest": args.manifest, "images": len(items), "size": 64, "arms": {}}
@@ -259,8 +260,7 @@ def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
             items, cfg.data, train=batch_aug is None, cache="none" if arm == "naive" else "memory"
         )
         fill = time.perf_counter() - t
-        gen = torch.Generator()
-        loader = make_loader(ds, cfg.data, shuffle=True, generator=gen)
+        loader, _, gen = make_train_loader(ds, cfg.data, 0, DistInfo())  # as train builds it
         engine.seed_epoch(0, 0, gen, ds)
         log = io.StringIO()
         fn = naive_step(step_fn, log) if arm == "naive" else step_fn

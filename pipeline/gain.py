@@ -142,29 +142,66 @@ def _child_config(
     return c
 
 
-def _gain_replica(
-    cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path, dinfo: distributed.DistInfo
-) -> dict[str, Any]:
-    """A replica (rank > 0) of ``gain`` under torchrun: the same sequence of children, each trained
-    data-parallel with rank 0, skipping exactly what rank 0 skips; no files, no tracking."""
-    parent_id = distributed.agree(None, dinfo)
+def _run_children(
+    cfg: GainConfig,
+    base: ClassifyConfig,
+    manifest: Path,
+    out: Path,
+    parent_id: str,
+    dinfo: distributed.DistInfo,
+    client,
+) -> list[dict[str, Any]]:
+    """Every (fraction, seed, arm) child in order, trained or picked up from an earlier run.
+
+    Under torchrun every replica walks the same sequence (each child trains data-parallel);
+    rank 0 alone writes subsets, reads finished results, tags runs and returns the rows, and the
+    decisions that depend on its files are broadcast so that every replica takes the same branch.
+    """
+    from pipeline.data import write_subset_manifest
+
     gen_cache: dict = {}
+    rows: list[dict[str, Any]] = []
     for fraction in cfg.fractions:
         for seed in cfg.seeds:
-            distributed.barrier(dinfo)  # rank 0 has written the subset manifest
             sub = manifest if fraction == 1.0 else out / "subsets" / f"f{fraction:g}_s{seed}.csv"
+            if fraction != 1.0 and dinfo.is_main:
+                write_subset_manifest(manifest, fraction, seed, sub)
+            distributed.barrier(dinfo)  # the replicas read the subset rank 0 wrote
             gen_path = None
             for arm in cfg.arms:
-                done = out / "children" / f"{arm}-f{fraction:g}-s{seed}" / "result.json"
+                name = f"{arm}-f{fraction:g}-s{seed}"
+                done = out / "children" / name / "result.json"
                 if distributed.agree(done.is_file(), dinfo):
-                    continue
-                if "synthetic" in arm and gen_path is None:
-                    gen_path = _generator_for(
-                        cfg, fraction, seed, Path(sub), out, parent_id, gen_cache, dinfo
+                    if not dinfo.is_main:
+                        continue
+                    res = json.loads(done.read_text())
+                    print(f"gain: {name} already done (run {res['run_id']})", flush=True)
+                else:
+                    if "synthetic" in arm and gen_path is None:
+                        gen_path = _generator_for(
+                            cfg, fraction, seed, Path(sub), out, parent_id, gen_cache, dinfo
+                        )
+                    res = classify(
+                        _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, parent_id)
                     )
-                classify(_child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, parent_id))
-    distributed.shutdown(dinfo)
-    return {"parent_run_id": parent_id}
+                    if not dinfo.is_main:
+                        continue
+                    if res["run_id"]:  # None: the child's tracking is buffered in its outbox
+                        client.set_tag(res["run_id"], "fraction", f"{fraction:g}")
+                m = res["metrics"]
+                rows.append(
+                    {
+                        "fraction": fraction,
+                        "arm": arm,
+                        "seed": seed,
+                        "auroc": m["test/auroc"],
+                        "balanced_accuracy": m["test/balanced_accuracy"],
+                        "sensitivity": m["test/sensitivity"],
+                        "specificity": m["test/specificity"],
+                        "run_id": res["run_id"],
+                    }
+                )
+    return rows
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -213,23 +250,14 @@ def to_markdown(table: pd.DataFrame) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def gain(cfg: GainConfig) -> dict[str, Any]:
+def _parent_run(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path):
+    """(MLflow client, parent run id): the run every child hangs under; a re-run continues it."""
     import mlflow
 
     from pipeline import tracking
     from pipeline.config import flatten, to_dict
-    from pipeline.data import resolve_manifest, write_subset_manifest
     from pipeline.engine import check_writable
-    from pipeline.viz import plot_gain
 
-    base = copy.deepcopy(cfg.classify)
-    manifest = resolve_manifest(base.data)
-    out = Path(cfg.out_dir) / (cfg.run_name or "gain")
-    # under torchrun (N processes) every child trains data-parallel; rank 0 alone writes files and
-    # talks to MLflow, and broadcasts the decisions that depend on them
-    dinfo = distributed.init()
-    if not dinfo.is_main:
-        return _gain_replica(cfg, base, manifest, out, dinfo)
     check_writable(out)
     tcfg = copy.deepcopy(base.tracking)
     tcfg.experiment = cfg.experiment
@@ -237,7 +265,7 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
     client = mlflow.tracking.MlflowClient()
     state_file = out / "parent_run_id"
     if state_file.is_file():
-        parent_id = state_file.read_text().strip()  # a re-run continues the same parent
+        parent_id = state_file.read_text().strip()
     else:
         parent = client.create_run(
             exp_id,
@@ -249,51 +277,26 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
         for k, v in flatten(to_dict(cfg)).items():
             client.log_param(parent_id, k, str(v)[:500])
     print(f"gain: parent MLflow run {parent_id} in experiment {cfg.experiment}", flush=True)
-    parent_id = distributed.agree(parent_id, dinfo)
+    return client, parent_id
 
-    gen_cache: dict = {}
-    rows = []
+
+def gain(cfg: GainConfig) -> dict[str, Any]:
+    from pipeline.data import resolve_manifest
+    from pipeline.viz import plot_gain
+
+    base = copy.deepcopy(cfg.classify)
+    manifest = resolve_manifest(base.data)
+    out = Path(cfg.out_dir) / (cfg.run_name or "gain")
+    # under torchrun (N processes) every child trains data-parallel; rank 0 alone writes files and
+    # talks to MLflow, and broadcasts the decisions that depend on them
+    dinfo = distributed.init()
+    client, parent_id = _parent_run(cfg, base, manifest, out) if dinfo.is_main else (None, None)
+    parent_id = distributed.agree(parent_id, dinfo)
     t0 = time.time()
-    for fraction in cfg.fractions:
-        for seed in cfg.seeds:
-            sub = (
-                manifest
-                if fraction == 1.0
-                else write_subset_manifest(
-                    manifest, fraction, seed, out / "subsets" / f"f{fraction:g}_s{seed}.csv"
-                )
-            )
-            distributed.barrier(dinfo)  # the replicas read the subset rank 0 wrote
-            gen_path = None
-            for arm in cfg.arms:
-                name = f"{arm}-f{fraction:g}-s{seed}"
-                done = out / "children" / name / "result.json"
-                if distributed.agree(done.is_file(), dinfo):
-                    res = json.loads(done.read_text())
-                    print(f"gain: {name} already done (run {res['run_id']})", flush=True)
-                else:
-                    if "synthetic" in arm and gen_path is None:
-                        gen_path = _generator_for(
-                            cfg, fraction, seed, Path(sub), out, parent_id, gen_cache, dinfo
-                        )
-                    res = classify(
-                        _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, parent_id)
-                    )
-                    if res["run_id"]:  # None: the child's tracking is buffered in its outbox
-                        client.set_tag(res["run_id"], "fraction", f"{fraction:g}")
-                m = res["metrics"]
-                rows.append(
-                    {
-                        "fraction": fraction,
-                        "arm": arm,
-                        "seed": seed,
-                        "auroc": m["test/auroc"],
-                        "balanced_accuracy": m["test/balanced_accuracy"],
-                        "sensitivity": m["test/sensitivity"],
-                        "specificity": m["test/specificity"],
-                        "run_id": res["run_id"],
-                    }
-                )
+    rows = _run_children(cfg, base, manifest, out, parent_id, dinfo, client)
+    if not dinfo.is_main:
+        distributed.shutdown(dinfo)
+        return {"parent_run_id": parent_id}
     results = pd.DataFrame(rows)
     table = summarise(results)
     results.to_csv(out / "gain_runs.csv", index=False)

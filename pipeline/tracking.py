@@ -49,17 +49,9 @@ def setup(cfg: TrackingConfig) -> str:
     mlflow.set_tracking_uri(uri)
     # models are registered in the same store the runs go to
     mlflow.set_registry_uri(uri)
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        # with an sqlite store, keep artifacts beside the database rather than in ./mlruns
-        loc = (
-            (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
-            if uri.startswith("sqlite:///")
-            else None
-        )
-        exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=loc)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = _experiment_id(
+        mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri), uri, cfg.experiment
+    )
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -285,9 +277,8 @@ class Tracker:
     def _went_offline(self, err: Exception) -> None:
         self.last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
         if self.online:
-            msg = str(err).splitlines()[0][:300] if str(err) else ""
             print(
-                f"WARNING tracking: {self.uri} failed ({type(err).__name__}: {msg}); training goes on, "
+                f"WARNING tracking: {self.uri} failed ({self.last_error}); training goes on, "
                 f"logging is kept in {self.outbox} and retried every {self.cfg.retry_s:g} s",
                 file=sys.stderr,
                 flush=True,
@@ -410,6 +401,8 @@ class Tracker:
 
 
 def _experiment_id(client, uri: str, name: str) -> str:
+    """The experiment's id, created if missing; with an sqlite store its artifacts are kept beside
+    the database rather than in ./mlruns."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

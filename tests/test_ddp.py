@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import torch
 from cxr_factory import REPO
+from mlflow_server import free_port
 
 from pipeline.checkpoint import load_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(manifest, out, uri) -> list[str]:
@@ -62,7 +56,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, phantom_manifest):
         [*run, "pipeline.run", *_args(phantom_manifest, tmp_path / "one", f"sqlite:///{tmp_path / 'one.db'}")]
     )
     uri = f"sqlite:///{tmp_path / 'two.db'}"
-    torchrun = [*run, "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m"]
+    torchrun = [*run, "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m"]
     two, t_two = timed([*torchrun, "pipeline.run", *_args(phantom_manifest, tmp_path / "two", uri)])
     print(f"wall time 1 process {t_one:.1f}s, 2 processes {t_two:.1f}s (ratio {t_one / t_two:.2f})")
     a = load_checkpoint(tmp_path / "one" / "ddp" / "checkpoints" / "last.pt")
@@ -127,7 +121,7 @@ def test_gain_under_torchrun_matches_one_process(tmp_path, phantom_manifest):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
     ]
     two = run([*torchrun, "-m", "pipeline.run", *args(tmp_path / "two", uri)])
     assert two.stdout.count("MLflow parent run id:") == 1
