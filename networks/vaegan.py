@@ -19,6 +19,8 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from networks.layers import FewInputConv2d, FewOutputConv2d, adopt
+
 SUPPORTED_SIZES = (16, 32, 64, 128, 256)
 HEADS = ("deconv", "subpixel")
 
@@ -90,6 +92,29 @@ def _check_common(
         raise ValueError(f"embed_dim must be >= 1 when num_classes > 0, got {embed_dim}")
 
 
+def upgrade_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Translate a state dict written before the conv bias in front of each norm was dropped.
+
+    Such a bias only shifts what the norm subtracts: batch norm in training mode and instance norm
+    remove it exactly, and batch norm's eval mode does once it is folded into the running mean
+    (``(x + b - m) == (x - (m - b))``). So old checkpoints load into the new layers unchanged in
+    function.
+    """
+    own = module.state_dict()
+    out = dict(state)
+    for key, bias in state.items():
+        if not key.endswith("conv.bias") or key in own:
+            continue
+        prefix = key[: -len("conv.bias")]
+        if prefix + "conv.weight" not in own:
+            continue  # not a layer of this module: leave it for load_module_state to report
+        mean = prefix + "adn.N.running_mean"
+        if mean in out:
+            out[mean] = out[mean] - bias.to(out[mean].dtype)
+        del out[key]
+    return out
+
+
 class Encoder(nn.Module):
     """``x [B, 1, S, S]`` (and labels ``[B]`` when conditioned) -> ``(mu, logvar)``, each ``[B, latent_dim]``."""
 
@@ -120,8 +145,11 @@ class Encoder(nn.Module):
                     c,
                     strides=2,
                     kernel_size=3,
-                    act=("leakyrelu", {"negative_slope": 0.2}),
+                    act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
                     norm=norm_arg,
+                    # a bias before batch/instance norm is subtracted right back out by the
+                    # norm; its gradient alone cost ~10 % of a CPU step (see _legacy_bias)
+                    bias=norm_arg is None,
                 )
             )
             c_in = c
@@ -131,6 +159,8 @@ class Encoder(nn.Module):
         flat = chans[-1] * 4 * 4 + (embed_dim if num_classes > 0 else 0)
         self.fc = nn.Linear(flat, 2 * latent_dim)
         self.latent_dim = latent_dim
+
+    upgrade_state_dict = upgrade_state_dict
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None
@@ -202,20 +232,37 @@ class Decoder(nn.Module):
                     kernel_size=3,
                     is_transposed=True,
                     output_padding=1,
-                    act="relu",
+                    act=("relu", {"inplace": True}),
                     norm=norm_arg,
+                    bias=norm_arg is None,
                 )
             )
         c_last = outs[-1] if outs else chans[0]
         if head == "subpixel":
             # the depth the dropped full-resolution stage had, spent at half resolution
-            layers.append(Convolution(2, c_last, c_last, kernel_size=3, act="relu", norm=norm_arg))
+            layers.append(
+                Convolution(
+                    2,
+                    c_last,
+                    c_last,
+                    kernel_size=3,
+                    act=("relu", {"inplace": True}),
+                    norm=norm_arg,
+                    bias=norm_arg is None,
+                )
+            )
             out = Convolution(2, c_last, out_channels * 4, kernel_size=3, conv_only=True)
+            adopt(out.conv, FewOutputConv2d)
             _icnr_(out.conv.weight, out.conv.bias)
             layers += [out, nn.PixelShuffle(2)]
         else:
-            layers.append(Convolution(2, c_last, out_channels, kernel_size=3, conv_only=True))
+            out = Convolution(2, c_last, out_channels, kernel_size=3, conv_only=True)
+            # many channels -> one at full resolution: oneDNN's slowest layer here (networks/layers.py)
+            adopt(out.conv, FewOutputConv2d)
+            layers.append(out)
         self.deconv = nn.Sequential(*layers)
+
+    upgrade_state_dict = upgrade_state_dict
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
@@ -260,6 +307,10 @@ class Discriminator(nn.Module):
             num_layers_d=num_layers,
             norm=None if norm.upper() == "NONE" else norm,
         )
+        # the image -> first features conv: its input gradient (the decoder's training signal)
+        # is slow in oneDNN with one input channel (networks/layers.py)
+        adopt(self.net.initial_conv.conv, FewInputConv2d)
+        adopt(self.net.final_conv.conv, FewOutputConv2d)
         self.num_features = num_layers + 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

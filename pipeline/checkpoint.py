@@ -69,7 +69,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_module_state(
     module: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: str | Path
 ) -> None:
-    """``load_state_dict`` with a message that names the checkpoint and the mismatched tensors."""
+    """``load_state_dict`` with a message that names the checkpoint and the mismatched tensors.
+
+    A module with an ``upgrade_state_dict(state)`` method first translates checkpoints written by
+    older versions of its code (see ``networks.vaegan.upgrade_state_dict``)."""
+    upgrade = getattr(module, "upgrade_state_dict", None)
+    if upgrade is not None:
+        state = upgrade(state)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -88,3 +94,35 @@ def load_module_state(
             parts.append(f"unexpected {unexpected[:3]}")
         raise CheckpointError(f"checkpoint {path} does not fit the configured {name}: " + ", ".join(parts))
     module.load_state_dict(state)
+
+
+def load_optimizer_state(
+    opt: torch.optim.Optimizer,
+    opt_state: dict[str, Any],
+    module: torch.nn.Module,
+    module_state: dict[str, Any],
+) -> None:
+    """``opt.load_state_dict`` that survives parameters the module's code no longer has.
+
+    ``module_state`` is the module's state dict as saved beside ``opt_state`` (its parameter order
+    is the optimiser's). Parameters that ``upgrade_state_dict`` drops lose their optimiser state;
+    every other parameter keeps its own, matched by name rather than by position.
+    """
+    own_params = [n for n, p in module.named_parameters() if p.requires_grad]
+    n_saved = sum(len(g["params"]) for g in opt_state["param_groups"])
+    if n_saved == len(own_params):
+        opt.load_state_dict(opt_state)
+        return
+    upgrade = getattr(module, "upgrade_state_dict", None)
+    kept = set(upgrade(module_state)) if upgrade is not None else set(module_state)
+    dropped = [k for k in module_state if k not in kept]
+    old_params = [k for k in module_state if k in own_params or k in dropped]
+    if len(old_params) != n_saved or len(opt_state["param_groups"]) != 1:
+        raise CheckpointError(
+            f"optimiser state has {n_saved} parameters, the module {len(own_params)}: cannot match them"
+        )
+    new_index = {name: i for i, name in enumerate(own_params)}
+    remap = {i: new_index[name] for i, name in enumerate(old_params) if name in new_index}
+    group = dict(opt_state["param_groups"][0], params=list(range(len(own_params))))
+    state = {remap[int(i)]: v for i, v in opt_state["state"].items() if int(i) in remap}
+    opt.load_state_dict({"state": state, "param_groups": [group]})

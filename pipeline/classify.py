@@ -56,6 +56,7 @@ class ClassifyConfig:
     device: str = "auto"
     amp: str = "auto"
     threads: int = 0
+    cache_allocations: bool = True  # on CPU, keep freed memory in the process (see TrainConfig)
     test_split: str = "test"
     bootstrap: int = 1000
     out_dir: str = "outputs/classify"
@@ -157,6 +158,8 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         device = torch.device("cuda", dinfo.local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" and cfg.cache_allocations:
+        engine.cache_cpu_allocations()
     amp = engine.amp_dtype(cfg.amp, device)
     set_determinism(seed=cfg.seed)
     stamp = distributed.agree(time.strftime("%Y%m%d-%H%M%S"), dinfo)

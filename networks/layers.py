@@ -1,0 +1,212 @@
+"""Drop-in ``nn.Conv2d`` subclasses for the two convolution shapes oneDNN runs slowly on CPU.
+
+Same parameters, same initialisation, same ``state_dict`` keys and the same function as
+``nn.Conv2d`` (checked to float rounding by ``tests/test_layers.py``); only how some passes are
+computed on a CPU in float32 differs. Elsewhere (CUDA, other dtypes, autocast) they are plain
+``nn.Conv2d``.
+
+* :class:`FewOutputConv2d` -- many channels in, few out, stride 1: the decoder's last layer
+  (32 -> 1 channel at full resolution) and the discriminator's (128 -> 1). oneDNN's forward and weight-gradient passes
+  run at ~11 GFLOP/s here (about 6 % of this machine's matmul rate); done as one GEMM into the
+  ``out * k * k`` per-tap products plus a shift-and-add, they are 3-4x faster. The input
+  gradient stays with oneDNN, which is fast in that direction.
+* :class:`FewInputConv2d` -- one (or few) input channels: the discriminator's first layer. Its
+  input gradient (needed to train the decoder through the discriminator) runs at ~7 GFLOP/s in
+  oneDNN; as a GEMM plus ``fold`` (col2im) it is 2x faster. Forward and weight gradient stay
+  with oneDNN.
+
+Measured with ``benchmarks/bench_train.py`` (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_conv_backward = torch.ops.aten.convolution_backward
+_enabled = True
+
+
+def set_cpu_gemm(enabled: bool) -> None:
+    """Switch the GEMM formulations on or off process-wide (off: plain ``nn.Conv2d`` everywhere;
+    ``benchmarks/bench_train.py`` times its naive reference that way)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def _use_gemm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _needed(ctx, i: int) -> bool:
+    """Whether input ``i``'s gradient is wanted by *this* backward pass: ``needs_input_grad`` only
+    says it requires grad, but ``backward(inputs=...)`` (the VAE-GAN's per-network passes) often
+    skips it. Built-in nodes make this check themselves; torch.utils.checkpoint uses the same call."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    try:
+        node = ctx.next_functions[i][0]
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # not inside an engine-run backward: be safe
+        return True
+
+
+class _FewOutputConv(torch.autograd.Function):
+    """``conv2d(x, w, b, stride=1, padding=p)`` through per-tap products.
+
+    With ``T[o, i, j] = w[o, :, i, j] . x`` (one GEMM, ``[n_out*k*k, C] @ [C, B*H*W]``), the output is
+    ``out[o, y, x] = sum_ij T[o, i, j][y + i - p, x + j - p]``, a shift-and-add over k*k small maps.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) -> torch.Tensor:  # type: ignore[override]
+        B, C, H, W = x.shape
+        n_out, k = w.shape[0], w.shape[-1]
+        Ho, Wo = H + 2 * p - k + 1, W + 2 * p - k + 1
+        # [B*H*W, C] rows: a free view of a channels_last tensor (one copy otherwise)
+        xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
+        taps = torch.mm(w.permute(0, 2, 3, 1).reshape(n_out * k * k, C), xf.t())  # [n_out*k*k, B*H*W]
+        tp = F.pad(taps.view(n_out * k * k, B, H, W), (p, p, p, p)).view(n_out, k, k, B, H + 2 * p, W + 2 * p)
+        out = tp[:, 0, 0, :, :Ho, :Wo].clone()
+        for i in range(k):
+            for j in range(k):
+                if i or j:
+                    out += tp[:, i, j, :, i : i + Ho, j : j + Wo]
+        if b is not None:
+            out += b.view(n_out, 1, 1, 1)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias, ctx.p = b is not None, p
+        # [n_out, B, Ho, Wo] -> [B, n_out, Ho, Wo]; in channels_last memory, like the input
+        return out.permute(1, 0, 2, 3).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        p = ctx.p
+        B, C, H, W = x.shape
+        n_out, k = w.shape[0], w.shape[-1]
+        gx = gw = gb = None
+        if _needed(ctx, 0):  # oneDNN is fast in this direction (few -> many channels)
+            cl = torch.channels_last  # its fast path wants every operand in one layout
+            g, x, w = (
+                g.contiguous(memory_format=cl),
+                x.contiguous(memory_format=cl),
+                w.contiguous(memory_format=cl),
+            )
+            gx = _conv_backward(
+                g, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], 1, [True, False, False]
+            )[0]
+        if _needed(ctx, 1):
+            # dL/dT[o, i, j](y', x') = g[o](y' - i + p, x' - j + p): the shift-and-add's adjoint
+            q = k - 1 - p
+            gp = F.pad(g.permute(1, 0, 2, 3), (q, q, q, q))  # [n_out, B, Ho + 2q, Wo + 2q]
+            gt = torch.empty(n_out, k, k, B, H, W, dtype=g.dtype)
+            for i in range(k):
+                for j in range(k):
+                    gt[:, i, j] = gp[:, :, k - 1 - i : k - 1 - i + H, k - 1 - j : k - 1 - j + W]
+            xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
+            gw = torch.mm(gt.view(n_out * k * k, B * H * W), xf).view(n_out, k, k, C).permute(0, 3, 1, 2)
+        if ctx.has_bias and _needed(ctx, 2):
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+class _FewInputConv(torch.autograd.Function):
+    """``conv2d(x, w, b, stride, padding)`` whose input gradient is a GEMM plus ``fold``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride: int, padding: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.has_bias, ctx.stride, ctx.padding = b is not None, stride, padding
+        return F.conv2d(x, w, b, stride, padding)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        s, p = ctx.stride, ctx.padding
+        B, C, H, W = x.shape
+        n_out, k = w.shape[0], w.shape[-1]
+        gx = gw = gb = None
+        if _needed(ctx, 0):
+            # column gradients [B, C*k*k, L] = w^T g, then col2im sums the overlapping windows
+            gf = g.permute(0, 2, 3, 1).reshape(B * g.shape[2] * g.shape[3], n_out)
+            cols = torch.mm(w.reshape(n_out, C * k * k).t(), gf.t()).view(C * k * k, B, -1).transpose(0, 1)
+            gx = F.fold(cols, (H, W), k, padding=p, stride=s).contiguous(memory_format=torch.channels_last)
+        if _needed(ctx, 1):
+            gw = _conv_backward(
+                g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [False, True, False]
+            )[1]
+        if ctx.has_bias and _needed(ctx, 2):
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None, None
+
+
+def _check_plain(conv: nn.Conv2d, what: str) -> None:
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError(f"{what} needs groups=1, dilation=1 and zero padding, got {conv}")
+    if conv.kernel_size[0] != conv.kernel_size[1]:
+        raise ValueError(f"{what} needs a square kernel, got {conv.kernel_size}")
+
+
+class FewOutputConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (stride 1, square kernel, padding < kernel) for few output channels."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_plain(self, "FewOutputConv2d")
+        k = self.kernel_size[0]
+        if isinstance(self.padding, str) or self.stride != (1, 1) or self.padding[0] != self.padding[1]:
+            raise ValueError(f"FewOutputConv2d needs stride 1 and equal integer paddings, got {self}")
+        if not 0 <= self.padding[0] < k:
+            raise ValueError(f"FewOutputConv2d needs 0 <= padding < kernel size, got {self}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _use_gemm(x, self.weight):
+            return super().forward(x)
+        return _FewOutputConv.apply(x, self.weight, self.bias, self.padding[0])
+
+
+class FewInputConv2d(nn.Conv2d):
+    """``nn.Conv2d`` for few input channels (the input gradient is computed as GEMM + col2im)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_plain(self, "FewInputConv2d")
+        if (
+            isinstance(self.padding, str)
+            or self.stride[0] != self.stride[1]
+            or self.padding[0] != self.padding[1]
+        ):
+            raise ValueError(f"FewInputConv2d needs equal strides and paddings, got {self}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _use_gemm(x, self.weight):
+            return super().forward(x)
+        return _FewInputConv.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
+
+
+def adopt(conv: nn.Conv2d, cls: type[FewOutputConv2d] | type[FewInputConv2d]) -> nn.Conv2d:
+    """Turn an existing ``nn.Conv2d`` (e.g. inside a MONAI block) into ``cls`` in place: same
+    parameters and ``state_dict``; raises ``ValueError`` if its shape does not suit ``cls``."""
+    if type(conv) is not nn.Conv2d:
+        raise ValueError(f"expected a plain nn.Conv2d, got {type(conv).__name__}")
+    conv.__class__ = cls
+    try:
+        conv._validate()  # type: ignore[attr-defined]
+    except ValueError:
+        conv.__class__ = nn.Conv2d
+        raise
+    return conv
