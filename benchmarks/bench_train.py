@@ -188,7 +188,7 @@ def build(cfg: TrainConfig, device: torch.device, compile_: bool = False, batch_
     torch.manual_seed(0)
     model = VAEGAN(cfg.model).to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to_channels_last()
     groups = Groups(model, cfg.optim)
     if compile_:
         for m in groups.modules.values():
@@ -285,6 +285,78 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
     return res
 
 
+# ------------------------------------------------------------------------------------- ablation
+ABLATIONS = {
+    # name: what is switched off
+    "allocator cache": "freed memory goes back to the kernel (engine.cache_cpu_allocations(False))",
+    "GEMM conv paths": "plain oneDNN for the few-in/few-out convolutions (networks.layers)",
+    "split discriminator": "one discriminator call on the concatenated batch (train.SPLIT_DISCRIMINATOR)",
+    "channels_last": "NCHW tensors everywhere",
+}
+
+
+def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """The project step with each speed measure switched off in turn, timed in interleaved blocks
+    (every variant's k-th block runs back to back), so a busy moment of a shared machine falls on
+    all variants alike. Each measure's share is the slowdown without it."""
+    import pipeline.train as train_mod
+
+    batch = random_batch(size, args.batch, device)
+    variants: dict[str, Any] = {}
+    for name in ["all on", *ABLATIONS]:
+        cfg = make_config(size, "project", device, args.project_head)
+        cfg.channels_last = name != "channels_last"
+        arm_settings("project", cfg, device)
+        _, step_fn, _ = build(cfg, device)
+
+        def fn(b, step_fn=step_fn, name=name, cfg=cfg):
+            layers.set_cpu_gemm(name != "GEMM conv paths")
+            if device.type == "cpu":
+                engine.cache_cpu_allocations(name != "allocator cache" and cfg.cache_allocations)
+            train_mod.SPLIT_DISCRIMINATOR = name != "split discriminator"
+            return step_fn(b)
+
+        for _ in range(args.warmup):
+            fn(batch)
+        variants[name] = {"fn": fn, "flops": count_flops(fn, batch), "blocks": []}
+    for _ in range(args.repeats):
+        for v in variants.values():
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                v["fn"](batch)
+            _sync(device)
+            v["blocks"].append((time.perf_counter() - t) / args.steps)
+    arm_settings("project", make_config(size, "project", device), device)
+    train_mod.SPLIT_DISCRIMINATOR = True
+    out: dict[str, Any] = {"size": size, "batch": args.batch, "variants": {}}
+    base = statistics.median(variants["all on"]["blocks"])
+    for name, v in variants.items():
+        t = statistics.median(v["blocks"])
+        out["variants"][name] = {
+            "off": ABLATIONS.get(name, ""),
+            "step_s": t,
+            "images_per_s": args.batch / t,
+            "flops_per_image": v["flops"] / args.batch,
+            "slowdown": t / base,
+        }
+    return out
+
+
+def ablation_table(ab: dict) -> str:
+    lines = [
+        f"\nablation at {ab['size']} px, batch {ab['batch']} (each row: the project step with one measure off)",
+        "| switched off | images/s | step (ms) | GFLOP/img | / matmul peak | slower by |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in ab["variants"].items():
+        lines.append(
+            f"| {'nothing' if name == 'all on' else name} | {v['images_per_s']:.1f} | {v['step_s'] * 1e3:,.1f} "
+            f"| {v['flops_per_image'] / 1e9:.2f} | {v['ratio_to_matmul_peak']:.0%} | {v['slowdown']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------- epoch
 def _items(manifest: str, limit: int) -> list[dict]:
     from pipeline.data import records
@@ -371,6 +443,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="decoder head of the project arm",
     )
     ap.add_argument("--compile", action="store_true", help="also time the project step under torch.compile")
+    ap.add_argument(
+        "--ablate", action="store_true", help="also time the project step with each speed measure off in turn"
+    )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
     ap.add_argument(
@@ -426,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
         r = bench_step(size, args, device, peaks)
         res["steps"].append(r)
         print(f"size {size}: done", flush=True)
+    if args.ablate:
+        res["ablation"] = [bench_ablation(size, args, device) for size in args.sizes]
+        print("ablation: done", flush=True)
     again = measure_peaks()
     for k, v in again.items():
         peaks[k] = max(peaks[k], *v.values())
@@ -437,6 +515,10 @@ def main(argv: list[str] | None = None) -> dict:
             a["ratio_to_matmul_peak"] = (
                 a["achieved_flops"] / peaks["bf16" if a["amp"] == "bfloat16" else "fp32"]
             )
+    for ab in res.get("ablation", []):  # the project arm runs fp32 on CPU, bf16 on CUDA
+        key = "bf16" if device.type == "cuda" else "fp32"
+        for v in ab["variants"].values():
+            v["ratio_to_matmul_peak"] = v["flops_per_image"] * ab["batch"] / v["step_s"] / peaks[key]
     print(
         "matmul peak (final): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()),
         flush=True,
@@ -447,6 +529,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             res["epoch"] = {"skipped": f"{args.manifest} not found (run `python -m pipeline.run ingest ...`)"}
     print(table(res))
+    for ab in res.get("ablation", []):
+        print(ablation_table(ab))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

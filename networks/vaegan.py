@@ -374,6 +374,17 @@ class VAEGAN(nn.Module):
                     f"feature_layer={cfg.feature_layer} out of range for {n} discriminator feature maps"
                 )
 
+    def to_channels_last(self) -> VAEGAN:
+        """channels_last for the encoder and decoder; on CPU the discriminator stays NCHW: its
+        instance norm would copy every channels_last activation to NCHW and back, and oneDNN runs
+        its small-spatial convolutions no slower in NCHW (~3 % faster steps, bench_train.py)."""
+        self.encoder.to(memory_format=torch.channels_last)
+        self.decoder.to(memory_format=torch.channels_last)
+        if self.discriminator is not None:
+            on_cpu = next(self.discriminator.parameters()).device.type == "cpu"
+            self.discriminator.to(memory_format=torch.contiguous_format if on_cpu else torch.channels_last)
+        return self
+
     @staticmethod
     def reparameterize(
         mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None

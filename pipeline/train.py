@@ -399,7 +399,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to_channels_last()
     groups = Groups(model, cfg.optim)
     if cfg.compile:
         for m in groups.modules.values():

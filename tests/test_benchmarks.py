@@ -35,8 +35,12 @@ def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
         "--epoch-images",
         "16",
     ]
-    p = _run("bench_train.py", *tiny, "--manifest", str(phantom_manifest), "--json", str(out))
+    p = _run("bench_train.py", *tiny, "--ablate", "--manifest", str(phantom_manifest), "--json", str(out))
     res = json.loads(out.read_text())
+    ab = res["ablation"][0]["variants"]
+    assert set(ab) == {"all on", "allocator cache", "GEMM conv paths", "split discriminator", "channels_last"}
+    assert ab["all on"]["slowdown"] == 1.0 and all(v["step_s"] > 0 for v in ab.values())
+    assert "| split discriminator |" in p.stdout
     step = res["steps"][0]
     assert {"naive", "project"} <= set(step["arms"])
     for a in step["arms"].values():
