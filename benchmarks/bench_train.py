@@ -193,7 +193,7 @@ def build(cfg: TrainConfig, device: torch.device, compile_: bool = False, batch_
     if compile_:
         for m in groups.modules.values():
             m.compile()
-    amp = engine.amp_dtype(cfg.amp, device)
+    amp = engine.amp_dtype(cfg.amp, device, cfg.data.image_size)
     step_fn = make_step_fn(model, groups, cfg, device, amp, None, batch_aug=batch_aug)
     return model, step_fn, amp
 
@@ -292,6 +292,7 @@ ABLATIONS = {
     "GEMM conv paths": "plain oneDNN for the few-in/few-out convolutions (networks.layers)",
     "split discriminator": "one discriminator call on the concatenated batch (train.SPLIT_DISCRIMINATOR)",
     "channels_last": "NCHW tensors everywhere",
+    "bf16 autocast": "float32 throughout (CUDA only: CPU runs float32 anyway)",
 }
 
 
@@ -306,8 +307,10 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
     for name in ["all on", *ABLATIONS]:
         cfg = make_config(size, "project", device, args.project_head)
         cfg.channels_last = name != "channels_last"
+        if name == "bf16 autocast":
+            cfg.amp = "off"
         arm_settings("project", cfg, device)
-        _, step_fn, _ = build(cfg, device)
+        _, step_fn, amp = build(cfg, device)
 
         def fn(b, step_fn=step_fn, name=name, cfg=cfg):
             layers.set_cpu_gemm(name != "GEMM conv paths")
@@ -318,7 +321,7 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
 
         for _ in range(args.warmup):
             fn(batch)
-        variants[name] = {"fn": fn, "flops": count_flops(fn, batch), "blocks": []}
+        variants[name] = {"fn": fn, "flops": count_flops(fn, batch), "blocks": [], "amp": amp}
     for _ in range(args.repeats):
         for v in variants.values():
             _sync(device)
@@ -335,6 +338,7 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
         t = statistics.median(v["blocks"])
         out["variants"][name] = {
             "off": ABLATIONS.get(name, ""),
+            "amp": str(v["amp"]).replace("torch.", "") if v["amp"] else "fp32",
             "step_s": t,
             "images_per_s": args.batch / t,
             "flops_per_image": v["flops"] / args.batch,
@@ -515,9 +519,9 @@ def main(argv: list[str] | None = None) -> dict:
             a["ratio_to_matmul_peak"] = (
                 a["achieved_flops"] / peaks["bf16" if a["amp"] == "bfloat16" else "fp32"]
             )
-    for ab in res.get("ablation", []):  # the project arm runs fp32 on CPU, bf16 on CUDA
-        key = "bf16" if device.type == "cuda" else "fp32"
+    for ab in res.get("ablation", []):
         for v in ab["variants"].values():
+            key = "bf16" if v["amp"] == "bfloat16" else "fp32"
             v["ratio_to_matmul_peak"] = v["flops_per_image"] * ab["batch"] / v["step_s"] / peaks[key]
     print(
         "matmul peak (final): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()),

@@ -38,7 +38,14 @@ def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
     p = _run("bench_train.py", *tiny, "--ablate", "--manifest", str(phantom_manifest), "--json", str(out))
     res = json.loads(out.read_text())
     ab = res["ablation"][0]["variants"]
-    assert set(ab) == {"all on", "allocator cache", "GEMM conv paths", "split discriminator", "channels_last"}
+    assert set(ab) == {
+        "all on",
+        "allocator cache",
+        "GEMM conv paths",
+        "split discriminator",
+        "channels_last",
+        "bf16 autocast",
+    }
     assert ab["all on"]["slowdown"] == 1.0 and all(v["step_s"] > 0 for v in ab.values())
     assert "| split discriminator |" in p.stdout
     step = res["steps"][0]

@@ -1,0 +1,48 @@
+"""pipeline.engine helpers: the autocast rule and the CPU allocator cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from pipeline import engine
+
+
+def test_amp_auto_is_bf16_on_cuda_from_128_px_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert engine.amp_dtype("auto", cpu, 256) is None
+    assert engine.amp_dtype("auto", cuda, 64) is None  # launch-bound: float32 measured faster
+    assert engine.amp_dtype("auto", cuda, 128) == torch.bfloat16
+    assert engine.amp_dtype("auto", cuda) == torch.bfloat16  # callers without an image size
+    assert engine.amp_dtype("bf16", cuda, 64) == torch.bfloat16  # an explicit choice wins
+    assert engine.amp_dtype("fp16", cuda, 64) == torch.float16
+    assert engine.amp_dtype("off", cuda, 256) is None
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _freed_bytes() -> int:
+    """How much the resident set shrinks when a 64 MiB tensor is freed."""
+    x = torch.ones(16 * 2**20)  # 64 MiB, every page touched
+    before = _rss()
+    del x
+    return before - _rss()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_allocator_cache_keeps_freed_memory_in_the_process():
+    if not engine.cache_cpu_allocations(False):
+        pytest.skip("this libc has no mallopt (not glibc)")
+    try:
+        assert _freed_bytes() > 32 * 2**20  # glibc's default: a big block goes back to the kernel
+        assert engine.cache_cpu_allocations(True)
+        _freed_bytes()  # the first block under the cache grows the heap
+        assert _freed_bytes() < 8 * 2**20  # now it stays, ready for the next step
+    finally:
+        engine.cache_cpu_allocations(False)
