@@ -387,3 +387,42 @@ def test_split_discriminator_calls_change_no_loss_and_no_gradient(disc_norm, mon
         assert l_split[k] == pytest.approx(l_one[k], rel=1e-5, abs=1e-6), k
     for n in g_one:
         torch.testing.assert_close(g_split[n], g_one[n], rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_speed_measures_leave_training_unchanged(monkeypatch):
+    """Three training steps with every CPU speed measure on (channels_last with an NCHW
+    discriminator, GEMM convolution paths, split discriminator calls) end at the weights of three
+    steps with all of them off, from the same start."""
+    import copy
+
+    import pipeline.train as T
+    from networks import layers
+    from pipeline.train import make_step_fn
+
+    torch.manual_seed(0)
+    cfg = TrainConfig()
+    cfg.data.image_size = cfg.model.image_size = 32
+    cfg.model.num_classes, cfg.model.latent_dim, cfg.model.base_channels = 2, 8, 8
+    cfg.model.max_channels, cfg.model.disc_channels = 16, 8
+    base = VAEGAN(cfg.model)
+    batch = {"image": torch.rand(6, 1, 32, 32) * 2 - 1, "label": torch.tensor([0, 1, 0, 1, 1, 0])}
+
+    def run(fast: bool) -> VAEGAN:
+        model = copy.deepcopy(base)
+        if fast:
+            model.to_channels_last()
+        monkeypatch.setattr(T, "SPLIT_DISCRIMINATOR", fast)
+        layers.set_cpu_gemm(fast)
+        try:
+            groups = Groups(model, cfg.optim)
+            step = make_step_fn(model, groups, cfg, torch.device("cpu"), None, None)
+            torch.manual_seed(1)  # the step's noise
+            for _ in range(3):
+                assert step(batch)
+        finally:
+            layers.set_cpu_gemm(True)
+        return model
+
+    fast, plain = run(True), run(False)
+    for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
