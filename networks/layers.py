@@ -155,12 +155,25 @@ def _check_plain(conv: nn.Conv2d, what: str) -> None:
         raise ValueError(f"{what} needs a square kernel, got {conv.kernel_size}")
 
 
-class FewOutputConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (stride 1, square kernel, padding < kernel) for few output channels."""
+class _GemmConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that validates its shape for a GEMM formulation and runs it when it applies."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._validate()
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gemm(x) if _use_gemm(x, self.weight) else super().forward(x)
+
+
+class FewOutputConv2d(_GemmConv2d):
+    """``nn.Conv2d`` (stride 1, square kernel, padding < kernel) for few output channels."""
 
     def _validate(self) -> None:
         _check_plain(self, "FewOutputConv2d")
@@ -170,18 +183,12 @@ class FewOutputConv2d(nn.Conv2d):
         if not 0 <= self.padding[0] < k:
             raise ValueError(f"FewOutputConv2d needs 0 <= padding < kernel size, got {self}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_gemm(x, self.weight):
-            return super().forward(x)
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         return _FewOutputConv.apply(x, self.weight, self.bias, self.padding[0])
 
 
-class FewInputConv2d(nn.Conv2d):
+class FewInputConv2d(_GemmConv2d):
     """``nn.Conv2d`` for few input channels (the input gradient is computed as GEMM + col2im)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._validate()
 
     def _validate(self) -> None:
         _check_plain(self, "FewInputConv2d")
@@ -192,20 +199,18 @@ class FewInputConv2d(nn.Conv2d):
         ):
             raise ValueError(f"FewInputConv2d needs equal strides and paddings, got {self}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_gemm(x, self.weight):
-            return super().forward(x)
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         return _FewInputConv.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
 
 
-def adopt(conv: nn.Conv2d, cls: type[FewOutputConv2d] | type[FewInputConv2d]) -> nn.Conv2d:
+def adopt(conv: nn.Conv2d, cls: type[_GemmConv2d]) -> nn.Conv2d:
     """Turn an existing ``nn.Conv2d`` (e.g. inside a MONAI block) into ``cls`` in place: same
     parameters and ``state_dict``; raises ``ValueError`` if its shape does not suit ``cls``."""
     if type(conv) is not nn.Conv2d:
         raise ValueError(f"expected a plain nn.Conv2d, got {type(conv).__name__}")
     conv.__class__ = cls
     try:
-        conv._validate()  # type: ignore[attr-defined]
+        conv._validate()  # type: ignore[attr-defined]  # conv is now a cls
     except ValueError:
         conv.__class__ = nn.Conv2d
         raise

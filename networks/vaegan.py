@@ -148,7 +148,7 @@ class Encoder(nn.Module):
                     act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
                     norm=norm_arg,
                     # a bias before batch/instance norm is subtracted right back out by the
-                    # norm; its gradient alone cost ~10 % of a CPU step (see _legacy_bias)
+                    # norm; its gradient alone cost ~10 % of a CPU step (old checkpoints: upgrade_state_dict)
                     bias=norm_arg is None,
                 )
             )

@@ -54,15 +54,7 @@ def cache_cpu_allocations(enabled: bool = True) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
-    settings = (
-        {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
-        if enabled
-        else {
-            _M_MMAP_MAX: _GLIBC_DEFAULTS[_M_MMAP_MAX],
-            _M_TRIM_THRESHOLD: _GLIBC_DEFAULTS[_M_TRIM_THRESHOLD],
-            _M_MMAP_THRESHOLD: _GLIBC_DEFAULTS[_M_MMAP_THRESHOLD],
-        }
-    )
+    settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1} if enabled else _GLIBC_DEFAULTS
     return all(mallopt(k, v) == 1 for k, v in settings.items())
 
 
