@@ -1,6 +1,6 @@
 """Synthesis-quality metrics: pure functions on feature or image tensors.
 
-* Fréchet distance (``monai.metrics.FIDMetric``) and kernel distances: MONAI's ``MMDMetric``
+* Fréchet distance (the formula of ``monai.metrics.FIDMetric``, matrix root from SciPy) and kernel distances: MONAI's ``MMDMetric``
   (unbiased MMD² with a linear kernel) and KID (unbiased MMD² with the cubic polynomial kernel of
   Bińkowski et al. 2018), in the feature space of a classifier trained on real radiographs;
 * precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et al. 2020), k-NN;
@@ -21,10 +21,29 @@ import torch
 Array = np.ndarray
 
 
-def frechet_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
-    from monai.metrics import FIDMetric
+def frechet_distance(fake: torch.Tensor, real: torch.Tensor, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]``.
 
-    return float(FIDMetric()(fake.double(), real.double()))
+    MONAI's ``FIDMetric`` computes the same, but calls ``scipy.linalg.sqrtm(..., disp=False)``,
+    which SciPy releases after 1.17 no longer accept (TypeError); ``sqrtm(A)`` works on all.
+    """
+    from scipy import linalg
+
+    x, y = fake.double().cpu().numpy(), real.double().cpu().numpy()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    s_x, s_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
+    covmean = linalg.sqrtm(s_x @ s_y)
+    if not np.isfinite(covmean).all():  # a nearly singular product: regularise as MONAI does
+        off = np.eye(len(s_x)) * eps
+        covmean = linalg.sqrtm((s_x + off) @ (s_y + off))
+    if np.iscomplexobj(covmean):  # rounding leaves a tiny imaginary part; a large one is an error
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(
+                f"Fréchet distance: imaginary component {np.abs(covmean.imag).max():.3g} too large"
+            )
+        covmean = covmean.real
+    diff = mu_x - mu_y
+    return float(diff @ diff + np.trace(s_x) + np.trace(s_y) - 2 * np.trace(covmean))
 
 
 def mmd_linear(fake: torch.Tensor, real: torch.Tensor) -> float:
