@@ -110,6 +110,36 @@ def _features(model, x: torch.Tensor, device, bs: int = 256) -> tuple[torch.Tens
     return torch.cat(feats), torch.cat(probs).numpy()
 
 
+def class_fidelity(
+    generator: str | Path,
+    classifier: str | Path,
+    n: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    n_boot: int = 1000,
+) -> dict[str, float]:
+    """Does the generator draw what its labels say? ``n`` synthetic images with balanced labels,
+    scored by a classifier trained on real images: its AUROC with a bootstrap CI.
+
+    ~0.5 means the labels are ignored, below 0.5 that they are swapped: such a generator's
+    "labelled" images would teach a classifier wrong labels. Empty for a generator that is not
+    conditioned on two classes.
+    """
+    from pipeline.classify import load_classifier
+    from pipeline.generate import load_generator, resolve_labels, sample_images
+    from pipeline.metrics import bootstrap_ci
+
+    lg = load_generator(generator, device)
+    if lg.num_classes != 2:
+        return {}
+    clf, _ = load_classifier(classifier, device)
+    y = resolve_labels("balanced", n, lg)
+    _, p = _features(clf, sample_images(lg, y, seed, batch_size), device, batch_size)
+    ci = bootstrap_ci(y, p, 0.5, n_boot=n_boot, seed=seed)
+    return {"auroc": ci["auroc"], "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"], "n": float(n)}
+
+
 @torch.no_grad()
 def anomaly_scores(
     model, x: torch.Tensor, device, kl_weight: float, bs: int = 256

@@ -201,7 +201,60 @@ def _run_children(
                         "run_id": res["run_id"],
                     }
                 )
+            if any("synthetic" in a for a in cfg.arms):
+                fid = _generator_fidelity(
+                    cfg, fraction, seed, Path(sub), out, parent_id, gen_cache, gen_path, dinfo
+                )
+                for r in rows:
+                    if r["fraction"] == fraction and r["seed"] == seed and "synthetic" in r["arm"]:
+                        r["generator_class_fidelity"] = fid
     return rows
+
+
+# below this class-fidelity AUROC a generator's labels are too unreliable to teach a classifier
+FIDELITY_WARN = 0.7
+
+
+def _generator_fidelity(
+    cfg: GainConfig,
+    fraction: float,
+    seed: int,
+    sub: Path,
+    out: Path,
+    parent_id: str,
+    gen_cache: dict,
+    gen_path: str | None,
+    dinfo: distributed.DistInfo,
+) -> float:
+    """Class fidelity of the (fraction, seed) generator, scored by that subset's real-only classifier.
+
+    A generator can lose its class conditioning with nothing odd in its losses (one 30-epoch run in
+    six did, docs/benchmarks.md); its synthetic arms then measure wrong labels, not synthetic data.
+    Saved beside the children, so a re-run does not recompute it. NaN on ranks other than 0.
+    """
+    from pipeline.engine import pick_device
+    from pipeline.evaluate import class_fidelity
+
+    path = out / "children" / f"generator-fidelity-f{fraction:g}-s{seed}.json"
+    if not distributed.agree(path.is_file(), dinfo):
+        if gen_path is None:  # every synthetic child was done before: find its generator again
+            gen_path = _generator_for(cfg, fraction, seed, sub, out, parent_id, gen_cache, dinfo)
+        if dinfo.is_main:
+            clf = out / "children" / f"real-f{fraction:g}-s{seed}" / "classifier.pt"
+            fid = class_fidelity(gen_path, clf, seed=seed, device=pick_device(cfg.classify.device))
+            path.write_text(json.dumps({**fid, "generator": str(gen_path), "classifier": str(clf)}, indent=1))
+    if not dinfo.is_main:
+        return float("nan")
+    fid = json.loads(path.read_text())
+    auc = float(fid.get("auroc", float("nan")))
+    if auc < FIDELITY_WARN:
+        print(
+            f"gain: WARNING the generator for fraction {fraction:g} seed {seed} has class fidelity "
+            f"{auc:.3f} (< {FIDELITY_WARN}): its labelled images are unreliable, so this seed's synthetic "
+            f"arms test a generator that lost its labels ({fid['generator']})",
+            flush=True,
+        )
+    return auc
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -232,20 +285,32 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                 "delta_auroc": dm,
                 "delta_lo": dlo,
                 "delta_hi": dhi,
+                # mean over seeds of the generators' class fidelity (synthetic arms only)
+                "generator_class_fidelity": (
+                    g["generator_class_fidelity"].mean() if "generator_class_fidelity" in g else float("nan")
+                ),
+                "generator_class_fidelity_min": (
+                    g["generator_class_fidelity"].min() if "generator_class_fidelity" in g else float("nan")
+                ),
             }
         )
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    head = "| fraction | arm | seeds | AUROC (95% CI) | ΔAUROC vs real (95% CI) | bal. acc | sens | spec |\n"
-    head += "|---|---|---|---|---|---|---|---|\n"
+    head = (
+        "| fraction | arm | seeds | AUROC (95% CI) | ΔAUROC vs real (95% CI) | bal. acc | sens | spec "
+        "| generator class fidelity (mean, min) |\n"
+    )
+    head += "|---|---|---|---|---|---|---|---|---|\n"
     lines = []
     for r in table.itertuples():
         delta = "—" if r.arm == "real" else f"{r.delta_auroc:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]"
+        fid = getattr(r, "generator_class_fidelity", float("nan"))
+        fid_s = "—" if not np.isfinite(fid) else f"{fid:.3f}, {r.generator_class_fidelity_min:.3f}"
         lines.append(
             f"| {r.fraction:g} | {r.arm} | {r.n_seeds} | {r.auroc:.4f} [{r.auroc_lo:.4f}, {r.auroc_hi:.4f}] | "
-            f"{delta} | {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} |"
+            f"{delta} | {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} | {fid_s} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -306,10 +371,16 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
     plot = plot_gain(table, out / "gain.png", title=f"AUROC gain over real-only ({len(cfg.seeds)} seeds)")
     for p in ("gain_runs.csv", "gain_table.csv", "gain_table.md", "gain.png"):
         client.log_artifact(parent_id, str(out / p), "gain")
+    fid_logged: set[str] = set()
     for r in table.itertuples():
         if r.arm != "real" and np.isfinite(r.delta_auroc):
             client.log_metric(parent_id, f"delta_auroc/{r.arm}/f{r.fraction:g}", float(r.delta_auroc))
         client.log_metric(parent_id, f"auroc/{r.arm}/f{r.fraction:g}", float(r.auroc))
+        if np.isfinite(r.generator_class_fidelity) and f"f{r.fraction:g}" not in fid_logged:
+            fid_logged.add(f"f{r.fraction:g}")
+            client.log_metric(
+                parent_id, f"generator_class_fidelity/f{r.fraction:g}", float(r.generator_class_fidelity)
+            )
     client.set_terminated(parent_id)
     distributed.shutdown(dinfo)
     print(md)

@@ -177,10 +177,26 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
         "gain/gain.png",
         "gain/gain_table.md",
     }
-    # a re-run loses nothing already done: every child is skipped
+    # each (fraction, seed) generator is scored by that subset's real-only classifier
+    runs_df = res["runs"]
+    fid = runs_df[runs_df["arm"] == "synthetic"]["generator_class_fidelity"]
+    assert len(fid) == 4 and fid.between(0, 1).all()
+    assert runs_df[runs_df["arm"] == "real"]["generator_class_fidelity"].isna().all()
+    files = sorted((tmp_path / "gain" / "t" / "children").glob("generator-fidelity-*.json"))
+    assert len(files) == 4
+    import json
+
+    saved = {f.name: json.loads(f.read_text()) for f in files}
+    assert all(d["n"] == 1000 and d["auroc_lo"] <= d["auroc"] <= d["auroc_hi"] for d in saved.values())
+    assert "generator class fidelity" in (tmp_path / "gain" / "t" / "gain_table.md").read_text()
+    # a re-run loses nothing already done: every child is skipped, no fidelity is recomputed
+    mtimes = [f.stat().st_mtime_ns for f in files]
     again = gain(cfg)
     assert again["parent_run_id"] == res["parent_run_id"]
     assert list(again["runs"]["run_id"]) == list(res["runs"]["run_id"])
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    before = runs_df["generator_class_fidelity"].fillna(-1).tolist()
+    assert again["runs"]["generator_class_fidelity"].fillna(-1).tolist() == before
 
 
 def test_validation_rules():
