@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from cxr_factory import REPO
 
 
@@ -35,7 +36,9 @@ def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
         "--epoch-images",
         "16",
     ]
-    p = _run("bench_train.py", *tiny, "--ablate", "--manifest", str(phantom_manifest), "--json", str(out))
+    p = _run(
+        "bench_train.py", *tiny, "--ablate", "--bf16", "--manifest", str(phantom_manifest), "--json", str(out)
+    )
     res = json.loads(out.read_text())
     ab = res["ablation"][0]["variants"]
     assert set(ab) == {
@@ -53,6 +56,10 @@ def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
     for a in step["arms"].values():
         assert a["images_per_s"] > 0 and a["flops_per_image"] > 0 and a["ratio_to_matmul_peak"] > 0
     assert step["arms"]["naive"]["speedup_vs_naive"] == 1.0
+    # the opt-in bf16 arm runs under bf16 autocast and is measured against the bf16 matmul peak
+    b = step["arms"]["project-bf16"]
+    assert b["amp"] == "bfloat16" and set(res["matmul_flops"]) == {"fp32", "bf16"}
+    assert b["ratio_to_matmul_peak"] == pytest.approx(b["achieved_flops"] / res["matmul_flops"]["bf16"])
     e = res["epoch"]
     assert e["images"] == 16 and e["loader_images_per_s"] > 0 and e["speedup_steady"] > 0
     assert "| 16 | project |" in p.stdout  # the printed table
