@@ -52,11 +52,21 @@ def _fmt(r: pd.Series, n: str) -> str:
 def compare(cfg: CompareConfig) -> int:
     import mlflow
 
-    from pipeline.tracking import TrackingConfig, resolve_uri
+    from pipeline.tracking import TrackingConfig, fail_fast_http, resolve_uri
 
     uri = resolve_uri(TrackingConfig(uri=cfg.uri))
+    if uri.startswith(("http://", "https://")):
+        fail_fast_http()  # a dead server: a clear error in seconds, not minutes of retries
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    try:
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+    except Exception as e:  # noqa: BLE001 - unreachable or refusing: say so, no traceback
+        print(
+            f"error: the tracking server {uri} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "compare reads finished runs from it, so it needs the server up",
+            file=sys.stderr,
+        )
+        return 2
     if exp is None:
         known = [e.name for e in mlflow.search_experiments()]
         print(

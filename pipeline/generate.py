@@ -298,24 +298,22 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     )
     run_id = None
     if cfg.log_mlflow:
-        import mlflow
-
         from pipeline import tracking
         from pipeline.config import flatten, to_dict
 
-        tracking.setup(cfg.tracking)
-        with mlflow.start_run(run_name=cfg.tracking.run_name or None) as run:
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()})
-            mlflow.set_tags(
-                {"stage": "generate", "source_sha256": lg.sha256, "git_commit": tracking.git_commit()}
-            )
-            mlflow.log_metrics({f"count/{k}": float(v) for k, v in counts.items()})
-            mlflow.log_metric("near_copies_dropped", float(dropped))
-            mlflow.log_artifact(str(manifest), "generated")
-            mlflow.log_artifact(str(grid), "generated")
-            mlflow.log_text(json.dumps(meta, indent=2, default=str), "generated/generated.json")
-            run_id = run.info.run_id
-        print(f"MLflow run id: {run_id}")
+        # the outage-tolerant Tracker: with the server down the images are still written and the
+        # run waits in OUT/tracking_outbox for `pipeline.run sync`
+        tags = {"stage": "generate", "source_sha256": lg.sha256, "git_commit": tracking.git_commit()}
+        with tracking.Tracker(cfg.tracking, out) as tr:
+            tr.start(None, cfg.tracking.run_name or out.name, tags)
+            tr.log_params(flatten(to_dict(cfg)))
+            metrics = {f"count/{k}": float(v) for k, v in counts.items()}
+            tr.log_metrics({**metrics, "near_copies_dropped": float(dropped)}, step=0)
+            tr.log_artifact(manifest, "generated")
+            tr.log_artifact(grid, "generated")
+            tr.log_dict(json.loads(json.dumps(meta, default=str)), "generated/generated.json")
+        run_id = tr.run_id
+        print(f"MLflow run id: {run_id}" if run_id else "MLflow: not reached; the run is kept in the outbox")
     return {
         "manifest": str(manifest),
         "n": cfg.n,

@@ -13,6 +13,7 @@ indicators, bootstrapped over samples with the manifolds held fixed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -32,10 +33,12 @@ def frechet_distance(fake: torch.Tensor, real: torch.Tensor, eps: float = 1e-6) 
     x, y = fake.double().cpu().numpy(), real.double().cpu().numpy()
     mu_x, mu_y = x.mean(0), y.mean(0)
     s_x, s_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    covmean = linalg.sqrtm(s_x @ s_y)
-    if not np.isfinite(covmean).all():  # a nearly singular product: regularise as MONAI does
-        off = np.eye(len(s_x)) * eps
-        covmean = linalg.sqrtm((s_x + off) @ (s_y + off))
+    with warnings.catch_warnings():  # singular products are expected (fewer samples than features)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_x @ s_y)
+        if not np.isfinite(covmean).all():  # regularise as MONAI does
+            off = np.eye(len(s_x)) * eps
+            covmean = linalg.sqrtm((s_x + off) @ (s_y + off))
     if np.iscomplexobj(covmean):  # rounding leaves a tiny imaginary part; a large one is an error
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(

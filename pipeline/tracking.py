@@ -83,7 +83,7 @@ def git_commit() -> str:
 OUTBOX_NAME = "tracking_outbox"
 
 
-def _fail_fast_http() -> None:
+def fail_fast_http() -> None:
     """MLflow retries a failed HTTP request 7 times with exponential back-off (minutes) and
     waits 120 s for an answer. A training loop must not stall that long on a dead server: fail
     at once and let the outbox keep the data (it is retried every ``retry_s``). Explicit settings win."""
@@ -128,7 +128,7 @@ class Tracker:
         self._client = None
         if enabled:
             if self.uri.startswith(("http://", "https://")):
-                _fail_fast_http()
+                fail_fast_http()
             import mlflow
 
             # no server contact here: the experiment is looked up or created by the start op

@@ -210,3 +210,88 @@ def test_classify_goes_on_when_the_server_is_down(tmp_path, phantom_manifest):
         }
     finally:
         kill(proc, signal.SIGTERM)
+
+
+def test_generate_and_evaluate_go_on_when_the_server_is_down(tmp_path, phantom_manifest, phantom_generator):
+    """generate and evaluate log through the same outbox: no server, both still write their
+    images and report; ``sync`` later delivers both runs. compare, which reads runs, says clearly
+    that it needs the server."""
+    from pipeline.classify import ClassifyConfig, classify
+    from pipeline.compare import CompareConfig, compare
+    from pipeline.config import load_config
+    from pipeline.evaluate import EvaluateConfig, evaluate
+    from pipeline.generate import GenerateConfig, generate
+    from pipeline.tracking import sync
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    extractor = classify(
+        load_config(
+            ClassifyConfig,
+            None,
+            [
+                f"data.manifest={phantom_manifest}",
+                "data.image_size=32",
+                "model.widths=[8,16,16,16]",
+                "epochs=1",
+                "bootstrap=20",
+                "threads=1",
+                f"out_dir={tmp_path / 'cls'}",
+                f"tracking.uri=sqlite:///{tmp_path / 'cls.db'}",
+            ],
+        )
+    )["checkpoint"]
+    gen = generate(
+        load_config(
+            GenerateConfig,
+            None,
+            [
+                f"checkpoint={phantom_generator['checkpoint']}",
+                "n=8",
+                f"out={tmp_path / 'gen'}",
+                f"tracking.uri={url}",
+            ],
+        )
+    )
+    assert gen["run_id"] is None and Path(gen["manifest"]).is_file()
+    ev = evaluate(
+        load_config(
+            EvaluateConfig,
+            None,
+            [
+                f"checkpoint={phantom_generator['checkpoint']}",
+                f"extractor={extractor}",
+                f"reference={phantom_manifest}",
+                "bootstrap=5",
+                "k=3",
+                f"out_dir={tmp_path / 'ev'}",
+                f"tracking.uri={url}",
+                "tracking.run_name=offline-eval",
+            ],
+        )
+    )
+    assert ev["run_id"] is None and Path(ev["report"]).is_file()
+    assert compare(CompareConfig(experiment="cxr-vaegan-evaluate", uri=url)) == 2
+
+    proc = start_server(port, tmp_path / "server")
+    try:
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(tracking_uri=url)
+        g = sync(tmp_path / "gen" / "tracking_outbox")
+        assert g["pending"] == 0 and g["run_id"]
+        run = client.get_run(g["run_id"])
+        assert run.data.tags["stage"] == "generate" and run.info.status == "FINISHED"
+        assert sum(v for k, v in run.data.metrics.items() if k.startswith("count/")) == 8
+        assert {f.path for f in client.list_artifacts(g["run_id"], "generated")} >= {
+            "generated/preview.png",
+            "generated/generated.json",
+        }
+        e = sync(tmp_path / "ev" / "offline-eval" / "tracking_outbox")
+        assert e["pending"] == 0 and e["run_id"]
+        run = client.get_run(e["run_id"])
+        assert run.data.tags["stage"] == "evaluate"
+        assert run.data.metrics["fd"] == pytest.approx(ev["metrics"]["fd"])
+        assert "report/report.md" in {f.path for f in client.list_artifacts(e["run_id"], "report")}
+    finally:
+        kill(proc, signal.SIGTERM)
