@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from networks import layers  # noqa: E402
+from networks import fused, layers  # noqa: E402
 from networks.vaegan import VAEGAN  # noqa: E402
 from pipeline import engine  # noqa: E402
 from pipeline.train import Groups, TrainConfig, make_step_fn  # noqa: E402
@@ -176,10 +176,12 @@ def make_config(size: int, arm: str, device: torch.device, head: str = "") -> Tr
 
 
 def arm_settings(arm: str, cfg: TrainConfig, device: torch.device) -> None:
-    """The process-wide parts of an arm: the naive one runs with the CPU allocator cache and the
-    GEMM convolution paths off (networks/layers.py), every other arm as ``train`` runs."""
+    """The process-wide parts of an arm: the naive one runs with the CPU allocator cache, the
+    GEMM convolution paths (networks/layers.py) and the fused batch norm + activation
+    (networks/fused.py) off, every other arm as ``train`` runs."""
     naive = arm == "naive"
     layers.set_cpu_gemm(not naive)
+    fused.set_fused(not naive)
     if device.type == "cpu":
         engine.cache_cpu_allocations(not naive and cfg.cache_allocations)
 
@@ -264,10 +266,13 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
         arm_settings(arm, cfg, device)
         model, step_fn, amp = build(cfg, device, compile_=arm == "compiled")
         fn = naive_step(step_fn, io.StringIO()) if arm == "naive" else step_fn
+        t = time_steps(
+            fn, batch, device, args.warmup + (2 if arm == "compiled" else 0), args.steps, args.repeats
+        )
+        # memory in a separate, untimed step: on CPU the sampler thread would slow the timed ones
         with PeakMemory(device) as mem:
-            t = time_steps(
-                fn, batch, device, args.warmup + (2 if arm == "compiled" else 0), args.steps, args.repeats
-            )
+            fn(batch)
+            _sync(device)
         peak = peaks["bf16" if amp == torch.bfloat16 else "fp32"]
         res["arms"][arm] = {
             "amp": str(amp).replace("torch.", "") if amp else "fp32",
@@ -295,6 +300,7 @@ ABLATIONS = {
     # name: what is switched off
     "allocator cache": "freed memory goes back to the kernel (engine.cache_cpu_allocations(False))",
     "GEMM conv paths": "plain oneDNN for the few-in/few-out convolutions (networks.layers)",
+    "fused norm+activation": "batch norm then (Leaky)ReLU as two eager ops (networks.fused)",
     "split discriminator": "one discriminator call on the concatenated batch (train.SPLIT_DISCRIMINATOR)",
     "channels_last": "NCHW tensors everywhere",
     "bf16 autocast": "float32 throughout (CUDA only: CPU runs float32 anyway)",
@@ -319,6 +325,7 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
 
         def fn(b, step_fn=step_fn, name=name, cfg=cfg):
             layers.set_cpu_gemm(name != "GEMM conv paths")
+            fused.set_fused(name != "fused norm+activation")
             if device.type == "cpu":
                 engine.cache_cpu_allocations(name != "allocator cache" and cfg.cache_allocations)
             train_mod.SPLIT_DISCRIMINATOR = name != "split discriminator"

@@ -26,6 +26,7 @@ from torch import nn
 
 _conv_backward = torch.ops.aten.convolution_backward
 _enabled = True
+TAPS_BY_CONV = True
 
 
 def set_cpu_gemm(enabled: bool) -> None:
@@ -70,10 +71,16 @@ class _FewOutputConv(torch.autograd.Function):
         B, C, H, W = x.shape
         n_out, k = w.shape[0], w.shape[-1]
         Ho, Wo = H + 2 * p - k + 1, W + 2 * p - k + 1
-        # [B*H*W, C] rows: a free view of a channels_last tensor (one copy otherwise)
-        xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
-        taps = torch.mm(w.permute(0, 2, 3, 1).reshape(n_out * k * k, C), xf.t())  # [n_out*k*k, B*H*W]
-        tp = F.pad(taps.view(n_out * k * k, B, H, W), (p, p, p, p)).view(n_out, k, k, B, H + 2 * p, W + 2 * p)
+        if TAPS_BY_CONV:  # the GEMM as oneDNN's 1x1 convolution into n_out*k*k channels
+            w1 = w.permute(0, 2, 3, 1).reshape(n_out * k * k, C, 1, 1)
+            taps = F.conv2d(x, w1).permute(1, 0, 2, 3)  # [n_out*k*k, B, H, W]
+        else:
+            # [B*H*W, C] rows: a free view of a channels_last tensor (one copy otherwise)
+            xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
+            taps = torch.mm(w.permute(0, 2, 3, 1).reshape(n_out * k * k, C), xf.t()).view(
+                n_out * k * k, B, H, W
+            )
+        tp = F.pad(taps, (p, p, p, p)).view(n_out, k, k, B, H + 2 * p, W + 2 * p)
         out = tp[:, 0, 0, :, :Ho, :Wo].clone()
         for i in range(k):
             for j in range(k):
@@ -111,8 +118,16 @@ class _FewOutputConv(torch.autograd.Function):
             for i in range(k):
                 for j in range(k):
                     gt[:, i, j] = gp[:, :, k - 1 - i : k - 1 - i + H, k - 1 - j : k - 1 - j + W]
-            xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
-            gw = torch.mm(gt.view(n_out * k * k, B * H * W), xf).view(n_out, k, k, C).permute(0, 3, 1, 2)
+            if TAPS_BY_CONV:  # the 1x1 convolution's weight gradient, in oneDNN
+                w1 = w.permute(0, 2, 3, 1).reshape(n_out * k * k, C, 1, 1)
+                gt1 = gt.view(n_out * k * k, B, H, W).permute(1, 0, 2, 3)
+                gw = _conv_backward(
+                    gt1, x, w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+                )[1]
+            else:
+                xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
+                gw = torch.mm(gt.view(n_out * k * k, B * H * W), xf)
+            gw = gw.reshape(n_out, k, k, C).permute(0, 3, 1, 2)
         if ctx.has_bias and _needed(ctx, 2):
             gb = g.sum((0, 2, 3))
         return gx, gw, gb, None

@@ -19,6 +19,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from networks.fused import fuse_adn
 from networks.layers import FewInputConv2d, FewOutputConv2d, adopt
 
 SUPPORTED_SIZES = (16, 32, 64, 128, 256)
@@ -153,6 +154,8 @@ class Encoder(nn.Module):
                 )
             )
             c_in = c
+        for block in layers:  # batch norm + LeakyReLU in one pass on CPU (networks/fused.py)
+            fuse_adn(block.adn)
         self.conv = nn.Sequential(*layers)
         self.num_classes = num_classes
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes > 0 else None
@@ -237,6 +240,8 @@ class Decoder(nn.Module):
                     bias=norm_arg is None,
                 )
             )
+        for block in layers:  # batch norm + ReLU in one pass on CPU (networks/fused.py)
+            fuse_adn(block.adn)
         c_last = outs[-1] if outs else chans[0]
         if head == "subpixel":
             # the depth the dropped full-resolution stage had, spent at half resolution

@@ -45,6 +45,7 @@ def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
         "all on",
         "allocator cache",
         "GEMM conv paths",
+        "fused norm+activation",
         "split discriminator",
         "channels_last",
         "bf16 autocast",

@@ -396,7 +396,7 @@ def test_cpu_speed_measures_leave_training_unchanged(monkeypatch):
     import copy
 
     import pipeline.train as T
-    from networks import layers
+    from networks import fused, layers
     from pipeline.train import make_step_fn
 
     torch.manual_seed(0)
@@ -413,6 +413,7 @@ def test_cpu_speed_measures_leave_training_unchanged(monkeypatch):
             model.to_channels_last()
         monkeypatch.setattr(T, "SPLIT_DISCRIMINATOR", fast)
         layers.set_cpu_gemm(fast)
+        fused.set_fused(fast)
         try:
             groups = Groups(model, cfg.optim)
             step = make_step_fn(model, groups, cfg, torch.device("cpu"), None, None)
@@ -421,6 +422,7 @@ def test_cpu_speed_measures_leave_training_unchanged(monkeypatch):
                 assert step(batch)
         finally:
             layers.set_cpu_gemm(True)
+            fused.set_fused(True)
         return model
 
     fast, plain = run(True), run(False)
