@@ -186,6 +186,82 @@ std::vector<at::Tensor> bn_act_backward(const at::Tensor& g, const at::Tensor& x
   }
   return {dx, dw, db};
 }
+
+// Instance norm (no affine) + activation on NCHW: x is [R, L], one row per (sample, channel)
+// plane, normalised over its L = H*W pixels. A plane is small (<= a few KiB here), so its three
+// sweeps run from cache: one read of x from memory, one write of y.
+static inline void plane_stats(const float* __restrict__ r, int64_t L, double eps, float* mean, float* invstd) {
+  double s = 0;  // "omp simd reduction": lets the compiler vectorise the sum (reassociating it)
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < L; ++j) s += r[j];
+  const float m = (float)(s / L);
+  double v = 0;
+#pragma omp simd reduction(+ : v)
+  for (int64_t j = 0; j < L; ++j) {
+    const float d = r[j] - m;
+    v += (double)d * d;
+  }
+  *mean = m;
+  *invstd = (float)(1.0 / std::sqrt(v / L + eps));
+}
+
+static inline void plane_apply(const float* __restrict__ r, float* __restrict__ o, int64_t L, float m, float is,
+                               float slope) {
+  for (int64_t j = 0; j < L; ++j) {
+    const float z = (r[j] - m) * is;
+    o[j] = z > 0.f ? z : z * slope;
+  }
+}
+
+std::vector<at::Tensor> in_act_forward(const at::Tensor& x, double eps, double slope_d) {
+  const int64_t R = x.size(0), L = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  auto opt = x.options();
+  at::Tensor y = at::empty({R, L}, opt), mean = at::empty({R}, opt), invstd = at::empty({R}, opt);
+  float *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
+  const float slope = (float)slope_d;
+  at::parallel_for(0, R, 1, [&](int64_t beg, int64_t end) {
+    for (int64_t i = beg; i < end; ++i) {
+      plane_stats(xp + i * L, L, eps, mp + i, ip + i);
+      plane_apply(xp + i * L, yp + i * L, L, mp[i], ip[i], slope);
+    }
+  });
+  return {y, mean, invstd};
+}
+
+static inline void plane_bwd(const float* __restrict__ r, const float* __restrict__ q, float* __restrict__ o,
+                             int64_t L, float m, float is, float slope) {
+  double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t j = 0; j < L; ++j) {
+    const float z = (r[j] - m) * is;
+    const float gg = z > 0.f ? q[j] : q[j] * slope;
+    s1 += gg;
+    s2 += (double)gg * z;
+  }
+  const float k1 = (float)(s1 / L), k2 = (float)(s2 / L);
+  for (int64_t j = 0; j < L; ++j) {
+    const float z = (r[j] - m) * is;
+    const float gg = z > 0.f ? q[j] : q[j] * slope;
+    o[j] = is * (gg - k1 - z * k2);
+  }
+}
+
+at::Tensor in_act_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
+                           const at::Tensor& invstd, double slope_d) {
+  const int64_t R = x.size(0), L = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const float* mp = mean.data_ptr<float>();
+  const float* ip = invstd.data_ptr<float>();
+  at::Tensor dx = at::empty({R, L}, x.options());
+  float* dp = dx.data_ptr<float>();
+  const float slope = (float)slope_d;
+  at::parallel_for(0, R, 1, [&](int64_t beg, int64_t end) {
+    for (int64_t i = beg; i < end; ++i) plane_bwd(xp + i * L, gp + i * L, dp + i * L, L, mp[i], ip[i], slope);
+  });
+  return dx;
+}
 """
 
 _lock = threading.Lock()
@@ -223,9 +299,9 @@ def extension():
                 cap = torch.backends.cpu.get_cpu_capability()
                 flags = {"AVX512": ["-mavx512f", "-mavx512dq", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
                 _ext = load_inline(
-                    name=f"cxr_bn_act_{cap.lower()}_v2",
+                    name=f"cxr_norm_act_{cap.lower()}_v4",
                     cpp_sources=_SRC,
-                    functions=["bn_act_forward", "bn_act_backward"],
+                    functions=["bn_act_forward", "bn_act_backward", "in_act_forward", "in_act_backward"],
                     extra_cflags=["-O3", "-fopenmp", *flags.get(cap, [])],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
@@ -304,12 +380,65 @@ class FusedBatchNormAct(nn.BatchNorm2d):
         return y
 
 
+class _INAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps: float, slope: float):  # type: ignore[override]
+        B, C, H, W = x.shape
+        x2 = x.reshape(B * C, H * W)  # a view: x is NCHW-contiguous
+        y2, mean, invstd = extension().in_act_forward(x2, eps, slope)
+        ctx.save_for_backward(x2, mean, invstd)
+        ctx.slope, ctx.shape = slope, (B, C, H, W)
+        return y2.view(B, C, H, W)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        if not _needed(ctx, 0):
+            return None, None, None
+        x2, mean, invstd = ctx.saved_tensors
+        B, C, H, W = ctx.shape
+        g2 = gy.contiguous().view(B * C, H * W)
+        return extension().in_act_backward(g2, x2, mean, invstd, ctx.slope).view(B, C, H, W), None, None
+
+
+class FusedInstanceNormAct(nn.InstanceNorm2d):
+    """``InstanceNorm2d`` (no affine, no running statistics) followed by ``LeakyReLU``, fused on
+    CPU for NCHW float32 (the discriminator's layout on CPU). Elsewhere: the two eager ops."""
+
+    negative_slope: float = 0.0
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        return (
+            _enabled
+            and not self.affine
+            and not self.track_running_stats
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.dim() == 4
+            and x.shape[2] * x.shape[3] > 1
+            and x.is_contiguous()
+            and not torch.is_autocast_enabled("cpu")
+            and extension() is not None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._use_fused(x):
+            return F.leaky_relu(super().forward(x), self.negative_slope)
+        return _INAct.apply(x, self.eps, self.negative_slope)
+
+
 def fuse_adn(adn: nn.Module) -> bool:
-    """Turn a MONAI ``ADN`` (``N``: ``BatchNorm2d``, then ``A``: ``ReLU``/``LeakyReLU``, no dropout)
-    into one :class:`FusedBatchNormAct` in place: same ``state_dict``. False (and unchanged) when
-    the block is anything else."""
-    names = [n for n, _ in adn.named_children()]
-    if names != ["N", "A"] or type(adn.N) is not nn.BatchNorm2d:
+    """Turn a MONAI ``ADN`` (``N``: ``BatchNorm2d`` or a plain ``InstanceNorm2d``, then ``A``:
+    ``ReLU``/``LeakyReLU``, no dropout) into one fused module in place: same ``state_dict``.
+    False (and unchanged) when the block is anything else."""
+    kids = dict(adn.named_children())
+    dropout = kids.get("D")
+    if list(kids) not in (["N", "A"], ["N", "D", "A"]) or (dropout is not None and dropout.p != 0):
+        return False  # MONAI adds Dropout(p=0.0), an identity, to some blocks; a real dropout stays
+    if type(adn.N) is nn.BatchNorm2d:
+        cls: type[nn.Module] = FusedBatchNormAct
+    elif type(adn.N) is nn.InstanceNorm2d and not adn.N.affine and not adn.N.track_running_stats:
+        cls = FusedInstanceNormAct
+    else:
         return False
     act = adn.A
     if type(act) is nn.ReLU:
@@ -318,7 +447,7 @@ def fuse_adn(adn: nn.Module) -> bool:
         slope = float(act.negative_slope)
     else:
         return False
-    adn.N.__class__ = FusedBatchNormAct
+    adn.N.__class__ = cls
     adn.N.negative_slope = slope
     adn.A = nn.Identity()
     return True

@@ -101,11 +101,16 @@ class _FewOutputConv(torch.autograd.Function):
         n_out, k = w.shape[0], w.shape[-1]
         gx = gw = gb = None
         if _needed(ctx, 0):  # oneDNN is fast in this direction (few -> many channels)
-            cl = torch.channels_last  # its fast path wants every operand in one layout
+            # its fast path wants every operand in one layout: the input's (no copy of it)
+            fmt = (
+                torch.channels_last
+                if x.is_contiguous(memory_format=torch.channels_last)
+                else torch.contiguous_format
+            )
             g, x, w = (
-                g.contiguous(memory_format=cl),
-                x.contiguous(memory_format=cl),
-                w.contiguous(memory_format=cl),
+                g.contiguous(memory_format=fmt),
+                x.contiguous(memory_format=fmt),
+                w.contiguous(memory_format=fmt),
             )
             gx = _conv_backward(
                 g, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], 1, [True, False, False]
@@ -150,10 +155,13 @@ class _FewInputConv(torch.autograd.Function):
         n_out, k = w.shape[0], w.shape[-1]
         gx = gw = gb = None
         if _needed(ctx, 0):
-            # column gradients [B, C*k*k, L] = w^T g, then col2im sums the overlapping windows
-            gf = g.permute(0, 2, 3, 1).reshape(B * g.shape[2] * g.shape[3], n_out)
-            cols = torch.mm(w.reshape(n_out, C * k * k).t(), gf.t()).view(C * k * k, B, -1).transpose(0, 1)
-            gx = F.fold(cols, (H, W), k, padding=p, stride=s).contiguous(memory_format=torch.channels_last)
+            # column gradients [B, C*k*k, L] = w^T g (one small GEMM per image on g's NCHW view,
+            # no copy), then col2im sums the overlapping windows
+            g3 = g.contiguous().view(B, n_out, g.shape[2] * g.shape[3])
+            cols = torch.matmul(w.reshape(n_out, C * k * k).t(), g3)
+            gx = F.fold(cols, (H, W), k, padding=p, stride=s)
+            if x.is_contiguous(memory_format=torch.channels_last):
+                gx = gx.contiguous(memory_format=torch.channels_last)
         if _needed(ctx, 1):
             gw = _conv_backward(
                 g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [False, True, False]

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from monai.networks.blocks import Convolution
+from monai.networks.blocks import ADN, Convolution
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
@@ -316,6 +316,9 @@ class Discriminator(nn.Module):
         # is slow in oneDNN with one input channel (networks/layers.py)
         adopt(self.net.initial_conv.conv, FewInputConv2d)
         adopt(self.net.final_conv.conv, FewOutputConv2d)
+        for m in list(self.net.modules()):  # instance norm + LeakyReLU in one pass on CPU (networks/fused.py)
+            if isinstance(m, ADN):
+                fuse_adn(m)
         self.num_features = num_layers + 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

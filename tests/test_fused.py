@@ -101,7 +101,7 @@ def test_falls_back_to_batchnorm_then_activation_elsewhere():
         fused.set_fused(True)
 
 
-def test_fuse_adn_keeps_the_state_dict_and_only_takes_norm_then_relu():
+def test_fuse_adn_keeps_the_state_dict_and_only_takes_a_plain_norm_then_relu():
     def block(act, norm="BATCH", dropout=None):
         return Convolution(2, 4, 8, strides=2, kernel_size=3, act=act, norm=norm, dropout=dropout, bias=False)
 
@@ -111,5 +111,32 @@ def test_fuse_adn_keeps_the_state_dict_and_only_takes_norm_then_relu():
     assert list(b.state_dict()) == keys
     assert isinstance(b.adn.N, fused.FusedBatchNormAct) and b.adn.N.negative_slope == 0.2
     assert isinstance(b.adn.A, nn.Identity)
-    for other in (block("relu", norm="INSTANCE"), block("prelu"), block("relu", dropout=0.1)):
+    inst = block("leakyrelu", norm="INSTANCE")  # the discriminator's: N, D(p=0), A
+    assert fused.fuse_adn(inst.adn) and isinstance(inst.adn.N, fused.FusedInstanceNormAct)
+    affine_in = block("relu", norm=("INSTANCE", {"affine": True}))
+    for other in (
+        block("prelu"),
+        block("relu", dropout=0.1),
+        block("relu", norm=("GROUP", {"num_groups": 2})),
+        affine_in,
+    ):
         assert not fused.fuse_adn(other.adn)
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 3, 7), (64, 128, 7, 7), (4, 16, 32, 32)])
+def test_instance_norm_kernel_matches_instance_norm_then_leaky_relu(shape):
+    ref = nn.InstanceNorm2d(shape[1])
+    f = nn.InstanceNorm2d(shape[1])
+    f.__class__ = fused.FusedInstanceNormAct
+    f.negative_slope = 0.2
+    x = torch.randn(*shape) * 2 + 0.5
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = nn.functional.leaky_relu(ref(xr), 0.2), f(xf)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    # channels_last input (the discriminator on CUDA) is left to the eager ops
+    xc = x.contiguous(memory_format=CL)
+    torch.testing.assert_close(f(xc), nn.functional.leaky_relu(ref(xc), 0.2))
