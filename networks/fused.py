@@ -78,6 +78,44 @@ static inline void row_dx(const float* __restrict__ r, const float* __restrict__
   }
 }
 
+static inline void row_centred_sq(const float* __restrict__ r, const float* __restrict__ mu,
+                                  float* __restrict__ f2, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = r[c] - mu[c];
+    f2[c] += d * d;
+  }
+}
+
+// instance norm rows (no affine): z = (x - mean) * invstd, as in the NCHW plane kernel
+static inline void row_norm_act(const float* __restrict__ r, float* __restrict__ o, const float* __restrict__ mu,
+                                const float* __restrict__ is, int64_t C, float slope) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float z = (r[c] - mu[c]) * is[c];
+    o[c] = z > 0.f ? z : z * slope;
+  }
+}
+
+static inline void row_in_bwd_stats(const float* __restrict__ r, const float* __restrict__ q,
+                                    const float* __restrict__ mu, const float* __restrict__ is,
+                                    float* __restrict__ f1, float* __restrict__ f2, int64_t C, float slope) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float z = (r[c] - mu[c]) * is[c];
+    const float gg = z > 0.f ? q[c] : q[c] * slope;
+    f1[c] += gg;
+    f2[c] += gg * z;
+  }
+}
+
+static inline void row_in_dx(const float* __restrict__ r, const float* __restrict__ q, const float* __restrict__ mu,
+                             const float* __restrict__ is, const float* __restrict__ k1, const float* __restrict__ k2,
+                             float* __restrict__ o, int64_t C, float slope) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float z = (r[c] - mu[c]) * is[c];
+    const float gg = z > 0.f ? q[c] : q[c] * slope;
+    o[c] = is[c] * (gg - k1[c] - z * k2[c]);
+  }
+}
+
 // per-thread sums over row blocks; rowfn(i, f1, f2) adds row i into the float block sums
 template <typename F>
 static void channel_sums(int64_t M, int64_t C, std::vector<double>& s1, std::vector<double>& s2, F rowfn) {
@@ -262,6 +300,66 @@ at::Tensor in_act_backward(const at::Tensor& g, const at::Tensor& x, const at::T
   });
   return dx;
 }
+
+// Instance norm (no affine) + activation on channels_last: x is [B, L, C], per-(sample, channel)
+// statistics over a sample's L pixels. One sample's slab (L*C floats, tens of KiB) stays in cache.
+std::vector<at::Tensor> in_act_forward_cl(const at::Tensor& x, double eps, double slope_d) {
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
+  const float* xp = x.data_ptr<float>();
+  auto opt = x.options();
+  at::Tensor y = at::empty({B, L, C}, opt), mean = at::empty({B, C}, opt), invstd = at::empty({B, C}, opt);
+  float *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
+  const float slope = (float)slope_d;
+  at::parallel_for(0, B, 1, [&](int64_t beg, int64_t end) {
+    std::vector<float> f1(C), f2(C), sc(C), sh(C);
+    for (int64_t n = beg; n < end; ++n) {
+      const float* xs = xp + n * L * C;
+      std::fill(f1.begin(), f1.end(), 0.f);
+      std::fill(f2.begin(), f2.end(), 0.f);
+      for (int64_t i = 0; i < L; ++i) row_stats(xs + i * C, f1.data(), f2.data(), C);
+      for (int64_t c = 0; c < C; ++c) f1[c] /= L;  // the mean; then centred squares (two-pass)
+      std::fill(f2.begin(), f2.end(), 0.f);
+      for (int64_t i = 0; i < L; ++i) row_centred_sq(xs + i * C, f1.data(), f2.data(), C);
+      for (int64_t c = 0; c < C; ++c) {
+        mp[n * C + c] = f1[c];
+        ip[n * C + c] = (float)(1.0 / std::sqrt((double)f2[c] / L + eps));
+      }
+      for (int64_t i = 0; i < L; ++i)
+        row_norm_act(xs + i * C, yp + (n * L + i) * C, mp + n * C, ip + n * C, C, slope);
+    }
+  });
+  return {y, mean, invstd};
+}
+
+at::Tensor in_act_backward_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
+                              const at::Tensor& invstd, double slope_d) {
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const float* mp = mean.data_ptr<float>();
+  const float* ip = invstd.data_ptr<float>();
+  at::Tensor dx = at::empty({B, L, C}, x.options());
+  float* dp = dx.data_ptr<float>();
+  const float slope = (float)slope_d;
+  at::parallel_for(0, B, 1, [&](int64_t beg, int64_t end) {
+    std::vector<float> f1(C), f2(C);
+    for (int64_t n = beg; n < end; ++n) {
+      const int64_t o = n * L * C;
+      std::fill(f1.begin(), f1.end(), 0.f);
+      std::fill(f2.begin(), f2.end(), 0.f);
+      for (int64_t i = 0; i < L; ++i)
+        row_in_bwd_stats(xp + o + i * C, gp + o + i * C, mp + n * C, ip + n * C, f1.data(), f2.data(), C, slope);
+      for (int64_t c = 0; c < C; ++c) {
+        f1[c] /= L;
+        f2[c] /= L;
+      }
+      for (int64_t i = 0; i < L; ++i)
+        row_in_dx(xp + o + i * C, gp + o + i * C, mp + n * C, ip + n * C, f1.data(), f2.data(), dp + o + i * C, C,
+                  slope);
+    }
+  });
+  return dx;
+}
 """
 
 _lock = threading.Lock()
@@ -275,6 +373,10 @@ def set_fused(enabled: bool) -> None:
     ``nn`` does; ``benchmarks/bench_train.py`` times its naive reference and ablation that way)."""
     global _enabled
     _enabled = bool(enabled)
+
+
+def is_enabled() -> bool:
+    return _enabled
 
 
 def extension():
@@ -299,9 +401,16 @@ def extension():
                 cap = torch.backends.cpu.get_cpu_capability()
                 flags = {"AVX512": ["-mavx512f", "-mavx512dq", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
                 _ext = load_inline(
-                    name=f"cxr_norm_act_{cap.lower()}_v4",
+                    name=f"cxr_norm_act_{cap.lower()}_v5",
                     cpp_sources=_SRC,
-                    functions=["bn_act_forward", "bn_act_backward", "in_act_forward", "in_act_backward"],
+                    functions=[
+                        "bn_act_forward",
+                        "bn_act_backward",
+                        "in_act_forward",
+                        "in_act_backward",
+                        "in_act_forward_cl",
+                        "in_act_backward_cl",
+                    ],
                     extra_cflags=["-O3", "-fopenmp", *flags.get(cap, [])],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
@@ -381,14 +490,24 @@ class FusedBatchNormAct(nn.BatchNorm2d):
 
 
 class _INAct(torch.autograd.Function):
+    """NCHW: one row per (sample, channel) plane; channels_last: [B, H*W, C] slabs."""
+
     @staticmethod
     def forward(ctx, x, eps: float, slope: float):  # type: ignore[override]
         B, C, H, W = x.shape
-        x2 = x.reshape(B * C, H * W)  # a view: x is NCHW-contiguous
-        y2, mean, invstd = extension().in_act_forward(x2, eps, slope)
+        ext = extension()
+        ctx.cl = not x.is_contiguous()  # then channels_last (checked by the caller)
+        if ctx.cl:
+            x2 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # views, no copy
+            y2, mean, invstd = ext.in_act_forward_cl(x2, eps, slope)
+            y = y2.view(B, H, W, C).permute(0, 3, 1, 2)
+        else:
+            x2 = x.reshape(B * C, H * W)
+            y2, mean, invstd = ext.in_act_forward(x2, eps, slope)
+            y = y2.view(B, C, H, W)
         ctx.save_for_backward(x2, mean, invstd)
         ctx.slope, ctx.shape = slope, (B, C, H, W)
-        return y2.view(B, C, H, W)
+        return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
@@ -396,13 +515,19 @@ class _INAct(torch.autograd.Function):
             return None, None, None
         x2, mean, invstd = ctx.saved_tensors
         B, C, H, W = ctx.shape
-        g2 = gy.contiguous().view(B * C, H * W)
-        return extension().in_act_backward(g2, x2, mean, invstd, ctx.slope).view(B, C, H, W), None, None
+        ext = extension()
+        if ctx.cl:
+            g2 = gy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(B, H * W, C)
+            dx = ext.in_act_backward_cl(g2, x2, mean, invstd, ctx.slope).view(B, H, W, C).permute(0, 3, 1, 2)
+        else:
+            dx = ext.in_act_backward(gy.contiguous().view(B * C, H * W), x2, mean, invstd, ctx.slope)
+            dx = dx.view(B, C, H, W)
+        return dx, None, None
 
 
 class FusedInstanceNormAct(nn.InstanceNorm2d):
     """``InstanceNorm2d`` (no affine, no running statistics) followed by ``LeakyReLU``, fused on
-    CPU for NCHW float32 (the discriminator's layout on CPU). Elsewhere: the two eager ops."""
+    CPU for float32 in NCHW or channels_last. Elsewhere: the two eager ops."""
 
     negative_slope: float = 0.0
 
@@ -415,7 +540,7 @@ class FusedInstanceNormAct(nn.InstanceNorm2d):
             and x.dtype == torch.float32
             and x.dim() == 4
             and x.shape[2] * x.shape[3] > 1
-            and x.is_contiguous()
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and not torch.is_autocast_enabled("cpu")
             and extension() is not None
         )
