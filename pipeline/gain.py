@@ -241,6 +241,9 @@ def _generator_fidelity(
             gen_path = _generator_for(cfg, fraction, seed, sub, out, parent_id, gen_cache, dinfo)
         if dinfo.is_main:
             clf = out / "children" / f"real-f{fraction:g}-s{seed}" / "classifier.pt"
+            if not clf.is_file():  # a real-only child from elsewhere, without its checkpoint
+                print(f"gain: no {clf}: class fidelity of this generator not scored", flush=True)
+                return float("nan")
             fid = class_fidelity(gen_path, clf, seed=seed, device=pick_device(cfg.classify.device))
             path.write_text(json.dumps({**fid, "generator": str(gen_path), "classifier": str(clf)}, indent=1))
     if not dinfo.is_main:
