@@ -7,9 +7,9 @@ computed on a CPU in float32 differs. Elsewhere (CUDA, other dtypes, autocast) t
 
 * :class:`FewOutputConv2d` -- many channels in, few out, stride 1: the decoder's last layer
   (32 -> 1 channel at full resolution) and the discriminator's (128 -> 1). oneDNN's forward and weight-gradient passes
-  run at ~11 GFLOP/s here (about 6 % of this machine's matmul rate); done as one GEMM into the
-  ``out * k * k`` per-tap products plus a shift-and-add, they are 3-4x faster. The input
-  gradient stays with oneDNN, which is fast in that direction.
+  run at ~11 GFLOP/s here (about 6 % of this machine's matmul rate); done as one GEMM (a 1x1
+  convolution) into the ``out * k * k`` per-tap products plus a shift-and-add, they are 3-4x
+  faster. The input gradient stays with oneDNN, which is fast in that direction.
 * :class:`FewInputConv2d` -- one (or few) input channels: the discriminator's first layer. Its
   input gradient (needed to train the decoder through the discriminator) runs at ~7 GFLOP/s in
   oneDNN; as a GEMM plus ``fold`` (col2im) it is 2x faster. Forward and weight gradient stay
@@ -26,7 +26,6 @@ from torch import nn
 
 _conv_backward = torch.ops.aten.convolution_backward
 _enabled = True
-TAPS_BY_CONV = True
 
 
 def set_cpu_gemm(enabled: bool) -> None:
@@ -62,7 +61,8 @@ def _needed(ctx, i: int) -> bool:
 class _FewOutputConv(torch.autograd.Function):
     """``conv2d(x, w, b, stride=1, padding=p)`` through per-tap products.
 
-    With ``T[o, i, j] = w[o, :, i, j] . x`` (one GEMM, ``[n_out*k*k, C] @ [C, B*H*W]``), the output is
+    With ``T[o, i, j] = w[o, :, i, j] . x`` (one GEMM: a 1x1 convolution into ``n_out*k*k``
+    channels), the output is
     ``out[o, y, x] = sum_ij T[o, i, j][y + i - p, x + j - p]``, a shift-and-add over k*k small maps.
     """
 
@@ -71,15 +71,10 @@ class _FewOutputConv(torch.autograd.Function):
         B, C, H, W = x.shape
         n_out, k = w.shape[0], w.shape[-1]
         Ho, Wo = H + 2 * p - k + 1, W + 2 * p - k + 1
-        if TAPS_BY_CONV:  # the GEMM as oneDNN's 1x1 convolution into n_out*k*k channels
-            w1 = w.permute(0, 2, 3, 1).reshape(n_out * k * k, C, 1, 1)
-            taps = F.conv2d(x, w1).permute(1, 0, 2, 3)  # [n_out*k*k, B, H, W]
-        else:
-            # [B*H*W, C] rows: a free view of a channels_last tensor (one copy otherwise)
-            xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
-            taps = torch.mm(w.permute(0, 2, 3, 1).reshape(n_out * k * k, C), xf.t()).view(
-                n_out * k * k, B, H, W
-            )
+        # the per-tap GEMM as oneDNN's 1x1 convolution into n_out*k*k channels (faster than
+        # torch.mm for these skinny shapes: ~3 % of the 64 px step)
+        w1 = w.permute(0, 2, 3, 1).reshape(n_out * k * k, C, 1, 1)
+        taps = F.conv2d(x, w1).permute(1, 0, 2, 3)  # [n_out*k*k, B, H, W]
         tp = F.pad(taps, (p, p, p, p)).view(n_out, k, k, B, H + 2 * p, W + 2 * p)
         out = tp[:, 0, 0, :, :Ho, :Wo].clone()
         for i in range(k):
@@ -123,16 +118,13 @@ class _FewOutputConv(torch.autograd.Function):
             for i in range(k):
                 for j in range(k):
                     gt[:, i, j] = gp[:, :, k - 1 - i : k - 1 - i + H, k - 1 - j : k - 1 - j + W]
-            if TAPS_BY_CONV:  # the 1x1 convolution's weight gradient, in oneDNN
-                w1 = w.permute(0, 2, 3, 1).reshape(n_out * k * k, C, 1, 1)
-                gt1 = gt.view(n_out * k * k, B, H, W).permute(1, 0, 2, 3)
-                gw = _conv_backward(
-                    gt1, x, w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
-                )[1]
-            else:
-                xf = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
-                gw = torch.mm(gt.view(n_out * k * k, B * H * W), xf)
-            gw = gw.reshape(n_out, k, k, C).permute(0, 3, 1, 2)
+            # the 1x1 convolution's weight gradient, in oneDNN
+            w1 = w.permute(0, 2, 3, 1).reshape(n_out * k * k, C, 1, 1)
+            gt1 = gt.view(n_out * k * k, B, H, W).permute(1, 0, 2, 3)
+            gw = _conv_backward(
+                gt1, x, w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+            )
+            gw = gw[1].reshape(n_out, k, k, C).permute(0, 3, 1, 2)
         if ctx.has_bias and _needed(ctx, 2):
             gb = g.sum((0, 2, 3))
         return gx, gw, gb, None
