@@ -188,7 +188,7 @@ def arm_settings(arm: str, cfg: TrainConfig, device: torch.device) -> None:
 
 def build(cfg: TrainConfig, device: torch.device, compile_: bool = False, batch_aug=None):
     torch.manual_seed(0)
-    model = VAEGAN(cfg.model).to(device)
+    model = VAEGAN(cfg.model).to(device).fuse_norm_act()
     if cfg.channels_last:
         model = model.to_channels_last()
     groups = Groups(model, cfg.optim)

@@ -155,8 +155,6 @@ class Encoder(nn.Module):
                 )
             )
             c_in = c
-        for block in layers:  # batch norm + LeakyReLU in one pass on CPU (networks/fused.py)
-            fuse_adn(block.adn)
         self.conv = nn.Sequential(*layers)
         self.num_classes = num_classes
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes > 0 else None
@@ -241,8 +239,6 @@ class Decoder(nn.Module):
                     bias=norm_arg is None,
                 )
             )
-        for block in layers:  # batch norm + ReLU in one pass on CPU (networks/fused.py)
-            fuse_adn(block.adn)
         c_last = outs[-1] if outs else chans[0]
         if head == "subpixel":
             # the depth the dropped full-resolution stage had, spent at half resolution
@@ -317,9 +313,6 @@ class Discriminator(nn.Module):
         # is slow in oneDNN with one input channel (networks/layers.py)
         adopt(self.net.initial_conv.conv, FewInputConv2d)
         adopt(self.net.final_conv.conv, FewOutputConv2d)
-        for m in list(self.net.modules()):  # instance norm + LeakyReLU in one pass on CPU (networks/fused.py)
-            if isinstance(m, ADN):
-                fuse_adn(m)
         self.num_features = num_layers + 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -382,6 +375,17 @@ class VAEGAN(nn.Module):
                 raise ValueError(
                     f"feature_layer={cfg.feature_layer} out of range for {n} discriminator feature maps"
                 )
+
+    def fuse_norm_act(self) -> VAEGAN:
+        """On CPU, turn every norm + (Leaky)ReLU pair into one fused module (networks/fused.py;
+        same state_dict); a no-op on other devices. Not done at construction: on CUDA, DDP's
+        ``SyncBatchNorm.convert_sync_batchnorm`` replaces every batch norm, a fused one too, and
+        would drop the activation fused into it."""
+        if next(self.parameters()).device.type == "cpu":
+            for m in self.modules():
+                if isinstance(m, ADN):
+                    fuse_adn(m)
+        return self
 
     def to_channels_last(self) -> VAEGAN:
         """channels_last everywhere, except the discriminator on a CPU without the fused kernel

@@ -403,7 +403,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = VAEGAN(cfg.model)
     if dinfo.enabled and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
+    model = model.to(device).fuse_norm_act()
     if cfg.channels_last:
         model = model.to_channels_last()
     groups = Groups(model, cfg.optim)

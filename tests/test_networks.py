@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -171,3 +173,20 @@ def test_old_optimiser_state_follows_its_parameters_by_name():
     for i, (name, p) in enumerate(dec.named_parameters()):
         assert new_state[i]["exp_avg"].shape == p.shape
         torch.testing.assert_close(new_state[i]["exp_avg"], old_state[name]["exp_avg"])
+
+
+def test_fusing_norm_and_activation_is_a_cpu_step_that_sync_batchnorm_never_sees():
+    # DDP on CUDA converts batch norms before anything else; a module fused at construction would
+    # become a plain SyncBatchNorm and lose its ReLU
+    from monai.networks.blocks import ADN
+
+    from networks.fused import FusedBatchNormAct, FusedInstanceNormAct
+
+    m = VAEGAN(ModelConfig(image_size=32, latent_dim=8, base_channels=8, num_classes=2))
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m))
+    acts = [type(a.A) for a in synced.modules() if isinstance(a, ADN) and hasattr(a, "N")]
+    assert acts and all(a in (torch.nn.ReLU, torch.nn.LeakyReLU) for a in acts)
+    keys = list(m.state_dict())
+    m.fuse_norm_act()
+    fused = [x for x in m.modules() if isinstance(x, FusedBatchNormAct | FusedInstanceNormAct)]
+    assert len(fused) == len(acts) and list(m.state_dict()) == keys

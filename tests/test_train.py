@@ -404,7 +404,7 @@ def test_cpu_speed_measures_leave_training_unchanged(monkeypatch):
     cfg.data.image_size = cfg.model.image_size = 32
     cfg.model.num_classes, cfg.model.latent_dim, cfg.model.base_channels = 2, 8, 8
     cfg.model.max_channels, cfg.model.disc_channels = 16, 8
-    base = VAEGAN(cfg.model)
+    base = VAEGAN(cfg.model).fuse_norm_act()
     batch = {"image": torch.rand(6, 1, 32, 32) * 2 - 1, "label": torch.tensor([0, 1, 0, 1, 1, 0])}
 
     def run(fast: bool) -> VAEGAN:
