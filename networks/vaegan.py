@@ -396,7 +396,9 @@ class VAEGAN(nn.Module):
         self.decoder.to(memory_format=torch.channels_last)
         if self.discriminator is not None:
             on_cpu = next(self.discriminator.parameters()).device.type == "cpu"
-            eager_norm = on_cpu and (not fused_enabled() or extension() is None)
+            # eager instance norm: the kernel is off or missing, or fuse_norm_act() was not called
+            unfused = any(type(m) is nn.InstanceNorm2d for m in self.discriminator.modules())
+            eager_norm = on_cpu and (unfused or not fused_enabled() or extension() is None)
             self.discriminator.to(
                 memory_format=torch.contiguous_format if eager_norm else torch.channels_last
             )

@@ -309,8 +309,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     lines = []
     for r in table.itertuples():
         delta = "—" if r.arm == "real" else f"{r.delta_auroc:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]"
-        fid = getattr(r, "generator_class_fidelity", float("nan"))
-        fid_s = "—" if not np.isfinite(fid) else f"{fid:.3f}, {r.generator_class_fidelity_min:.3f}"
+        fid, fid_min = r.generator_class_fidelity, r.generator_class_fidelity_min
+        fid_s = "—" if not np.isfinite(fid) else f"{fid:.3f}, {fid_min:.3f}"
         lines.append(
             f"| {r.fraction:g} | {r.arm} | {r.n_seeds} | {r.auroc:.4f} [{r.auroc_lo:.4f}, {r.auroc_hi:.4f}] | "
             f"{delta} | {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} | {fid_s} |"
