@@ -59,3 +59,28 @@ def phantom_generator(tmp_path_factory, phantom_manifest):
         "run_id": res["run_id"],
         "uri": f"sqlite:///{root / 'mlflow.db'}",
     }
+
+
+@pytest.fixture(scope="session")
+def phantom_extractor(tmp_path_factory, phantom_manifest):
+    """A tiny classifier (32 px, 1 epoch) trained on the phantoms: the feature extractor that
+    evaluate needs. Its checkpoint path."""
+    from pipeline.classify import ClassifyConfig, classify
+    from pipeline.config import load_config
+
+    root = tmp_path_factory.mktemp("extractor")
+    cfg = load_config(
+        ClassifyConfig,
+        None,
+        [
+            f"data.manifest={phantom_manifest}",
+            "data.image_size=32",
+            "model.widths=[8,16,16,16]",
+            "epochs=1",
+            "bootstrap=20",
+            "threads=1",
+            f"out_dir={root / 'cls'}",
+            f"tracking.uri=sqlite:///{root / 'cls.db'}",
+        ],
+    )
+    return classify(cfg)["checkpoint"]

@@ -24,6 +24,17 @@ def _pair(c: int, slope: float, seed: int = 0) -> tuple[nn.BatchNorm2d, fused.Fu
     return ref, f
 
 
+def _both(ref_fn, mod: nn.Module, x: torch.Tensor):
+    """The eager reference and the fused module on copies of ``x``, one shared output gradient:
+    ``(y_ref, y_fused, dx_ref, dx_fused)``."""
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref_fn(xr), mod(xf)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    return yr, yf, xr.grad, xf.grad
+
+
 def test_the_kernel_builds_here():
     # CI has a C++ compiler: the fast path must really run there, not silently fall back
     assert fused.extension() is not None
@@ -34,15 +45,10 @@ def test_the_kernel_builds_here():
 def test_values_gradients_and_running_stats_match_batchnorm_then_activation(slope, shape):
     ref, f = _pair(shape[1], slope)
     x = (torch.randn(*shape) * 2 + 0.7).contiguous(memory_format=CL)
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yr = nn.functional.leaky_relu(ref(xr), slope)
-    yf = f(xf)
+    yr, yf, gr, gf = _both(lambda t: nn.functional.leaky_relu(ref(t), slope), f, x)
     assert yf.is_contiguous(memory_format=CL)
-    g = torch.randn_like(yr)
-    yr.backward(g)
-    yf.backward(g)
     torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(f.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(f.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -131,11 +137,7 @@ def test_instance_norm_kernel_matches_instance_norm_then_leaky_relu(shape, layou
     f.__class__ = fused.FusedInstanceNormAct
     f.negative_slope = 0.2
     x = (torch.randn(*shape) * 2 + 0.5).contiguous(memory_format=layout)
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yr, yf = nn.functional.leaky_relu(ref(xr), 0.2), f(xf)
+    yr, yf, gr, gf = _both(lambda t: nn.functional.leaky_relu(ref(t), 0.2), f, x)
     assert yf.is_contiguous(memory_format=layout)
-    g = torch.randn_like(yr)
-    yr.backward(g)
-    yf.backward(g)
     torch.testing.assert_close(yf, yr, rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(gf, gr, rtol=1e-4, atol=2e-5)

@@ -78,35 +78,19 @@ def test_bootstrap_interval_brackets_the_point():
     assert lo < m < hi
 
 
-def test_evaluate_stage_end_to_end(tmp_path, phantom_manifest, phantom_generator):
+def test_evaluate_stage_end_to_end(tmp_path, phantom_manifest, phantom_generator, phantom_extractor):
     import json
 
-    from pipeline.classify import ClassifyConfig, classify
     from pipeline.evaluate import EvaluateConfig, evaluate
 
     uri = f"sqlite:///{tmp_path / 'ev.db'}"
-    cls = classify(
-        load_config(
-            ClassifyConfig,
-            None,
-            [
-                f"data.manifest={phantom_manifest}",
-                "data.image_size=32",
-                "model.widths=[8,16,16,16]",
-                "epochs=1",
-                "bootstrap=20",
-                f"out_dir={tmp_path / 'cls'}",
-                f"tracking.uri={uri}",
-            ],
-        )
-    )
     res = evaluate(
         load_config(
             EvaluateConfig,
             None,
             [
                 f"checkpoint={phantom_generator['checkpoint']}",
-                f"extractor={cls['checkpoint']}",
+                f"extractor={phantom_extractor}",
                 f"reference={phantom_manifest}",
                 "bootstrap=10",
                 "k=3",

@@ -212,11 +212,12 @@ def test_classify_goes_on_when_the_server_is_down(tmp_path, phantom_manifest):
         kill(proc, signal.SIGTERM)
 
 
-def test_generate_and_evaluate_go_on_when_the_server_is_down(tmp_path, phantom_manifest, phantom_generator):
+def test_generate_and_evaluate_go_on_when_the_server_is_down(
+    tmp_path, phantom_manifest, phantom_generator, phantom_extractor
+):
     """generate and evaluate log through the same outbox: no server, both still write their
     images and report; ``sync`` later delivers both runs. compare, which reads runs, says clearly
     that it needs the server."""
-    from pipeline.classify import ClassifyConfig, classify
     from pipeline.compare import CompareConfig, compare
     from pipeline.config import load_config
     from pipeline.evaluate import EvaluateConfig, evaluate
@@ -225,22 +226,6 @@ def test_generate_and_evaluate_go_on_when_the_server_is_down(tmp_path, phantom_m
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    extractor = classify(
-        load_config(
-            ClassifyConfig,
-            None,
-            [
-                f"data.manifest={phantom_manifest}",
-                "data.image_size=32",
-                "model.widths=[8,16,16,16]",
-                "epochs=1",
-                "bootstrap=20",
-                "threads=1",
-                f"out_dir={tmp_path / 'cls'}",
-                f"tracking.uri=sqlite:///{tmp_path / 'cls.db'}",
-            ],
-        )
-    )["checkpoint"]
     gen = generate(
         load_config(
             GenerateConfig,
@@ -260,7 +245,7 @@ def test_generate_and_evaluate_go_on_when_the_server_is_down(tmp_path, phantom_m
             None,
             [
                 f"checkpoint={phantom_generator['checkpoint']}",
-                f"extractor={extractor}",
+                f"extractor={phantom_extractor}",
                 f"reference={phantom_manifest}",
                 "bootstrap=5",
                 "k=3",
