@@ -11,6 +11,7 @@ times faster on CPU at equal size; see ``benchmarks/``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -321,13 +322,45 @@ class Discriminator(nn.Module):
 
 
 class Generator(nn.Module):
-    """Decoder packaged for export (MLflow model): ``(z, labels) -> images``; ``sample(n)`` draws from the prior."""
+    """Decoder packaged for export (MLflow model): ``(z, labels) -> images``; ``sample(n)`` draws from the prior.
+
+    Exported as data only: :meth:`export_spec` (JSON: architecture and label names) plus the
+    decoder's ``state_dict`` (tensors, loadable with ``torch.load(weights_only=True)``);
+    :meth:`from_spec` rebuilds it. Nothing of it is ever pickled.
+    """
+
+    SPEC_FORMAT = "cxr-vaegan-generator"
+    SPEC_VERSION = 1
 
     def __init__(self, decoder: Decoder, label_names: dict[int, str] | None = None) -> None:
         super().__init__()
         self.decoder = decoder
-        # travels with the pickled MLflow model, so `generate label=pneumonia` works from a model URI
+        # travels with the MLflow model, so `generate label=pneumonia` works from a model URI
         self.label_names = dict(label_names or {})
+
+    def export_spec(self, model_cfg: ModelConfig) -> dict:
+        """The JSON-able description :meth:`from_spec` rebuilds the module from."""
+        return {
+            "format": self.SPEC_FORMAT,
+            "version": self.SPEC_VERSION,
+            "decoder": {**autoencoder_kwargs(model_cfg), "head": model_cfg.decoder_head},
+            "label_names": {str(k): str(v) for k, v in self.label_names.items()},
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict, state: dict[str, torch.Tensor]) -> Generator:
+        """Rebuild from :meth:`export_spec`'s dict and the decoder's state dict (strict)."""
+        if not isinstance(spec, dict) or spec.get("format") != cls.SPEC_FORMAT:
+            raise ValueError(f"not a {cls.SPEC_FORMAT} spec")
+        if spec.get("version") != cls.SPEC_VERSION:
+            raise ValueError(f"{cls.SPEC_FORMAT} spec version {spec.get('version')!r} is not supported")
+        kwargs = spec.get("decoder")
+        if not isinstance(kwargs, dict) or not set(kwargs) <= set(inspect.signature(Decoder).parameters):
+            raise ValueError("generator spec: 'decoder' must map Decoder argument names to values")
+        names = {int(k): str(v) for k, v in (spec.get("label_names") or {}).items()}
+        gen = cls(Decoder(**kwargs), names)
+        gen.decoder.load_state_dict(state, strict=True)
+        return gen
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z, labels)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import model_store
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STORE_DIR = REPO_ROOT / "mlflow" / "store"
 
@@ -331,9 +333,7 @@ class Tracker:
         if self.state_file.is_file():
             self.run_id = json.loads(self.state_file.read_text()).get("run_id") or self.run_id
         if self.ops_file.is_file():
-            self.pending = [
-                json.loads(line) for line in self.ops_file.read_text().splitlines() if line.strip()
-            ]
+            self.pending = read_outbox_ops(self.ops_file, self.outbox)
             if self.run_id:  # the run was created already; a start left in the file is stale
                 self.pending = [op for op in self.pending if op["op"] != "start"]
             self._seq = max((op["seq"] for op in self.pending), default=0)
@@ -400,6 +400,82 @@ class Tracker:
             raise ValueError(f"unknown outbox operation {kind!r}")
 
 
+OP_KINDS = ("start", "params", "tags", "dict", "metrics", "artifact", "generator", "end")
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class OutboxError(ValueError):
+    """An outbox operation that is malformed or reaches outside its outbox; nothing was sent."""
+
+
+def _str_map(d: Any, values=(str,)) -> bool:
+    return isinstance(d, dict) and all(
+        isinstance(k, str) and isinstance(v, values) and not isinstance(v, bool) for k, v in d.items()
+    )
+
+
+def _relative_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def validate_op(op: Any, outbox: Path) -> str:
+    """Why ``op`` may not be sent ("" when it may). A file op may only send a regular file that
+    lies inside ``outbox/files`` (where the Tracker copies what it buffers); nothing else on the
+    machine can be uploaded through a crafted outbox, and nothing is ever unpickled."""
+    if not isinstance(op, dict) or op.get("op") not in OP_KINDS:
+        return f"unknown operation {op.get('op') if isinstance(op, dict) else op!r}"
+    if not isinstance(op.get("seq"), int):
+        return "no sequence number"
+    kind = op["op"]
+    if kind == "start":
+        ok = isinstance(op.get("experiment"), str) and isinstance(op.get("run_name"), str)
+        return "" if ok and _str_map(op.get("tags", {})) else "malformed start"
+    if kind in ("params", "tags"):
+        return "" if _str_map(op.get("data")) else f"malformed {kind}"
+    if kind == "dict":
+        ok = isinstance(op.get("data"), dict) and _relative_name(op.get("name"))
+        return "" if ok else "malformed dict (the name must be a relative artifact path)"
+    if kind == "metrics":
+        ok = _str_map(op.get("data"), (int, float)) and isinstance(op.get("step"), int)
+        return "" if ok and isinstance(op.get("ts"), int) else "malformed metrics"
+    if kind == "end":
+        return "" if op.get("status") in RUN_STATUSES else f"bad run status {op.get('status')!r}"
+    # artifact / generator: a buffered copy inside this outbox
+    raw = op.get("path")
+    if not isinstance(raw, str):
+        return "no file path"
+    files = (outbox / "files").resolve()
+    path = Path(raw)
+    real = Path(os.path.realpath(path if path.is_absolute() else outbox / path))
+    if path.is_symlink() or not real.is_relative_to(files) or not real.is_file():
+        return f"file {raw!r} is not a buffered file inside {files}"
+    if "name" in op and not (isinstance(op["name"], str) and op["name"] == Path(op["name"]).name != ".."):
+        return f"bad file name {op['name']!r}"
+    ap = op.get("artifact_path")
+    if kind == "artifact" and ap is not None and not _relative_name(ap):
+        return f"bad artifact path {ap!r}"
+    if kind == "generator" and not isinstance(op.get("registered_name", ""), str):
+        return "malformed generator"
+    return ""
+
+
+def read_outbox_ops(ops_file: Path, outbox: Path) -> list[dict]:
+    """Every operation of an outbox, each validated; the first bad one refuses the whole outbox."""
+    ops = []
+    for n, line in enumerate(ops_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            op = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise OutboxError(f"{ops_file} line {n}: not JSON ({e.msg}); nothing was sent") from e
+        why = validate_op(op, outbox)
+        if why:
+            raise OutboxError(f"{ops_file} line {n}: {why}; nothing was sent")
+        ops.append(op)
+    return ops
+
+
 def _experiment_id(client, uri: str, name: str) -> str:
     """The experiment's id, created if missing; with an sqlite store its artifacts are kept beside
     the database rather than in ./mlruns."""
@@ -415,26 +491,9 @@ def _experiment_id(client, uri: str, name: str) -> str:
 
 
 def _log_generator_model(run_id: str, checkpoint: str, registered_name: str) -> None:
-    import mlflow
-    import mlflow.pytorch
-
-    from pipeline.generate import load_generator
-
-    gen = load_generator(checkpoint).generator
-    # pickle serialisation: torch.export (pt2) cannot trace a module with optional label input
-    kwargs: dict[str, Any] = {
-        "name": "generator",
-        "serialization_format": "pickle",
-        "code_paths": [str(REPO_ROOT / "networks")],
-    }
-    if registered_name:
-        kwargs["registered_model_name"] = registered_name
-    # log_model needs an active run; nested: a parent run may be active in this process
-    with mlflow.start_run(run_id=run_id, nested=True):
-        try:
-            mlflow.pytorch.log_model(gen, **kwargs)
-        except TypeError:  # older MLflow without name/serialization_format
-            mlflow.pytorch.log_model(gen, "generator", registered_model_name=registered_name or None)
+    """The checkpoint's generator as an MLflow model, stored as data (``pipeline.model_store``)."""
+    gen, mcfg = model_store.generator_from_checkpoint(checkpoint)
+    model_store.log_generator_model(run_id, gen, mcfg, registered_name)
 
 
 def sync(outbox: str | Path, uri: str = "") -> dict[str, Any]:
@@ -443,7 +502,19 @@ def sync(outbox: str | Path, uri: str = "") -> dict[str, Any]:
     state_file = outbox / "state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{outbox} is not a tracking outbox (no state.json)")
-    state = json.loads(state_file.read_text())
+    if outbox.name != OUTBOX_NAME:
+        raise FileNotFoundError(f"{outbox} is not a tracking outbox (its folder must be named {OUTBOX_NAME})")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise OutboxError(f"{state_file}: not JSON ({e.msg}); nothing was sent") from e
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("uri"), str)
+        and isinstance(state.get("experiment"), str)
+        and isinstance(state.get("run_id"), (str, type(None)))
+    ):
+        raise OutboxError(f"{state_file}: needs uri, experiment (strings) and run_id; nothing was sent")
     cfg = TrackingConfig(uri=uri or state["uri"], experiment=state["experiment"])
     tr = Tracker(cfg, outbox.parent)
     tr._load()

@@ -1,0 +1,160 @@
+"""Models from outside are data, never code: a pickled MLflow model or a crafted tracking outbox
+must not run anything on the machine that loads or syncs it (issue: safe model loading).
+
+The payload is harmless: unpickling it touches a marker file. Each test first shows the payload is
+live (it runs when unpickled on purpose), then that the project's loaders never run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+from cxr_factory import REPO
+
+from pipeline import model_store, tracking
+from pipeline.generate import load_generator
+from pipeline.model_store import UnsafeModelError
+from transforms.synthetic import GeneratorSource
+
+MARKER_ENV = "CXR_TEST_MARKER"
+
+
+class Payload(torch.nn.Module):
+    """Unpickling this touches the marker file named when it was pickled."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def __reduce_ex__(self, protocol):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def pickled_model(tmp_path, monkeypatch):
+    """A pickled mlflow.pytorch model holding the payload, registered as models:/evil/1."""
+    marker = tmp_path / "marker"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    path = tmp_path / "evil_model"
+    mlflow.pytorch.save_model(Payload(marker), str(path), serialization_format="pickle")
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("evil")
+    client.create_model_version("evil", path.as_uri())
+    marker.unlink(missing_ok=True)  # saving may round-trip the pickle once
+    monkeypatch.delenv(model_store.TRUST_ENV, raising=False)
+    return {"marker": marker, "uri": uri, "file_uri": path.as_uri()}
+
+
+def test_payload_is_live_when_trusted_explicitly(pickled_model, monkeypatch):
+    # the control: with the explicit trust switch the pickle IS unpickled, so the refusal tests
+    # below would fail if a loader unpickled it
+    monkeypatch.setenv(model_store.TRUST_ENV, "1")
+    with pytest.raises(Exception):  # noqa: B017 - the payload returns None, not a module
+        model_store.load_generator_uri(pickled_model["file_uri"], pickled_model["uri"])
+    assert pickled_model["marker"].exists()
+
+
+@pytest.mark.parametrize("address", ["file", "models"])
+def test_pickled_model_is_refused_and_never_runs(pickled_model, address):
+    src = pickled_model["file_uri"] if address == "file" else "models:/evil/1"
+    with pytest.raises(UnsafeModelError, match="pickle"):
+        load_generator(src, tracking_uri=pickled_model["uri"])
+    # the synthetic-augmentation source (classify synthetic=..., evaluate's class fidelity) too
+    with pytest.raises(UnsafeModelError):
+        GeneratorSource(src)
+    assert not pickled_model["marker"].exists()
+
+
+def test_cli_generate_refuses_a_pickled_registered_model(pickled_model, tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=pickled_model["uri"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", "generate", "checkpoint=models:/evil/1", "n=2",
+         f"out={tmp_path / 'gen'}", "log_mlflow=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pickle" in proc.stderr and "Traceback" not in proc.stderr
+    assert not pickled_model["marker"].exists()
+    assert not (tmp_path / "gen" / "generated.csv").exists()
+
+
+def test_logged_generator_is_data_and_loads_by_run_uri(phantom_generator):
+    """train logs the generator as a JSON spec + weights-only state dict, no pickle anywhere."""
+    uri = phantom_generator["uri"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    files = {f.path for f in client.list_artifacts(phantom_generator["run_id"], "generator")}
+    assert not any(p.endswith((".pkl", ".pth")) for p in files), files
+    a = load_generator(phantom_generator["checkpoint"])
+    b = load_generator(f"runs:/{phantom_generator['run_id']}/generator", tracking_uri=uri)
+    z = torch.randn(3, a.generator.decoder.latent_dim)
+    y = torch.tensor([0, 1, 0])
+    torch.testing.assert_close(a.generator(z, y), b.generator(z, y))
+    assert b.label_names == a.label_names
+
+
+# ------------------------------------------------------------------------------ crafted outboxes
+def _outbox(tmp_path, ops: list[dict]) -> pathlib.Path:
+    box = tmp_path / "run" / tracking.OUTBOX_NAME
+    (box / "files").mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path / 'sync.db'}"
+    (box / "state.json").write_text(json.dumps({"uri": uri, "experiment": "e", "run_id": None}))
+    start = {"op": "start", "experiment": "e", "run_name": "r", "tags": {}, "seq": 1}
+    (box / "ops.jsonl").write_text("".join(json.dumps(o) + "\n" for o in [start, *ops]))
+    return box
+
+
+def test_sync_never_uploads_a_file_outside_its_outbox(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the tracking server")
+    box = _outbox(tmp_path, [{"op": "artifact", "path": str(secret), "artifact_path": None, "seq": 2}])
+    with pytest.raises(tracking.OutboxError, match="not a buffered file inside"):
+        tracking.sync(box)
+    assert not (tmp_path / "sync.db").exists()  # refused before anything was sent
+
+
+def test_sync_refuses_a_symlink_out_of_its_outbox(tmp_path):
+    box = _outbox(tmp_path, [])
+    link = box / "files" / "000002-hostname"
+    link.symlink_to("/etc/hostname")
+    with (box / "ops.jsonl").open("a") as f:
+        f.write(json.dumps({"op": "artifact", "path": str(link), "artifact_path": None, "seq": 2}) + "\n")
+    with pytest.raises(tracking.OutboxError):
+        tracking.sync(box)
+    assert not (tmp_path / "sync.db").exists()
+
+
+def test_sync_never_unpickles_a_buffered_generator(tmp_path):
+    marker = tmp_path / "marker"
+    box = _outbox(tmp_path, [])
+    evil = box / "files" / "000002-last.pt"
+    torch.save(Payload(marker), evil)  # a "checkpoint" that is a pickle with a payload
+    with (box / "ops.jsonl").open("a") as f:
+        f.write(json.dumps({"op": "generator", "path": str(evil), "registered_name": "", "seq": 2}) + "\n")
+    res = tracking.sync(box)  # the op is kept (unsendable), never unpickled
+    assert res["pending"] == 1
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "op,why",
+    [
+        ({"op": "exec", "seq": 2}, "unknown operation"),
+        ({"op": "dict", "data": {}, "name": "../../x.json", "seq": 2}, "relative artifact path"),
+        ({"op": "artifact", "path": "files/x", "artifact_path": "/abs", "seq": 2}, "not a buffered file"),
+        ({"op": "end", "status": "RUNNING", "seq": 2}, "bad run status"),
+    ],
+)
+def test_sync_validates_every_operation_before_sending(tmp_path, op, why):
+    box = _outbox(tmp_path, [op])
+    with pytest.raises(tracking.OutboxError, match=why):
+        tracking.sync(box)
+    assert not (tmp_path / "sync.db").exists()
