@@ -5,12 +5,24 @@ objects marked derived/synthetic, carrying no patient data from anywhere) plus a
 generated set that the rest of the pipeline reads like any other: label, seed, index, source
 checkpoint and its SHA-256. The same seed gives the same images: all latent codes are drawn from
 one CPU generator seeded once, so image ``i`` does not depend on the batch size or the device.
+
+All or nothing: the set is written into a hidden sibling folder (``.OUT.generating-*``) and renamed
+into place only once every image, the manifest and the preview are complete, so ``OUT`` holds a
+whole set or nothing new. Too little free space for the set is refused before anything is written;
+a disk that fills anyway (``ENOSPC``/``EDQUOT``) is reported as ``disk full at PATH``, the staging
+folder is removed and ``OUT`` keeps what it held before. The DICOM objects of one call form one
+study and one series.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
+import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from networks.vaegan import Decoder, Generator, autoencoder_kwargs
-from pipeline.tracking import TrackingConfig
+from networks.vaegan import Generator
+from pipeline import model_store
+from pipeline.tracking import TrackingConfig, resolve_uri
 
 SYNTHETIC_COLUMNS = ("synthetic", "seed", "index", "source", "source_sha256")
 
@@ -34,7 +47,12 @@ class GenerateConfig:
     out: str = "outputs/generated"
     seed: int = 0
     batch_size: int = 256
-    dicom: bool = False  # also write DICOM Secondary Capture objects
+    dicom: bool = False  # also write DICOM Secondary Capture objects (one study, one series per call)
+    # a non-empty out folder is refused (a new set beside old files would mix them); overwrite=true
+    # replaces its whole contents, atomically: the new set is written into a hidden sibling folder
+    # and swapped in only when complete, so a failed call leaves the old set as it was. An old
+    # tracking_outbox still holding unsent MLflow calls is never discarded: `pipeline.run sync` it
+    overwrite: bool = False
     device: str = "auto"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-generate"))
     log_mlflow: bool = True
@@ -87,32 +105,16 @@ def state_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_generator(source: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """A generator from a train checkpoint (``weights_only`` load) or an MLflow model URI."""
-    from pipeline import checkpoint as ckpt
-
+def load_generator(source: str | Path, device: str | torch.device = "cpu", tracking_uri: str = "") -> LoadedGenerator:
+    """A generator from a train checkpoint or an MLflow model URI, loaded as data (weights only,
+    never unpickled: ``pipeline.model_store``). ``tracking_uri``: where ``models:/``/``runs:/``
+    addresses are looked up (default: ``MLFLOW_TRACKING_URI``, else the embedded store)."""
     src = str(source)
-    if "://" in src or src.startswith(("runs:", "models:")):
-        import mlflow.pytorch
-
-        try:
-            gen = mlflow.pytorch.load_model(src, map_location=torch.device(device))
-        except Exception as e:
-            raise ckpt.CheckpointError(
-                f"MLflow model {src} cannot be loaded ({type(e).__name__}: {e})"
-            ) from e
-        if not isinstance(gen, Generator):
-            raise ckpt.CheckpointError(f"MLflow model {src} is a {type(gen).__name__}, not a Generator")
-        names = {int(k): v for k, v in getattr(gen, "label_names", {}).items()}
-        return LoadedGenerator(gen.to(device).eval(), names, src, state_sha256(gen))
-    payload = ckpt.load_checkpoint(src)
-    from pipeline.train import config_from_checkpoint
-
-    mcfg = config_from_checkpoint(payload).model
-    dec = Decoder(**autoencoder_kwargs(mcfg), head=mcfg.decoder_head)
-    ckpt.load_module_state(dec, payload["models"]["decoder"], "decoder", src)
-    names = {int(k): str(v) for k, v in payload.get("label_names", {}).items()}
-    return LoadedGenerator(Generator(dec, names).to(device).eval(), names, src, file_sha256(src))
+    if model_store.is_model_uri(src):
+        gen = model_store.load_generator_uri(src, tracking_uri or resolve_uri(TrackingConfig()))
+        return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, state_sha256(gen))
+    gen, _ = model_store.generator_from_checkpoint(src)
+    return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, file_sha256(src))
 
 
 def resolve_labels(spec: str, n: int, lg: LoadedGenerator) -> np.ndarray:
@@ -177,8 +179,13 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return ((img.clamp(-1, 1)[0].numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
-def write_dicom(path: Path, pixels: np.ndarray, label_name: str, series_uid: str, index: int) -> None:
-    """A Secondary Capture object marked synthetic: no patient data is copied from anywhere."""
+def write_dicom(
+    path: Path, pixels: np.ndarray, label_name: str, series_uid: str, index: int, study_uid: str | None = None
+) -> None:
+    """A Secondary Capture object marked synthetic: no patient data is copied from anywhere.
+
+    ``study_uid``: the study the object belongs to (``generate`` gives one per call); a new one
+    when omitted."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -189,7 +196,7 @@ def write_dicom(path: Path, pixels: np.ndarray, label_name: str, series_uid: str
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = series_uid
     ds.Modality = "OT"
     ds.ConversionType = "SYN"  # DICOM's defined term for a synthetic image
@@ -223,73 +230,200 @@ def write_dicom(path: Path, pixels: np.ndarray, label_name: str, series_uid: str
     ds.save_as(str(path), enforce_file_format=True)
 
 
+class OutputSpaceError(PermissionError):
+    """Too little free space for the generated set, or the disk filled while writing it.
+
+    A ``PermissionError`` like ``engine.check_writable``'s "output folder is full", so that
+    ``pipeline.run`` reports it in one line instead of a traceback."""
+
+
+class OutputExistsError(FileExistsError, ValueError):
+    """``out`` is not empty and ``overwrite`` is not set (a ``ValueError`` for ``pipeline.run``)."""
+
+
+def estimate_bytes(n: int, image_size: int, dicom: bool, source: str = "") -> int:
+    """Upper estimate of what ``generate`` writes: PNG <= S*S + 1 KiB each (8-bit grey, worst case
+    uncompressed), DICOM S*S + 2 KiB each, the manifest (+ sidecar) and the preview grid, and once
+    more the manifest and preview for a tracking outbox that copies them when the server is down."""
+    s = int(image_size)
+    png = n * (s * s + 1024)
+    dcm = n * (s * s + 2048) if dicom else 0
+    manifest = n * (400 + 2 * len(source)) + 4096
+    m = min(n, 64)
+    cols, rows = min(8, m), -(-m // 8)
+    up = max(1, 128 // s)
+    preview = (rows * (s + 2) + 2) * up * ((cols * (s + 2) + 2) * up + 1) + 1024
+    return png + dcm + 2 * (manifest + preview) + 64 * 1024
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` (unless ``overwrite``) and an unsent tracking outbox in it."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"out={out} is a file, not a folder")
+    real = out.resolve()
+    if real == real.parent or Path.cwd().resolve().is_relative_to(real):
+        raise ValueError(f"out={out} is the current folder, one above it or a root: give a folder of its own")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"output folder {out} is not empty: a new set beside its files would mix two sets. "
+            f"Give another out=, or overwrite=true to replace its contents"
+        )
+    from pipeline.tracking import OUTBOX_NAME
+
+    ops = out / OUTBOX_NAME / "ops.jsonl"
+    if ops.is_file() and ops.read_text().strip():
+        raise OutputExistsError(
+            f"{ops.parent} holds MLflow calls of the earlier run in {out} not yet sent; overwrite=true "
+            f"would discard them. Send them first: python -m pipeline.run sync {ops.parent} "
+            f"(or delete that folder), or give another out="
+        )
+
+
+def _check_free_space(out: Path, need: int) -> None:
+    where = _existing_ancestor(out.resolve().parent)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise OutputSpaceError(
+            f"not enough free space for out={out}: this call needs about {need:,} bytes "
+            f"({need / 2**20:.1f} MiB) and {where} has {free:,} bytes free "
+            f"({free / 2**20:.1f} MiB); free some space, lower n or give another out="
+        )
+
+
+def _make_staging(out: Path) -> Path:
+    """A new hidden sibling of ``out`` (``mkdir``, so it gets the umask's mode, not mkdtemp's 0700)."""
+    for _ in range(100):
+        staging = out.parent / f".{out.name}.generating-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            continue
+        return staging
+    raise FileExistsError(f"no free staging folder name beside {out}")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Move the complete set in ``staging`` to ``out``, replacing what ``out`` held."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Write the images and their manifest; returns the manifest path, counts and MLflow run id."""
     from PIL import Image
 
     from pipeline.engine import check_writable, pick_device
-    from pipeline.manifest import COLUMNS, write_manifest
+    from pipeline.manifest import COLUMNS, atomic_write_text, sidecar_path, write_manifest
     from pipeline.viz import save_grid
 
     out = Path(cfg.out)
-    check_writable(out)
+    _check_out_folder(out, cfg.overwrite)
     device = pick_device(cfg.device)
-    lg = load_generator(cfg.checkpoint, device)
+    lg = load_generator(cfg.checkpoint, device, resolve_uri(cfg.tracking))
     labels = resolve_labels(cfg.label, cfg.n, lg)
+    _check_free_space(out, estimate_bytes(cfg.n, lg.image_size, cfg.dicom, lg.source))
+    out_abs = out.resolve()
+    check_writable(out_abs.parent)
     t0 = time.time()
     images = sample_images(lg, labels, cfg.seed, cfg.batch_size)
     dropped = 0
     if cfg.drop_near_copies:
         images, labels, dropped = _drop_near_copies(cfg, lg, images, labels)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    if cfg.dicom:
-        from pydicom.uid import generate_uid
-
-        (out / "dicom").mkdir(parents=True, exist_ok=True)
-        series_uid = generate_uid()
-    rows = []
-    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
-        name = lg.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
-        px = to_uint8(img)
-        rel = f"images/syn_{i:06d}_{name}.png"
-        Image.fromarray(px).save(out / rel)
+    staging = _make_staging(out_abs)
+    writing = staging
+    try:
+        (staging / "images").mkdir()
         if cfg.dicom:
-            write_dicom(out / "dicom" / f"syn_{i:06d}_{name}.dcm", px, name, series_uid, i)
-        rows.append(
-            {
-                "path": rel,
-                "label": int(lab),
-                "label_name": name,
-                "patient_id": f"synthetic-{i:06d}",
-                "split": "train",
-                "format": "png",
-                "height": px.shape[0],
-                "width": px.shape[1],
-                "bits_stored": 8,
-                "photometric": "MONOCHROME2",
-                "transfer_syntax": "",
-                "pixel_hash": hashlib.sha256(px.tobytes()).hexdigest()[:16],
-                "synthetic": 1,
-                "seed": cfg.seed,
-                "index": i,
-                "source": lg.source,
-                "source_sha256": lg.sha256,
-            }
-        )
-    df = pd.DataFrame(rows, columns=COLUMNS + list(SYNTHETIC_COLUMNS))
+            from pydicom.uid import generate_uid
+
+            (staging / "dicom").mkdir()
+            study_uid, series_uid = generate_uid(), generate_uid()
+        rows = []
+        for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+            name = lg.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
+            px = to_uint8(img)
+            rel = f"images/syn_{i:06d}_{name}.png"
+            writing = staging / rel
+            Image.fromarray(px).save(writing)
+            if cfg.dicom:
+                writing = staging / "dicom" / f"syn_{i:06d}_{name}.dcm"
+                write_dicom(writing, px, name, series_uid, i, study_uid)
+            rows.append(
+                {
+                    "path": rel,
+                    "label": int(lab),
+                    "label_name": name,
+                    "patient_id": f"synthetic-{i:06d}",
+                    "split": "train",
+                    "format": "png",
+                    "height": px.shape[0],
+                    "width": px.shape[1],
+                    "bits_stored": 8,
+                    "photometric": "MONOCHROME2",
+                    "transfer_syntax": "",
+                    "pixel_hash": hashlib.sha256(px.tobytes()).hexdigest()[:16],
+                    "synthetic": 1,
+                    "seed": cfg.seed,
+                    "index": i,
+                    "source": lg.source,
+                    "source_sha256": lg.sha256,
+                }
+            )
+        df = pd.DataFrame(rows, columns=COLUMNS + list(SYNTHETIC_COLUMNS))
+        meta = {
+            "data_root_abs": str(staging),
+            "source": lg.source,
+            "source_sha256": lg.sha256,
+            "seed": cfg.seed,
+            "n": cfg.n,
+            "label": cfg.label,
+            "label_names": lg.label_names,
+            "synthetic": True,
+        }
+        writing = staging / "generated.csv"
+        write_manifest(writing, df, meta, extra=SYNTHETIC_COLUMNS)
+        # readers use the relative data root ("."); the absolute fallback is the final folder
+        meta["data_root_abs"] = str(out_abs)
+        writing = sidecar_path(writing)
+        side = dict(json.loads(writing.read_text()), data_root_abs=str(out_abs))
+        atomic_write_text(writing, json.dumps(side, indent=2, default=str) + "\n")
+        writing = staging / "preview.png"
+        save_grid(images[:64], writing, nrow=8, upscale=max(1, 128 // lg.image_size))
+        writing = out_abs
+        _swap_into_place(staging, out_abs)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            final = out / writing.relative_to(staging) if writing.is_relative_to(staging) else out
+            raise OutputSpaceError(
+                f"disk full at {final} ({e.strerror}); nothing of this call was kept: {out} "
+                + ("holds what it held before" if out_abs.exists() else "was not created")
+            ) from e
+        raise
+    finally:
+        if staging.exists():
+            with contextlib.suppress(OSError):
+                shutil.rmtree(staging)
     manifest = out / "generated.csv"
-    meta = {
-        "data_root_abs": str(out.resolve()),
-        "source": lg.source,
-        "source_sha256": lg.sha256,
-        "seed": cfg.seed,
-        "n": cfg.n,
-        "label": cfg.label,
-        "label_names": lg.label_names,
-        "synthetic": True,
-    }
-    write_manifest(manifest, df, meta, extra=SYNTHETIC_COLUMNS)
-    grid = save_grid(images[:64], out / "preview.png", nrow=8, upscale=max(1, 128 // lg.image_size))
+    grid = out / "preview.png"
     counts = df["label_name"].value_counts().to_dict()
     meta["near_copies_dropped"] = dropped
     print(
@@ -302,7 +436,8 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         from pipeline.config import flatten, to_dict
 
         # the outage-tolerant Tracker: with the server down the images are still written and the
-        # run waits in OUT/tracking_outbox for `pipeline.run sync`
+        # run waits in OUT/tracking_outbox for `pipeline.run sync`. It starts after the swap, so
+        # its outbox and metrics.jsonl land in the final folder beside the set they describe
         tags = {"stage": "generate", "source_sha256": lg.sha256, "git_commit": tracking.git_commit()}
         with tracking.Tracker(cfg.tracking, out) as tr:
             tr.start(None, cfg.tracking.run_name or out.name, tags)

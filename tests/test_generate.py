@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import re
+from collections import namedtuple
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pydicom
@@ -155,3 +159,100 @@ def test_drop_near_copies_replaces_flagged_images(tmp_path, phantom_generator, p
     train_u8 = ((train_x[:3, 0] + 1) * 127.5).round()
     for t in train_u8:
         assert not any(torch.equal(t, (im * 255).round()) or torch.equal(t, im) for im in imgs)
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_disk_full_mid_write_names_the_file_and_leaves_nothing_half_written(
+    tmp_path, phantom_generator, monkeypatch
+):
+    """ENOSPC on the 4th PNG: a clear error naming that file; the folder keeps its previous
+    complete set (here: an earlier generate), never a mix or images without a manifest."""
+    import errno
+
+    from PIL import Image
+
+    ck = phantom_generator["checkpoint"]
+    out = tmp_path / "full"
+    generate(_cfg(tmp_path, ck, "full", "n=2", "log_mlflow=false"))
+    before = {p: (out / p).read_bytes() for p in _files(out)}
+    real_save, saved = Image.Image.save, {"n": 0}
+
+    def save_until_full(self, fp, *args, **kwargs):
+        if saved["n"] >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved["n"] += 1
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    for extra in ((), ("overwrite=true",)):  # a first set in an empty place, and replacing a set
+        saved["n"] = 0
+        target = out if extra else tmp_path / "fresh"
+        with pytest.raises(OSError, match="disk full at") as e:
+            generate(_cfg(tmp_path, ck, target.name, "n=6", "log_mlflow=false", *extra))
+        assert str(target / "images" / "syn_000003_pneumonia.png") in str(e.value)
+    # all or nothing: the earlier set is intact, the failed first set left no folder, no staging
+    assert {p: (out / p).read_bytes() for p in _files(out)} == before
+    listed = pd.read_csv(out / "generated.csv")["path"]
+    assert sorted(listed) == [p for p in _files(out) if p.startswith("images/")]
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_too_little_free_space_is_refused_before_anything_is_written(
+    tmp_path, phantom_generator, monkeypatch
+):
+    import shutil
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    out = tmp_path / "small"
+    with pytest.raises(OSError, match="bytes") as e:
+        generate(
+            _cfg(tmp_path, phantom_generator["checkpoint"], "small", "n=50", "dicom=true", "log_mlflow=false")
+        )
+    msg = str(e.value)
+    assert str(out) in msg and "4,096 bytes free" in msg
+    # 50 PNGs + 50 DICOMs of 32 x 32 need more than 100 KiB: the estimate is stated in bytes
+    assert int(re.search(r"needs about ([\d,]+) bytes", msg).group(1).replace(",", "")) > 100 * 1024
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dicoms_of_one_call_share_one_study_and_one_series(tmp_path, phantom_generator):
+    generate(_cfg(tmp_path, phantom_generator["checkpoint"], "s", "n=3", "dicom=true", "log_mlflow=false"))
+    ds = [pydicom.dcmread(p) for p in sorted((tmp_path / "s" / "dicom").glob("*.dcm"))]
+    assert len(ds) == 3
+    assert len({d.StudyInstanceUID for d in ds}) == 1
+    assert len({d.SeriesInstanceUID for d in ds}) == 1
+    assert len({d.SOPInstanceUID for d in ds}) == 3
+    assert ds[0].StudyInstanceUID != ds[0].SeriesInstanceUID
+    generate(_cfg(tmp_path, phantom_generator["checkpoint"], "s2", "n=1", "dicom=true", "log_mlflow=false"))
+    other = pydicom.dcmread(next((tmp_path / "s2" / "dicom").glob("*.dcm")))
+    assert other.StudyInstanceUID != ds[0].StudyInstanceUID  # one study per call
+
+
+def test_existing_folder_is_refused_unless_overwrite_replaces_it(tmp_path, phantom_generator):
+    from pipeline.manifest import read_manifest
+
+    ck = phantom_generator["checkpoint"]
+    out = tmp_path / "o"
+    first = generate(_cfg(tmp_path, ck, "o", "n=16"))  # logs to MLflow: the tracker writes into o/
+    assert first["run_id"] is not None and len(list((out / "images").glob("*.png"))) == 16
+    with pytest.raises(ValueError, match="overwrite=true") as e:
+        generate(_cfg(tmp_path, ck, "o", "n=2", "log_mlflow=false"))
+    assert str(out) in str(e.value) and "out=" in str(e.value)
+    assert len(list((out / "images").glob("*.png"))) == 16
+    res = generate(_cfg(tmp_path, ck, "o", "n=2", "overwrite=true", "dicom=true"))
+    assert res["run_id"] is not None
+    assert len(list((out / "images").glob("*.png"))) == 2 and len(list((out / "dicom").glob("*.dcm"))) == 2
+    df, root = read_manifest(res["manifest"])
+    assert len(df) == 2 and root == out.resolve() and all(map(lambda p: Path(p).is_file(), df["abs_path"]))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left beside it
+    # an outbox of the earlier run still waiting for the server is not thrown away by overwrite
+    (out / "tracking_outbox").mkdir(exist_ok=True)
+    (out / "tracking_outbox" / "ops.jsonl").write_text('{"seq": 1, "op": "metrics"}\n')
+    with pytest.raises(ValueError, match="pipeline.run sync"):
+        generate(_cfg(tmp_path, ck, "o", "n=2", "overwrite=true", "log_mlflow=false"))
+    assert len(list((out / "images").glob("*.png"))) == 2
