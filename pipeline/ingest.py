@@ -28,9 +28,19 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline import phi
 from pipeline.manifest import COLUMNS, SPLITS, atomic_write_text, write_manifest
-from pipeline.phi import pseudonymise
-from transforms.io import IMAGE_SUFFIXES, CXRReadError, pixel_hash, read_image, suffix_of
+from transforms.io import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PIL_SUFFIXES,
+    CXRReadError,
+    pixel_hash,
+    read_dicom_header,
+    read_image,
+    redact_values,
+    suffix_of,
+)
 
 SKIP_SUFFIXES = {".csv", ".json", ".md", ".txt", ".yaml", ".yml", ".py", ".log"}
 
@@ -47,6 +57,9 @@ class IngestConfig:
     extract_dir: str = "data/extracted"  # where .npz images are written as PNG
     workers: int = 0  # decoding threads; 0 = one per core
     data_root: str = ""  # CSV sources: paths must lie under this folder ("" = the CSV's folder)
+    # DICOMs marked BurnedInAnnotation=YES may show a name or MRN in the pixels, which reach MLflow
+    # in image grids: they are quarantined unless this is set, and then the manifest is flagged
+    allow_burned_in: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -283,8 +296,17 @@ def _parse_labels(
 
 
 # ------------------------------------------------------------------------------------ reading
-def _inspect(c: Candidate, min_size: int) -> dict[str, Any]:
-    """Decode the file fully: the manifest only lists images that really read."""
+BURNED_IN_REASON = (
+    "BurnedInAnnotation=YES (identifying text may be burned into the pixels); "
+    "set allow_burned_in=true to ingest it"
+)
+
+
+def _inspect(
+    c: Candidate, min_size: int, salt: bytes | None = None, allow_burned_in: bool = False
+) -> dict[str, Any]:
+    """Decode the file fully: the manifest only lists images that really read. ``salt`` is the
+    PHI salt resolved once by the caller (before any thread starts)."""
     arr, info = read_image(c.abs_path)
     if min(arr.shape) < min_size:
         raise CXRReadError(
@@ -301,21 +323,32 @@ def _inspect(c: Candidate, min_size: int) -> dict[str, Any]:
         "transfer_syntax": info.transfer_syntax,
         "pixel_hash": pixel_hash(arr),
         "dicom_patient": None,
+        "burned_in": False,
     }
     if info.format == "dicom":
-        import pydicom
-
-        ds = pydicom.dcmread(c.abs_path, stop_before_pixels=True)
-        # Identifiers are pseudonymised right here and never stored or printed in clear.
-        ident = str(ds.get("PatientID", "") or "") or str(ds.get("StudyInstanceUID", "") or "")
-        rec["dicom_patient"] = pseudonymise(ident) if ident else None
+        tags = read_dicom_header(c.abs_path, ("PatientID", "StudyInstanceUID", "BurnedInAnnotation"))
+        if tags["BurnedInAnnotation"].strip().upper() == "YES":
+            if not allow_burned_in:
+                raise CXRReadError(c.abs_path, BURNED_IN_REASON)
+            rec["burned_in"] = True
+        # Identifiers are pseudonymised right here and never stored or printed in clear. The salt
+        # is resolved here only for a file that did not look like DICOM (e.g. a .png holding one).
+        ident = tags["PatientID"] or tags["StudyInstanceUID"]
+        rec["dicom_patient"] = (
+            phi.pseudonymise(ident, salt if salt is not None else phi.get_salt()) if ident else None
+        )
     return rec
 
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, CXRReadError):
         return e.reason
-    return " ".join(f"{type(e).__name__}: {e}".split())
+    return redact_values(f"{type(e).__name__}: {e}")  # no element value in a (shared) report
+
+
+def _may_be_dicom(p: Path) -> bool:
+    """DICOM files carry any suffix or none; these are the ones that are surely something else."""
+    return suffix_of(p) not in PIL_SUFFIXES | NIFTI_SUFFIXES
 
 
 # ------------------------------------------------------------------------------------ splitting
@@ -407,14 +440,18 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         (str(cands[i].abs_path), f"path lies outside the data root {root}") for i in sorted(outside)
     ]
     todo = [i for i in range(len(cands)) if i not in bad_labels and i not in outside]
+    # The PHI salt is read or created once, here, before any decoding thread starts: threads that
+    # each created it raced (one patient, two pseudonyms; even an empty salt).
+    salt = phi.get_salt() if any(_may_be_dicom(cands[i].abs_path) for i in todo) else None
 
     def work(i: int) -> tuple[int, dict[str, Any] | None, str | None]:
         try:
-            return i, _inspect(cands[i], cfg.min_size), None
+            return i, _inspect(cands[i], cfg.min_size, salt, cfg.allow_burned_in), None
         except Exception as e:  # any failure quarantines this file; the batch goes on
             return i, None, _one_line(e)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    burned_in: list[str] = []  # manifest paths of allowed BurnedInAnnotation=YES images
     workers = cfg.workers or (os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, rec, err in tqdm(
@@ -427,6 +464,8 @@ def ingest(cfg: IngestConfig) -> IngestResult:
             rel = os.path.relpath(c.abs_path, root)
             pid = c.patient_id or rec.pop("dicom_patient", None) or patient_from_filename(c.abs_path)
             rec.pop("dicom_patient", None)
+            if rec.pop("burned_in"):
+                burned_in.append(Path(rel).as_posix())
             lab = labels[i]
             rows.append(
                 {
@@ -473,6 +512,11 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "patients": {s: len(p) for s, p in pats.items()},
         "patients_train_val_shared": len(pats["train"] & pats["val"]),
         "patients_train_test_shared": len(pats["train"] & pats["test"]),
+        # True when allow_burned_in let BurnedInAnnotation=YES images in: their pixels may show
+        # identifying text, so no real-image grid of this manifest may be logged (see
+        # manifest.may_hold_burned_in)
+        "may_hold_burned_in": bool(burned_in),
+        "burned_in_paths": sorted(burned_in),
     }
     write_manifest(out, df, meta)
     qpath = out.with_suffix(".quarantine.csv")
@@ -517,6 +561,13 @@ def _report(res: IngestResult, meta: dict[str, Any], qpath: Path, dpath: Path) -
         print("quarantined: 0 files")
     if res.ignored:
         print(f"ignored: {res.ignored} non-image file(s)")
+    if meta.get("may_hold_burned_in"):
+        print(
+            f"warning: {len(meta['burned_in_paths'])} image(s) marked BurnedInAnnotation=YES were "
+            "ingested (allow_burned_in=true): identifying text may be in their pixels; the manifest "
+            "is flagged may_hold_burned_in and no real-image grid of it may be logged",
+            file=sys.stderr,
+        )
 
 
 def summary_json(res: IngestResult) -> str:

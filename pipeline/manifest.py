@@ -2,7 +2,8 @@
 
 A manifest ``NAME.csv`` has a sidecar ``NAME.json`` with the data root (stored relative to the
 manifest's folder, so a clone elsewhere still resolves it, and absolute as a fallback), the
-source, counts, and the duplicate/quarantine summaries.
+source, counts, and the duplicate/quarantine summaries, and ``may_hold_burned_in`` (see
+:func:`may_hold_burned_in`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,21 @@ def resolve_data_root(manifest: str | Path) -> Path:
     if absolute.is_dir():
         return absolute
     raise ManifestError(f"{manifest}: data root {rel} (recorded as {absolute}) does not exist")
+
+
+def may_hold_burned_in(manifest: str | Path) -> bool:
+    """True when the manifest was ingested with ``allow_burned_in=true`` and holds images marked
+    BurnedInAnnotation=YES: their pixels may show a name or MRN, so no real-image grid (or any
+    other picture of its images) may be logged to MLflow. False for a manifest without a sidecar
+    or without the flag (hand-written, or ingested before the flag existed)."""
+    side = sidecar_path(manifest)
+    if not side.is_file():
+        return False
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{side}: unreadable manifest sidecar ({type(e).__name__}: {e})") from e
+    return bool(meta.get("may_hold_burned_in", False)) if isinstance(meta, dict) else False
 
 
 def read_manifest(manifest: str | Path, split: str | None = None) -> tuple[pd.DataFrame, Path]:

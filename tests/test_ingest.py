@@ -10,7 +10,7 @@ import pytest
 from cxr_factory import REPO, SHARED, chest_like, make_dicom, make_png, needs_shared
 
 from pipeline.ingest import IngestConfig, carve_val_by_patient, ingest, patient_from_filename
-from pipeline.manifest import read_manifest
+from pipeline.manifest import may_hold_burned_in, read_manifest
 
 
 def _good_folder(root, n=6):
@@ -154,6 +154,43 @@ def test_dicom_patient_identifiers_never_in_clear(tmp_path):
         text = f.read_text()
         for marker in ("MRN-SECRET-4711", "Doe^Jane", "19700101", "20200102"):
             assert marker not in text, f"{marker} leaked into {f.name}"
+
+
+def _burned_in_folder(src):
+    src.mkdir()
+    for i in range(4):
+        make_dicom(
+            src / f"img{i}.dcm",
+            chest_like(32, 32, np.uint16, seed=i),
+            patient_id=f"P{i % 2}",
+            extra={"BurnedInAnnotation": "YES" if i == 3 else "NO"},
+        )
+
+
+def test_burned_in_dicom_is_quarantined_by_default(tmp_path):
+    _burned_in_folder(tmp_path / "src")
+    res = ingest(IngestConfig(source=str(tmp_path / "src"), out=str(tmp_path / "m.csv"), val_fraction=0.0))
+    df, _ = read_manifest(tmp_path / "m.csv")
+    assert sorted(df["path"]) == ["img0.dcm", "img1.dcm", "img2.dcm"]
+    q = pd.read_csv(tmp_path / "m.quarantine.csv")
+    assert [p.rsplit("/", 1)[-1] for p in q["file"]] == ["img3.dcm"]
+    assert "BurnedInAnnotation=YES" in q["reason"][0] and "allow_burned_in=true" in q["reason"][0]
+    assert len(res.quarantined) == 1
+    assert json.loads((tmp_path / "m.json").read_text())["may_hold_burned_in"] is False
+    assert may_hold_burned_in(tmp_path / "m.csv") is False
+
+
+def test_allow_burned_in_ingests_and_flags_the_manifest(tmp_path):
+    _burned_in_folder(tmp_path / "src")
+    out = tmp_path / "m.csv"
+    res = ingest(
+        IngestConfig(source=str(tmp_path / "src"), out=str(out), val_fraction=0.0, allow_burned_in=True)
+    )
+    assert res.rows == 4 and not res.quarantined
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["may_hold_burned_in"] is True and meta["burned_in_paths"] == ["img3.dcm"]
+    assert may_hold_burned_in(out) is True
+    assert may_hold_burned_in(tmp_path / "nowhere.csv") is False  # no sidecar: nothing flagged
 
 
 def test_npz_source(tmp_path):
