@@ -2,17 +2,32 @@
 
 Like nanoGPT's configurator without its ``exec``: every key must name an existing field, every
 value must fit the field's type, and both failures name the offending key.
+
+Layering is done by OmegaConf structured configs: the stage's own defaults (the dataclass with
+its ``default_factory`` sections, e.g. classify's ``tracking`` with ``register_model=""``) <- the
+YAML file <- the overrides, merged key by key, so setting ``tracking.run_name`` leaves the rest of
+the stage's ``tracking`` section as the stage declared it. ``OmegaConf.to_object`` then builds the
+real dataclasses, so every ``__post_init__`` check still runs. Values are type-checked here before
+the merge, more strictly than OmegaConf would (no ``3`` for a bool, no ``3`` for a string);
+ints widen to floats and float literals YAML 1.1 reads as strings (``1e-3``) are floats.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -21,12 +36,25 @@ class ConfigError(ValueError):
     """A config key that does not exist or a value of the wrong type; the message names the key."""
 
 
+class _UnknownKey(Exception):
+    def __init__(self, key: str, names: list[str]) -> None:
+        super().__init__(key)
+        self.key, self.names = key, names
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _init_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` (after ``get_type_hints``); ints widen to floats."""
+    """Check ``value`` against the annotation ``tp`` (after ``get_type_hints``); ints widen to floats.
+
+    Sections (dataclass types) come back as checked dicts, to be merged over the defaults.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -39,18 +67,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, a)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key '{key}': {value!r} does not fit {tp}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {typing.get_args(tp)}")
-        return value
+        raise ConfigError(f"config key '{key}': {value!r} does not fit {_type_name(tp)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
         args = typing.get_args(tp)
         inner = args[0] if args else Any
-        items = [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is Any:
         return value
     if tp is bool:
@@ -79,28 +102,107 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, prefix=f"{key}.")
+            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__} {value!r}")
+        return _check(tp, value, f"{key}.")
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+def _check(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The checked (and coerced) copy of ``data`` for section ``cls``; unknown keys raise _UnknownKey."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for k, v in (data or {}).items():
+    names = [f.name for f in _init_fields(cls)]
+    out: dict[str, Any] = {}
+    for k, v in data.items():
         if k not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{k}' (valid keys here: {', '.join(sorted(names))})"
-            )
-        kwargs[k] = _coerce(f"{prefix}{k}", v, hints[k])
+            raise _UnknownKey(f"{prefix}{k}", [f"{prefix}{n}" for n in names])
+        out[k] = _coerce(f"{prefix}{k}", v, hints[k])
+    return out
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls``: sections and leaves."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in _init_fields(cls):
+        out.append(f"{prefix}{f.name}")
+        if _is_dataclass_type(hints[f.name]):
+            out.extend(all_keys(hints[f.name], f"{prefix}{f.name}."))
+    return out
+
+
+def _unknown_key_message(cls: type, err: _UnknownKey) -> str:
+    keys = all_keys(cls)
+    leaf = err.key.rsplit(".", 1)[-1]
+    # the key exists in another section (batch_size -> data.batch_size), else a close spelling
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    close = close or difflib.get_close_matches(err.key, keys, n=2, cutoff=0.8)
+    close = close or difflib.get_close_matches(
+        leaf, [n.rsplit(".", 1)[-1] for n in err.names], n=1, cutoff=0.6
+    )
+    if close and "." in err.key and "." not in close[0]:  # a leaf name from the same section
+        close = [f"{err.key.rsplit('.', 1)[0]}.{close[0]}"]
+    hint = ""
+    if close:
+        hint = f": did you mean {' or '.join(repr(c) for c in close)}?"
+    section = err.key.rsplit(".", 1)[0] if "." in err.key else ""
+    valid = ", ".join(sorted(n.rsplit(".", 1)[-1] for n in err.names))
+    return (
+        f"unknown config key '{err.key}'{hint} (valid keys {'in ' + section if section else 'here'}: {valid})"
+    )
+
+
+def _validate(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     try:
-        return cls(**kwargs)
+        return _check(cls, data, prefix)
+    except _UnknownKey as e:
+        raise ConfigError(_unknown_key_message(cls, e)) from None
+
+
+def _instantiate(cls: type[T], conf: Any, prefix: str = "") -> T:
+    """``OmegaConf.to_object``, naming the section whose ``__post_init__`` rejected a value."""
+
+    def check_sections(node: Any, where: str) -> None:
+        for k in node:
+            child = node[k]
+            if OmegaConf.is_dict(child) and _is_dataclass_type(OmegaConf.get_type(child)):
+                check_sections(child, f"{where}{k}.")
+                try:
+                    OmegaConf.to_object(child)
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(f"config section '{where}{k}': {e}") from e
+
+    check_sections(conf, prefix)
+    try:
+        return OmegaConf.to_object(conf)  # type: ignore[return-value]
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {e}") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config {cls.__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """The stage's own defaults <- ``data`` (checked), as an instance of ``cls``."""
+    if not _is_dataclass_type(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    checked = _validate(cls, data or {}, prefix)
+    try:
+        # the class (not an instance): default_factory sections are called, so each stage's own
+        # defaults hold, while no __post_init__ runs before the values are merged (a derived
+        # value such as train's model.image_size = data.image_size is then computed once, at the end)
+        conf = OmegaConf.merge(OmegaConf.structured(cls), checked)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise ConfigError(f"config key '{prefix}{key}': {str(e).splitlines()[0]}") from e
+    return _instantiate(cls, conf, prefix)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict over its own defaults; bad keys/values raise ConfigError."""
+    return _build(cls, data, prefix)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -118,39 +220,188 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """One line: where, line and column (1-based), the problem and what the parser was inside."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    msg = f"{where}: invalid YAML{at}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        msg += f" ({context}"
+        if cmark is not None and (mark is None or (cmark.line, cmark.column) != (mark.line, mark.column)):
+            msg += f" that starts at line {cmark.line + 1}, column {cmark.column + 1}"
+        msg += ")"
+    return ConfigError(" ".join(msg.split()))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if not key:
+    if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override '{item}' has an empty key")
-    # YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, [1,2] -> list, text -> str
-    value = None if raw.strip().lower() == "none" else (yaml.safe_load(raw) if raw.strip() else "")
+    # YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, [1,2] -> list, text -> str; none -> None
+    if raw.strip().lower() == "none":
+        return key.split("."), None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"override '{item}'", e) from None
     return key.split("."), value
 
 
 def _set_nested(d: dict[str, Any], path: list[str], value: Any) -> None:
-    for p in path[:-1]:
+    for i, p in enumerate(path[:-1]):
         nxt = d.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"config key '{'.'.join(path)}': '{p}' is not a section")
+            raise ConfigError(f"config key '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is not a section")
         d = nxt
     d[path[-1]] = value
 
 
+def read_yaml(yaml_path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing file or broken YAML is a one-line ConfigError."""
+    p = Path(yaml_path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"config file {p}", e) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated into ``cls``."""
+    """The stage's own defaults <- YAML file <- ``key=value`` overrides, validated into ``cls``."""
     data: dict[str, Any] = {}
     if yaml_path is not None:
-        p = Path(yaml_path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping")
-        data = loaded
+        data = read_yaml(yaml_path)
+        try:
+            _validate(cls, data)  # so that a bad key or value in the file says so
+        except ConfigError as e:
+            raise ConfigError(f"config file {yaml_path}: {e}") from None
     for item in overrides or []:
         path, value = parse_override(item)
         _set_nested(data, path, value)
-    return from_dict(cls, data)
+    return _build(cls, data)
+
+
+# ----------------------------------------------------------------------------- describing a config
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _show(value: Any) -> str:
+    """A default as it would be written in an override."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return "''" if value == "" else value
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the source comments on it (the lines just above and the trailing one), per class in the MRO."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        out.update(_comments_in_class_source(src))
+    return out
+
+
+def _comments_in_class_source(src: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return out
+    level, depth, above, field, trailing, start = 0, 0, [], None, [], True
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.INDENT:
+            level += 1
+        elif tok.type == tokenize.DEDENT:
+            level -= 1
+        elif tok.type == tokenize.COMMENT:
+            if field is not None:
+                trailing.append(tok.string.lstrip("#").strip())
+            elif level <= 1 and tok.line.strip().startswith("#"):
+                above.append(tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.NL:
+            if field is None and depth == 0 and not tok.line.strip():
+                above = []  # a blank line ends a comment block
+        elif tok.type == tokenize.NEWLINE:
+            if field is not None:
+                out[field] = " ".join(c for c in [*above, *trailing] if c)
+            above, field, trailing, start = [], None, [], True
+            continue
+        elif tok.type == tokenize.OP:
+            depth += tok.string in "([{"
+            depth -= tok.string in ")]}"
+        elif (
+            tok.type == tokenize.NAME
+            and start
+            and level == 1
+            and depth == 0
+            and i + 1 < len(tokens)
+            and tokens[i + 1].string == ":"
+        ):
+            field = tok.string
+        if tok.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT, tokenize.NL):
+            start = False
+    return out
+
+
+def describe(cls: type) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, the stage's default, meaning) for every leaf key of ``cls``."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(cls))
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(klass: type, values: dict[str, Any], prefix: str) -> None:
+        hints = typing.get_type_hints(klass)
+        comments = field_comments(klass)
+        for f in _init_fields(klass):
+            tp = hints[f.name]
+            if _is_dataclass_type(tp):
+                walk(tp, values[f.name], f"{prefix}{f.name}.")
+            else:
+                help_ = f.metadata.get("help", "") or comments.get(f.name, "")
+                rows.append((f"{prefix}{f.name}", _type_name(tp), _show(values[f.name]), help_))
+
+    walk(cls, defaults, "")  # type: ignore[arg-type]
+    return rows
+
+
+def format_help(cls: type) -> str:
+    rows = describe(cls)
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = min(max(len(r[2]) for r in rows), 24)
+    lines = []
+    for key, tp, default, help_ in rows:
+        line = f"  {key:<{w0}}  {tp:<{w1}}  {default:<{w2}}  {help_}"
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML that ``load_config`` reads back to an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

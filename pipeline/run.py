@@ -3,7 +3,9 @@
 Parses the stage, an optional YAML config and ``key=value`` overrides into the stage's typed
 config, then calls one stage function. ``ingest`` also takes ``SOURCE`` positionally and
 ``--out``/``--labels`` flags. ``sync OUTBOX [uri=URI]`` sends the MLflow calls a run buffered on
-disk while its tracking server was unreachable.
+disk while its tracking server was unreachable. ``STAGE --help`` lists every key of the stage's
+config (type, this stage's default, meaning); ``--print-config`` prints the resolved config as
+YAML (which loads back as a config file) and exits.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, all_keys, format_help, load_config, to_yaml
 
 # stage -> (module, config dataclass, stage function) for the stages taking only key=value overrides
 KEYVALUE_STAGES = {
@@ -22,7 +24,27 @@ KEYVALUE_STAGES = {
     "evaluate": ("pipeline.evaluate", "EvaluateConfig", "evaluate"),
     "gain": ("pipeline.gain", "GainConfig", "gain"),
 }
+# every stage with a config: the key=value ones, plus ingest and compare
+CONFIG_STAGES = {
+    **KEYVALUE_STAGES,
+    "ingest": ("pipeline.ingest", "IngestConfig", "ingest"),
+    "compare": ("pipeline.compare", "CompareConfig", "compare"),
+}
 STAGES = ("ingest", "compare", "sync", *KEYVALUE_STAGES)
+
+USAGE = {
+    "ingest": "ingest SOURCE [CONFIG.yaml] [--out CSV] [--labels CSV] [key=value ...]",
+    "compare": "compare [EXPERIMENT] [FILTER ...] [CONFIG.yaml] [key=value ...]",
+    "sync": "sync OUTBOX_FOLDER [uri=TRACKING_URI]",
+}
+FLAG_OPTIONS = {"ingest": ("--out", "--labels")}  # stage -> the flags taking a value it accepts
+
+
+def stage_config(stage: str) -> tuple[type, object]:
+    """The config dataclass and the stage function of ``stage`` (imports its module)."""
+    module_name, cls_name, fn_name = CONFIG_STAGES[stage]
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name), getattr(module, fn_name)
 
 
 def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -46,54 +68,170 @@ def _quote(item: str) -> str:
     return f"{key}={value}" if value.startswith(("'", '"')) else f"{key}='" + value.replace("'", "''") + "'"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--out", help="ingest: output manifest CSV (default data_manifests/<source>.csv)")
-    parser.add_argument("--labels", help="ingest: CSV of path,label for a folder without class sub-folders")
-    parser.add_argument("rest", nargs="*", help="[CONFIG.yaml] [key=value ...] (ingest: SOURCE first)")
-    args = parser.parse_args(argv)
-    try:
-        yaml_path, overrides, positional = _split_args(args.rest)
-        if args.stage == "ingest":
-            from pipeline.ingest import IngestConfig, ingest
+def _flag_hint(stage: str, flag: str, value: str | None) -> str:
+    """``--epochs 1`` -> 'write epochs=1', naming the dotted key when the name is a leaf of one."""
+    name = flag.lstrip("-").replace("-", "_")
+    if stage in CONFIG_STAGES:
+        try:
+            keys = all_keys(stage_config(stage)[0])
+        except ImportError:
+            keys = []
+        if name not in keys:
+            owners = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+            if len(owners) == 1:
+                name = owners[0]
+    shown = value if value is not None else "VALUE"
+    return f"unknown option '{flag}': config keys are set as key=value, write {name}={shown}"
 
+
+def _parse_stage_args(stage: str, argv: list[str]) -> tuple[dict[str, str], list[str], bool, bool]:
+    """Flags (the stage's own, e.g. ingest's --out), the remaining words, --help, --print-config.
+
+    Flags and ``key=value`` words may come in any order; an unknown ``--name [value]`` is an error
+    whose message shows the ``name=value`` to write instead.
+    """
+    allowed = FLAG_OPTIONS.get(stage, ())
+    flags: dict[str, str] = {}
+    words: list[str] = []
+    show_help = print_config = False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            show_help = True
+        elif a == "--print-config":
+            print_config = True
+        elif a == "--":  # everything after is a plain word
+            words.extend(argv[i + 1 :])
+            break
+        elif a.startswith("--") and len(a) > 2:
+            name, eq, value = a.partition("=")
+            if name in allowed:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise ConfigError(f"{name} needs a value")
+                    i += 1
+                    value = argv[i]
+                flags[name.lstrip("-")] = value
+            else:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                if eq:
+                    nxt = value
+                elif nxt is not None and ((nxt.startswith("-") and not _is_number(nxt)) or "=" in nxt):
+                    nxt = None
+                raise ConfigError(_flag_hint(stage, name, nxt))
+        elif a.startswith("-") and len(a) > 1 and not _is_number(a):
+            raise ConfigError(_flag_hint(stage, a, None))
+        else:
+            words.append(a)
+        i += 1
+    return flags, words, show_help, print_config
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _stage_help(stage: str) -> str:
+    usage = USAGE.get(stage, f"{stage} [CONFIG.yaml] [key=value ...]")
+    if stage == "sync":
+        return (
+            f"usage: python -m pipeline.run {usage}"
+            + "\n\nSends the MLflow calls a run buffered on disk while its tracking server was unreachable."
+        )
+    lines = [f"usage: python -m pipeline.run {usage} [--print-config]"]
+    cls, fn = stage_config(stage)
+    doc = (getattr(fn, "__doc__", None) or "").strip().splitlines()
+    if doc:
+        lines += ["", doc[0]]
+    lines += [
+        "",
+        "--print-config   print the resolved config as YAML (a valid CONFIG.yaml) and exit",
+        "",
+        f"keys ({cls.__name__}; KEY  TYPE  DEFAULT OF THIS STAGE  MEANING), set as key=value "
+        "(YAML values; none = null; lists as [a,b]) or in CONFIG.yaml:",
+        format_help(cls),
+    ]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.run",
+        description=__doc__.splitlines()[0],
+        epilog="python -m pipeline.run STAGE --help lists every key of that stage's config; "
+        f"ingest: {USAGE['ingest']}; compare: {USAGE['compare']}; sync: {USAGE['sync']}",
+    )
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument(
+        "rest", nargs="*", default=[], help="[CONFIG.yaml] [key=value ...] (ingest: SOURCE first)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in STAGES:
+        _parser().parse_args(argv[:1])  # prints the usage or the error (and exits)
+        return 2
+    stage = argv[0]
+    try:
+        flags, rest, show_help, print_config = _parse_stage_args(stage, argv[1:])
+        if show_help:
+            print(_stage_help(stage))
+            return 0
+        yaml_path, overrides, positional = _split_args(rest)
+        if stage == "ingest":
+            ingest_cls, ingest = stage_config("ingest")
             if len(positional) > 1:
                 raise ConfigError(f"ingest takes one SOURCE, got {positional}")
             if positional:
-                overrides.insert(0, f"source={positional[0]}")
-            if args.out:
-                overrides.append(f"out={args.out}")
-            if args.labels:
-                overrides.append(f"labels={args.labels}")
-            ingest(load_config(IngestConfig, yaml_path, overrides))
+                overrides.insert(0, _quote(f"source={positional[0]}"))
+            for name in ("out", "labels"):
+                if name in flags:
+                    overrides.append(_quote(f"{name}={flags[name]}"))
+            cfg = load_config(ingest_cls, yaml_path, overrides)
+            if print_config:
+                print(to_yaml(cfg), end="")
+                return 0
+            ingest(cfg)
             return 0
-        if args.stage == "compare":
-            from pipeline.compare import CompareConfig, compare
-
+        if stage == "compare":
+            compare_cls, compare = stage_config("compare")
             # compare [EXPERIMENT] [FILTER]: a filter string is free text (it may hold '=')
-            raw = [a for a in args.rest if not a.endswith((".yaml", ".yml"))]
-            own = [a for a in raw if a.split("=", 1)[0] in CompareConfig.__dataclass_fields__]
+            raw = [a for a in rest if not a.endswith((".yaml", ".yml"))]
+            own = [a for a in raw if a.split("=", 1)[0] in compare_cls.__dataclass_fields__]
             free = [a for a in raw if a not in own]
             if free:
                 own.insert(0, f"experiment={free[0]}")
             if len(free) > 1:
                 own.append("filter=" + " ".join(free[1:]))
-            return compare(load_config(CompareConfig, yaml_path, [_quote(o) for o in own]))
-        if args.stage == "sync":
+            cfg = load_config(compare_cls, yaml_path, [_quote(o) for o in own])
+            if print_config:
+                print(to_yaml(cfg), end="")
+                return 0
+            return compare(cfg)
+        if stage == "sync":
             from pipeline.tracking import sync
 
             extra = [o for o in overrides if not o.startswith("uri=")]
-            if len(positional) != 1 or extra:
-                raise ConfigError("usage: python -m pipeline.run sync OUTBOX_FOLDER [uri=TRACKING_URI]")
+            if len(positional) != 1 or extra or print_config:
+                raise ConfigError(f"usage: python -m pipeline.run {USAGE['sync']}")
             uri = next((o.split("=", 1)[1] for o in overrides if o.startswith("uri=")), "")
             return 0 if sync(positional[0], uri)["pending"] == 0 else 1
         if positional:
             raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
         # the remaining stages differ only in which config class and function they use
-        module_name, cls_name, fn_name = KEYVALUE_STAGES[args.stage]
-        module = importlib.import_module(module_name)
-        getattr(module, fn_name)(load_config(getattr(module, cls_name), yaml_path, overrides))
+        cls, fn = stage_config(stage)
+        cfg = load_config(cls, yaml_path, overrides)
+        if print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        fn(cfg)
         return 0
     except (
         ConfigError,
@@ -102,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         PermissionError,
         ValueError,
         LookupError,
+        OSError,  # disk full (checkpoint.DiskFullError), unreadable files: one line, not a traceback
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

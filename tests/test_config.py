@@ -57,3 +57,138 @@ def test_cli_rejects_unknown_key_and_missing_manifest_before_building_anything(t
     p = run("train", f"data.manifest={tmp_path}/missing.csv")
     assert p.returncode == 2 and "missing.csv does not exist" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------- every stage's own defaults
+def _stage_classes():
+    from pipeline.classify import ClassifyConfig
+    from pipeline.compare import CompareConfig
+    from pipeline.evaluate import EvaluateConfig
+    from pipeline.gain import GainConfig
+    from pipeline.generate import GenerateConfig
+    from pipeline.ingest import IngestConfig
+
+    return {
+        "train": TrainConfig,
+        "generate": GenerateConfig,
+        "classify": ClassifyConfig,
+        "evaluate": EvaluateConfig,
+        "gain": GainConfig,
+        "ingest": IngestConfig,
+        "compare": CompareConfig,
+    }
+
+
+# the keys a stage requires, so that its config can be built at all
+REQUIRED = {"generate": ["checkpoint=g.pt"], "evaluate": ["checkpoint=g.pt", "extractor=c.pt"]}
+
+# (stage, override, the flattened key it sets, the value it must take); ingest and compare have no
+# sections, so theirs are top-level keys
+ONE_KEY = [
+    ("train", "tracking.run_name=r", "tracking.run_name", "r"),
+    ("train", "data.batch_size=8", "data.batch_size", 8),
+    ("generate", "tracking.run_name=r", "tracking.run_name", "r"),
+    ("classify", "tracking.run_name=r", "tracking.run_name", "r"),
+    ("classify", "data.image_size=32", "data.image_size", 32),
+    ("classify", "model.dropout=0.2", "model.dropout", 0.2),
+    ("evaluate", "tracking.run_name=r", "tracking.run_name", "r"),
+    ("gain", "classify.tracking.run_name=r", "classify.tracking.run_name", "r"),
+    ("gain", "classify.data.batch_size=8", "classify.data.batch_size", 8),
+    ("ingest", "label_names=[normal,pneumonia]", "label_names", ["normal", "pneumonia"]),
+    ("compare", "metric=val/auroc", "metric", "val/auroc"),
+]
+
+
+@pytest.mark.parametrize("stage,override,key,value", ONE_KEY, ids=[f"{s}:{o}" for s, o, _, _ in ONE_KEY])
+def test_overriding_one_nested_key_changes_only_that_key(stage, override, key, value):
+    cls = _stage_classes()[stage]
+    base = flatten(to_dict(load_config(cls, None, REQUIRED.get(stage, []))))
+    got = flatten(to_dict(load_config(cls, None, [*REQUIRED.get(stage, []), override])))
+    changed = {k: got[k] for k in got if got[k] != base.get(k)}
+    assert changed == {key: value}
+    assert set(got) == set(base)
+
+
+def test_classify_yaml_keeps_classify_tracking_defaults():
+    from pipeline.classify import ClassifyConfig
+
+    cfg = load_config(ClassifyConfig, REPO / "configs" / "classify64.yaml")
+    assert cfg.tracking.register_model == "" and cfg.tracking.log_model is False
+    assert cfg.tracking.experiment == "cxr-vaegan-classify"
+    assert cfg.model.dropout == pytest.approx(0.3) and cfg.model.widths == [32, 64, 128, 256]
+
+
+def test_broken_yaml_names_file_and_line(tmp_path):
+    y = tmp_path / "broken.yaml"
+    y.write_text("epochs: 3\ndata:\n  image_size: 32\n  batch_size: [8\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml.*line \d+") as e:
+        load_config(TrainConfig, y)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'data\.batch_size'"):
+        load_config(TrainConfig, None, ["data.bacth_size=8"])
+    y = tmp_path / "typo.yaml"
+    y.write_text("trackng:\n  run_name: r\n")
+    with pytest.raises(ConfigError, match=r"'trackng'.*did you mean 'tracking'"):
+        load_config(TrainConfig, y)
+
+
+def _main(capsys, *argv):
+    from pipeline.run import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse exits on its own errors
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_stage_help_lists_every_key(capsys):
+    rc, out, _ = _main(capsys, "train", "--help")
+    assert rc == 0
+    line = next(ln for ln in out.splitlines() if ln.split() and ln.split()[0] == "tracking.log_every")
+    assert "int" in line and "10" in line
+    for key in flatten(to_dict(load_config(TrainConfig))):
+        assert key in out
+    rc, out, _ = _main(capsys, "classify", "--help")
+    line = next(ln for ln in out.splitlines() if ln.split() and ln.split()[0] == "data.max_val")
+    assert rc == 0 and " 0" in line  # classify's own default, not DataConfig's 512
+
+
+@pytest.mark.parametrize(
+    "stage,args",
+    [
+        ("train", ["configs/kermany64.yaml", "epochs=2", "tracking.run_name=x"]),
+        ("classify", ["configs/classify64.yaml", "data.image_size=32"]),
+        ("generate", ["checkpoint=g.pt", "tracking.run_name=r"]),
+    ],
+)
+def test_cli_print_config_round_trips(capsys, tmp_path, stage, args):
+    cls = _stage_classes()[stage]
+    argv = [str(REPO / a) if a.endswith(".yaml") else a for a in args]
+    rc, out, err = _main(capsys, stage, *argv, "--print-config")
+    assert rc == 0, err
+    y = tmp_path / "printed.yaml"
+    y.write_text(out)
+    yaml_path = next((REPO / a for a in args if a.endswith(".yaml")), None)
+    expected = load_config(cls, yaml_path, [a for a in args if "=" in a])
+    assert load_config(cls, y) == expected
+
+
+def test_cli_flag_style_argument_gets_a_hint(capsys):
+    rc, _, err = _main(capsys, "train", "--epochs", "1")
+    assert rc == 2 and "epochs=1" in err
+
+
+def test_cli_ingest_takes_key_value_anywhere(capsys, monkeypatch, tmp_path):
+    import pipeline.ingest
+
+    seen = []
+    monkeypatch.setattr(pipeline.ingest, "ingest", seen.append)
+    rc, _, err = _main(capsys, "ingest", "src", "--out", str(tmp_path / "m.csv"), "seed=3", "min_size=8")
+    assert rc == 0, err
+    assert seen[0].source == "src" and seen[0].out == str(tmp_path / "m.csv")
+    assert seen[0].seed == 3 and seen[0].min_size == 8
