@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,8 +43,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: never a half-written file."""
+class DiskFullError(OSError):
+    """A write that failed for lack of space; the message names the file ("disk full at PATH")."""
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where ``save_checkpoint`` keeps the checkpoint it replaced: ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _is_disk_full(err: BaseException, folder: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save reports a failed write as RuntimeError("... file write failed") without errno
+    try:
+        return "write failed" in str(err) and shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return False
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bool = True) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename: never a half-written file.
+
+    With ``keep_previous`` the checkpoint being replaced is kept as ``previous_path(path)``, so a
+    newest checkpoint that is damaged later (or a kill between the two renames) still leaves a
+    good one to resume from (:func:`load_resumable`). A failed write removes its temp file; out of
+    space, it raises :class:`DiskFullError` naming ``path`` (the checkpoints already there are
+    intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -49,11 +79,28 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)) and _is_disk_full(e, path.parent):
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"disk full at {path}: free space in {path.parent} and continue with resume=auto "
+                f"(the checkpoints already there are intact)",
+            ) from e
         raise
     return path
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes killed half-way (``.NAME.*.tmp``)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -61,9 +108,49 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e})") from e
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            raise CheckpointError(f"not a checkpoint: {path} (it holds something other than tensors)") from e
+        raise CheckpointError(f"not a checkpoint: {path} ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"not a checkpoint: {path} (a {type(payload).__name__}, not a dict)")
+    return payload
+
+
+def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The checkpoint at ``path``, or, when that one is damaged or missing, the previous one kept
+    beside it (with a warning). Returns the payload and the file it came from."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path), path
+    except CheckpointError as e:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        print(f"WARNING: {e}; resuming from the previous checkpoint {prev}", file=sys.stderr, flush=True)
+        try:
+            return load_checkpoint(prev), prev
+        except CheckpointError as e2:
+            raise CheckpointError(f"{e}; the previous one is unusable too: {e2}") from e2
+
+
+def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: checkpoint X, now Y`` for every flattened key both configs have and that differs."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - lists come back as tuples or lists
+    return [
+        f"{k}: checkpoint {a[k]!r}, now {b[k]!r}"
+        for k in sorted(set(a) & set(b))
+        if k not in ignore and norm(a[k]) != norm(b[k])
+    ]
 
 
 def load_module_state(

@@ -151,19 +151,124 @@ def run_epoch(
     return {k: float(v) / max(n_batches, 1) for k, v in sums.items()}, step
 
 
-def find_resume(resume: str, out_dir: str) -> Any:
-    """``""`` -> None; ``auto`` -> newest ``out_dir/*/checkpoints/last.pt`` (or None); else the path."""
+def find_resume(resume: str, run_dir: Any) -> Any:
+    """``""`` -> None; ``auto`` -> this run's own ``run_dir/checkpoints/last.pt`` (or the previous
+    checkpoint kept beside it; None when neither exists: a fresh start); else the path.
+
+    ``auto`` never picks another run's checkpoint: the run is the one named by
+    ``tracking.run_name`` (``run_folder``)."""
     from pathlib import Path
 
     if not resume:
         return None
     if resume == "auto":
-        cands = sorted(Path(out_dir).glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-        return cands[-1] if cands else None
+        last = Path(run_dir) / "checkpoints" / "last.pt"
+        return last if last.is_file() or ckpt.previous_path(last).is_file() else None
     p = Path(resume)
-    if not p.is_file():
+    if not p.is_file() and not ckpt.previous_path(p).is_file():
         raise ckpt.CheckpointError(f"resume={p}: checkpoint does not exist")
     return p
+
+
+def run_folder(out_dir: str, run_name: str, resume: str, default_name: str) -> Any:
+    """The folder a run writes: ``resume=PATH`` continues the run that checkpoint belongs to;
+    otherwise ``out_dir/run_name``. ``resume=auto`` needs the name (it continues that run only)."""
+    from pathlib import Path
+
+    if resume and resume != "auto":
+        return Path(resume).resolve().parent.parent
+    if resume == "auto" and not run_name:
+        raise ValueError(
+            "resume=auto continues the run named by tracking.run_name: set tracking.run_name=NAME "
+            "(or resume=PATH/TO/last.pt)"
+        )
+    return Path(out_dir) / (run_name or default_name)
+
+
+class RunBusyError(ValueError):
+    """Another live process is writing the same run folder."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>.lock`` (beside the folder, so the folder itself can be
+    moved) for as long as a process writes the run. A second process gets :class:`RunBusyError`
+    at once; a killed process's lock goes with it, so a lock that can be taken means no live
+    process holds the run."""
+
+    def __init__(self, run_dir: Any, enabled: bool = True) -> None:
+        from pathlib import Path
+
+        run_dir = Path(run_dir)
+        self.path = run_dir.with_name(f".{run_dir.name}.lock")
+        self.enabled, self.fd = enabled, None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+        import os
+
+        if not self.enabled:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunBusyError(
+                f"run folder {self.path.with_name(self.path.name[1:-5])} is being written by another "
+                f"process (pid {holder}): wait for it to end, or choose another tracking.run_name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def previous_run_id(run_dir: Any) -> str | None:
+    """The MLflow run id recorded in a run folder (its checkpoints, else its tracking outbox)."""
+    import json
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    for p in (last, ckpt.previous_path(last)):
+        with contextlib.suppress(ckpt.CheckpointError):
+            if p.is_file():
+                rid = ckpt.load_checkpoint(p).get("mlflow_run_id")
+                if rid:
+                    return str(rid)
+    state = run_dir / "tracking_outbox" / "state.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(state.read_text()).get("run_id") or None
+    return None
+
+
+def set_aside(run_dir: Any) -> Any:
+    """Move an earlier run's folder out of the way (``NAME.replaced-STAMP``) so that a fresh run
+    under the same name never mixes the old run's metrics, grids or outbox into its own; nothing
+    is deleted. Returns the new place, or None when there was nothing to move."""
+    import time
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    dest = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    run_dir.rename(dest)
+    print(f"an earlier run named {run_dir.name} was moved to {dest} (a fresh run starts)", file=sys.stderr)
+    return dest
 
 
 def check_writable(path: Any, need_bytes: int = 0) -> None:

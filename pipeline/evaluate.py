@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.manifest import may_hold_burned_in
 from pipeline.tracking import TrackingConfig
 
 
@@ -277,22 +278,26 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     order = np.argsort(d_fake)[:16]
     figs = {
         "samples": save_grid(fake_x[:64], run_dir / "samples.png", nrow=8, upscale=max(1, 128 // size)),
-        "closest_pairs": save_grid(
+        "nn_distances": _hist(d_fake, d_test, thr, run_dir / "nn_distances.png"),
+    }
+    # pictures of real images only when no manifest may hold burned-in identifying text
+    if any(may_hold_burned_in(m) for m in {str(ref_manifest), str(tcfg.data.manifest or ref_manifest)}):
+        print("evaluate: a manifest may hold burned-in annotations; no real-image figures are made")
+    else:
+        figs["closest_pairs"] = save_grid(
             pairs(fake_x[order], train_x[i_fake[order]]),
             run_dir / "closest_pairs.png",
             nrow=8,
             upscale=max(1, 128 // size),
-        ),
-        "nn_distances": _hist(d_fake, d_test, thr, run_dir / "nn_distances.png"),
-    }
-    # latent interpolation between two real images of each class
-    rows = []
-    for lab in sorted(set(real_y.tolist())) if lg.num_classes else [None]:
-        idx = np.flatnonzero(real_y == lab) if lab is not None else np.arange(len(real_y))
-        rows.append(interpolate(model, real_x[idx[0]], real_x[idx[-1]], lab, 10, device))
-    figs["interpolation"] = save_grid(
-        torch.cat(rows), run_dir / "interpolation.png", nrow=10, upscale=max(1, 128 // size)
-    )
+        )
+        # latent interpolation between two real images of each class
+        rows = []
+        for lab in sorted(set(real_y.tolist())) if lg.num_classes else [None]:
+            idx = np.flatnonzero(real_y == lab) if lab is not None else np.arange(len(real_y))
+            rows.append(interpolate(model, real_x[idx[0]], real_x[idx[-1]], lab, 10, device))
+        figs["interpolation"] = save_grid(
+            torch.cat(rows), run_dir / "interpolation.png", nrow=10, upscale=max(1, 128 // size)
+        )
 
     if cfg.anomaly_checkpoint:
         amodel, acfg, _ = load_vaegan(cfg.anomaly_checkpoint, device)

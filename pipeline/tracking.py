@@ -33,6 +33,12 @@ class TrackingConfig:
     parent_run_id: str = ""  # make the run a child of this one (the gain experiment sets it)
     retry_s: float = 30.0  # while the server is unreachable, seconds between attempts to send the outbox
 
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1 (steps between metric logs), got {self.log_every}")
+        if self.retry_s <= 0:
+            raise ValueError(f"retry_s must be > 0, got {self.retry_s}")
+
 
 def embedded_uri(store_dir: Path = STORE_DIR) -> str:
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +181,18 @@ class Tracker:
     def log_generator(self, checkpoint: str | Path, registered_name: str = "") -> None:
         """Log the generator of a train checkpoint as an MLflow PyTorch model (and register it)."""
         self._submit({"op": "generator", "path": str(checkpoint), "registered_name": registered_name})
+
+    def end_if_running(self, run_id: str, status: str = "KILLED") -> None:
+        """Mark an earlier run ``status`` if the store still shows it RUNNING (its process died:
+        the caller holds the run folder's lock). Best effort: an unreachable store is only noted."""
+        if not self.enabled or not run_id or run_id == self.run_id:
+            return
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status)
+                print(f"tracking: earlier run {run_id} of a dead process marked {status}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - the store may be down or the run gone
+            print(f"WARNING tracking: could not check earlier run {run_id} ({type(e).__name__})", file=sys.stderr)
 
     def max_logged_step(self) -> int:
         """The highest step this run has logged so far, by any process: the larger of the local

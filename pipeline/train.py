@@ -33,7 +33,7 @@ from pipeline.data import (
     records,
     resolve_manifest,
 )
-from pipeline.manifest import label_names, read_manifest
+from pipeline.manifest import label_names, may_hold_burned_in, read_manifest
 from pipeline.tracking import TrackingConfig, git_commit
 from pipeline.viz import pairs, plot_curves, save_grid
 
@@ -57,6 +57,14 @@ class OptimConfig:
     beta2: float = 0.999
     grad_clip: float = 5.0  # max gradient norm per network; 0 disables
 
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.lr_disc <= 0:
+            raise ValueError(f"lr and lr_disc must be > 0, got {self.lr} and {self.lr_disc}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
 
 @dataclass
 class GuardConfig:
@@ -66,6 +74,15 @@ class GuardConfig:
     max_bad_steps: int = 3  # K
     max_rollbacks: int = 3  # R
     lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
+
+    def __post_init__(self) -> None:
+        # the same rules engine.DivergenceGuard enforces, checked before any run starts
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
 
 
 @dataclass
@@ -102,6 +119,11 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        if self.ckpt_every < 0 or self.threads < 0 or self.grid_size < 1:
+            raise ValueError(
+                f"ckpt_every and threads must be >= 0 and grid_size >= 1, got "
+                f"{self.ckpt_every}, {self.threads}, {self.grid_size}"
+            )
         if self.model.image_size == 0:
             self.model.image_size = self.data.image_size
         elif self.model.image_size != self.data.image_size:
@@ -359,18 +381,66 @@ def evaluate(model: VAEGAN, loader, device: torch.device, lcfg: LossConfig) -> d
 
 
 # ----------------------------------------------------------------------------------------- stage
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train; returns the MLflow run id, the output folder, final metrics and artifact paths."""
-    from monai.utils import set_determinism
+# a resumed run may change its epoch budget, and the keys that change neither what it computes
+# nor where it logs (how it was started, how often it saves, CPU threads). Anything else that
+# differs refuses the resume, naming the keys.
+RESUME_MAY_DIFFER = (
+    "epochs", "resume", "out_dir", "tracking.run_name", "ckpt_every", "threads", "tracking.retry_s",
+)
 
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; returns the MLflow run id, the output folder, final metrics and artifact paths.
+
+    The run folder is locked while this process writes it (a second process with the same run
+    name gets a clear error)."""
     dinfo = distributed.init()  # under torchrun: join the group; rank 0 alone logs and checkpoints
-    if cfg.data.batch_size % dinfo.world:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes")
+    try:
+        if cfg.data.batch_size % dinfo.world:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes"
+            )
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = engine.run_folder(
+            cfg.out_dir, cfg.tracking.run_name, cfg.resume, f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}"
+        )
+        with engine.RunLock(run_dir, enabled=dinfo.is_main):
+            return _train(cfg, dinfo, run_dir)
+    finally:
+        distributed.shutdown(dinfo)
+
+
+def _restore_or_set_aside(cfg: TrainConfig, run_dir: Path, is_main: bool):
+    """The checkpoint to resume from (payload, path) or (None, None) for a fresh start; before a
+    fresh start an earlier run's folder under the same name is moved aside (its MLflow run id is
+    returned, to mark it KILLED if it was left RUNNING)."""
+    resume_path = engine.find_resume(cfg.resume, run_dir)
+    if resume_path is None:
+        old_run_id = engine.previous_run_id(run_dir) if is_main else None
+        if is_main:
+            engine.set_aside(run_dir)
+        return None, None, old_run_id
+    resumed, resume_path = ckpt.load_resumable(resume_path)
+    diff = ckpt.config_diff(resumed.get("config", {}), to_dict(cfg), RESUME_MAY_DIFFER)
+    if diff:
+        raise ckpt.CheckpointError(
+            f"resume={cfg.resume}: {resume_path} was trained with another config ("
+            + "; ".join(diff[:5])
+            + (f"; +{len(diff) - 5} more" if len(diff) > 5 else "")
+            + "). Resume with the same settings (only epochs may change), or start a new run "
+            "under another tracking.run_name"
+        )
+    return resumed, resume_path, None
+
+
+def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict[str, Any]:
+    from monai.utils import set_determinism
 
     # Everything that can fail cheaply fails before a model is built.
     manifest = resolve_manifest(cfg.data)
-    resume_path = engine.find_resume(cfg.resume, cfg.out_dir)
-    resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
+    resumed, resume_path, old_run_id = _restore_or_set_aside(cfg, run_dir, dinfo.is_main)
+    if dinfo.is_main:
+        ckpt.remove_stale_temps(run_dir / "checkpoints")
     device = engine.pick_device(cfg.device)
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
@@ -384,11 +454,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     mdf, _ = read_manifest(manifest)
     names = label_names(mdf)
+    # images that may show burned-in identifying text never reach MLflow: no reconstruction grids
+    real_grids = not may_hold_burned_in(manifest)
+    if not real_grids:
+        print(f"{manifest} may hold burned-in annotations: reconstruction grids are not made", flush=True)
     if cfg.model.num_classes and cfg.model.num_classes < len(names):
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but {manifest} has {len(names)} classes")
 
     train_items = records(manifest, cfg.data.train_split, cfg.data.max_train, cfg.data.labels)
     val_items = records(manifest, cfg.data.val_split, cfg.data.max_val, cfg.data.labels)
+    _check_labels(train_items + val_items, cfg.model.num_classes, manifest, names)
     print(
         f"data: {manifest} train={len(train_items)} val={len(val_items)} size={cfg.data.image_size}px "
         f"classes={names} device={device} amp={amp}",
@@ -428,13 +503,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step, start_epoch, skip = int(resumed["step"]), int(resumed["epoch"]), int(resumed["batch_in_epoch"])
         restore_rng = resumed["rng"] if skip > 0 else None
         run_id = resumed.get("mlflow_run_id") or None
-        run_dir = resume_path.parent.parent
         print(f"resuming from {resume_path}: epoch {start_epoch + 1}, step {step}", flush=True)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.out_dir) / (
-            cfg.tracking.run_name or f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}"
-        )
     if dinfo.is_main:
         # a checkpoint is weights + two Adam moments, written beside the last one; plus grids
         engine.check_writable(run_dir / "checkpoints", need_bytes=6 * engine.state_bytes(model) + 16 * 2**20)
@@ -451,10 +520,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    tracker.start(run_id, run_dir.name, tags)
-    if resumed is None:
-        tracker.log_params(flatten(cfg_dict))
-        tracker.log_dict(cfg_dict, "config.json")
 
     def payload(step_: int, epoch_: int, batch_in_epoch: int) -> dict[str, Any]:
         return {
@@ -480,8 +545,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # they were logged already (with the same values: training is deterministic), so only steps
     # past the highest one logged are sent, and the run's metric steps never go backwards.
     # (A divergence-guard rollback replays steps in the same way, with new values: those are
-    # not logged again either.)
-    logged = {"floor": tracker.max_logged_step() if resumed is not None else -1, "last": -1}
+    # not logged again either.) Set once the run has started.
+    logged = {"floor": -1, "last": -1}
 
     def log_fn(metrics: dict[str, float], s: int) -> None:
         if s > logged["floor"]:
@@ -507,12 +572,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         else None
     )
     last_ckpt = run_dir / "checkpoints" / "last.pt"
-    if resumed is None:
-        # a good state to roll back to before the first epoch ends
-        save(step, start_epoch, 0)
     base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in groups.opts.items()}
     status = "FAILED"
-    try:
+    try:  # from here on the MLflow run always ends: FINISHED, or FAILED with the error
+        tracker.start(run_id, run_dir.name, tags)
+        if old_run_id:
+            tracker.end_if_running(old_run_id, "KILLED")
+        if resumed is None:
+            tracker.log_params(flatten(cfg_dict))
+            tracker.log_dict(cfg_dict, "config.json")
+            # a good state to roll back to before the first epoch ends
+            save(step, start_epoch, 0)
+        else:
+            logged["floor"] = tracker.max_logged_step()
         epoch = start_epoch
         while epoch < cfg.epochs:
             # seeding per epoch makes the data order, augmentation and noise of epoch e the same
@@ -541,7 +613,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 )
             except engine.RollbackNeeded as e:
                 factor = guard.rollback()  # raises DivergenceError after R rollbacks
-                good = ckpt.load_checkpoint(last_ckpt)
+                good, _ = ckpt.load_resumable(last_ckpt)
                 for name, module in groups.modules.items():
                     module.load_state_dict(good["models"][name])
                 for name, opt in groups.opts.items():
@@ -574,10 +646,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
             if dinfo.is_main:
                 grid_path, recon_path = _save_grids(
-                    model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device
+                    model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device, real_grids
                 )
                 tracker.log_artifact(grid_path, "grids")
-                tracker.log_artifact(recon_path, "grids")
+                if recon_path is not None:
+                    tracker.log_artifact(recon_path, "grids")
             save(step, epoch + 1, 0)
             if dinfo.is_main:
                 print(
@@ -599,7 +672,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if curve is not None:
                 tracker.log_artifact(curve, "plots")
         tracker.close(status)
-        distributed.shutdown(dinfo)
     if dinfo.is_main:
         print(f"done in {time.time() - t0:.0f}s")
         print(f"MLflow run id: {tracker.run_id} (tracking: {tracker.uri})")
@@ -616,7 +688,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _save_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device) -> tuple[Path, Path]:
+def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: dict) -> None:
+    """A class-conditioned model embeds labels 0..num_classes-1: refuse any other before the
+    model is built (it would fail deep inside as 'index out of range in self')."""
+    if num_classes <= 0:
+        return
+    bad = sorted({int(it["label"]) for it in items if not 0 <= int(it["label"]) < num_classes})
+    if bad:
+        shown = ", ".join(f"{b} ({names.get(b, '?')})" for b in bad[:5])
+        raise ValueError(
+            f"{manifest} has labels {shown} outside model.num_classes={num_classes} (0..{num_classes - 1}): "
+            f"set model.num_classes={max(bad) + 1}, or keep only some classes with data.labels=[...]"
+        )
+
+
+def _save_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device, real=True) -> tuple[Path, Path | None]:
+    """The prior-sample grid, and (``real``) the validation images beside their reconstructions."""
     model.eval()
     with torch.no_grad():
         cond = y.to(device) if model.cfg.num_classes > 0 else None
@@ -628,6 +715,8 @@ def _save_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device) -> tuple
     gp = save_grid(
         samples, run_dir / "grids" / f"samples_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1
     )
+    if not real:
+        return gp, None
     rp = save_grid(
         pairs(vx, rec), run_dir / "grids" / f"recon_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1
     )
