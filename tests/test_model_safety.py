@@ -132,6 +132,14 @@ def test_sync_refuses_a_symlink_out_of_its_outbox(tmp_path):
     assert not (tmp_path / "sync.db").exists()
 
 
+def test_sync_never_unpickles_a_generator_op_pointing_at_a_model_uri(pickled_model, tmp_path):
+    # before: a generator op whose path was a model URI went to mlflow.pytorch.load_model
+    box = _outbox(tmp_path, [{"op": "generator", "path": pickled_model["file_uri"], "registered_name": "", "seq": 2}])
+    with pytest.raises(tracking.OutboxError, match="not a buffered file inside"):
+        tracking.sync(box)
+    assert not pickled_model["marker"].exists()
+
+
 def test_sync_never_unpickles_a_buffered_generator(tmp_path):
     marker = tmp_path / "marker"
     box = _outbox(tmp_path, [])
