@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from networks.vaegan import Generator
+from pipeline import checkpoint as ckpt
 from pipeline import model_store
 from pipeline.tracking import TrackingConfig, resolve_uri
 
@@ -77,6 +78,7 @@ class LoadedGenerator:
     label_names: dict[int, str]
     source: str
     sha256: str
+    run_id: str = ""  # the MLflow run that trained it (lineage), "" when unknown
 
     @property
     def image_size(self) -> int:
@@ -112,9 +114,12 @@ def load_generator(source: str | Path, device: str | torch.device = "cpu", track
     src = str(source)
     if model_store.is_model_uri(src):
         gen = model_store.load_generator_uri(src, tracking_uri or resolve_uri(TrackingConfig()))
-        return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, state_sha256(gen))
-    gen, _ = model_store.generator_from_checkpoint(src)
-    return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, file_sha256(src))
+        run_id = model_store.source_run_id(src)
+        return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, state_sha256(gen), run_id)
+    payload = ckpt.load_checkpoint(src)
+    gen, _ = model_store.generator_from_checkpoint(src, payload)
+    run_id = str(payload.get("mlflow_run_id") or "")
+    return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, file_sha256(src), run_id)
 
 
 def resolve_labels(spec: str, n: int, lg: LoadedGenerator) -> np.ndarray:
@@ -438,7 +443,13 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         # the outage-tolerant Tracker: with the server down the images are still written and the
         # run waits in OUT/tracking_outbox for `pipeline.run sync`. It starts after the swap, so
         # its outbox and metrics.jsonl land in the final folder beside the set they describe
-        tags = {"stage": "generate", "source_sha256": lg.sha256, "git_commit": tracking.git_commit()}
+        tags = {
+            "stage": "generate",
+            "source_sha256": lg.sha256,
+            "generator_run_id": lg.run_id,  # lineage: the training run of the generator
+            "git_commit": tracking.git_commit(),
+            "mlflow.note.content": f"{cfg.n} synthetic images ({cfg.label}) from {lg.source}, seed {cfg.seed}",
+        }
         with tracking.Tracker(cfg.tracking, out) as tr:
             tr.start(None, cfg.tracking.run_name or out.name, tags)
             tr.log_params(flatten(to_dict(cfg)))

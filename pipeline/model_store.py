@@ -93,9 +93,9 @@ def load_generator_uri(uri: str, tracking_uri: str = "") -> Generator:
         return gen
 
 
-def generator_from_checkpoint(path: str | Path) -> tuple[Generator, ModelConfig]:
+def generator_from_checkpoint(path: str | Path, payload: dict | None = None) -> tuple[Generator, ModelConfig]:
     """The generator of a train checkpoint (loaded ``weights_only``) and its model config."""
-    payload = ckpt.load_checkpoint(path)
+    payload = ckpt.load_checkpoint(path) if payload is None else payload
     model = dict(payload.get("config", {}).get("model") or {})
     # checkpoints from before decoder heads existed were all "deconv"
     model.setdefault("decoder_head", "deconv")
@@ -104,6 +104,25 @@ def generator_from_checkpoint(path: str | Path) -> tuple[Generator, ModelConfig]
     ckpt.load_module_state(dec, payload["models"]["decoder"], "decoder", path)
     names = {int(k): str(v) for k, v in payload.get("label_names", {}).items()}
     return Generator(dec, names), mcfg
+
+
+def source_run_id(uri: str) -> str:
+    """The MLflow run that logged the model at ``uri`` (lineage), or "" when it cannot be told."""
+    import mlflow
+
+    try:
+        if uri.startswith("runs:/"):
+            return uri[len("runs:/") :].split("/", 1)[0]
+        if uri.startswith("models:/"):
+            name, _, ref = uri[len("models:/") :].partition("/")
+            client = mlflow.tracking.MlflowClient()
+            if name and "@" in name:
+                name, alias = name.split("@", 1)
+                return client.get_model_version_by_alias(name, alias).run_id or ""
+            return client.get_model_version(name, ref).run_id or ""
+    except Exception:  # noqa: BLE001 - lineage is a label, never a reason to fail
+        return ""
+    return ""
 
 
 def _requirements() -> list[str]:
@@ -119,10 +138,41 @@ def _requirements() -> list[str]:
     ]
 
 
+def describe_generator(payload: dict[str, Any], metrics: dict[str, float]) -> tuple[str, dict[str, str]]:
+    """A registered version's description and tags: its data, size, epochs and measured quality."""
+    cfg = payload.get("config", {})
+    data, model = cfg.get("data", {}), cfg.get("model", {})
+    names = ", ".join(str(v) for _, v in sorted((payload.get("label_names") or {}).items())) or "none"
+    quality = ", ".join(f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith("val/")) or "n/a"
+    text = (
+        f"VAE-GAN generator (Larsen et al. 2016) trained by cxr-vaegan: "
+        f"{model.get('kind', 'vaegan')}, {model.get('image_size')} px, latent {model.get('latent_dim')}, "
+        f"classes: {names}; data {data.get('manifest') or 'embedded phantoms'}, "
+        f"{payload.get('epoch', '?')} of {cfg.get('epochs', '?')} epochs, step {payload.get('step', '?')}; "
+        f"code {payload.get('code_version', 'unknown')}. Validation: {quality}. "
+        f"Synthetic images: never use them as patient data. Class fidelity and FD: run `evaluate`."
+    )
+    tags = {
+        "image_size": str(model.get("image_size")),
+        "classes": names,
+        "data.manifest": str(data.get("manifest") or "embedded phantoms"),
+        "epochs": str(payload.get("epoch", "")),
+        "git_commit": str(payload.get("code_version", "unknown")),
+        "synthetic": "true",
+    }
+    return text, tags
+
+
 def log_generator_model(
-    run_id: str, gen: Generator, model_cfg: ModelConfig, registered_name: str = ""
+    run_id: str,
+    gen: Generator,
+    model_cfg: ModelConfig,
+    registered_name: str = "",
+    description: str = "",
+    tags: dict[str, str] | None = None,
 ) -> Any:
-    """Log ``gen`` to run ``run_id`` as the pyfunc model ``generator`` (and register it)."""
+    """Log ``gen`` to run ``run_id`` as the pyfunc model ``generator`` (and register it, with
+    ``description`` and ``tags`` on the new version)."""
     import mlflow
     import numpy as np
     import pandas as pd
@@ -139,7 +189,7 @@ def log_generator_model(
         torch.save({k: v.detach().cpu() for k, v in gen.decoder.state_dict().items()}, weights_path)
         # log_model needs an active run; nested: a parent run may be active in this process
         with mlflow.start_run(run_id=run_id, nested=True):
-            return mlflow.pyfunc.log_model(
+            info = mlflow.pyfunc.log_model(
                 name="generator",
                 python_model=str(PYFUNC_CODE),
                 artifacts={"spec": str(spec_path), "weights": str(weights_path)},
@@ -149,3 +199,11 @@ def log_generator_model(
                 pip_requirements=_requirements(),
                 registered_model_name=registered_name or None,
             )
+    version = getattr(info, "registered_model_version", None)
+    if registered_name and version is not None:
+        client = mlflow.tracking.MlflowClient()
+        if description:
+            client.update_model_version(registered_name, str(version), description=description)
+        for k, v in (tags or {}).items():
+            client.set_model_version_tag(registered_name, str(version), k, v)
+    return info

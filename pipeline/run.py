@@ -247,5 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``cxr-vaegan`` console script: ``cxr-vaegan train ...`` equals ``python -m pipeline.run train ...``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

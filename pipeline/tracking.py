@@ -1,8 +1,8 @@
 """MLflow set-up: an embedded sqlite store under ``mlflow/store`` unless told otherwise.
 
 Order of precedence: ``tracking.uri`` in the config, then ``MLFLOW_TRACKING_URI``, then the
-embedded store ``sqlite:///<repo>/mlflow/store/mlflow.db`` with artifacts in
-``<repo>/mlflow/store/artifacts`` (both git-ignored).
+embedded store ``sqlite:///<cwd>/mlflow/store/mlflow.db`` with artifacts in
+``<cwd>/mlflow/store/artifacts`` (both git-ignored; ``CXR_VAEGAN_STORE`` moves them).
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import checkpoint as ckpt
 from pipeline import model_store
 
+# the code's own checkout, for the commit hash recorded with every run ("unknown" when installed)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STORE_DIR = REPO_ROOT / "mlflow" / "store"
+
+
+def store_dir() -> Path:
+    """The embedded store's folder: ``./mlflow/store`` in the working directory (never beside
+    installed code), or ``CXR_VAEGAN_STORE`` when set."""
+    return Path(os.environ.get("CXR_VAEGAN_STORE") or Path.cwd() / "mlflow" / "store")
 
 
 @dataclass
@@ -40,9 +47,20 @@ class TrackingConfig:
             raise ValueError(f"retry_s must be > 0, got {self.retry_s}")
 
 
-def embedded_uri(store_dir: Path = STORE_DIR) -> str:
-    store_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store_dir / 'mlflow.db'}"
+def embedded_uri(folder: Path | None = None) -> str:
+    folder = store_dir() if folder is None else folder
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    """The command that shows a store's runs in the MLflow UI (one worker: ~0.5 GB)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    art = ""
+    if uri.startswith("sqlite:///"):
+        art = f" --default-artifact-root {Path(uri[len('sqlite:///'):]).parent / 'artifacts'}"
+    return f"mlflow ui --workers 1 --backend-store-uri {uri}{art} --host 127.0.0.1 --port 5000"
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -165,6 +183,28 @@ class Tracker:
 
     def log_dict(self, data: dict, name: str) -> None:
         self._submit({"op": "dict", "data": data, "name": name})
+
+    def log_dataset(self, manifest: str | Path, context: str = "train") -> None:
+        """Record a manifest as the run's dataset input (name, content digest, rows, columns): the
+        MLflow UI shows which data a run used and whether two runs used the same."""
+        if not self.enabled:
+            return
+        import hashlib
+
+        manifest = Path(manifest)
+        raw = manifest.read_bytes()
+        header = raw.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        self._submit(
+            {
+                "op": "dataset",
+                "name": manifest.stem,
+                "digest": hashlib.sha256(raw).hexdigest()[:16],
+                "source": str(manifest.resolve()),
+                "rows": max(raw.count(b"\n") - 1, 0),
+                "columns": header.split(","),
+                "context": context,
+            }
+        )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -399,6 +439,19 @@ class Tracker:
         elif kind == "metrics":
             ms = [Metric(k, v, op["ts"], op["step"]) for k, v in op["data"].items()]
             self.client.log_batch(self.run_id, metrics=ms)
+        elif kind == "dataset":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            ds = Dataset(
+                name=op["name"],
+                digest=op["digest"],
+                source_type="local",
+                source=json.dumps({"uri": op["source"]}),
+                schema=json.dumps({"columns": op["columns"]}),
+                profile=json.dumps({"num_rows": op["rows"]}),
+            )
+            tags = [InputTag("mlflow.data.context", op["context"])]
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags)])
         elif kind == "artifact":
             path = Path(op["path"])
             if "name" in op and path.name != op["name"]:
@@ -418,7 +471,7 @@ class Tracker:
             raise ValueError(f"unknown outbox operation {kind!r}")
 
 
-OP_KINDS = ("start", "params", "tags", "dict", "metrics", "artifact", "generator", "end")
+OP_KINDS = ("start", "params", "tags", "dict", "metrics", "dataset", "artifact", "generator", "end")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -458,6 +511,10 @@ def validate_op(op: Any, outbox: Path) -> str:
         return "" if ok and isinstance(op.get("ts"), int) else "malformed metrics"
     if kind == "end":
         return "" if op.get("status") in RUN_STATUSES else f"bad run status {op.get('status')!r}"
+    if kind == "dataset":
+        ok = all(isinstance(op.get(k), str) for k in ("name", "digest", "source", "context"))
+        ok = ok and isinstance(op.get("rows"), int) and isinstance(op.get("columns"), list)
+        return "" if ok else "malformed dataset"
     # artifact / generator: a buffered copy inside this outbox
     raw = op.get("path")
     if not isinstance(raw, str):
@@ -510,8 +567,13 @@ def _experiment_id(client, uri: str, name: str) -> str:
 
 def _log_generator_model(run_id: str, checkpoint: str, registered_name: str) -> None:
     """The checkpoint's generator as an MLflow model, stored as data (``pipeline.model_store``)."""
-    gen, mcfg = model_store.generator_from_checkpoint(checkpoint)
-    model_store.log_generator_model(run_id, gen, mcfg, registered_name)
+    import mlflow
+
+    payload = ckpt.load_checkpoint(checkpoint)
+    gen, mcfg = model_store.generator_from_checkpoint(checkpoint, payload)
+    metrics = mlflow.tracking.MlflowClient().get_run(run_id).data.metrics
+    text, tags = model_store.describe_generator(payload, metrics)
+    model_store.log_generator_model(run_id, gen, mcfg, registered_name, text, tags)
 
 
 def sync(outbox: str | Path, uri: str = "") -> dict[str, Any]:

@@ -517,6 +517,11 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         "model.kind": cfg.model.kind,
         "data.manifest": str(manifest),
         "classes": ",".join(names.values()),
+        "mlflow.note.content": (  # the run's description in the MLflow UI
+            f"{cfg.model.kind.upper()} at {cfg.data.image_size} px"
+            f"{f', conditioned on {len(names)} classes' if cfg.model.num_classes else ''} "
+            f"({', '.join(names.values())}), {cfg.epochs} epochs, data {manifest}, seed {cfg.seed}"
+        ),
     }
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
@@ -581,6 +586,7 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         if resumed is None:
             tracker.log_params(flatten(cfg_dict))
             tracker.log_dict(cfg_dict, "config.json")
+            tracker.log_dataset(manifest, "train")
             # a good state to roll back to before the first epoch ends
             save(step, start_epoch, 0)
         else:
@@ -677,6 +683,8 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         print(f"MLflow run id: {tracker.run_id} (tracking: {tracker.uri})")
         print(f"sample grid: {grid_path}")
         print(f"reconstruction grid: {recon_path}")
+        print(f"look at the run: {tracking.ui_command(tracker.uri)}")
+        print(f"  then http://127.0.0.1:5000 -> experiment {cfg.tracking.experiment} -> Runs -> {run_dir.name}")
     return {
         "run_id": tracker.run_id,
         "run_dir": str(run_dir),

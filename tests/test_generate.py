@@ -110,6 +110,8 @@ def test_loads_from_mlflow_model_uri(tmp_path, phantom_manifest):
     a = load_generator(res["checkpoint"])
     b = load_generator("models:/g/1")
     assert b.label_names == {0: "normal", 1: "pneumonia"}
+    # lineage: both know the training run that made them
+    assert a.run_id == b.run_id == res["run_id"]
     labels = resolve_labels("balanced", 4, a)
     torch.testing.assert_close(sample_images(a, labels, 0), sample_images(b, labels, 0))
 

@@ -209,6 +209,10 @@ def test_cli_smoke(tmp_path, phantom_manifest):
     assert run.info.status == "FINISHED"
     assert {"val/ssim", "val/psnr", "train/kl", "train/adv_d"} <= set(run.data.metrics)
     assert run.data.params["data.image_size"] == "32" and "git_commit" in run.data.tags
+    # the run explains itself: a description, and the manifest as a dataset input with its digest
+    assert "VAEGAN at 32 px" in run.data.tags["mlflow.note.content"]
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == Path(str(phantom_manifest)).stem and len(ds.dataset.digest) == 16
     grids = [f.path for f in client.list_artifacts(run_id, "grids")]
     assert any(p.endswith(".png") and "samples" in p for p in grids)
     assert any("recon" in p for p in grids)
@@ -216,6 +220,9 @@ def test_cli_smoke(tmp_path, phantom_manifest):
     assert client.list_artifacts(run_id, "checkpoints")
     versions = client.search_model_versions("name='smoke-generator'")
     assert len(versions) == 1
+    # the registered version says what it is: data, size, epochs, measured quality
+    assert "32 px" in versions[0].description and "val/ssim" in versions[0].description
+    assert versions[0].tags["synthetic"] == "true" and versions[0].tags["image_size"] == "32"
     # the logged generator is data, not a pickle: it loads back safely and as an MLflow pyfunc
     uri_v = f"models:/smoke-generator/{versions[0].version}"
     gen = load_generator_uri(uri_v, uri)
