@@ -562,7 +562,7 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
     g = torch.Generator().manual_seed(1234)
     z_fixed = torch.randn(cfg.grid_size, cfg.model.latent_dim, generator=g)
     n_cls = max(cfg.model.num_classes, 1)
-    y_fixed = torch.arange(cfg.grid_size) % n_cls
+    y_fixed = (torch.arange(cfg.grid_size) % 8) % n_cls  # one class per grid column (8 columns)
     val_fixed = torch.stack([val_ds[i]["image"] for i in range(min(32, len(val_ds)))])
     val_fixed_y = torch.stack(
         [torch.as_tensor(val_ds[i]["label"]) for i in range(min(32, len(val_ds)))]
@@ -652,7 +652,7 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
             metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
             if dinfo.is_main:
                 grid_path, recon_path = _save_grids(
-                    model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device, real_grids
+                    model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device, real_grids, names
                 )
                 tracker.log_artifact(grid_path, "grids")
                 if recon_path is not None:
@@ -710,8 +710,11 @@ def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: di
         )
 
 
-def _save_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device, real=True) -> tuple[Path, Path | None]:
-    """The prior-sample grid, and (``real``) the validation images beside their reconstructions."""
+def _save_grids(
+    model, run_dir: Path, epoch: int, z, y, vx, vy, device, real=True, names=None
+) -> tuple[Path, Path | None]:
+    """The prior-sample grid (columns headed by their class), and (``real``) the validation
+    images beside their reconstructions."""
     model.eval()
     with torch.no_grad():
         cond = y.to(device) if model.cfg.num_classes > 0 else None
@@ -720,8 +723,13 @@ def _save_grids(model, run_dir: Path, epoch: int, z, y, vx, vy, device, real=Tru
         mu, _ = model.encoder(vx.to(device), vcond)
         rec = model.decoder(mu, vcond).float().cpu()
     up = max(1, 256 // model.cfg.image_size)
+    heads = [(names or {}).get(int(c), str(int(c))) for c in y[:8]] if model.cfg.num_classes > 0 else None
     gp = save_grid(
-        samples, run_dir / "grids" / f"samples_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1
+        samples,
+        run_dir / "grids" / f"samples_epoch{epoch + 1:03d}.png",
+        nrow=8,
+        upscale=up // 2 or 1,
+        col_labels=heads,
     )
     if not real:
         return gp, None

@@ -24,14 +24,30 @@ def make_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, upscale: int = 1) -> Path:
-    from PIL import Image
+def save_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int = 8,
+    upscale: int = 1,
+    col_labels: list[str] | None = None,
+) -> Path:
+    """Save a mosaic; ``col_labels`` (one per column) are written in a header band above it."""
+    from PIL import Image, ImageDraw
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(make_grid(images, nrow))
     if upscale > 1:
         im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    if col_labels:
+        band = 14
+        out = Image.new("L", (im.width, im.height + band), 255)
+        out.paste(im, (0, band))
+        draw = ImageDraw.Draw(out)
+        col_w = im.width / min(nrow, len(images))
+        for c, text in enumerate(col_labels[: min(nrow, len(images))]):
+            draw.text((c * col_w + 3, 1), text[: max(1, int(col_w // 6))], fill=0)
+        im = out
     im.save(path)
     return path
 
