@@ -115,6 +115,25 @@ def load_classifier(
     return model.to(device).eval(), payload
 
 
+def training_provenance(arm: str, manifest: str | Path, source: str | Path) -> dict[str, Any]:
+    """What a classifier checkpoint records about its training data: ``arm`` and
+    ``train_manifest`` (``path`` and ``sha256`` of the manifest trained on; ``source_path`` and
+    ``source_sha256`` of the manifest a ``fraction`` < 1 subset was drawn from, else the same)."""
+    from pipeline.generate import file_sha256
+
+    digest = file_sha256(manifest)
+    src_digest = digest if Path(source) == Path(manifest) else file_sha256(source)
+    return {
+        "arm": arm,
+        "train_manifest": {
+            "path": str(Path(manifest).resolve()),
+            "sha256": digest,
+            "source_path": str(Path(source).resolve()),
+            "source_sha256": src_digest,
+        },
+    }
+
+
 def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device):
     """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
     from transforms.presets import tensor_augment_transforms
@@ -147,6 +166,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     from pipeline.viz import plot_curves, plot_roc
 
     manifest = resolve_manifest(cfg.data)
+    source_manifest = manifest  # the manifest a fraction < 1 subset is drawn from
     # under torchrun: N replicas split every batch (DistributedSampler) and DDP averages the
     # gradients; each replica evaluates the whole val/test split (identical weights, identical
     # decisions); rank 0 alone logs and writes files
@@ -325,6 +345,10 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
                 "epoch": best["epoch"],
                 "code_version": tags["git_commit"],
                 "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
+                # provenance, checked by pipeline.evaluate before it uses this model as a feature
+                # extractor: which images it has seen (an arm with synthetic images has seen a
+                # generator's output) and the manifest it was trained on, by path and content
+                **training_provenance(cfg.arm, manifest, source_manifest),
             },
         )
         for p in (scores_path, roc, curves):

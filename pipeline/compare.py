@@ -1,13 +1,24 @@
 """``python -m pipeline.run compare [EXPERIMENT] [FILTER]``: a table of runs from ``mlflow.search_runs``.
 
-Classifier runs (the augmentation study) are grouped by arm and fraction and aggregated over
-seeds: mean test metrics with 95 % t-intervals over seeds. Other runs (VAE-GAN training) are
-listed one per row with their final validation metrics. A plot of the chosen metric is written.
-A missing experiment exits non-zero with a clear message.
+Classifier runs (the augmentation study) are grouped by their configuration without the seed:
+two runs are pooled only when every logged param other than ``seed`` is the same, apart from the
+settings that cannot change a result (``tracking.*``, ``out_dir``, ``device``, ``threads``, data
+caching and loader workers) and the counts derived from the config and the seed's subset
+(``n_train_real``, ``n_train_total``). A path that names the run's own seed (``..._s3.csv``,
+``vaegan-f0.1-s3/``: the gain stage's per-seed subsets and generators) counts as the same path for
+every seed. Each group is one row with the params that set it apart from the other groups.
+
+Per group: the mean of each test metric over seeds (runs repeating a seed are averaged first)
+with a 95 % t-interval over seeds, clipped to [0, 1] since every reported metric (AUROC, balanced
+accuracy, sensitivity, specificity) lies there. A group with one seed has no interval (printed as
+the value alone; empty cells in the CSV). Other runs (VAE-GAN training) are listed one per row
+with their final validation metrics. A plot of the chosen metric is written. A missing experiment
+exits non-zero with a clear message.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +36,134 @@ class CompareConfig:
     out: str = "outputs/compare"
 
 
-def aggregate(runs: pd.DataFrame, metric: str = "test/auroc") -> pd.DataFrame:
-    """Seed-aggregated table of classifier runs: one row per (arm, fraction)."""
+# metrics aggregated per group; all lie in [0, 1]
+METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")
+# params that do not define a configuration: the seed itself, where and how a run was executed
+# and logged, and counts derived from the config and the seed's subset draw
+NOT_CONFIG = frozenset(
+    {
+        "seed",
+        "out_dir",
+        "device",
+        "threads",
+        "cache_allocations",
+        "data.num_workers",
+        "data.cache",
+        "data.cache_dir",
+        "n_train_real",
+        "n_train_total",
+    }
+)
+NOT_CONFIG_PREFIXES = ("tracking.",)
+UNSET = "<unset>"
+
+
+def config_params(columns) -> list[str]:
+    """The ``params.*`` columns that define a configuration (see the module docstring)."""
+    keys = []
+    for c in columns:
+        if not c.startswith("params."):
+            continue
+        k = c[len("params.") :]
+        if k in NOT_CONFIG or k.startswith(NOT_CONFIG_PREFIXES):
+            continue
+        keys.append(k)
+    return sorted(keys)
+
+
+def _seed_of(run: pd.Series) -> str:
+    for c in ("params.seed", "tags.seed"):
+        v = run.get(c)
+        if isinstance(v, str) and v != "":
+            return v
+    return f"run:{run['run_id']}"  # no recorded seed: each run counts as its own repeat
+
+
+def _normalise(value, seed: str) -> str:
+    """A param value as a grouping key: missing -> UNSET; the run's own seed inside a path
+    component (``f0.1_s3.csv``, ``vaegan-f0.1-s3/``) -> ``s{seed}``."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return UNSET
+    v = str(value)
+    if seed.isdigit():
+        v = re.sub(rf"(?<=[_\-])s{seed}(?=[._\-/\\]|$)", "s{seed}", v)
+    return v
+
+
+def _first(g: pd.DataFrame, col: str, default: str) -> str:
+    vals = g[col].dropna() if col in g else ()
+    return str(vals.iloc[0]) if len(vals) else default
+
+
+def clipped_t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean over seeds with a 95 % t-interval clipped to [0, 1]; NaN bounds for one seed."""
     from pipeline.metrics import mean_ci
 
+    m, lo, hi = mean_ci(values)
+    if np.isfinite(lo):
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return m, lo, hi
+
+
+def aggregate(runs: pd.DataFrame, metric: str = "test/auroc") -> pd.DataFrame:
+    """Seed-aggregated table of classifier runs: one row per configuration (all params but the
+    seed and the non-config ones). Columns: arm, fraction, n_seeds, n_runs, config (the params
+    that distinguish the group, ``k=v`` joined by spaces), ``params.K`` for each such param, and
+    per metric its mean and ``_lo``/``_hi`` bounds (NaN for a single seed)."""
+    runs = runs.reset_index(drop=True)
+    keys = config_params(runs.columns)
+    seeds = runs.apply(_seed_of, axis=1) if len(runs) else pd.Series([], dtype=object)
+    norm = pd.DataFrame(
+        {k: [_normalise(v, s) for v, s in zip(runs[f"params.{k}"], seeds, strict=True)] for k in keys},
+        index=runs.index,
+    )
+    # the params that differ between groups: shown on each row
+    varying = [k for k in keys if norm[k].nunique(dropna=False) > 1]
+    group_key = norm.apply(lambda r: tuple(r), axis=1) if keys else pd.Series([()] * len(runs))
     rows = []
-    names = ["auroc", "balanced_accuracy", "sensitivity", "specificity"]
-    for (arm, frac), g in runs.groupby(["tags.arm", "tags.fraction"], sort=True):
-        row: dict = {"arm": arm, "fraction": float(frac), "n_seeds": int(g["tags.seed"].nunique())}
-        for n in names:
+    for key in dict.fromkeys(group_key):
+        idx = group_key.index[group_key == key]
+        g = runs.loc[idx]
+        gseeds = seeds.loc[idx]
+        params = dict(zip(keys, key, strict=True))
+        arm = _first(g, "tags.arm", params.get("arm", UNSET))
+        # the gain stage tags the fraction (its children's own param is 1.0: they get a subset manifest)
+        frac = _first(g, "tags.fraction", params.get("fraction", "1"))
+        try:
+            frac_f = float(frac)
+        except ValueError:
+            frac_f = float("nan")
+        row: dict = {
+            "arm": str(arm),
+            "fraction": frac_f,
+            "n_seeds": int(gseeds.nunique()),
+            "n_runs": len(g),
+            # arm and fraction have their own columns
+            "config": " ".join(f"{k}={params[k]}" for k in varying if k not in ("arm", "fraction")) or "-",
+        }
+        row.update({f"params.{k}": params[k] for k in varying})
+        for n in METRICS:
             col = f"metrics.test/{n}"
-            if col in g:
-                m, lo, hi = mean_ci(g[col].to_numpy(dtype=float))
-                row[n], row[f"{n}_lo"], row[f"{n}_hi"] = m, lo, hi
+            if col not in g:
+                continue
+            vals = pd.to_numeric(g[col], errors="coerce").astype(float)
+            # runs repeating a seed are not independent repeats: average them first
+            per_seed = vals.groupby(gseeds.to_numpy(), sort=True).mean().to_numpy(dtype=float)
+            m, lo, hi = clipped_t_interval(per_seed)
+            row[n], row[f"{n}_lo"], row[f"{n}_hi"] = m, lo, hi
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["fraction", "arm"]).reset_index(drop=True)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values(["fraction", "arm", "config"], kind="stable").reset_index(drop=True)
 
 
 def _fmt(r: pd.Series, n: str) -> str:
-    if n not in r or not np.isfinite(r[n]):
+    v = r.get(n, np.nan)
+    if not isinstance(v, (int, float)) or not np.isfinite(v):
         return "—"
     lo, hi = r.get(f"{n}_lo", np.nan), r.get(f"{n}_hi", np.nan)
-    return f"{r[n]:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else "")
+    return f"{v:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
 def compare(cfg: CompareConfig) -> int:
@@ -87,16 +204,27 @@ def compare(cfg: CompareConfig) -> int:
     is_cls = "tags.stage" in runs and "tags.arm" in runs and (runs["tags.stage"] == "classify").any()
     if is_cls:
         table = aggregate(runs[runs["tags.stage"] == "classify"], cfg.metric)
-        names = ["auroc", "balanced_accuracy", "sensitivity", "specificity"]
-        lines = [f"{'arm':22s} {'fraction':>8s} {'seeds':>5s}  " + "  ".join(f"{n:>26s}" for n in names)]
+        names = [n for n in METRICS if n in table]
+        lines = [
+            f"{'arm':22s} {'fraction':>8s} {'seeds':>5s} {'runs':>4s}  "
+            + "  ".join(f"{n:>26s}" for n in names)
+            + "  config (params that differ between rows)"
+        ]
         for _, r in table.iterrows():
             lines.append(
-                f"{r['arm']:22s} {r['fraction']:8g} {r['n_seeds']:5d}  "
+                f"{r['arm']:22s} {r['fraction']:8g} {r['n_seeds']:5d} {r['n_runs']:4d}  "
                 + "  ".join(f"{_fmt(r, n):>26s}" for n in names)
+                + f"  {r['config']}"
             )
+        lines.append(
+            "mean over seeds with a 95% t-interval over seeds, clipped to [0, 1]; one seed: no interval"
+        )
         print("\n".join(lines))
         table.to_csv(out / f"{cfg.experiment}.csv", index=False)
-        _plot_arms(table, cfg.metric.split("/")[-1], out / f"{cfg.experiment}.png", cfg.experiment)
+        metric = cfg.metric.split("/")[-1]
+        _plot_groups(
+            table, metric if metric in table else "auroc", out / f"{cfg.experiment}.png", cfg.experiment
+        )
     else:
         cols = [c for c in runs.columns if c.startswith("metrics.val/") or c.startswith("metrics.test/")]
         keep = ["run_id", "tags.mlflow.runName", "status", *sorted(cols)]
@@ -112,21 +240,36 @@ def compare(cfg: CompareConfig) -> int:
     return 0
 
 
-def _plot_arms(table: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    from pipeline.viz import plot_arm_bars
+def _plot_groups(table: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    """One horizontal bar per group (configuration), with its interval where it has one."""
+    from pipeline.viz import pyplot, save_figure
 
-    lo = np.nanmin(table[f"{metric}_lo"].to_numpy(float)) if f"{metric}_lo" in table else 0.5
-    bottom = max(0.0, (lo if np.isfinite(lo) else 0.5) - 0.05)
-    plot_arm_bars(
-        table,
-        metric,
-        f"{metric}_lo",
-        f"{metric}_hi",
-        path,
-        f"test {metric} (mean over seeds, 95% CI)",
-        title,
-        ylim=(bottom, 1.0),
-    )
+    plt = pyplot()
+    labels = [
+        f"{r['arm']} f={r['fraction']:g}"
+        + (f" {r['config']}" if r["config"] != "-" else "")
+        + f" (n={r['n_seeds']})"
+        for _, r in table.iterrows()
+    ]
+    m = table[metric].to_numpy(dtype=float) if metric in table else np.full(len(table), np.nan)
+    lo = table[f"{metric}_lo"].to_numpy(dtype=float) if f"{metric}_lo" in table else np.full(len(m), np.nan)
+    hi = table[f"{metric}_hi"].to_numpy(dtype=float) if f"{metric}_hi" in table else np.full(len(m), np.nan)
+    has = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(m)
+    err = np.zeros((2, len(m)))
+    err[0, has], err[1, has] = m[has] - lo[has], hi[has] - m[has]
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.35 * len(m)))
+    y = np.arange(len(m))
+    ax.barh(y, np.nan_to_num(m), color="C0")
+    if has.any():
+        ax.errorbar(m[has], y[has], xerr=err[:, has], fmt="none", ecolor="k", capsize=3, lw=1)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    finite = np.concatenate([m[np.isfinite(m)], lo[has]])
+    left = max(0.0, float(finite.min()) - 0.05) if finite.size else 0.0
+    ax.set_xlim(left, 1.0)
+    ax.set_xlabel(f"test {metric} (mean over seeds, 95% t-interval clipped to [0, 1])")
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
 
 
 def _plot_runs(runs: pd.DataFrame, metric: str, path: Path, title: str) -> None:

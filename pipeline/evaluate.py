@@ -50,6 +50,10 @@ class EvaluateConfig:
     seed: int = 0
     device: str = "auto"
     batch_size: int = 256
+    # use an extractor that has seen synthetic images, was trained on another manifest than the
+    # reference, or does not record its arm and training manifest (a checkpoint from before
+    # classify recorded them); the report and the MLflow run then say so
+    allow_foreign_extractor: bool = False
     out_dir: str = "outputs/evaluate"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-evaluate"))
 
@@ -111,6 +115,68 @@ def _features(model, x: torch.Tensor, device, bs: int = 256) -> tuple[torch.Tens
     return torch.cat(feats), torch.cat(probs).numpy()
 
 
+# classify arms whose model has seen only real images (classical augmentation transforms them)
+REAL_ONLY_ARMS = ("real", "classical")
+
+
+def check_extractor(
+    path: str | Path,
+    payload: dict[str, Any],
+    reference: str | Path | None = None,
+    allow_foreign: bool = False,
+) -> str:
+    """Is the classifier checkpoint ``path`` (its loaded ``payload``) a fair judge of synthetic
+    images? It must record its arm, that arm must be real-only (an extractor that has seen a
+    generator's images scores them as real: class fidelity 1.000 for a 1-epoch generator), and,
+    when ``reference`` is given, it must have been trained on that manifest (the same content,
+    or the manifest its fraction subset was drawn from), so it has not seen the reference images.
+
+    Returns "" when it is; otherwise raises ``ValueError`` naming the extractor, what it was
+    trained on and the override, or with ``allow_foreign`` returns that reason."""
+    from pipeline.generate import file_sha256
+
+    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    arms = {a for a in (payload.get("arm"), config.get("arm")) if a is not None}
+    record = payload.get("train_manifest") if isinstance(payload.get("train_manifest"), dict) else None
+    trained_on = f"arm={'/'.join(sorted(map(str, arms))) or 'unrecorded'}, manifest " + (
+        f"{record.get('path')} (sha256 {str(record.get('sha256'))[:12]})" if record else "unrecorded"
+    )
+    reason = ""
+    if not arms:
+        reason = (
+            f"extractor {path} records no training arm (a classifier checkpoint from before classify "
+            "recorded its arm and training manifest), so it may have seen synthetic images"
+        )
+    elif not arms <= set(REAL_ONLY_ARMS):
+        reason = (
+            f"extractor {path} was trained with {trained_on}: an arm with synthetic images, so it has "
+            f"seen a generator's output and cannot judge synthetic images (use one trained with arm "
+            f"in {REAL_ONLY_ARMS})"
+        )
+    elif reference is not None and record is None:
+        reason = (
+            f"extractor {path} records no training manifest (a classifier checkpoint from before "
+            f"classify recorded it; {trained_on}), so it cannot be checked against the reference "
+            f"manifest {reference}"
+        )
+    elif reference is not None:
+        if not Path(reference).is_file():
+            raise FileNotFoundError(f"reference manifest {reference} does not exist")
+        ref_sha = file_sha256(reference)
+        if ref_sha not in (record.get("sha256"), record.get("source_sha256")):
+            reason = (
+                f"extractor {path} was trained with {trained_on}, not on the reference manifest "
+                f"{reference} (sha256 {ref_sha[:12]}): it may have seen the reference images, or "
+                "other ones than real images of this data set"
+            )
+    if not reason:
+        return ""
+    if allow_foreign:
+        print(f"WARNING: allow_foreign_extractor=true: {reason}", flush=True)
+        return reason
+    raise ValueError(f"{reason}; set allow_foreign_extractor=true to use it anyway (the report will say so)")
+
+
 def class_fidelity(
     generator: str | Path,
     classifier: str | Path,
@@ -119,9 +185,15 @@ def class_fidelity(
     device: str | torch.device = "cpu",
     batch_size: int = 256,
     n_boot: int = 1000,
-) -> dict[str, float]:
+    reference: str | Path | None = None,
+    allow_foreign_extractor: bool = False,
+) -> dict[str, Any]:
     """Does the generator draw what its labels say? ``n`` synthetic images with balanced labels,
     scored by a classifier trained on real images: its AUROC with a bootstrap CI.
+
+    The classifier is refused (:func:`check_extractor`) when it records no arm or an arm with
+    synthetic images, or, with ``reference`` (a manifest), was trained on another manifest;
+    ``allow_foreign_extractor`` overrides, and the result then holds ``foreign_extractor``.
 
     ~0.5 means the labels are ignored, below 0.5 that they are swapped: such a generator's
     "labelled" images would teach a classifier wrong labels. Empty for a generator that is not
@@ -134,11 +206,15 @@ def class_fidelity(
     lg = load_generator(generator, device)
     if lg.num_classes != 2:
         return {}
-    clf, _ = load_classifier(classifier, device)
+    clf, cpay = load_classifier(classifier, device)
+    foreign = check_extractor(classifier, cpay, reference, allow_foreign_extractor)
     y = resolve_labels("balanced", n, lg)
     _, p = _features(clf, sample_images(lg, y, seed, batch_size), device, batch_size)
     ci = bootstrap_ci(y, p, 0.5, n_boot=n_boot, seed=seed)
-    return {"auroc": ci["auroc"], "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"], "n": float(n)}
+    out: dict = {"auroc": ci["auroc"], "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"], "n": float(n)}
+    if foreign:
+        out["foreign_extractor"] = foreign
+    return out
 
 
 @torch.no_grad()
@@ -201,6 +277,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         from pipeline.data import default_manifest
 
         ref_manifest = str(default_manifest())
+    # before any image is loaded: an extractor that has seen synthetic or reference images
+    # would flatter the generator
+    foreign = check_extractor(cfg.extractor, epay, ref_manifest, cfg.allow_foreign_extractor)
     run_dir = Path(cfg.out_dir) / (
         cfg.tracking.run_name or f"{tcfg.model.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -323,6 +402,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "extractor": cfg.extractor,
         "extractor_sha256": extractor_hash,
         "extractor_arch": epay["config"]["model"]["arch"],
+        "extractor_arm": str(epay.get("arm", epay["config"].get("arm", "unrecorded"))),
+        "extractor_train_manifest": str((epay.get("train_manifest") or {}).get("path", "unrecorded")),
+        "foreign_extractor": foreign,  # "" unless allow_foreign_extractor let a refused one through
         "reference": str(ref_manifest),
         "reference_split": cfg.reference_split,
     }
@@ -337,6 +419,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "checkpoint_sha256": lg.sha256,
         "git_commit": tracking.git_commit(),
     }
+    if foreign:
+        tags["foreign_extractor"] = foreign[:4000]
     with tracking.Tracker(cfg.tracking, run_dir) as tr:
         tr.start(None, run_dir.name, tags)
         tr.log_params(flatten(to_dict(cfg)))
@@ -378,6 +462,14 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
         f"Extractor: {meta['extractor_arch']} `{meta['extractor']}` sha256 `{meta['extractor_sha256'][:16]}`; "
         f"reference {meta['reference']} split {meta['reference_split']}; N synthetic {int(res['n_fake'])}, "
         f"N real {int(res['n_real'])}, N train {int(res['n_train'])}.\n\n",
+        f"Extractor trained with arm={meta['extractor_arm']} on {meta['extractor_train_manifest']}.\n\n",
+        (
+            f"**WARNING: foreign extractor, used with allow_foreign_extractor=true.** {meta['foreign_extractor']}. "
+            "Its features and class fidelity may flatter the generator: these results do not compare with "
+            "runs that used a real-only extractor trained on the reference manifest.\n\n"
+            if meta["foreign_extractor"]
+            else ""
+        ),
         "| metric | value | 95% CI |\n|---|---|---|\n",
         row("fd", "Fréchet distance (classifier features)"),
         row("mmd", "MMD, linear kernel (MONAI)"),

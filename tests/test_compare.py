@@ -1,0 +1,112 @@
+"""compare: runs are pooled only when they differ by seed (and cosmetic settings) alone."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import pandas as pd
+
+
+def _log_runs(uri: str, experiment: str, runs: list[dict]) -> None:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(experiment)
+    for r in runs:
+        params = {
+            "arm": r.get("arm", "synthetic"),
+            "fraction": "1.0",
+            "ratio": str(r["ratio"]),
+            "seed": str(r["seed"]),
+            "epochs": "10",
+            "data.max_train": str(r.get("max_train", 0)),
+            "data.manifest": r.get("manifest", "data_manifests/kermany.csv"),
+            # cosmetic: must not split a group
+            "out_dir": f"outputs/cls-{r['name']}",
+            "device": r.get("device", "cpu"),
+            "threads": str(r.get("threads", 0)),
+            "tracking.run_name": r["name"],
+            "tracking.uri": uri,
+            # derived from the config and the seed's subset: must not split a group
+            "n_train_real": str(100 + r["seed"]),
+        }
+        run = client.create_run(
+            exp_id,
+            run_name=r["name"],
+            tags={
+                "stage": "classify",
+                "arm": params["arm"],
+                "fraction": r.get("tag_fraction", "1"),
+                "seed": str(r["seed"]),
+            },
+        )
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, v)
+        client.log_metric(run.info.run_id, "test/auroc", r["auroc"])
+        client.log_metric(run.info.run_id, "test/balanced_accuracy", r["auroc"] - 0.1)
+        client.set_terminated(run.info.run_id)
+
+
+def test_compare_groups_by_config_not_by_arm(tmp_path, capsys):
+    from pipeline.compare import CompareConfig, compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_runs(
+        uri,
+        "study",
+        [
+            # one config, three seeds (and different cosmetic settings): one group; its t-interval
+            # would overrun 1.0 unclipped
+            {"name": "a0", "ratio": 0.5, "seed": 0, "auroc": 0.90, "threads": 1},
+            {"name": "a1", "ratio": 0.5, "seed": 1, "auroc": 0.95, "threads": 2, "device": "cuda"},
+            {"name": "a2", "ratio": 0.5, "seed": 2, "auroc": 0.99},
+            # same arm and fraction, another ratio and training size, seed 0 again: its own group,
+            # one run, so no interval
+            {"name": "b0", "ratio": 1.0, "seed": 0, "auroc": 0.40, "max_train": 50},
+            # the gain stage's children: one subset manifest per seed, the same configuration
+            *(
+                {
+                    "name": f"real-f0.1-s{s}",
+                    "arm": "real",
+                    "ratio": 1.0,
+                    "seed": s,
+                    "auroc": 0.6 + 0.05 * s,
+                    "manifest": f"outputs/gain/subsets/f0.1_s{s}.csv",
+                    "tag_fraction": "0.1",
+                }
+                for s in (0, 1)
+            ),
+        ],
+    )
+    out = tmp_path / "cmp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NumPy / pandas warning may reach the user
+        rc = compare(CompareConfig(experiment="study", uri=uri, out=str(out)))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(out / "study.csv")
+    assert len(table) == 3, table
+    a = table[table["n_runs"] == 3].iloc[0]
+    b = table[table["n_runs"] == 1].iloc[0]
+    c = table[table["n_runs"] == 2].iloc[0]
+    assert a["n_seeds"] == 3 and b["n_seeds"] == 1 and c["n_seeds"] == 2
+    assert c["arm"] == "real" and c["fraction"] == 0.1 and "f0.1_s{seed}.csv" in c["config"]
+    assert 0.0 <= c["auroc_lo"] <= c["auroc"] <= c["auroc_hi"] <= 1.0
+    assert math.isclose(a["auroc"], (0.90 + 0.95 + 0.99) / 3)
+    assert 0.0 <= a["auroc_lo"] <= a["auroc"] <= a["auroc_hi"] <= 1.0
+    assert a["auroc_hi"] == 1.0  # clipped t-interval
+    assert math.isclose(b["auroc"], 0.40)
+    # the distinguishing params are shown; cosmetic ones and the seed are not
+    assert "ratio=0.5" in a["config"] and "ratio=1.0" in b["config"] and "data.max_train=50" in b["config"]
+    for key in ("seed", "threads", "device", "out_dir", "tracking.", "n_train_real"):
+        assert key not in a["config"] and key not in b["config"], key
+    # printed: the single run has no interval, and nothing reads "nan" or lies outside [0, 1]
+    assert "nan" not in printed.lower()
+    line_b = next(ln for ln in printed.splitlines() if "data.max_train=50" in ln)
+    assert "0.4000" in line_b and "[" not in line_b
+    line_a = next(ln for ln in printed.splitlines() if "ratio=0.5" in ln)
+    lo, hi = map(float, re.search(r"0\.9467 \[(-?[0-9.]+), (-?[0-9.]+)\]", line_a).groups())
+    assert 0.0 <= lo <= 0.9467 <= hi == 1.0
+    assert (out / "study.png").is_file()
