@@ -1,0 +1,212 @@
+"""The gain stage's bookkeeping: parent run status, config-keyed reuse of finished children,
+inputs checked before anything trains, progress. Tiny: 32 px, 1 epoch, one or two seeds."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def _config(tmp_path, manifest, *extra: str):
+    from pipeline.gain import GainConfig
+
+    return load_config(
+        GainConfig,
+        None,
+        [
+            f"classify.data.manifest={manifest}",
+            "classify.data.image_size=32",
+            "classify.data.batch_size=16",
+            "classify.model.widths=[8,16,16,16]",
+            "classify.epochs=1",
+            "classify.bootstrap=20",
+            "classify.threads=1",
+            f"classify.tracking.uri=sqlite:///{tmp_path / 'gain.db'}",
+            "arms=[real]",
+            "fractions=[1.0]",
+            "seeds=[0]",
+            f"out_dir={tmp_path / 'gain'}",
+            "run_name=t",
+            *extra,
+        ],
+    )
+
+
+def _client(tmp_path):
+    import mlflow
+
+    return mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'gain.db'}")
+
+
+def _parent_id(tmp_path) -> str:
+    return (tmp_path / "gain" / "t" / "parent_run_id").read_text().strip()
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("a child trained")
+
+
+def _fake_classify(cfg):
+    """What classify returns, without training (for the bookkeeping tests)."""
+    time.sleep(0.02)
+    m = {"test/auroc": 0.6 + 0.01 * cfg.seed, "test/balanced_accuracy": 0.5}
+    m.update({"test/sensitivity": 0.5, "test/specificity": 0.5})
+    return {"run_id": None, "run_dir": "", "metrics": m}
+
+
+def test_a_failing_study_ends_its_parent_run_failed_or_killed(tmp_path, phantom_manifest, monkeypatch):
+    import pipeline.gain as G
+
+    cfg = _config(tmp_path, phantom_manifest)
+    real_classify = G.classify
+
+    def crash(c):
+        raise RuntimeError("child crashed")
+
+    monkeypatch.setattr(G, "classify", crash)
+    with pytest.raises(RuntimeError, match="child crashed"):
+        G.gain(cfg)
+    client = _client(tmp_path)
+    parent = _parent_id(tmp_path)
+    assert client.get_run(parent).info.status == "FAILED"
+
+    def interrupt(c):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "classify", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        G.gain(cfg)
+    assert client.get_run(parent).info.status == "KILLED"
+
+    # the re-run continues the same parent and ends it FINISHED
+    monkeypatch.setattr(G, "classify", real_classify)
+    res = G.gain(cfg)
+    assert res["parent_run_id"] == parent
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_rerun_reuses_only_children_whose_config_is_unchanged(tmp_path, phantom_manifest, monkeypatch):
+    import pipeline.gain as G
+
+    cfg = _config(tmp_path, phantom_manifest)
+    res = G.gain(cfg)
+    child = tmp_path / "gain" / "t" / "children" / "real-f1-s0"
+    rec = json.loads((child / "gain_key.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{64}", rec["key"]) and rec["config"]["classify.lr"] == 0.001
+    assert rec["parent_run_id"] == res["parent_run_id"]
+
+    # the same config again: reused, nothing trains; a study recorded before keys existed is
+    # checked against its checkpoint and the parent run's params, then gets its keys
+    monkeypatch.setattr(G, "classify", _must_not_train)
+    (child / "gain_key.json").unlink()
+    (tmp_path / "gain" / "t" / "gain_config.json").unlink()
+    again = G.gain(cfg)
+    assert list(again["runs"]["run_id"]) == list(res["runs"]["run_id"])
+    assert json.loads((child / "gain_key.json").read_text())["key"] == rec["key"]
+
+    # another learning rate: refused before anything trains, naming the child and the change
+    with pytest.raises(ConfigError) as e:
+        G.gain(_config(tmp_path, phantom_manifest, "classify.lr=0.002"))
+    msg = str(e.value)
+    assert "real-f1-s0" in msg and "classify.lr: 0.001 -> 0.002" in msg
+    assert "run_name" in msg and "remove" in msg
+    # the old parent run is untouched: one parent, its params still the old ones
+    client = _client(tmp_path)
+    parent = client.get_run(res["parent_run_id"])
+    assert parent.data.params["classify.lr"] == "0.001" and parent.info.status == "FINISHED"
+    runs = client.search_runs([parent.info.experiment_id], "tags.stage = 'gain'")
+    assert len(runs) == 1
+
+
+def test_a_changed_generator_refuses_its_synthetic_children_only(
+    tmp_path, phantom_manifest, phantom_generator, monkeypatch
+):
+    import torch
+
+    import pipeline.gain as G
+
+    gen = tmp_path / "generator.pt"
+    shutil.copy(phantom_generator["checkpoint"], gen)
+    cfg = _config(tmp_path, phantom_manifest, "arms=[real,synthetic]", f"generators=['1.0={gen}']")
+    G.gain(cfg)
+    # the same path now holds another generator (retrained in place, say)
+    payload = torch.load(gen, weights_only=True)
+    w = next(k for k, v in payload["models"]["decoder"].items() if v.is_floating_point())
+    payload["models"]["decoder"][w] = payload["models"]["decoder"][w] + 0.1
+    torch.save(payload, gen)
+    monkeypatch.setattr(G, "classify", _must_not_train)
+    with pytest.raises(ConfigError) as e:
+        G.gain(cfg)
+    msg = str(e.value)
+    assert "synthetic-f1-s0" in msg and "generator.sha256" in msg
+    assert "real-f1-s0" not in msg
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["classify.data.manifest=/nonexistent/m.csv"], r"classify\.data\.manifest"),
+        (["classify.test_split=nope"], r"classify\.test_split"),
+        (["arms=[real,synthetic]", "generators=['1.0=/nonexistent/last.pt']"], r"generators.*does not exist"),
+        (["arms=[real,synthetic]", "generators=['1.0=models:/gen']"], r"generators.*models:/NAME/VERSION"),
+        (["arms=[real,synthetic]", "vaegan_config=/nonexistent/v.yaml"], r"vaegan_config"),
+        (["arms=[real,synthetic]", "vaegan_overrides=[nope=1]"], r"vaegan_overrides.*nope"),
+        (["seeds=[0,0]"], r"seeds.*duplicate"),
+        (["fractions=[0]"], r"fractions must be in \(0, 1\]"),
+        (["seeds=[]"], r"seeds must not be empty"),
+        (["arms=[real,synthetic]", "GEN", "classify.data.image_size=64"], r"generators.*32 px"),
+        (["arms=[real,synthetic]", "GEN", "classify.ratio=0"], r"synthetic-f1-s0.*ratio must be > 0"),
+    ],
+    ids=[
+        "manifest",
+        "split",
+        "generator-path",
+        "generator-uri",
+        "vaegan-config",
+        "vaegan-override",
+        "duplicate-seed",
+        "fraction",
+        "no-seed",
+        "generator-size",
+        "child-config",
+    ],
+)
+def test_inputs_are_checked_before_anything_trains(
+    tmp_path, phantom_manifest, phantom_generator, monkeypatch, extra, match
+):
+    import pipeline.gain as G
+    import pipeline.train
+
+    extra = [f"generators=['1.0={phantom_generator['checkpoint']}']" if x == "GEN" else x for x in extra]
+    monkeypatch.setattr(G, "classify", _must_not_train)
+    monkeypatch.setattr(pipeline.train, "train", _must_not_train)
+    with pytest.raises(ConfigError, match=match):
+        G.gain(_config(tmp_path, phantom_manifest, *extra))
+    assert not (tmp_path / "gain" / "t" / "parent_run_id").exists()  # no parent run was created
+
+
+def test_progress_counts_children_and_estimates_the_time_left(
+    tmp_path, phantom_manifest, monkeypatch, capsys
+):
+    import pipeline.gain as G
+
+    monkeypatch.setattr(G, "classify", _fake_classify)
+    G.gain(_config(tmp_path, phantom_manifest, "arms=[real,classical]", "seeds=[0,1]"))
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if re.search(r"\[\d/4\]", ln)]
+    heads = [re.search(r"\[\d/4\] arm=\S+ fraction=\S+ seed=\d", ln).group(0) for ln in lines]
+    assert heads == [
+        "[1/4] arm=real fraction=1 seed=0",
+        "[2/4] arm=classical fraction=1 seed=0",
+        "[3/4] arm=real fraction=1 seed=1",
+        "[4/4] arm=classical fraction=1 seed=1",
+    ]
+    # from the second child on, an estimate from the mean duration of those trained so far
+    assert "unknown" in lines[0]
+    assert all(re.search(r"about \d+s left", ln) for ln in lines[1:])
