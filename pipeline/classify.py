@@ -186,194 +186,202 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     run_dir = Path(cfg.out_dir) / (
         cfg.tracking.run_name or f"{cfg.arm}-f{cfg.fraction:g}-s{cfg.seed}-{stamp}"
     )
-    if dinfo.is_main:
-        engine.check_writable(run_dir)
-    if cfg.fraction < 1:
+    # one process per run folder; a fresh run never mixes an earlier run's files (moved aside)
+    with engine.RunLock(run_dir, enabled=dinfo.is_main):
+        old_run_id = engine.previous_run_id(run_dir) if dinfo.is_main else None
         if dinfo.is_main:
-            write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
+            engine.set_aside(run_dir)
         distributed.barrier(dinfo)
-        manifest = run_dir / "subset.csv"
-    names = label_names(read_manifest(manifest)[0])
-    if len(names) != 2 or cfg.model.num_classes != 2:
-        raise ValueError(
-            f"classify is binary: {manifest} has classes {names}, model.num_classes={cfg.model.num_classes}"
-        )
-
-    train_items = records(manifest, cfg.data.train_split, cfg.data.max_train)
-    val_items = records(manifest, cfg.data.val_split, cfg.data.max_val)
-    test_items = records(manifest, cfg.test_split)
-    train_ds, seeded = _train_dataset(cfg, train_items, device)
-    val_ds = build_dataset(val_items, cfg.data, train=False)
-    test_ds = build_dataset(test_items, cfg.data, train=False)
-    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
-    val_loader = make_loader(val_ds, cfg.data, shuffle=False)
-    test_loader = make_loader(test_ds, cfg.data, shuffle=False)
-    n_pos = sum(int(it["label"]) == 1 for it in train_items)
-    n_neg = len(train_items) - n_pos
-    # class balance by loss weight: Kermany's train split is ~3:1 pneumonia:normal
-    pos_weight = torch.tensor(n_neg / max(n_pos, 1), device=device)
-    print(
-        f"classify arm={cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: train={len(train_items)} "
-        f"(+{len(train_ds) - len(train_items)} synthetic) val={len(val_items)} test={len(test_items)} "
-        f"classes={names} device={device}",
-        flush=True,
-    )
-
-    net = CXRClassifier(cfg.model)
-    if dinfo.enabled and device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = net.to(device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model: torch.nn.Module = net
-    if dinfo.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * len(train_loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
-    )
-
-    tags = {
-        "stage": "classify",
-        "arm": cfg.arm,
-        "fraction": f"{cfg.fraction:g}",
-        "seed": str(cfg.seed),
-        "git_commit": tracking.git_commit(),
-        "data.manifest": str(manifest),
-    }
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    cfg_dict = to_dict(cfg)
-    best: dict[str, Any] = {"auroc": -1.0, "state": None, "epoch": 0}
-    t0 = time.time()
-    # rank 0 alone logs; an unreachable tracking server does not stop the run (see Tracker)
-    tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
-    tracker.start(None, run_dir.name, tags)
-    with tracker:
-        tracker.log_params(flatten(cfg_dict))
-        tracker.log_params(
-            {"n_train_real": len(train_items), "n_train_total": len(train_ds), "replicas": dinfo.world}
-        )
-
-        def step_fn(batch: dict) -> dict[str, torch.Tensor]:
-            x = batch["image"].to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["label"].to(device).float()
-            ctx = (
-                torch.autocast(device.type, dtype=amp)
-                if amp is not None
-                else torch.autocast("cpu", enabled=False)
+        if dinfo.is_main:
+            engine.check_writable(run_dir)
+        if cfg.fraction < 1:
+            if dinfo.is_main:
+                write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
+            distributed.barrier(dinfo)
+            manifest = run_dir / "subset.csv"
+        names = label_names(read_manifest(manifest)[0])
+        if len(names) != 2 or cfg.model.num_classes != 2:
+            raise ValueError(
+                f"classify is binary: {manifest} has classes {names}, model.num_classes={cfg.model.num_classes}"
             )
-            with ctx:
-                logits = model(x).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            return {"loss": loss.detach()}
 
-        step = 0
-        for epoch in range(cfg.epochs):
-            real_ds, syn_tf = seeded
-            engine.seed_epoch(cfg.seed, epoch, gen, real_ds)
-            sampler.set_epoch(epoch)
-            if train_ds is not real_ds:
-                train_ds.set_epoch(epoch)  # fresh synthetic draws each epoch, reproducibly
-            if syn_tf is not None:
-                syn_tf.set_random_state(seed=cfg.seed * 1000 + epoch + 7)
-            model.train()
-            tr, step = engine.run_epoch(
-                train_loader,
-                step_fn,
-                step=step,
-                desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
-                log_every=cfg.tracking.log_every,
-                log_fn=lambda m, s: tracker.log_metrics(m, step=s),
-            )
-            val = {f"val/{k}": v for k, v in evaluate(net, val_loader, device).items()}
-            val["epoch"] = epoch + 1
-            tracker.log_metrics(val, step=step)
-            if val["val/auroc"] > best["auroc"]:
-                best = {
-                    "auroc": val["val/auroc"],
-                    "state": copy.deepcopy(net.state_dict()),
-                    "epoch": epoch + 1,
-                }
-            print(
-                ("" if dinfo.is_main else f"[rank {dinfo.rank}] ")
-                + f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
-                f"val/auroc={val['val/auroc']:.4f} val/loss={val['val/loss']:.4f}",
-                flush=True,
-            )
-        if not dinfo.is_main:  # training is over: rank 0 alone tests, writes and logs
-            distributed.shutdown(dinfo)
-            return {"run_id": None, "run_dir": str(run_dir), "metrics": {}}
-        net.load_state_dict(best["state"])
-        yv, pv = predict(net, val_loader, device)
-        threshold = M.youden_threshold(yv, pv)
-        yt, pt = predict(net, test_loader, device)
-        test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
-        results = {f"test/{k}": v for k, v in test.items()}
-        results.update({"best_epoch": best["epoch"], "threshold": threshold, "val/best_auroc": best["auroc"]})
-        tracker.log_metrics(results, step=step)
-
-        # per-image scores (the gain stage pairs arms on them), ROC plot, curves, checkpoint
-        import pandas as pd
-
-        scores = pd.DataFrame({"path": [it["image"] for it in test_items], "label": yt, "score": pt})
-        scores_path = run_dir / "test_scores.csv"
-        scores.to_csv(scores_path, index=False)
-        roc = plot_roc(
-            {f"{cfg.arm} (test)": (yt, pt), "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name
+        train_items = records(manifest, cfg.data.train_split, cfg.data.max_train)
+        val_items = records(manifest, cfg.data.val_split, cfg.data.max_val)
+        test_items = records(manifest, cfg.test_split)
+        train_ds, seeded = _train_dataset(cfg, train_items, device)
+        val_ds = build_dataset(val_items, cfg.data, train=False)
+        test_ds = build_dataset(test_items, cfg.data, train=False)
+        train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
+        val_loader = make_loader(val_ds, cfg.data, shuffle=False)
+        test_loader = make_loader(test_ds, cfg.data, shuffle=False)
+        n_pos = sum(int(it["label"]) == 1 for it in train_items)
+        n_neg = len(train_items) - n_pos
+        # class balance by loss weight: Kermany's train split is ~3:1 pneumonia:normal
+        pos_weight = torch.tensor(n_neg / max(n_pos, 1), device=device)
+        print(
+            f"classify arm={cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: train={len(train_items)} "
+            f"(+{len(train_ds) - len(train_items)} synthetic) val={len(val_items)} test={len(test_items)} "
+            f"classes={names} device={device}",
+            flush=True,
         )
-        hist = {k: v for k, v in tracker.history().items() if k in ("train/loss", "val/auroc", "val/loss")}
-        curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
-        ck = ckpt.save_checkpoint(
-            run_dir / "classifier.pt",
-            {
-                "model": net.state_dict(),
-                "config": cfg_dict,
-                "label_names": {int(k): v for k, v in names.items()},
-                "threshold": threshold,
-                "epoch": best["epoch"],
-                "code_version": tags["git_commit"],
-                "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
-                # provenance, checked by pipeline.evaluate before it uses this model as a feature
-                # extractor: which images it has seen (an arm with synthetic images has seen a
-                # generator's output) and the manifest it was trained on, by path and content
-                **training_provenance(cfg.arm, manifest, source_manifest),
-            },
-        )
-        for p in (scores_path, roc, curves):
-            tracker.log_artifact(p, "eval")
-        tracker.log_artifact(ck, "checkpoints")
-    run_id = tracker.run_id
-    print(
-        f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['auroc']:.4f} "
-        f"[{test['auroc_lo']:.4f}, {test['auroc_hi']:.4f}] balanced acc {test['balanced_accuracy']:.4f} "
-        f"sens {test['sensitivity']:.4f} spec {test['specificity']:.4f} (threshold {threshold:.3f} from val, "
-        f"best epoch {best['epoch']}) in {time.time() - t0:.0f}s",
-        flush=True,
-    )
-    print(f"MLflow run id: {run_id}\nROC plot: {roc}")
-    result = {
-        "run_id": run_id,
-        "run_dir": str(run_dir),
-        "metrics": results,
-        "checkpoint": str(ck),
-        "scores": str(scores_path),
-        "roc": str(roc),
-    }
-    # written last: its presence marks the arm as done (the gain stage skips it on a re-run)
-    from pipeline.manifest import atomic_write_text
 
-    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
-    distributed.shutdown(dinfo)
-    return result
+        net = CXRClassifier(cfg.model)
+        if dinfo.enabled and device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = net.to(device)
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        model: torch.nn.Module = net
+        if dinfo.enabled:
+            model = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total_steps = cfg.epochs * len(train_loader)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
+        )
+
+        tags = {
+            "stage": "classify",
+            "arm": cfg.arm,
+            "fraction": f"{cfg.fraction:g}",
+            "seed": str(cfg.seed),
+            "git_commit": tracking.git_commit(),
+            "data.manifest": str(manifest),
+        }
+        if cfg.tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        cfg_dict = to_dict(cfg)
+        best: dict[str, Any] = {"auroc": -1.0, "state": None, "epoch": 0}
+        t0 = time.time()
+        # rank 0 alone logs; an unreachable tracking server does not stop the run (see Tracker)
+        tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
+        tracker.start(None, run_dir.name, tags)
+        if old_run_id:
+            tracker.end_if_running(old_run_id, "KILLED")
+        with tracker:
+            tracker.log_params(flatten(cfg_dict))
+            tracker.log_params(
+                {"n_train_real": len(train_items), "n_train_total": len(train_ds), "replicas": dinfo.world}
+            )
+
+            def step_fn(batch: dict) -> dict[str, torch.Tensor]:
+                x = batch["image"].to(device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = batch["label"].to(device).float()
+                ctx = (
+                    torch.autocast(device.type, dtype=amp)
+                    if amp is not None
+                    else torch.autocast("cpu", enabled=False)
+                )
+                with ctx:
+                    logits = model(x).float()
+                loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                return {"loss": loss.detach()}
+
+            step = 0
+            for epoch in range(cfg.epochs):
+                real_ds, syn_tf = seeded
+                engine.seed_epoch(cfg.seed, epoch, gen, real_ds)
+                sampler.set_epoch(epoch)
+                if train_ds is not real_ds:
+                    train_ds.set_epoch(epoch)  # fresh synthetic draws each epoch, reproducibly
+                if syn_tf is not None:
+                    syn_tf.set_random_state(seed=cfg.seed * 1000 + epoch + 7)
+                model.train()
+                tr, step = engine.run_epoch(
+                    train_loader,
+                    step_fn,
+                    step=step,
+                    desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
+                    log_every=cfg.tracking.log_every,
+                    log_fn=lambda m, s: tracker.log_metrics(m, step=s),
+                )
+                val = {f"val/{k}": v for k, v in evaluate(net, val_loader, device).items()}
+                val["epoch"] = epoch + 1
+                tracker.log_metrics(val, step=step)
+                if val["val/auroc"] > best["auroc"]:
+                    best = {
+                        "auroc": val["val/auroc"],
+                        "state": copy.deepcopy(net.state_dict()),
+                        "epoch": epoch + 1,
+                    }
+                print(
+                    ("" if dinfo.is_main else f"[rank {dinfo.rank}] ")
+                    + f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
+                    f"val/auroc={val['val/auroc']:.4f} val/loss={val['val/loss']:.4f}",
+                    flush=True,
+                )
+            if not dinfo.is_main:  # training is over: rank 0 alone tests, writes and logs
+                distributed.shutdown(dinfo)
+                return {"run_id": None, "run_dir": str(run_dir), "metrics": {}}
+            net.load_state_dict(best["state"])
+            yv, pv = predict(net, val_loader, device)
+            threshold = M.youden_threshold(yv, pv)
+            yt, pt = predict(net, test_loader, device)
+            test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+            results = {f"test/{k}": v for k, v in test.items()}
+            results.update({"best_epoch": best["epoch"], "threshold": threshold, "val/best_auroc": best["auroc"]})
+            tracker.log_metrics(results, step=step)
+
+            # per-image scores (the gain stage pairs arms on them), ROC plot, curves, checkpoint
+            import pandas as pd
+
+            scores = pd.DataFrame({"path": [it["image"] for it in test_items], "label": yt, "score": pt})
+            scores_path = run_dir / "test_scores.csv"
+            scores.to_csv(scores_path, index=False)
+            roc = plot_roc(
+                {f"{cfg.arm} (test)": (yt, pt), "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name
+            )
+            hist = {k: v for k, v in tracker.history().items() if k in ("train/loss", "val/auroc", "val/loss")}
+            curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
+            ck = ckpt.save_checkpoint(
+                run_dir / "classifier.pt",
+                {
+                    "model": net.state_dict(),
+                    "config": cfg_dict,
+                    "label_names": {int(k): v for k, v in names.items()},
+                    "threshold": threshold,
+                    "epoch": best["epoch"],
+                    "code_version": tags["git_commit"],
+                    "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
+                    # provenance, checked by pipeline.evaluate before it uses this model as a feature
+                    # extractor: which images it has seen (an arm with synthetic images has seen a
+                    # generator's output) and the manifest it was trained on, by path and content
+                    **training_provenance(cfg.arm, manifest, source_manifest),
+                },
+            )
+            for p in (scores_path, roc, curves):
+                tracker.log_artifact(p, "eval")
+            tracker.log_artifact(ck, "checkpoints")
+        run_id = tracker.run_id
+        print(
+            f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['auroc']:.4f} "
+            f"[{test['auroc_lo']:.4f}, {test['auroc_hi']:.4f}] balanced acc {test['balanced_accuracy']:.4f} "
+            f"sens {test['sensitivity']:.4f} spec {test['specificity']:.4f} (threshold {threshold:.3f} from val, "
+            f"best epoch {best['epoch']}) in {time.time() - t0:.0f}s",
+            flush=True,
+        )
+        print(f"MLflow run id: {run_id}\nROC plot: {roc}")
+        result = {
+            "run_id": run_id,
+            "run_dir": str(run_dir),
+            "metrics": results,
+            "checkpoint": str(ck),
+            "scores": str(scores_path),
+            "roc": str(roc),
+        }
+        # written last: its presence marks the arm as done (the gain stage skips it on a re-run)
+        from pipeline.manifest import atomic_write_text
+
+        atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
+        distributed.shutdown(dinfo)
+        return result

@@ -232,14 +232,19 @@ class RunLock:
             self.fd = None
 
 
+RUN_ID_FILE = ".mlflow_run_id"  # written by tracking.Tracker as soon as the run exists
+
+
 def previous_run_id(run_dir: Any) -> str | None:
     """The MLflow run id recorded in a run folder (its checkpoints, else its tracking outbox)."""
     import json
     from pathlib import Path
 
     run_dir = Path(run_dir)
+    with contextlib.suppress(OSError):
+        return (run_dir / RUN_ID_FILE).read_text().strip() or None
     last = run_dir / "checkpoints" / "last.pt"
-    for p in (last, ckpt.previous_path(last)):
+    for p in (last, ckpt.previous_path(last), run_dir / "classifier.pt"):
         with contextlib.suppress(ckpt.CheckpointError):
             if p.is_file():
                 rid = ckpt.load_checkpoint(p).get("mlflow_run_id")

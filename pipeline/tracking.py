@@ -7,6 +7,7 @@ embedded store ``sqlite:///<cwd>/mlflow/store/mlflow.db`` with artifacts in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -107,6 +108,7 @@ def git_commit() -> str:
 
 # ------------------------------------------------------------------------ outage-tolerant logging
 OUTBOX_NAME = "tracking_outbox"
+RUN_ID_FILE = ".mlflow_run_id"  # engine.RUN_ID_FILE
 
 
 def fail_fast_http() -> None:
@@ -425,6 +427,11 @@ class Tracker:
             exp_id = _experiment_id(self.client, self.uri, op["experiment"])
             run = self.client.create_run(exp_id, run_name=op["run_name"], tags=op["tags"])
             self.run_id = run.info.run_id
+            # the folder names its run at once: a later run under the same name can end it
+            # (engine.previous_run_id) even when this process dies before its first checkpoint
+            with contextlib.suppress(OSError):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / RUN_ID_FILE).write_text(self.run_id)
             if self.outbox.is_dir():  # an outbox is being sent: record the run before anything else
                 self._save_state()
             return

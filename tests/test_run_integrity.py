@@ -207,3 +207,26 @@ def test_labels_outside_num_classes_are_refused_before_the_model(tmp_path, phant
     shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
     with pytest.raises(ValueError, match=r"labels 3 \(pneumonia\) outside model.num_classes=2"):
         train(_cfg(dst, tmp_path, "tracking.run_name=a", "model.num_classes=2"))
+
+
+def test_classify_under_a_reused_name_keeps_its_own_records(tmp_path, phantom_manifest):
+    from pipeline.classify import ClassifyConfig, classify
+
+    def once():
+        return classify(
+            load_config(
+                ClassifyConfig,
+                None,
+                [f"data.manifest={phantom_manifest}", "data.image_size=32", "model.widths=[8,16,16,16]",
+                 "epochs=1", "bootstrap=20", "threads=1", f"out_dir={tmp_path / 'cls'}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.run_name=c"],
+            )
+        )
+
+    first = once()
+    n_first = len((Path(first["run_dir"]) / "metrics.jsonl").read_text().splitlines())
+    second = once()
+    assert second["run_id"] != first["run_id"]
+    # before: the second run appended to the first run's record (and drew both into its curves)
+    assert len((Path(second["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == n_first
+    assert len(list((tmp_path / "cls").glob("c.replaced-*"))) == 1
