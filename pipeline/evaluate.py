@@ -20,6 +20,7 @@ Every metric comes with a 95 % bootstrap interval and the N used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -30,13 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from networks.vaegan import Generator
+from pipeline import model_store
 from pipeline.manifest import may_hold_burned_in
 from pipeline.tracking import TrackingConfig
 
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = ""  # a train checkpoint (.pt): encoder + decoder
+    # a train checkpoint (.pt: encoder + decoder), or an MLflow model URI (models:/NAME/VERSION, runs:/ID/generator):
+    # the generator alone (no interpolation grid; its training data found through the model's run)
+    checkpoint: str = ""
     extractor: str = ""  # a classifier checkpoint from the classify stage, trained on real images
     reference: str = ""  # manifest of the real images; "" = the generator's training manifest
     reference_split: str = "test"
@@ -85,6 +90,44 @@ def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
     ckpt.load_module_state(model.encoder, payload["models"]["encoder"], "encoder", path)
     ckpt.load_module_state(model.decoder, payload["models"]["decoder"], "decoder", path)
     return model.to(device).eval(), tcfg, payload
+
+
+@dataclass
+class Source:
+    """What evaluate scores: the generator, the full VAE-GAN when a train checkpoint is given
+    (interpolation needs its encoder), and what its training run used."""
+
+    lg: Any  # pipeline.generate.LoadedGenerator
+    model: Any  # VAEGAN with encoder, or None for an MLflow model (generator only)
+    kind: str
+    train_manifest: str
+    max_train: int
+
+
+def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
+    """A train checkpoint, or a ``models:/``/``runs:/`` generator whose training run's params
+    (found through the model's lineage) say which data it was trained on."""
+    from pipeline.generate import LoadedGenerator, file_sha256, load_generator
+
+    if not model_store.is_model_uri(checkpoint):
+        model, tcfg, payload = load_vaegan(checkpoint, device)
+        names = {int(k): v for k, v in payload.get("label_names", {}).items()}
+        run_id = str(payload.get("mlflow_run_id") or "")
+        lg = LoadedGenerator(
+            Generator(model.decoder, names).eval(), names, checkpoint, file_sha256(checkpoint), run_id
+        )
+        return Source(lg, model, tcfg.model.kind, tcfg.data.manifest, tcfg.data.max_train)
+    lg = load_generator(checkpoint, device, tracking_uri)
+    params: dict[str, str] = {}
+    if lg.run_id:
+        import mlflow
+
+        with contextlib.suppress(Exception):  # lineage is best effort; reference= then decides
+            params = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri).get_run(lg.run_id).data.params
+    return Source(
+        lg, None, params.get("model.kind", "generator"), params.get("data.manifest", ""),
+        int(params.get("data.max_train", "0") or 0),
+    )
 
 
 def load_images(
@@ -256,23 +299,23 @@ def interpolate(
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from monai.utils import set_determinism
 
-    from networks.vaegan import Generator
     from pipeline import quality as Q
     from pipeline import tracking
     from pipeline.classify import load_classifier
     from pipeline.config import flatten, to_dict
     from pipeline.engine import check_writable, pick_device
-    from pipeline.generate import LoadedGenerator, file_sha256, sample_images
+    from pipeline.generate import file_sha256, sample_images
     from pipeline.metrics import auroc, bootstrap_ci
     from pipeline.viz import pairs, plot_roc, save_grid
 
     device = pick_device(cfg.device)
     set_determinism(seed=cfg.seed)
     t0 = time.time()
-    model, tcfg, payload = load_vaegan(cfg.checkpoint, device)
-    size = tcfg.model.image_size
+    src = load_source(cfg.checkpoint, device, tracking.resolve_uri(cfg.tracking))
+    lg, model = src.lg, src.model
+    size = lg.image_size
     extractor, epay = load_classifier(cfg.extractor, device)
-    ref_manifest = cfg.reference or tcfg.data.manifest
+    ref_manifest = cfg.reference or src.train_manifest
     if not ref_manifest:
         from pipeline.data import default_manifest
 
@@ -281,17 +324,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # would flatter the generator
     foreign = check_extractor(cfg.extractor, epay, ref_manifest, cfg.allow_foreign_extractor)
     run_dir = Path(cfg.out_dir) / (
-        cfg.tracking.run_name or f"{tcfg.model.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.tracking.run_name or f"{src.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     check_writable(run_dir)
 
     real_x, real_y = load_images(ref_manifest, cfg.reference_split, size)
-    train_x, _ = load_images(tcfg.data.manifest or ref_manifest, cfg.train_split, size, tcfg.data.max_train)
+    train_x, _ = load_images(src.train_manifest or ref_manifest, cfg.train_split, size, src.max_train)
     n = cfg.n or len(real_x)
-    names = {int(k): v for k, v in payload.get("label_names", {}).items()}
-    lg = LoadedGenerator(
-        Generator(model.decoder, names).eval(), names, cfg.checkpoint, file_sha256(cfg.checkpoint)
-    )
     # synthetic labels follow the reference's class mix, so class-conditional models are compared fairly
     syn_y = real_y[np.arange(n) % len(real_y)] if lg.num_classes else np.full(n, -1)
     fake_x = sample_images(lg, syn_y, cfg.seed, cfg.batch_size)
@@ -360,7 +399,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "nn_distances": _hist(d_fake, d_test, thr, run_dir / "nn_distances.png"),
     }
     # pictures of real images only when no manifest may hold burned-in identifying text
-    if any(may_hold_burned_in(m) for m in {str(ref_manifest), str(tcfg.data.manifest or ref_manifest)}):
+    if any(may_hold_burned_in(m) for m in {str(ref_manifest), str(src.train_manifest or ref_manifest)}):
         print("evaluate: a manifest may hold burned-in annotations; no real-image figures are made")
     else:
         figs["closest_pairs"] = save_grid(
@@ -369,7 +408,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             nrow=8,
             upscale=max(1, 128 // size),
         )
-        # latent interpolation between two real images of each class
+    if model is not None and "closest_pairs" in figs:
+        # latent interpolation between two real images of each class (needs the encoder)
         rows = []
         for lab in sorted(set(real_y.tolist())) if lg.num_classes else [None]:
             idx = np.flatnonzero(real_y == lab) if lab is not None else np.arange(len(real_y))
@@ -398,7 +438,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     meta = {
         "checkpoint": cfg.checkpoint,
         "checkpoint_sha256": lg.sha256,
-        "model_kind": tcfg.model.kind,
+        "model_kind": src.kind,
+        "generator_run_id": lg.run_id,
         "extractor": cfg.extractor,
         "extractor_sha256": extractor_hash,
         "extractor_arch": epay["config"]["model"]["arch"],
@@ -414,7 +455,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # the run waits in run_dir/tracking_outbox for `pipeline.run sync`
     tags = {
         "stage": "evaluate",
-        "model.kind": tcfg.model.kind,
+        "model.kind": src.kind,
+        "generator_run_id": lg.run_id,  # lineage: the generator's training run
         "extractor_sha256": extractor_hash,
         "checkpoint_sha256": lg.sha256,
         "git_commit": tracking.git_commit(),

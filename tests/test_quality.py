@@ -182,3 +182,28 @@ def test_frechet_distance_matches_the_closed_form_and_monai():
     except TypeError:
         pytest.skip("MONAI's FIDMetric fails with this SciPy (sqrtm's disp argument was removed)")
     assert Q.frechet_distance(x, y) == pytest.approx(monai_fd, rel=1e-9)
+
+
+def test_evaluate_takes_a_model_uri(tmp_path, phantom_manifest, phantom_generator, phantom_extractor):
+    """Every stage that takes a checkpoint takes an MLflow model URI: evaluate scores the logged
+    generator, finds its training data through the model's run (no reference= needed) and records
+    the lineage."""
+    from pipeline.evaluate import EvaluateConfig, evaluate
+
+    res = evaluate(
+        load_config(
+            EvaluateConfig,
+            None,
+            [
+                f"checkpoint=runs:/{phantom_generator['run_id']}/generator",
+                f"extractor={phantom_extractor}",
+                "bootstrap=10",
+                "k=3",
+                f"out_dir={tmp_path / 'ev'}",
+                f"tracking.uri={phantom_generator['uri']}",
+            ],
+        )
+    )
+    assert np.isfinite(res["metrics"]["fd"]) and np.isfinite(res["metrics"]["class_fidelity_auroc"])
+    assert res["meta"]["reference"] == str(phantom_manifest)  # from the generator's run
+    assert res["meta"]["generator_run_id"] == phantom_generator["run_id"]

@@ -230,3 +230,13 @@ def test_classify_under_a_reused_name_keeps_its_own_records(tmp_path, phantom_ma
     # before: the second run appended to the first run's record (and drew both into its curves)
     assert len((Path(second["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == n_first
     assert len(list((tmp_path / "cls").glob("c.replaced-*"))) == 1
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + b"\0" * 64, b"path,label\na.png,0\n"])
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content):
+    # before: PyTorch's advice to retry with weights_only=False (i.e. to unpickle it)
+    f = tmp_path / "x.pt"
+    f.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match=r"not a checkpoint: .*x\.pt") as e:
+        ckpt.load_checkpoint(f)
+    assert "weights_only" not in str(e.value)
