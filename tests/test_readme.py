@@ -23,3 +23,10 @@ def test_readme_augmentation_snippet_runs(phantom_manifest, phantom_generator, m
     assert re.search(r"epoch 0: loss \d+\.\d+, synthetic images seen: \d+", out), out
     n = int(out.strip().split()[-1])
     assert n > 0
+
+
+def test_readme_pyfunc_snippet_runs(phantom_generator, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", phantom_generator["uri"])
+    monkeypatch.setenv("MODEL_URI", f"runs:/{phantom_generator['run_id']}/generator")
+    exec(compile(_snippet("pyfunc"), "README.md:pyfunc", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.strip().startswith("(8, 1, 32, 32)")
