@@ -4,6 +4,11 @@ A manifest ``NAME.csv`` has a sidecar ``NAME.json`` with the data root (stored r
 manifest's folder, so a clone elsewhere still resolves it, and absolute as a fallback), the
 source, counts, and the duplicate/quarantine summaries, and ``may_hold_burned_in`` (see
 :func:`may_hold_burned_in`).
+
+Manifests are opened in spreadsheets, which run a cell that starts with ``=``, ``+``, ``-`` or
+``@`` (or a tab or carriage return) as a formula. Text cells that start so are written with a
+leading ``'`` (which spreadsheets show as text), and a text cell that itself starts with ``'`` gets
+one more; :func:`read_manifest` takes exactly one off again, so every value reads back as it was.
 """
 
 from __future__ import annotations
@@ -34,6 +39,39 @@ REQUIRED = ["path", "label", "split"]
 SPLITS = ("train", "val", "test")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(value: str) -> str:
+    """A text cell a spreadsheet shows as text: ``'`` before a formula-like start (or a ``'``)."""
+    return "'" + value if value.startswith(FORMULA_STARTS + ("'",)) else value
+
+
+def unneutralise(value: str) -> str:
+    """The value :func:`neutralise` was given."""
+    return value[1:] if value.startswith("'") else value
+
+
+def neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every text cell passed through :func:`neutralise` (numbers stay numbers)."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+            out[col] = [neutralise(v) if isinstance(v, str) else v for v in out[col]]
+    return out
+
+
+def write_csv(path: str | Path, df: pd.DataFrame) -> None:
+    """Write ``df`` atomically as UTF-8 CSV with formula-like text cells neutralised."""
+    atomic_write_text(path, neutralise_frame(df).to_csv(index=False))
+
+
+def is_inside(path: str | Path, root: str | Path) -> bool:
+    """True when the normalised ``path`` is ``root`` or lies below it (no ``..`` escape)."""
+    rel = os.path.relpath(os.path.normpath(path), os.path.normpath(root))
+    return rel != ".." and not rel.startswith(".." + os.sep) and not os.path.isabs(rel)
+
+
 class ManifestError(ValueError):
     """A manifest that does not exist or cannot be used; the message names the file and the problem."""
 
@@ -48,7 +86,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -61,7 +99,7 @@ def write_manifest(
 ) -> None:
     """Write ``COLUMNS`` (+ ``extra`` columns) and the sidecar; ``meta['data_root_abs']`` is required."""
     path = Path(path)
-    atomic_write_text(path, df[COLUMNS + list(extra)].to_csv(index=False))
+    write_csv(path, df[COLUMNS + list(extra)])
     data_root = Path(meta["data_root_abs"])
     meta = dict(meta, data_root=os.path.relpath(data_root, path.resolve().parent))
     atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2, default=str) + "\n")
@@ -107,6 +145,9 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> tuple[pd.Da
         df = pd.read_csv(manifest, dtype={"patient_id": str, "label_name": str}, keep_default_na=False)
     except Exception as e:
         raise ManifestError(f"{manifest}: not a readable CSV ({type(e).__name__}: {e})") from e
+    for col in df.columns:  # the values as they were before write_csv neutralised them
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
+            df[col] = [unneutralise(v) if isinstance(v, str) else v for v in df[col]]
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ManifestError(f"{manifest}: missing required column(s) {missing}")
@@ -119,7 +160,7 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> tuple[pd.Da
     for i, p in enumerate(df["path"]):
         a = Path(os.path.normpath(root / str(p)))
         # a manifest row can never point outside its data root (no ../ or absolute escapes)
-        if os.path.relpath(a, root).startswith(".."):
+        if not is_inside(a, root):
             raise ManifestError(f"{manifest}: row {i + 1} path {p!r} escapes the data root {root}")
         abs_paths.append(str(a))
     df["abs_path"] = abs_paths

@@ -4,7 +4,10 @@ manifest rows are the same with or without the bad ones beside them."""
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -13,10 +16,11 @@ import pandas as pd
 import pydicom
 import pytest
 from cxr_factory import chest_like, make_dicom, make_png
+from PIL import Image
 
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.manifest import ManifestError, read_manifest
-from transforms.io import CXRReadError, read_image
+from transforms.io import CXRReadError, read_header, read_image
 
 
 def _dicom_variant(path: Path, mutate) -> Path:
@@ -115,7 +119,12 @@ def test_folder_with_bad_files_quarantines_each_and_keeps_good_rows_identical(tm
     _good_files(mixed)
     expected = _bad_files(mixed / "normal")
     a = ingest(IngestConfig(source=str(clean), out=str(tmp_path / "m" / "clean.csv"), val_fraction=0.0))
-    b = ingest(IngestConfig(source=str(mixed), out=str(tmp_path / "m" / "mixed.csv"), val_fraction=0.0))
+    # most files here are bad on purpose: allow it (by default more than half quarantined fails)
+    b = ingest(
+        IngestConfig(
+            source=str(mixed), out=str(tmp_path / "m" / "mixed.csv"), val_fraction=0.0, max_quarantined=1.0
+        )
+    )
     da, _ = read_manifest(a.manifest)
     db, _ = read_manifest(b.manifest)
     cols = ["path", "label", "label_name", "split", "height", "width", "pixel_hash"]
@@ -169,7 +178,12 @@ def test_manifest_csv_problems_are_reported_row_by_row(tmp_path):
     ]
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(root / "list.csv", index=False)
     res = ingest(
-        IngestConfig(source=str(root / "list.csv"), out=str(tmp_path / "m" / "list.csv"), val_fraction=0.0)
+        IngestConfig(
+            source=str(root / "list.csv"),
+            out=str(tmp_path / "m" / "list.csv"),
+            val_fraction=0.0,
+            max_quarantined=1.0,
+        )
     )
     df, _ = read_manifest(res.manifest)
     assert sorted(df["path"]) == ["normal/g0.png", "normal/g1.png", "normal/g2.png", "pneumonia/d0.dcm"]
@@ -201,3 +215,140 @@ def test_a_manifest_cannot_escape_its_data_root(tmp_path):
     df.to_csv(res.manifest, index=False)
     with pytest.raises(ManifestError, match="escapes the data root"):
         read_manifest(res.manifest)
+
+
+# ------------------------------------------------------------------ bombs: huge by header, small on disk
+BOMB = 20000  # 400 megapixels declared; a few hundred bytes on disk
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """A valid small PNG whose IHDR is patched to declare ``width`` x ``height`` (CRC fixed)."""
+    buf = io.BytesIO()
+    Image.fromarray(chest_like(16, 16, np.uint8)).save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    assert b[12:16] == b"IHDR"
+    struct.pack_into(">II", b, 16, width, height)
+    struct.pack_into(">I", b, 29, zlib.crc32(bytes(b[12:29])))
+    path.write_bytes(bytes(b))
+    return path
+
+
+def jpeg_declaring(path: Path, width: int, height: int) -> Path:
+    """A small baseline JPEG whose SOF0 frame header is patched to declare ``width`` x ``height``."""
+    buf = io.BytesIO()
+    Image.fromarray(chest_like(16, 16, np.uint8)).save(buf, "JPEG")
+    b = bytearray(buf.getvalue())
+    sof = b.index(b"\xff\xc0")
+    struct.pack_into(">HH", b, sof + 5, height, width)
+    path.write_bytes(bytes(b))
+    return path
+
+
+def nifti_declaring(path: Path, shape: tuple[int, ...]) -> Path:
+    """A NIfTI-1 header declaring ``shape`` (uint8) followed by only 64 bytes of data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_offset(352)
+    path.write_bytes(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 64)
+    return path
+
+
+def test_bomb_builders_declare_what_they_say(tmp_path, monkeypatch):
+    # the header parsers of Pillow and nibabel themselves, not ours, read the declared size
+    # (Pillow's own bomb check is lifted here only to read it: opening is lazy, nothing is decoded)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(png_declaring(tmp_path / "a.png", BOMB, BOMB + 1)) as im:
+        assert im.size == (BOMB, BOMB + 1)
+    with Image.open(jpeg_declaring(tmp_path / "a.jpg", BOMB, BOMB + 1)) as im:
+        assert im.size == (BOMB, BOMB + 1)
+    assert nib.load(nifti_declaring(tmp_path / "a.nii", (BOMB, BOMB + 1))).shape == (BOMB, BOMB + 1)
+
+
+@pytest.mark.parametrize(
+    "name,build",
+    [
+        ("bomb.png", lambda p: png_declaring(p, BOMB, BOMB)),
+        ("bomb.jpg", lambda p: jpeg_declaring(p, BOMB, BOMB)),
+        ("bomb.nii", lambda p: nifti_declaring(p, (BOMB, BOMB))),
+    ],
+)
+def test_every_reader_refuses_a_huge_image_from_its_header(tmp_path, name, build):
+    path = build(tmp_path / name)
+    assert path.stat().st_size < 2000
+    info = read_header(path)
+    assert (info.height, info.width) == (BOMB, BOMB)
+    with pytest.raises(CXRReadError, match=f"{BOMB}x{BOMB} px .* over the 144 megapixel cap") as e:
+        read_image(path)
+    assert name in str(e.value)
+
+
+def test_pixel_cap_is_one_setting_for_every_reader(tmp_path):
+    png = make_png(tmp_path / "a.png", chest_like(40, 50, np.uint8))
+    dcm = make_dicom(tmp_path / "a.dcm", chest_like(40, 50, np.uint16))
+    nii = tmp_path / "a.nii"
+    nib.save(nib.Nifti1Image(chest_like(40, 50, np.uint16).T.copy(), np.eye(4)), nii)
+    for p in (png, dcm, nii):
+        assert read_image(p, max_pixels=2000)[0].shape == (40, 50)
+        with pytest.raises(CXRReadError, match="40x50 px"):
+            read_image(p, max_pixels=1999)
+
+
+def test_bombs_in_a_folder_are_quarantined_with_their_size(tmp_path):
+    src = tmp_path / "src"
+    _good_files(src)
+    png_declaring(src / "normal" / "bomb.png", BOMB, BOMB)
+    jpeg_declaring(src / "normal" / "bomb.jpg", 13000, 13000)
+    nifti_declaring(src / "pneumonia" / "bomb.nii", (BOMB, BOMB))
+    res = ingest(IngestConfig(source=str(src), out=str(tmp_path / "m.csv"), val_fraction=0.0))
+    assert res.rows == 6
+    q = pd.read_csv(tmp_path / "m.quarantine.csv")
+    reasons = {Path(f).name: r for f, r in zip(q["file"], q["reason"], strict=True)}
+    assert set(reasons) == {"bomb.png", "bomb.jpg", "bomb.nii"}
+    assert f"{BOMB}x{BOMB} px" in reasons["bomb.png"] and "13000x13000 px" in reasons["bomb.jpg"]
+    assert f"{BOMB}x{BOMB} px" in reasons["bomb.nii"] and all("cap" in r for r in reasons.values())
+
+
+def test_three_slice_nifti_is_refused_not_averaged(tmp_path):
+    vol = np.stack([chest_like(40, 40, np.uint16, seed=s) for s in range(3)], axis=-1)  # (x, y, 3 slices)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    with pytest.raises(CXRReadError, match="3-D"):
+        read_image(tmp_path / "vol.nii.gz")
+
+
+def test_a_non_utf8_file_name_is_quarantined_and_the_rest_ingests(tmp_path):
+    src = tmp_path / "src"
+    _good_files(src)
+    buf = io.BytesIO()
+    Image.fromarray(chest_like(40, 40, np.uint8, seed=77)).save(buf, "PNG")
+    bad = os.path.join(os.fsencode(src / "normal"), b"caf\xe9.png")  # Latin-1 names
+    with open(bad, "wb") as f:
+        f.write(buf.getvalue())
+    bad_class = os.path.join(os.fsencode(src), b"\xe9t\xe9")  # a class folder
+    os.mkdir(bad_class)
+    with open(os.path.join(bad_class, b"x.png"), "wb") as f:
+        f.write(buf.getvalue())
+    res = ingest(IngestConfig(source=str(src), out=str(tmp_path / "m.csv"), val_fraction=0.0))
+    assert res.rows == 6
+    q = pd.read_csv(tmp_path / "m.quarantine.csv", encoding="utf-8")
+    assert sorted(q["file"].str.rsplit("/", n=2).str[-2:].str.join("/")) == [
+        "\\xe9t\\xe9/x.png",
+        "normal/caf\\xe9.png",
+    ]
+    assert all("not valid UTF-8" in r for r in q["reason"])
+    assert "caf" not in (tmp_path / "m.csv").read_text()
+    assert set(read_manifest(tmp_path / "m.csv")[0]["label_name"]) == {"normal", "pneumonia"}
+
+
+def test_a_file_whose_name_starts_with_two_dots_is_inside_the_root(tmp_path):
+    """'..scan.png' lies inside the root: only a path part that is exactly '..' escapes."""
+    root = tmp_path / "data"
+    _good_files(root)
+    make_png(root / "..scan.png", chest_like(48, 48, np.uint8, seed=60))
+    rows = [("..scan.png", "normal"), ("normal/g0.png", "normal"), ("pneumonia/d0.dcm", "pneumonia")]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(root / "list.csv", index=False)
+    res = ingest(IngestConfig(source=str(root / "list.csv"), out=str(tmp_path / "m.csv"), val_fraction=0.0))
+    assert not res.quarantined
+    df, data_root = read_manifest(res.manifest)
+    assert sorted(df["path"]) == ["..scan.png", "normal/g0.png", "pneumonia/d0.dcm"]
+    assert all(Path(p).is_file() for p in df["abs_path"])

@@ -195,3 +195,15 @@ def test_bits_stored_above_allocated_rejected(tmp_path):
     ds.save_as(p)
     with pytest.raises(CXRReadError, match="BitsStored"):
         read_image(p)
+
+
+def test_nifti_colour_in_the_nifti_vector_layout_reads_as_grey(tmp_path):
+    import nibabel as nib
+
+    g = chest_like(40, 36, np.uint8)
+    rgb = np.stack([g, g, g], -1)  # (H, W, 3)
+    vec = rgb.transpose(1, 0, 2)[:, :, None, None, :]  # NIfTI: (x, y, z=1, t=1, c=3)
+    nib.save(nib.Nifti1Image(vec.copy(), np.eye(4)), tmp_path / "rgb.nii.gz")
+    arr, info = read_image(tmp_path / "rgb.nii.gz")
+    assert arr.shape == (40, 36) and info.format == "nifti"
+    np.testing.assert_allclose(arr, g, atol=1e-3)

@@ -5,6 +5,11 @@ at the top of the image (the way a radiologist sees it) and larger values bright
 holds the format facts the manifest records. Failures raise :class:`CXRReadError` whose message
 names the file and the problem in one line, so batch jobs can quarantine the file and go on.
 
+Every reader checks the image's size from its header before decoding a pixel (Pillow's lazily read
+size, NIfTI's header shape, DICOM's Rows/Columns): one cap, :data:`MAX_PIXELS` (or ``max_pixels``),
+for all of them, so a small file that declares a huge image is refused, never allocated.
+:func:`read_header` gives that size alone, so callers can bound the memory of parallel decoding.
+
 Why not MONAI's ``LoadImage`` readers: ``PILReader`` returns ``(W, H)`` (it reverses the indexing),
 and no MONAI reader applies the DICOM modality/VOI LUTs or inverts MONOCHROME1, all of which a
 chest radiograph needs to look right.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import struct
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,6 +40,10 @@ IMAGE_SUFFIXES = DICOM_SUFFIXES | PIL_SUFFIXES | NIFTI_SUFFIXES
 # A decoded image above this many pixels is refused rather than allocated: a header that declares
 # a huge size is far more likely corrupt than a real radiograph (the largest CR plates are ~4300 px).
 MAX_PIXELS = 12_000 * 12_000
+# Peak bytes per pixel while one image is decoded into float32 (decoder buffer, conversions, the
+# float32 result and the checks on it); colour images add 8 bytes per extra sample. An upper bound
+# used to budget parallel decoding, not an exact figure.
+DECODE_BYTES_PER_PIXEL = 16
 
 
 class CXRReadError(ValueError):
@@ -55,6 +65,26 @@ class ImageInfo:
     bits_stored: int
     photometric: str  # MONOCHROME1 | MONOCHROME2 | RGB | ...
     transfer_syntax: str = ""
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """The stored image's size as its header declares it, read without decoding any pixel."""
+
+    format: str  # dicom | png | jpeg | nifti
+    height: int
+    width: int
+    samples: int = 1  # values per pixel: 1 grey, 3 RGB, 4 RGBA/CMYK
+    frames: int = 1  # DICOM NumberOfFrames
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width * self.frames
+
+    @property
+    def decode_bytes(self) -> int:
+        """An upper bound of the memory that decoding this image into float32 takes at its peak."""
+        return self.pixels * (DECODE_BYTES_PER_PIXEL + 8 * self.samples)
 
 
 def suffix_of(path: str | Path) -> str:
@@ -96,9 +126,48 @@ def sniff_format(path: str | Path) -> str:
     raise CXRReadError(p, f"unsupported file type '{suffix or '(no suffix)'}'")
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
-    """Read any supported file into an upright float32 ``(H, W)`` array (brighter = denser)."""
+def _amount(n: int) -> str:
+    if n >= 10_000_000:
+        return f"{n / 1e6:.0f} megapixel"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f} megapixel"
+    return f"{n:,} pixel"
+
+
+def check_pixels(path: str | Path, header: HeaderInfo, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels (before decoding)."""
+    if header.pixels > max_pixels:
+        frames = f" x {header.frames} frames" if header.frames > 1 else ""
+        raise CXRReadError(
+            path,
+            f"image is {header.height}x{header.width} px{frames} ({_amount(header.pixels)}s), over "
+            f"the {_amount(max_pixels)} cap (max_pixels): refused before decoding",
+        )
+
+
+def read_header(path: str | Path, fmt: str | None = None) -> HeaderInfo:
+    """The declared size of any supported file, from its header alone (no pixel is decoded).
+
+    Failures raise :class:`CXRReadError`; DICOM element values never reach the message."""
+    fmt = fmt or sniff_format(path)
+    reader = {"dicom": _dicom_header, "png": _pil_header, "jpeg": _pil_header, "nifti": _nifti_header}[fmt]
+    try:
+        return reader(Path(path), fmt)
+    except CXRReadError:
+        raise
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        if fmt == "dicom":
+            text = redact_values(text)
+        raise CXRReadError(path, f"malformed {fmt.upper()} header: {text}") from e
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:
+    """Read any supported file into an upright float32 ``(H, W)`` array (brighter = denser).
+
+    The header's size is checked against ``max_pixels`` before any pixel is decoded."""
     fmt = sniff_format(path)
+    check_pixels(path, read_header(path, fmt), max_pixels)
     reader = {"dicom": read_dicom, "png": read_pil, "jpeg": read_pil, "nifti": read_nifti}[fmt]
     try:
         arr, info = reader(path)
@@ -267,8 +336,80 @@ def pixel_hash(arr: np.ndarray) -> str:
     """Content hash of decoded pixels (shape + values): equal for pixel-identical images."""
     h = hashlib.sha1()
     h.update(str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(arr, dtype=np.float32))  # the buffer itself: no copy of the image
     return h.hexdigest()
+
+
+def _dicom_header(p: Path, fmt: str) -> HeaderInfo:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    with quiet_dicom():
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except InvalidDicomError as e:
+            raise CXRReadError(p, f"not a DICOM file ({redact_values(str(e))})") from e
+        except Exception as e:  # truncated headers raise EOFError, struct.error, OSError ...
+            raise CXRReadError(
+                p, f"DICOM header unreadable ({redact_values(f'{type(e).__name__}: {e}')})"
+            ) from e
+        for tag in ("Rows", "Columns"):
+            if ds.get(tag) in (None, ""):
+                raise CXRReadError(p, f"DICOM is missing the required {tag} attribute")
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            frames = int(ds.get("NumberOfFrames") or 1)
+            samples = int(ds.get("SamplesPerPixel") or 1)
+        except Exception as e:  # a size element holding text: the message must not quote it
+            raise CXRReadError(
+                p, f"malformed DICOM file: {redact_values(f'{type(e).__name__}: {e}', ds)}"
+            ) from e
+    return HeaderInfo("dicom", rows, cols, max(samples, 1), max(frames, 1))
+
+
+def _pil_header(p: Path, fmt: str) -> HeaderInfo:
+    """Pillow reads only the header when it opens a file. The format's own class is used rather
+    than ``Image.open``, which refuses (DecompressionBombError) before the size can be reported."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    cls = PngImagePlugin.PngImageFile if fmt == "png" else JpegImagePlugin.JpegImageFile
+    try:
+        with open(p, "rb") as f:
+            im = cls(f)
+            width, height = im.size
+            samples = len(im.getbands())
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
+        raise CXRReadError(p, f"corrupt or truncated image header ({type(e).__name__}: {e})") from e
+    return HeaderInfo(fmt, int(height), int(width), samples)
+
+
+def _nifti_layout(p: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(x, y, samples)`` of a NIfTI image of ``shape``: 2-D after dropping singleton axes, or
+    colour stored the NIfTI way (x, y, 1, 1, 3|4). Anything else is refused: a 3-slice volume is
+    not an RGB image."""
+    if len(shape) == 5 and shape[2] == shape[3] == 1 and shape[4] in (3, 4):
+        return int(shape[0]), int(shape[1]), int(shape[4])
+    dims = [int(d) for d in shape if d != 1]
+    if len(dims) == 2:
+        return dims[0], dims[1], 1
+    if len(dims) > 2:
+        raise CXRReadError(
+            p,
+            f"NIfTI is a {len(dims)}-D volume (shape {tuple(int(d) for d in shape)}): only 2-D images "
+            f"are read; save one slice (or a projection) as its own file",
+        )
+    raise CXRReadError(p, f"NIfTI is not a 2-D image (shape {tuple(int(d) for d in shape)})")
+
+
+def _nifti_header(p: Path, fmt: str) -> HeaderInfo:
+    import nibabel as nib
+
+    try:
+        shape = tuple(nib.load(str(p)).shape)  # the header alone: no data is read
+    except Exception as e:
+        raise CXRReadError(p, f"cannot read NIfTI header ({type(e).__name__}: {e})") from e
+    x, y, samples = _nifti_layout(p, shape)
+    return HeaderInfo("nifti", y, x, samples)  # axis 0 is the column (see read_nifti)
 
 
 # --------------------------------------------------------------------------------------------- DICOM
@@ -372,7 +513,7 @@ def read_pil(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
 
     p = Path(path)
     try:
-        with Image.open(p) as im:
+        with Image.open(p) as im:  # lazy: only the header is read here
             fmt = (im.format or "").lower()
             im.load()
             # JPEGs from phones/scanners may carry an EXIF rotation: honour it to stay upright.
@@ -386,9 +527,11 @@ def read_pil(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
                 arr = np.asarray(im.convert("L"), dtype=np.float32)
                 bits, photometric = 8, "MONOCHROME2"
             else:  # RGB, RGBA, P, LA, CMYK ... -> grey (radiographs saved as colour)
-                rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+                rgb = np.asarray(im if mode == "RGB" else im.convert("RGB"))  # uint8: 3 bytes/px
                 arr = _rgb_to_grey(rgb)
                 bits, photometric = 8, "RGB"
+    except Image.DecompressionBombError as e:  # only when max_pixels is above Pillow's own limit
+        raise CXRReadError(p, f"image too large to decode ({e})") from e
     except UnidentifiedImageError as e:
         raise CXRReadError(p, "cannot identify image content (not a valid PNG/JPEG)") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated streams, bad chunks
@@ -398,28 +541,36 @@ def read_pil(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
 
 
 def _rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
-    # ITU-R 601 luma, the same weights Pillow's convert("L") uses.
-    rgb = rgb.astype(np.float32)
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    """ITU-R 601 luma, the same weights Pillow's convert("L") uses, as float32. Computed in bands
+    of rows so that no full-size float copy of the colour image is made (12 bytes a pixel)."""
+    out = np.empty(rgb.shape[:2], dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, rgb[0].size))  # ~4 M values per band
+    for a in range(0, rgb.shape[0], step):
+        band = rgb[a : a + step].astype(np.float32)
+        out[a : a + step] = band[..., 0] * 0.299 + band[..., 1] * 0.587 + band[..., 2] * 0.114
+    return out
 
 
 # -------------------------------------------------------------------------------------------- NIfTI
 def read_nifti(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
     """2D NIfTI. Convention (same as MONAI/ITK): array axis 0 is the column (x), axis 1 the row (y),
-    so the upright image is the transpose. Singleton trailing axes are dropped."""
+    so the upright image is the transpose. Singleton axes are dropped; colour is only the NIfTI
+    vector layout (x, y, 1, 1, 3|4); a volume (x, y, z) is refused, never averaged."""
     import nibabel as nib
 
     p = Path(path)
     try:
         img = nib.load(str(p))
+    except Exception as e:
+        raise CXRReadError(p, f"cannot read NIfTI ({type(e).__name__}: {e})") from e
+    x, y, samples = _nifti_layout(p, tuple(img.shape))  # before any data is read
+    try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:
         raise CXRReadError(p, f"cannot read NIfTI ({type(e).__name__}: {e})") from e
-    data = np.squeeze(data)
-    if data.ndim == 3 and data.shape[-1] in (3, 4):
+    data = data.reshape(x, y, samples) if samples > 1 else data.reshape(x, y)
+    if samples > 1:
         data = _rgb_to_grey(data[..., :3])
-    if data.ndim != 2:
-        raise CXRReadError(p, f"NIfTI is not a 2D image (shape {tuple(np.asanyarray(img.dataobj).shape)})")
     arr = np.ascontiguousarray(data.T, dtype=np.float32)
     bits = int(np.dtype(img.get_data_dtype()).itemsize * 8)
     return arr, ImageInfo("nifti", arr.shape[0], arr.shape[1], bits, "MONOCHROME2")
