@@ -86,6 +86,9 @@ def main() -> int:
             good = names.get(want[1]) == "FINISHED"
             print(f"{'ok ' if good else 'BAD'} experiment {want[0]}: run {want[1]!r} -> {names.get(want[1])}")
             ok &= good
+        stray = [p.name for p in (clone / "mlflow.db", clone / "mlruns") if p.exists()]
+        print(f"{'BAD' if stray else 'ok '} no stray MLflow store in the clone's root {stray or ''}")
+        ok &= not stray
     print("walk-through: " + ("every command succeeded" if ok else "FAILED"))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
