@@ -68,8 +68,11 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    """Save and close ``fig``, cropped to everything drawn (``bbox_inches="tight"``), so a label,
+    legend or title that reaches past the figure's edge is kept, not cut off."""
+    if fig.get_layout_engine() is None:  # a figure with its own (constrained) layout keeps it
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
     pyplot().close(fig)
     return path
 
@@ -119,6 +122,90 @@ def plot_roc(curves: dict[str, tuple], path: str | Path, title: str = "") -> Pat
     return save_figure(fig, path)
 
 
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``fontsize`` points (a character
+    is taken as 0.6 em wide, generous for DejaVu Sans)."""
+    import textwrap
+
+    chars = max(8, int(width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars, break_long_words=True)) if len(text) > chars else text
+
+
+def data_ylim(values, pad: float = 0.08, include: tuple[float, ...] = ()) -> tuple[float, float]:
+    """Axis limits that hold every finite value (bars and both ends of their CIs) and ``include``,
+    with ``pad`` of the span added on each side."""
+    v = np.asarray([*np.ravel(np.asarray(values, dtype=float)), *include], dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return -1.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    span = hi - lo or max(abs(hi), 1.0) * 0.1
+    return lo - pad * span, hi + pad * span
+
+
+def arm_bars_figure(
+    table,
+    value: str,
+    lo: str,
+    hi: str,
+    ylabel: str,
+    title: str = "",
+    zero_line: bool = False,
+    ylim: tuple[float, float] | None = None,
+):
+    """The figure of :func:`plot_arm_bars` (not saved; close it with ``pyplot().close(fig)``).
+
+    Its width grows with fractions x arms, the legend sits below the axes in as many columns as
+    fit, long titles and arm names are wrapped, and the y-axis holds every bar and both ends of
+    every CI (``ylim`` is widened to them when it is narrower), so nothing falls outside.
+    """
+    plt = pyplot()
+    fractions = sorted(table["fraction"].unique())
+    arms = list(dict.fromkeys(table["arm"]))
+    n_f, n_a = max(1, len(fractions)), max(1, len(arms))
+    # about 0.32 in per bar and 0.6 in between fraction groups, within [5, 16] inches
+    width = float(np.clip(1.2 + n_f * (0.32 * n_a + 0.6), 5.0, 16.0))
+    label_fs, title_fs = 8, 10
+    labels = [_wrap(str(a), width - 0.6, label_fs) for a in arms]
+    longest = max((max(len(line) for line in lab.split("\n")) for lab in labels), default=1)
+    col_in = 0.6 + longest * 0.6 * label_fs / 72  # handle, gap and text of one legend column
+    ncol = int(max(1, min(n_a, (width - 0.4) // col_in)))
+    legend_rows = sum(
+        max(lab.count("\n") + 1 for lab in labels[i : i + ncol]) for i in range(0, len(labels), ncol)
+    )
+    height = 3.4 + 0.2 * legend_rows + (0.25 if title else 0.0)
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    bar_w = 0.8 / n_a
+    ends = []
+    for j, (arm, label) in enumerate(zip(arms, labels, strict=True)):
+        sub = table[table["arm"] == arm].set_index("fraction").reindex(fractions)
+        x = np.arange(len(fractions)) + (j - (n_a - 1) / 2) * bar_w
+        m = sub[value].to_numpy(dtype=float)
+        lo_v, hi_v = sub[lo].to_numpy(dtype=float), sub[hi].to_numpy(dtype=float)
+        # a missing end draws no whisker; an interval clipped past its mean draws a zero one
+        err = np.clip(np.nan_to_num(np.stack([m - lo_v, hi_v - m])), 0.0, None)
+        ax.bar(x, m, bar_w, label=label)
+        ax.errorbar(x, m, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1)
+        ends += [m, lo_v, hi_v]
+    y0, y1 = data_ylim(ends, include=(0.0,) if zero_line else ())
+    if ylim is not None:
+        y0, y1 = min(y0, ylim[0]), max(y1, ylim[1])
+    ax.set_ylim(y0, y1)
+    if zero_line:
+        ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(fractions)), [f"{f:g}" for f in fractions])
+    ax.set_xlim(-0.6, len(fractions) - 0.4)
+    ax.set_xlabel("fraction of the real training split")
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", lw=0.4, alpha=0.5)
+    ax.set_axisbelow(True)
+    if arms:
+        fig.legend(loc="outside lower center", ncols=ncol, fontsize=label_fs, frameon=False)
+    if title:
+        ax.set_title(_wrap(title, width - 0.6, title_fs), fontsize=title_fs)
+    return fig
+
+
 def plot_arm_bars(
     table,
     value: str,
@@ -131,38 +218,24 @@ def plot_arm_bars(
     ylim: tuple[float, float] | None = None,
 ) -> Path:
     """Per real-data fraction, one bar per arm (``table`` columns ``fraction``, ``arm``) with its CI."""
-    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fractions = sorted(table["fraction"].unique())
-    arms = list(dict.fromkeys(table["arm"]))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(fractions) * max(1, len(arms)) / 2, 3.6))
-    width = 0.8 / max(1, len(arms))
-    for j, arm in enumerate(arms):
-        sub = table[table["arm"] == arm].set_index("fraction").reindex(fractions)
-        x = np.arange(len(fractions)) + (j - (len(arms) - 1) / 2) * width
-        m = sub[value].to_numpy(dtype=float)
-        err = [
-            np.nan_to_num(m - sub[lo].to_numpy(dtype=float)),
-            np.nan_to_num(sub[hi].to_numpy(dtype=float) - m),
-        ]
-        ax.bar(x, m, width, label=arm)
-        ax.errorbar(x, m, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1)
-    if zero_line:
-        ax.axhline(0, color="k", lw=0.8)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.set_xticks(np.arange(len(fractions)), [f"{f:g}" for f in fractions])
-    ax.set_xlabel("fraction of the real training split")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
+    fig = arm_bars_figure(table, value, lo, hi, ylabel, title, zero_line, ylim)
     return save_figure(fig, path)
 
 
+GAIN_YLABEL = "AUROC - AUROC(real only)"
+
+
+def gain_figure(table, title: str = ""):
+    """The figure of :func:`plot_gain`, not saved (close it with ``pyplot().close(fig)``)."""
+    return arm_bars_figure(table, "delta_auroc", "delta_lo", "delta_hi", GAIN_YLABEL, title, zero_line=True)
+
+
 def plot_gain(table, path: str | Path, title: str = "") -> Path:
-    """Per real-data fraction, each arm's AUROC difference to real-only with its 95 % CI."""
-    return plot_arm_bars(
-        table, "delta_auroc", "delta_lo", "delta_hi", path, "AUROC - AUROC(real only)", title, zero_line=True
-    )
+    """Per real-data fraction, each arm's AUROC difference to real-only with its 95 % CI
+    (``table``: :func:`pipeline.gain.summarise`'s columns ``fraction``, ``arm``, ``delta_auroc``,
+    ``delta_lo``, ``delta_hi``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(gain_figure(table, title), path)
