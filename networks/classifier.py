@@ -7,39 +7,11 @@ can be downloaded here, so the project trains its own).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from monai.networks.nets import DenseNet121, ResNet
 from torch import nn
 
-ARCHS = ("resnet10", "resnet18", "densenet121")
-
-
-@dataclass
-class ClassifierConfig:
-    arch: str = "resnet10"  # resnet10 | resnet18 (MONAI ResNet, basic blocks) | densenet121
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # ResNet stage widths
-    num_classes: int = 2  # 2 -> one logit (binary); > 2 -> one logit per class
-    dropout: float = 0.0
-    max_pool: bool = True  # ResNet stem max-pool: 4x less compute; off keeps more resolution
-    # ResNet normalisation: batch | instance. Under torchrun on CPU, BatchNorm cannot be
-    # synchronised (no SyncBatchNorm on gloo); instance norm makes N processes equal to one
-    norm: str = "batch"
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"classifier arch must be one of {ARCHS}, got {self.arch!r}")
-        if len(self.widths) != 4 or any(w < 1 for w in self.widths):
-            raise ValueError(f"widths must be 4 positive stage widths, got {self.widths}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.norm not in ("batch", "instance"):
-            raise ValueError(f"classifier norm must be 'batch' or 'instance', got {self.norm!r}")
-        if self.norm != "batch" and self.arch == "densenet121":
-            raise ValueError("classifier norm applies to the ResNets; densenet121 uses batch norm")
+from networks.config import ARCHS, ClassifierConfig  # noqa: F401 - re-exported; the config lives in networks.config
 
 
 def _batch_to_instance_norm(module: nn.Module) -> None:

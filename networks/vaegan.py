@@ -13,52 +13,18 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 
 import torch
 from monai.networks.blocks import ADN, Convolution
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from networks.config import HEADS, ModelConfig  # also re-exported; the config lives in networks.config
 from networks.fused import extension, fuse_adn
 from networks.fused import is_enabled as fused_enabled
 from networks.layers import FewInputConv2d, FewOutputConv2d, adopt
 
 SUPPORTED_SIZES = (16, 32, 64, 128, 256)
-HEADS = ("deconv", "subpixel")
-
-
-@dataclass
-class ModelConfig:
-    """Network settings (the ``model`` section of the train config)."""
-
-    kind: str = "vaegan"  # vaegan | vae (same encoder/decoder, no discriminator: the ablation)
-    image_size: int = 0  # 0: taken from data.image_size
-    latent_dim: int = 128
-    base_channels: int = 32
-    max_channels: int = 256
-    num_classes: int = 0  # > 0 conditions encoder and decoder on the label (2 for normal/pneumonia)
-    embed_dim: int = 16
-    disc_channels: int = 16
-    disc_layers: int = 0  # 0 = chosen from the image size
-    disc_norm: str = "INSTANCE"
-    # encoder/decoder normalisation: BATCH (default) | INSTANCE | NONE. On CPU under torchrun
-    # BatchNorm cannot be synchronised across processes; INSTANCE makes N processes exactly
-    # equivalent to one.
-    norm: str = "BATCH"
-    feature_layer: int = -1  # which discriminator feature map carries the reconstruction loss
-    # how the decoder reaches full resolution: "deconv" (a last transposed conv to full size, then
-    # a 3x3 conv to the image) or "subpixel" (one more 3x3 conv at half size, then a conv
-    # predicting the 2x2 sub-pixels and PixelShuffle; Shi et al. 2016). Sub-pixel skips the two
-    # full-resolution layers, which oneDNN runs at a fraction of its matmul rate: ~1.6x faster
-    # steps on CPU. See docs/benchmarks.md for what it does to sample quality.
-    decoder_head: str = "deconv"
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("vaegan", "vae"):
-            raise ValueError(f"model.kind must be 'vaegan' or 'vae', got {self.kind!r}")
-        if self.decoder_head not in HEADS:
-            raise ValueError(f"model.decoder_head must be one of {HEADS}, got {self.decoder_head!r}")
 
 
 def _check_size(image_size: int) -> int:

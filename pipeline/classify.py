@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,54 +28,13 @@ import torch.nn.functional as F
 
 from networks.classifier import ClassifierConfig, CXRClassifier
 from pipeline import distributed, engine
-from pipeline.data import DataConfig, build_dataset, make_loader, make_train_loader, records, resolve_manifest
-from pipeline.tracking import TrackingConfig
-
-ARMS = ("real", "classical", "synthetic", "classical+synthetic", "synthetic_only")
-
-
-@dataclass
-class ClassifyConfig:
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_val=0))
-    model: ClassifierConfig = field(default_factory=ClassifierConfig)
-    tracking: TrackingConfig = field(
-        default_factory=lambda: TrackingConfig(
-            experiment="cxr-vaegan-classify", register_model="", log_model=False
-        )
-    )
-    arm: str = "real"
-    synthetic: str = ""  # generator checkpoint / MLflow model URI, or a generated manifest (.csv)
-    ratio: float = 1.0  # synthetic images per real image (synthetic arms)
-    fraction: float = 1.0  # fraction of the real train (and val) patients used, stratified by label
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    grad_clip: float = 5.0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    threads: int = 0
-    cache_allocations: bool = True  # on CPU, keep freed memory in the process (see TrainConfig)
-    test_split: str = "test"
-    bootstrap: int = 1000
-    out_dir: str = "outputs/classify"
-    channels_last: bool = True
-
-    def __post_init__(self) -> None:
-        if self.arm not in ARMS:
-            raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
-        if "synthetic" in self.arm and not self.synthetic:
-            raise ValueError(
-                f"arm={self.arm} needs synthetic=<generator checkpoint | MLflow URI | manifest.csv>"
-            )
-        if self.ratio <= 0 and self.arm in ("synthetic", "classical+synthetic"):
-            raise ValueError(f"ratio must be > 0 for arm={self.arm}, got {self.ratio}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.bootstrap < 0:
-            raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
+from pipeline.data import build_dataset, make_loader, make_train_loader, records, resolve_manifest
+from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.stage_configs
+    ARMS,
+    ClassifyConfig,
+    DataConfig,
+    TrackingConfig,
+)
 
 
 @torch.no_grad()

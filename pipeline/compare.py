@@ -20,21 +20,12 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-
-@dataclass
-class CompareConfig:
-    experiment: str = "cxr-vaegan-gain"
-    filter: str = ""  # an MLflow filter string, e.g. "tags.arm = 'real'"
-    metric: str = "test/auroc"
-    uri: str = ""  # tracking URI; empty: MLFLOW_TRACKING_URI, else the embedded store
-    out: str = "outputs/compare"
-
+from pipeline.stage_configs import CompareConfig  # also re-exported; it lives in pipeline.stage_configs
 
 # metrics aggregated per group; all lie in [0, 1]
 METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")

@@ -9,44 +9,16 @@ the benchmark compares against). Random augmentation runs after the cache bounda
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from pipeline.manifest import ManifestError, read_manifest
+from pipeline.stage_configs import DataConfig  # also re-exported; it lives in pipeline.stage_configs
 from transforms.presets import TransformConfig, eval_transforms, train_transforms
 
 PHANTOM_MANIFEST = "data_manifests/phantoms.csv"
-
-
-@dataclass
-class DataConfig(TransformConfig):
-    """The ``data`` section: which manifest and split, batching, caching, plus preprocessing."""
-
-    manifest: str = ""  # empty: the embedded phantom set (generated on first use)
-    train_split: str = "train"
-    val_split: str = "val"
-    batch_size: int = 64
-    num_workers: int = 0
-    cache: str = "memory"  # memory | disk | none
-    cache_dir: str = "data/cache"
-    max_train: int = 0  # > 0: use only the first N training images (quick runs, tests)
-    max_val: int = 512
-    labels: list[int] = field(default_factory=list)  # keep only these labels (e.g. [0]: normals only)
-    # where the train augmentation runs: loader (MONAI, per image, CPU workers) | device (the
-    # whole batch at once on the training device, transforms.batch) | auto (device on CUDA)
-    augment_on: str = "auto"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.augment_on not in ("auto", "loader", "device"):
-            raise ValueError(f"augment_on must be auto, loader or device, got {self.augment_on!r}")
-        if self.cache not in ("memory", "disk", "none"):
-            raise ValueError(f"cache must be memory, disk or none, got {self.cache!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def default_manifest() -> Path:

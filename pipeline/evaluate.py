@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,47 +34,7 @@ import torch
 from networks.vaegan import Generator
 from pipeline import model_store
 from pipeline.manifest import may_hold_burned_in
-from pipeline.tracking import TrackingConfig
-
-
-@dataclass
-class EvaluateConfig:
-    # a train checkpoint (.pt: encoder + decoder), or an MLflow model URI (models:/NAME/VERSION, runs:/ID/generator):
-    # the generator alone (no interpolation grid; its training data found through the model's run)
-    checkpoint: str = ""
-    extractor: str = ""  # a classifier checkpoint from the classify stage, trained on real images
-    reference: str = ""  # manifest of the real images; "" = the generator's training manifest
-    reference_split: str = "test"
-    train_split: str = "train"  # the generator's training images (memorisation audit)
-    n: int = 0  # synthetic images; 0 = as many as reference images
-    k: int = 5
-    bootstrap: int = 200
-    near_copy_percentile: float = 1.0
-    anomaly_checkpoint: str = ""  # a model trained on normal images only (unconditioned)
-    normal_label: int = 0
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 256
-    # use an extractor that has seen synthetic images, was trained on another manifest than the
-    # reference, or does not record its arm and training manifest (a checkpoint from before
-    # classify recorded them); the report and the MLflow run then say so
-    allow_foreign_extractor: bool = False
-    out_dir: str = "outputs/evaluate"
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-evaluate"))
-
-    def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ValueError("checkpoint is required (a train checkpoint .pt)")
-        if not self.extractor:
-            raise ValueError(
-                "extractor is required: a classifier checkpoint trained on real images (classify stage)"
-            )
-        if self.n < 0:
-            raise ValueError(f"n must be >= 0, got {self.n}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if not 0 < self.near_copy_percentile < 100:
-            raise ValueError(f"near_copy_percentile must be in (0, 100), got {self.near_copy_percentile}")
+from pipeline.stage_configs import EvaluateConfig, TrackingConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
 
 
 def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
@@ -494,6 +454,18 @@ def _hist(d_fake: np.ndarray, d_test: np.ndarray, thr: float, path: Path) -> Pat
 
 
 def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> Path:
+    """Write ``run_dir/report.md``: the metric table, then every figure in ``figs`` embedded as a
+    Markdown image linked relative to the report (``![samples](samples.png)``).
+
+    evaluate logs the report and each figure by file name into one MLflow artifact folder
+    (``log_artifact(p, "report")``), so a link is the bare file name, which resolves both beside
+    the report on disk and in that folder. A figure written elsewhere (or under a name another
+    figure already has) is copied beside the report and ``figs`` updated to the copy, so that the
+    copy is what gets logged. Names are percent-encoded, so a space or parenthesis stays one link.
+    """
+    import shutil
+    from urllib.parse import quote
+
     def row(name: str, label: str) -> str:
         if name not in res:
             return ""
@@ -528,7 +500,36 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
         row("anomaly_auroc_elbo", "anomaly AUROC (neg. ELBO)"),
         "\n",
     ]
-    lines += [f"![{k}]({p.name})\n\n" for k, p in figs.items()]
+    captions = {
+        "samples": "Synthetic samples (one class per column)",
+        "nn_distances": "Nearest-neighbour distance to the training set: synthetic vs real test images",
+        "closest_pairs": "Closest pairs: each synthetic image beside its nearest training image",
+        "interpolation": "Latent interpolation between two real images of each class",
+        "anomaly_roc": "Anomaly detection ROC",
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    here = run_dir.resolve()
+    taken: dict[str, Path] = {}  # file name beside the report -> the figure it shows
+    if figs:
+        lines.append("## Figures\n\n")
+    for k, p in list(figs.items()):
+        p = Path(p)
+        if not p.is_file():
+            lines.append(f"{captions.get(k, k)}: not written ({p.name}).\n\n")
+            continue
+        name = p.name
+        if p.resolve().parent != here or name in taken or name == "report.md":
+            # not beside the report, or under another figure's name: copied beside it, a free name
+            base = Path(f"{k}-{name}" if name in taken or name == "report.md" else name)
+            name, n = base.name, 1
+            while name in taken or name == "report.md" or (run_dir / name).exists():
+                n += 1
+                name = f"{base.stem}-{n}{base.suffix}"
+            shutil.copyfile(p, run_dir / name)
+            figs[k] = run_dir / name
+        taken[name] = figs[k]
+        alt = k.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+        lines.append(f"**{captions.get(k, k)}**\n\n![{alt}]({quote(name)})\n\n")
     path = run_dir / "report.md"
     path.write_text("".join(lines))
     return path

@@ -43,59 +43,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline import distributed
-from pipeline.classify import ARMS, ClassifyConfig, classify
+from pipeline.classify import ClassifyConfig, classify
 from pipeline.config import ConfigError, flatten, to_dict
-
-DEFAULT_ARMS = ["real", "classical", "synthetic", "synthetic_only"]
-
-
-@dataclass
-class GainConfig:
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # the base of every arm
-    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
-    fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # "FRACTION=PATH": a generator trained on exactly that fraction's train split (only 1.0 is
-    # the same subset for every seed, so only 1.0 may be reused)
-    generators: list[str] = field(default_factory=list)
-    vaegan_config: str = ""  # YAML for the VAE-GANs trained per subset ("" = TrainConfig defaults)
-    vaegan_overrides: list[str] = field(default_factory=list)  # e.g. ["epochs=30"]
-    experiment: str = "cxr-vaegan-gain"
-    run_name: str = ""
-    out_dir: str = "outputs/gain"
-
-    def __post_init__(self) -> None:
-        bad = [a for a in self.arms if a not in ARMS]
-        if bad:
-            raise ValueError(f"unknown arm(s) {bad}; choose from {ARMS}")
-        if "real" not in self.arms:
-            raise ValueError("arms must include 'real': every gain is measured against real-only")
-        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
-            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
-        for name, values in (("arms", self.arms), ("fractions", self.fractions), ("seeds", self.seeds)):
-            dup = sorted({v for v in values if list(values).count(v) > 1})
-            if dup:
-                raise ValueError(f"{name} holds duplicates {dup}: each would be counted twice in the table")
-        seen: set[float] = set()
-        for g in self.generators:
-            f, _, path = g.partition("=")
-            try:
-                frac = float(f)
-            except ValueError:
-                frac = None
-            if not path or frac is None:
-                raise ValueError(f"generators entry {g!r} is not FRACTION=PATH")
-            if frac != 1.0:
-                raise ValueError(
-                    f"generators entry {g!r}: only a fraction-1.0 generator can be shared; smaller fractions "
-                    "draw a different patient subset per seed and get a generator trained on that subset"
-                )
-            if frac in seen:
-                raise ValueError(f"generators: two entries for fraction {frac:g}")
-            seen.add(frac)
-
+from pipeline.stage_configs import ARMS, DEFAULT_ARMS, GainConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
 
 # ------------------------------------------------------------------------------ config keys
 KEY_FILE = "gain_key.json"  # in each finished child's folder: the hash of its resolved config

@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +35,10 @@ import torch
 from networks.vaegan import Generator
 from pipeline import checkpoint as ckpt
 from pipeline import model_store
+from pipeline.stage_configs import GenerateConfig  # also re-exported; it lives in pipeline.stage_configs
 from pipeline.tracking import TrackingConfig, resolve_uri
 
 SYNTHETIC_COLUMNS = ("synthetic", "seed", "index", "source", "source_sha256")
-
-
-@dataclass
-class GenerateConfig:
-    checkpoint: str = ""  # a train checkpoint (.pt) or an MLflow model URI (runs:/..., models:/...)
-    n: int = 64
-    label: str = "balanced"  # balanced | a class name | a class index
-    out: str = "outputs/generated"
-    seed: int = 0
-    batch_size: int = 256
-    dicom: bool = False  # also write DICOM Secondary Capture objects (one study, one series per call)
-    # a non-empty out folder is refused (a new set beside old files would mix them); overwrite=true
-    # replaces its whole contents, atomically: the new set is written into a hidden sibling folder
-    # and swapped in only when complete, so a failed call leaves the old set as it was. An old
-    # tracking_outbox still holding unsent MLflow calls is never discarded: `pipeline.run sync` it
-    overwrite: bool = False
-    device: str = "auto"
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-generate"))
-    log_mlflow: bool = True
-    # drop near-copies of training images: a manifest whose train split is the generator's
-    # training set; its test split sets the threshold (the near_copy_percentile-th percentile of
-    # test-to-train nearest-neighbour distances); dropped images are replaced by new draws
-    drop_near_copies: str = ""
-    near_copy_percentile: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ValueError("checkpoint is required: a train checkpoint (.pt) or an MLflow model URI")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass

@@ -6,29 +6,45 @@ config, then calls one stage function. ``ingest`` also takes ``SOURCE`` position
 disk while its tracking server was unreachable. ``STAGE --help`` lists every key of the stage's
 config (type, this stage's default, meaning); ``--print-config`` prints the resolved config as
 YAML (which loads back as a config file) and exits.
+
+The config classes come from :mod:`pipeline.stage_configs`, which imports neither torch, MONAI nor
+MLflow: the config is loaded and checked (and ``--help``/``--print-config`` answered) in about a
+second, and only then is the stage's module imported and its function called.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
 
 from pipeline.config import ConfigError, all_keys, format_help, load_config, to_yaml
+from pipeline.stage_configs import (
+    ClassifyConfig,
+    CompareConfig,
+    EvaluateConfig,
+    GainConfig,
+    GenerateConfig,
+    IngestConfig,
+    TrainConfig,
+)
 
-# stage -> (module, config dataclass, stage function) for the stages taking only key=value overrides
+# stage -> (config dataclass, module, stage function) for the stages taking only key=value overrides;
+# the module (torch, MONAI, MLflow ...) is imported only once the config is loaded and valid
 KEYVALUE_STAGES = {
-    "train": ("pipeline.train", "TrainConfig", "train"),
-    "generate": ("pipeline.generate", "GenerateConfig", "generate"),
-    "classify": ("pipeline.classify", "ClassifyConfig", "classify"),
-    "evaluate": ("pipeline.evaluate", "EvaluateConfig", "evaluate"),
-    "gain": ("pipeline.gain", "GainConfig", "gain"),
+    "train": (TrainConfig, "pipeline.train", "train"),
+    "generate": (GenerateConfig, "pipeline.generate", "generate"),
+    "classify": (ClassifyConfig, "pipeline.classify", "classify"),
+    "evaluate": (EvaluateConfig, "pipeline.evaluate", "evaluate"),
+    "gain": (GainConfig, "pipeline.gain", "gain"),
 }
 # every stage with a config: the key=value ones, plus ingest and compare
 CONFIG_STAGES = {
     **KEYVALUE_STAGES,
-    "ingest": ("pipeline.ingest", "IngestConfig", "ingest"),
-    "compare": ("pipeline.compare", "CompareConfig", "compare"),
+    "ingest": (IngestConfig, "pipeline.ingest", "ingest"),
+    "compare": (CompareConfig, "pipeline.compare", "compare"),
 }
 STAGES = ("ingest", "compare", "sync", *KEYVALUE_STAGES)
 
@@ -40,11 +56,33 @@ USAGE = {
 FLAG_OPTIONS = {"ingest": ("--out", "--labels")}  # stage -> the flags taking a value it accepts
 
 
-def stage_config(stage: str) -> tuple[type, object]:
-    """The config dataclass and the stage function of ``stage`` (imports its module)."""
-    module_name, cls_name, fn_name = CONFIG_STAGES[stage]
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name), getattr(module, fn_name)
+def config_class(stage: str) -> type:
+    """The config dataclass of ``stage`` (from pipeline.stage_configs: nothing heavy is imported)."""
+    return CONFIG_STAGES[stage][0]
+
+
+def stage_function(stage: str):
+    """The function running ``stage``: imports its module, and with it torch, MONAI, MLflow ..."""
+    _, module_name, fn_name = CONFIG_STAGES[stage]
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def _summary(stage: str) -> str:
+    """The first line of the stage function's docstring, read from its source without importing it."""
+    _, module_name, fn_name = CONFIG_STAGES[stage]
+    try:
+        spec = importlib.util.find_spec(module_name)
+        if spec is None or not spec.origin:
+            return ""
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), spec.origin)
+    except (OSError, SyntaxError, ValueError, ImportError):
+        return ""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == fn_name:
+            doc = (ast.get_docstring(node) or "").strip().splitlines()
+            return doc[0] if doc else ""
+    return ""
 
 
 def _split_args(rest: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -72,10 +110,7 @@ def _flag_hint(stage: str, flag: str, value: str | None) -> str:
     """``--epochs 1`` -> 'write epochs=1', naming the dotted key when the name is a leaf of one."""
     name = flag.lstrip("-").replace("-", "_")
     if stage in CONFIG_STAGES:
-        try:
-            keys = all_keys(stage_config(stage)[0])
-        except ImportError:
-            keys = []
+        keys = all_keys(config_class(stage))
         if name not in keys:
             owners = [k for k in keys if k.rsplit(".", 1)[-1] == name]
             if len(owners) == 1:
@@ -144,10 +179,10 @@ def _stage_help(stage: str) -> str:
             + "\n\nSends the MLflow calls a run buffered on disk while its tracking server was unreachable."
         )
     lines = [f"usage: python -m pipeline.run {usage} [--print-config]"]
-    cls, fn = stage_config(stage)
-    doc = (getattr(fn, "__doc__", None) or "").strip().splitlines()
-    if doc:
-        lines += ["", doc[0]]
+    cls = config_class(stage)
+    summary = _summary(stage)
+    if summary:
+        lines += ["", summary]
     lines += [
         "",
         "--print-config   print the resolved config as YAML (a valid CONFIG.yaml) and exit",
@@ -186,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         yaml_path, overrides, positional = _split_args(rest)
         if stage == "ingest":
-            ingest_cls, ingest = stage_config("ingest")
+            ingest_cls = config_class("ingest")
             if len(positional) > 1:
                 raise ConfigError(f"ingest takes one SOURCE, got {positional}")
             if positional:
@@ -198,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             if print_config:
                 print(to_yaml(cfg), end="")
                 return 0
-            ingest(cfg)
+            stage_function("ingest")(cfg)
             return 0
         if stage == "compare":
-            compare_cls, compare = stage_config("compare")
+            compare_cls = config_class("compare")
             # compare [EXPERIMENT] [FILTER]: a filter string is free text (it may hold '=')
             raw = [a for a in rest if not a.endswith((".yaml", ".yml"))]
             own = [a for a in raw if a.split("=", 1)[0] in compare_cls.__dataclass_fields__]
@@ -214,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             if print_config:
                 print(to_yaml(cfg), end="")
                 return 0
-            return compare(cfg)
+            return stage_function("compare")(cfg)
         if stage == "sync":
             from pipeline.tracking import sync
 
@@ -226,12 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         if positional:
             raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
         # the remaining stages differ only in which config class and function they use
-        cls, fn = stage_config(stage)
-        cfg = load_config(cls, yaml_path, overrides)
+        cfg = load_config(config_class(stage), yaml_path, overrides)
         if print_config:
             print(to_yaml(cfg), end="")
             return 0
-        fn(cfg)
+        stage_function(stage)(cfg)
         return 0
     except (
         ConfigError,

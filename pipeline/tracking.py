@@ -13,12 +13,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
 from pipeline import model_store
+from pipeline.stage_configs import TrackingConfig  # also re-exported; it lives in pipeline.stage_configs
 
 # the code's own checkout, for the commit hash recorded with every run ("unknown" when installed)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,24 +28,6 @@ def store_dir() -> Path:
     """The embedded store's folder: ``./mlflow/store`` in the working directory (never beside
     installed code), or ``CXR_VAEGAN_STORE`` when set."""
     return Path(os.environ.get("CXR_VAEGAN_STORE") or Path.cwd() / "mlflow" / "store")
-
-
-@dataclass
-class TrackingConfig:
-    uri: str = ""  # empty: MLFLOW_TRACKING_URI, else the embedded sqlite store
-    experiment: str = "cxr-vaegan"
-    run_name: str = ""
-    register_model: str = "cxr-vaegan-generator"  # empty: do not register the generator
-    log_model: bool = True  # log (and register) the generator as an MLflow model at the end
-    log_every: int = 10  # steps between per-step metric logs (each log is a host sync + a DB write)
-    parent_run_id: str = ""  # make the run a child of this one (the gain experiment sets it)
-    retry_s: float = 30.0  # while the server is unreachable, seconds between attempts to send the outbox
-
-    def __post_init__(self) -> None:
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1 (steps between metric logs), got {self.log_every}")
-        if self.retry_s <= 0:
-            raise ValueError(f"retry_s must be > 0, got {self.retry_s}")
 
 
 def embedded_uri(folder: Path | None = None) -> str:

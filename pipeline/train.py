@@ -13,19 +13,17 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from networks import losses as L
-from networks.vaegan import VAEGAN, ModelConfig
+from networks.vaegan import VAEGAN
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, engine, tracking
 from pipeline.config import flatten, to_dict
 from pipeline.data import (
-    DataConfig,
     build_dataset,
     device_augment,
     make_loader,
@@ -34,102 +32,17 @@ from pipeline.data import (
     resolve_manifest,
 )
 from pipeline.manifest import label_names, may_hold_burned_in, read_manifest
-from pipeline.tracking import TrackingConfig, git_commit
+from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.stage_configs
+    DataConfig,
+    GuardConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from pipeline.tracking import git_commit
 from pipeline.viz import pairs, plot_curves, save_grid
-
-
-@dataclass
-class LossConfig:
-    # on the per-pixel KL (networks.losses.kl_divergence); with the mean L1 this is a Laplace
-    # likelihood of scale kl_weight (in [-1, 1] units): 1.0 collapses the posterior, 0.05 does not
-    kl_weight: float = 0.05
-    gamma: float = 1.0  # decoder weight of the reconstruction terms against the adversarial term
-    pixel_l1: float = 1.0  # pixel L1 added to the feature reconstruction (0: Larsen's pure Dis_l)
-    adversarial: float = 0.1  # decoder weight of the adversarial term
-    feature: float = 1.0  # weight of the feature-wise reconstruction term
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    lr_disc: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    grad_clip: float = 5.0  # max gradient norm per network; 0 disables
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.lr_disc <= 0:
-            raise ValueError(f"lr and lr_disc must be > 0, got {self.lr} and {self.lr_disc}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-
-
-@dataclass
-class GuardConfig:
-    """Divergence guard: skip non-finite steps; roll back after K in a row; stop after R rollbacks."""
-
-    enabled: bool = True
-    max_bad_steps: int = 3  # K
-    max_rollbacks: int = 3  # R
-    lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
-
-    def __post_init__(self) -> None:
-        # the same rules engine.DivergenceGuard enforces, checked before any run starts
-        if self.max_bad_steps < 1:
-            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        if self.max_rollbacks < 0:
-            raise ValueError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
-        if not 0 < self.lr_factor <= 1:
-            raise ValueError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
-
-
-@dataclass
-class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    seed: int = 0
-    epochs: int = 12
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = (
-        "auto"  # auto (bf16 on CUDA from 128 px, engine.AUTO_BF16_MIN_SIZE; else off) | bf16 | fp16 | off
-    )
-    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
-    # on CPU, keep freed memory in the process (engine.cache_cpu_allocations): 1.33x faster steps
-    cache_allocations: bool = True
-    out_dir: str = "outputs"
-    resume: str = ""  # "" | auto | path to a checkpoint
-    ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
-    grid_size: int = 64  # prior samples in the per-epoch grid
-    deterministic: bool = True  # seed everything (monai.utils.set_determinism)
-    channels_last: bool = True  # measured ~1.3x faster for the conv stacks on CPU at 64 px
-    # torch.compile the three networks. Off by default: measured slower at 64 px on CPU (0.80 s
-    # -> 1.00 s a step) and on an H100 (13.2 -> 15.0 ms), see benchmarks/bench_train.py --compile
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
-        if self.ckpt_every < 0 or self.threads < 0 or self.grid_size < 1:
-            raise ValueError(
-                f"ckpt_every and threads must be >= 0 and grid_size >= 1, got "
-                f"{self.ckpt_every}, {self.threads}, {self.grid_size}"
-            )
-        if self.model.image_size == 0:
-            self.model.image_size = self.data.image_size
-        elif self.model.image_size != self.data.image_size:
-            raise ValueError(
-                f"model.image_size ({self.model.image_size}) != data.image_size ({self.data.image_size})"
-            )
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from cxr_factory import REPO
@@ -192,3 +193,115 @@ def test_cli_ingest_takes_key_value_anywhere(capsys, monkeypatch, tmp_path):
     assert rc == 0, err
     assert seen[0].source == "src" and seen[0].out == str(tmp_path / "m.csv")
     assert seen[0].seed == 3 and seen[0].min_size == 8
+
+
+# ----------------------------------------------------------------------------- config before imports
+HEAVY = ("torch", "monai", "mlflow", "pandas", "matplotlib", "scipy", "sklearn")
+# stage -> a key=value whose value does not fit, and the key its error names
+BAD_VALUE = {
+    "train": ("epochs=abc", "'epochs'"),
+    "generate": ("n=abc", "'n'"),
+    "classify": ("epochs=abc", "'epochs'"),
+    "evaluate": ("k=abc", "'k'"),
+    "gain": ("seeds=abc", "'seeds'"),
+    "ingest": ("seed=abc", "'seed'"),
+}
+
+
+def test_cli_checks_config_and_answers_help_without_importing_torch_monai_mlflow(tmp_path):
+    # compare quotes every value as free text, so its bad value comes from a config file
+    bad_yaml = tmp_path / "compare.yaml"
+    bad_yaml.write_text("metric: 3\n")
+    cases = {**BAD_VALUE, "compare": (str(bad_yaml), "'metric'")}
+    code = f"""
+import contextlib, io, sys
+from pipeline.run import main
+for stage, (arg, key) in {cases!r}.items():
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        assert main([stage, arg]) == 2, stage
+        assert main([stage, "--help"]) == 0, stage
+    assert "error: " in err.getvalue() and key in err.getvalue(), (stage, err.getvalue())
+    assert "usage: python -m pipeline.run " + stage in out.getvalue(), stage
+with contextlib.redirect_stdout(io.StringIO()):
+    assert main(["train", "--print-config"]) == 0
+    assert main(["generate", "checkpoint=g.pt", "--print-config"]) == 0
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+assert not loaded, f"imported before the stage ran: {{loaded}}"
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_every_config_class_imports_light_and_is_the_one_its_stage_module_exports():
+    code = f"""
+import sys
+import pipeline.stage_configs, networks.config, transforms.config
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+assert not loaded, f"imported by the config modules: {{loaded}}"
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+    import networks
+    import networks.classifier
+    import networks.config
+    import networks.vaegan
+    import pipeline.classify
+    import pipeline.compare
+    import pipeline.data
+    import pipeline.evaluate
+    import pipeline.gain
+    import pipeline.generate
+    import pipeline.ingest
+    import pipeline.stage_configs as sc
+    import pipeline.tracking
+    import pipeline.train
+    import transforms
+    import transforms.config
+    import transforms.io
+    import transforms.presets
+
+    old = {
+        pipeline.train: [
+            *("TrainConfig", "LossConfig", "OptimConfig", "GuardConfig"),
+            *("DataConfig", "ModelConfig", "TrackingConfig"),
+        ],
+        pipeline.data: ["DataConfig"],
+        pipeline.tracking: ["TrackingConfig"],
+        pipeline.generate: ["GenerateConfig"],
+        pipeline.classify: ["ClassifyConfig", "ARMS", "DataConfig", "TrackingConfig"],
+        pipeline.evaluate: ["EvaluateConfig"],
+        pipeline.gain: ["GainConfig", "ARMS", "DEFAULT_ARMS", "ClassifyConfig"],
+        pipeline.ingest: ["IngestConfig", "UNCERTAIN", "MAX_PIXELS"],
+        pipeline.compare: ["CompareConfig"],
+    }
+    for module, names in old.items():
+        for name in names:
+            assert getattr(module, name) is getattr(sc, name), f"{module.__name__}.{name}"
+    assert networks.vaegan.ModelConfig is networks.ModelConfig is networks.config.ModelConfig
+    assert networks.vaegan.HEADS is networks.config.HEADS
+    assert networks.classifier.ClassifierConfig is networks.config.ClassifierConfig
+    assert networks.classifier.ARCHS is networks.config.ARCHS
+    assert transforms.presets.TransformConfig is transforms.TransformConfig is transforms.config.TransformConfig
+    assert transforms.presets.VALID_SIZES is transforms.config.VALID_SIZES
+    assert transforms.io.MAX_PIXELS == transforms.config.MAX_PIXELS
+    assert networks.VAEGAN is networks.vaegan.VAEGAN and transforms.read_image is transforms.io.read_image
+    with pytest.raises(AttributeError):
+        networks.no_such_name  # noqa: B018
+
+
+def test_cli_config_error_comes_fast_end_to_end():
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", "train", "epochs=abc"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - t0
+    print(f"python -m pipeline.run train epochs=abc: {elapsed:.2f} s")  # machine-dependent: not asserted
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: config key 'epochs': expected an integer, got str 'abc'"
+    assert "Traceback" not in p.stderr

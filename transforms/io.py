@@ -32,14 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from transforms.config import MAX_PIXELS  # also re-exported; it lives in transforms.config (no numpy)
+
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg"}
 NIFTI_SUFFIXES = {".nii", ".nii.gz"}
 IMAGE_SUFFIXES = DICOM_SUFFIXES | PIL_SUFFIXES | NIFTI_SUFFIXES
 
-# A decoded image above this many pixels is refused rather than allocated: a header that declares
-# a huge size is far more likely corrupt than a real radiograph (the largest CR plates are ~4300 px).
-MAX_PIXELS = 12_000 * 12_000
 # Peak bytes per pixel while one image is decoded into float32 (decoder buffer, conversions, the
 # float32 result and the checks on it); colour images add 8 bytes per extra sample. An upper bound
 # used to budget parallel decoding, not an exact figure.

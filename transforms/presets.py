@@ -7,8 +7,6 @@ MONAI's ``CacheDataset`` caches it; random augmentation comes after the cache bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
@@ -21,37 +19,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from transforms.config import VALID_SIZES, TransformConfig  # noqa: F401 - re-exported; the config lives in transforms.config
 from transforms.dictionary import CLAHEd, LoadCXRd, ToPlainTensord
-
-VALID_SIZES = (16, 32, 64, 128, 256, 512)
-
-
-@dataclass
-class TransformConfig:
-    """Preprocessing and augmentation settings (the ``data`` section of a stage config)."""
-
-    image_size: int = 64
-    lower_percentile: float = 0.5  # clip below this percentile of each image ...
-    upper_percentile: float = 99.5  # ... and above this one, then scale to [0, 1]
-    clahe: bool = False
-    clahe_clip_limit: float = 0.01
-    # augmentation (train only)
-    augment: bool = True
-    aug_prob: float = 0.5
-    rotate_deg: float = 5.0
-    scale: float = 0.05
-    translate: float = 0.03  # fraction of the image size
-    contrast_gamma: float = 0.15  # gamma in [1 - g, 1 + g]
-    intensity_scale: float = 0.05
-    hflip: bool = False  # off by default: the heart has a side
-
-    def __post_init__(self) -> None:
-        if self.image_size not in VALID_SIZES:
-            raise ValueError(f"image_size must be one of {VALID_SIZES}, got {self.image_size}")
-        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
-            raise ValueError(
-                f"need 0 <= lower_percentile < upper_percentile <= 100, got {self.lower_percentile}, {self.upper_percentile}"
-            )
 
 
 def deterministic_transforms(cfg: TransformConfig) -> list:

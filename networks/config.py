@@ -1,0 +1,73 @@
+"""The networks' settings, importable without torch or MONAI.
+
+:class:`ModelConfig` (the VAE-GAN, :mod:`networks.vaegan`) and :class:`ClassifierConfig` (the
+classifier, :mod:`networks.classifier`) are plain dataclasses validated in ``__post_init__``, so a
+stage's config is checked (and ``--help`` printed) before any network code is loaded. Both are
+re-exported by the modules that build the networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+HEADS = ("deconv", "subpixel")  # the VAE-GAN decoder's output heads
+ARCHS = ("resnet10", "resnet18", "densenet121")  # the classifier's architectures
+
+
+@dataclass
+class ModelConfig:
+    """Network settings (the ``model`` section of the train config)."""
+
+    kind: str = "vaegan"  # vaegan | vae (same encoder/decoder, no discriminator: the ablation)
+    image_size: int = 0  # 0: taken from data.image_size
+    latent_dim: int = 128
+    base_channels: int = 32
+    max_channels: int = 256
+    num_classes: int = 0  # > 0 conditions encoder and decoder on the label (2 for normal/pneumonia)
+    embed_dim: int = 16
+    disc_channels: int = 16
+    disc_layers: int = 0  # 0 = chosen from the image size
+    disc_norm: str = "INSTANCE"
+    # encoder/decoder normalisation: BATCH (default) | INSTANCE | NONE. On CPU under torchrun
+    # BatchNorm cannot be synchronised across processes; INSTANCE makes N processes exactly
+    # equivalent to one.
+    norm: str = "BATCH"
+    feature_layer: int = -1  # which discriminator feature map carries the reconstruction loss
+    # how the decoder reaches full resolution: "deconv" (a last transposed conv to full size, then
+    # a 3x3 conv to the image) or "subpixel" (one more 3x3 conv at half size, then a conv
+    # predicting the 2x2 sub-pixels and PixelShuffle; Shi et al. 2016). Sub-pixel skips the two
+    # full-resolution layers, which oneDNN runs at a fraction of its matmul rate: ~1.6x faster
+    # steps on CPU. See docs/benchmarks.md for what it does to sample quality.
+    decoder_head: str = "deconv"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vaegan", "vae"):
+            raise ValueError(f"model.kind must be 'vaegan' or 'vae', got {self.kind!r}")
+        if self.decoder_head not in HEADS:
+            raise ValueError(f"model.decoder_head must be one of {HEADS}, got {self.decoder_head!r}")
+
+
+@dataclass
+class ClassifierConfig:
+    arch: str = "resnet10"  # resnet10 | resnet18 (MONAI ResNet, basic blocks) | densenet121
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # ResNet stage widths
+    num_classes: int = 2  # 2 -> one logit (binary); > 2 -> one logit per class
+    dropout: float = 0.0
+    max_pool: bool = True  # ResNet stem max-pool: 4x less compute; off keeps more resolution
+    # ResNet normalisation: batch | instance. Under torchrun on CPU, BatchNorm cannot be
+    # synchronised (no SyncBatchNorm on gloo); instance norm makes N processes equal to one
+    norm: str = "batch"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"classifier arch must be one of {ARCHS}, got {self.arch!r}")
+        if len(self.widths) != 4 or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be 4 positive stage widths, got {self.widths}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("batch", "instance"):
+            raise ValueError(f"classifier norm must be 'batch' or 'instance', got {self.norm!r}")
+        if self.norm != "batch" and self.arch == "densenet121":
+            raise ValueError("classifier norm applies to the ResNets; densenet121 uses batch norm")

@@ -1,0 +1,411 @@
+"""Every stage's config, importable without torch, MONAI, MLflow, pandas or matplotlib.
+
+The CLI (``pipeline.run``) loads and validates a stage's config from here, and answers ``--help``
+and ``--print-config``, before it imports the stage: a bad key or value is reported in about a
+second instead of after the stage's heavy imports. The dataclasses and their ``__post_init__``
+checks are plain Python; their nested sections come from :mod:`networks.config` and
+:mod:`transforms.config`, which are light in the same way. Keep it so: this module imports only the
+standard library and those two modules. Each stage module re-exports its own config
+(``from pipeline.train import TrainConfig`` keeps working).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from networks.config import ClassifierConfig, ModelConfig
+from transforms.config import MAX_PIXELS, TransformConfig
+
+
+# --------------------------------------------------------------------- tracking (pipeline.tracking)
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # empty: MLFLOW_TRACKING_URI, else the embedded sqlite store
+    experiment: str = "cxr-vaegan"
+    run_name: str = ""
+    register_model: str = "cxr-vaegan-generator"  # empty: do not register the generator
+    log_model: bool = True  # log (and register) the generator as an MLflow model at the end
+    log_every: int = 10  # steps between per-step metric logs (each log is a host sync + a DB write)
+    parent_run_id: str = ""  # make the run a child of this one (the gain experiment sets it)
+    retry_s: float = 30.0  # while the server is unreachable, seconds between attempts to send the outbox
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1 (steps between metric logs), got {self.log_every}")
+        if self.retry_s <= 0:
+            raise ValueError(f"retry_s must be > 0, got {self.retry_s}")
+
+
+# ----------------------------------------------------------------------------- data (pipeline.data)
+@dataclass
+class DataConfig(TransformConfig):
+    """The ``data`` section: which manifest and split, batching, caching, plus preprocessing."""
+
+    manifest: str = ""  # empty: the embedded phantom set (generated on first use)
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 64
+    num_workers: int = 0
+    cache: str = "memory"  # memory | disk | none
+    cache_dir: str = "data/cache"
+    max_train: int = 0  # > 0: use only the first N training images (quick runs, tests)
+    max_val: int = 512
+    labels: list[int] = field(default_factory=list)  # keep only these labels (e.g. [0]: normals only)
+    # where the train augmentation runs: loader (MONAI, per image, CPU workers) | device (the
+    # whole batch at once on the training device, transforms.batch) | auto (device on CUDA)
+    augment_on: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.augment_on not in ("auto", "loader", "device"):
+            raise ValueError(f"augment_on must be auto, loader or device, got {self.augment_on!r}")
+        if self.cache not in ("memory", "disk", "none"):
+            raise ValueError(f"cache must be memory, disk or none, got {self.cache!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# --------------------------------------------------------------------------- train (pipeline.train)
+@dataclass
+class LossConfig:
+    # on the per-pixel KL (networks.losses.kl_divergence); with the mean L1 this is a Laplace
+    # likelihood of scale kl_weight (in [-1, 1] units): 1.0 collapses the posterior, 0.05 does not
+    kl_weight: float = 0.05
+    gamma: float = 1.0  # decoder weight of the reconstruction terms against the adversarial term
+    pixel_l1: float = 1.0  # pixel L1 added to the feature reconstruction (0: Larsen's pure Dis_l)
+    adversarial: float = 0.1  # decoder weight of the adversarial term
+    feature: float = 1.0  # weight of the feature-wise reconstruction term
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    lr_disc: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    grad_clip: float = 5.0  # max gradient norm per network; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.lr_disc <= 0:
+            raise ValueError(f"lr and lr_disc must be > 0, got {self.lr} and {self.lr_disc}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class GuardConfig:
+    """Divergence guard: skip non-finite steps; roll back after K in a row; stop after R rollbacks."""
+
+    enabled: bool = True
+    max_bad_steps: int = 3  # K
+    max_rollbacks: int = 3  # R
+    lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
+
+    def __post_init__(self) -> None:
+        # the same rules engine.DivergenceGuard enforces, checked before any run starts
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    seed: int = 0
+    epochs: int = 12
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = (
+        "auto"  # auto (bf16 on CUDA from 128 px, engine.AUTO_BF16_MIN_SIZE; else off) | bf16 | fp16 | off
+    )
+    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    # on CPU, keep freed memory in the process (engine.cache_cpu_allocations): 1.33x faster steps
+    cache_allocations: bool = True
+    out_dir: str = "outputs"
+    resume: str = ""  # "" | auto | path to a checkpoint
+    ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
+    grid_size: int = 64  # prior samples in the per-epoch grid
+    deterministic: bool = True  # seed everything (monai.utils.set_determinism)
+    channels_last: bool = True  # measured ~1.3x faster for the conv stacks on CPU at 64 px
+    # torch.compile the three networks. Off by default: measured slower at 64 px on CPU (0.80 s
+    # -> 1.00 s a step) and on an H100 (13.2 -> 15.0 ms), see benchmarks/bench_train.py --compile
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        if self.ckpt_every < 0 or self.threads < 0 or self.grid_size < 1:
+            raise ValueError(
+                f"ckpt_every and threads must be >= 0 and grid_size >= 1, got "
+                f"{self.ckpt_every}, {self.threads}, {self.grid_size}"
+            )
+        if self.model.image_size == 0:
+            self.model.image_size = self.data.image_size
+        elif self.model.image_size != self.data.image_size:
+            raise ValueError(
+                f"model.image_size ({self.model.image_size}) != data.image_size ({self.data.image_size})"
+            )
+
+
+# --------------------------------------------------------------------- generate (pipeline.generate)
+@dataclass
+class GenerateConfig:
+    checkpoint: str = ""  # a train checkpoint (.pt) or an MLflow model URI (runs:/..., models:/...)
+    n: int = 64
+    label: str = "balanced"  # balanced | a class name | a class index
+    out: str = "outputs/generated"
+    seed: int = 0
+    batch_size: int = 256
+    dicom: bool = False  # also write DICOM Secondary Capture objects (one study, one series per call)
+    # a non-empty out folder is refused (a new set beside old files would mix them); overwrite=true
+    # replaces its whole contents, atomically: the new set is written into a hidden sibling folder
+    # and swapped in only when complete, so a failed call leaves the old set as it was. An old
+    # tracking_outbox still holding unsent MLflow calls is never discarded: `pipeline.run sync` it
+    overwrite: bool = False
+    device: str = "auto"
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-generate"))
+    log_mlflow: bool = True
+    # drop near-copies of training images: a manifest whose train split is the generator's
+    # training set; its test split sets the threshold (the near_copy_percentile-th percentile of
+    # test-to-train nearest-neighbour distances); dropped images are replaced by new draws
+    drop_near_copies: str = ""
+    near_copy_percentile: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required: a train checkpoint (.pt) or an MLflow model URI")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# --------------------------------------------------------------------- classify (pipeline.classify)
+ARMS = ("real", "classical", "synthetic", "classical+synthetic", "synthetic_only")
+
+
+@dataclass
+class ClassifyConfig:
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_val=0))
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    tracking: TrackingConfig = field(
+        default_factory=lambda: TrackingConfig(
+            experiment="cxr-vaegan-classify", register_model="", log_model=False
+        )
+    )
+    arm: str = "real"
+    synthetic: str = ""  # generator checkpoint / MLflow model URI, or a generated manifest (.csv)
+    ratio: float = 1.0  # synthetic images per real image (synthetic arms)
+    fraction: float = 1.0  # fraction of the real train (and val) patients used, stratified by label
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    threads: int = 0
+    cache_allocations: bool = True  # on CPU, keep freed memory in the process (see TrainConfig)
+    test_split: str = "test"
+    bootstrap: int = 1000
+    out_dir: str = "outputs/classify"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if "synthetic" in self.arm and not self.synthetic:
+            raise ValueError(
+                f"arm={self.arm} needs synthetic=<generator checkpoint | MLflow URI | manifest.csv>"
+            )
+        if self.ratio <= 0 and self.arm in ("synthetic", "classical+synthetic"):
+            raise ValueError(f"ratio must be > 0 for arm={self.arm}, got {self.ratio}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
+
+
+# --------------------------------------------------------------------- evaluate (pipeline.evaluate)
+@dataclass
+class EvaluateConfig:
+    # a train checkpoint (.pt: encoder + decoder), or an MLflow model URI (models:/NAME/VERSION, runs:/ID/generator):
+    # the generator alone (no interpolation grid; its training data found through the model's run)
+    checkpoint: str = ""
+    extractor: str = ""  # a classifier checkpoint from the classify stage, trained on real images
+    reference: str = ""  # manifest of the real images; "" = the generator's training manifest
+    reference_split: str = "test"
+    train_split: str = "train"  # the generator's training images (memorisation audit)
+    n: int = 0  # synthetic images; 0 = as many as reference images
+    k: int = 5
+    bootstrap: int = 200
+    near_copy_percentile: float = 1.0
+    anomaly_checkpoint: str = ""  # a model trained on normal images only (unconditioned)
+    normal_label: int = 0
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 256
+    # use an extractor that has seen synthetic images, was trained on another manifest than the
+    # reference, or does not record its arm and training manifest (a checkpoint from before
+    # classify recorded them); the report and the MLflow run then say so
+    allow_foreign_extractor: bool = False
+    out_dir: str = "outputs/evaluate"
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-evaluate"))
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required (a train checkpoint .pt)")
+        if not self.extractor:
+            raise ValueError(
+                "extractor is required: a classifier checkpoint trained on real images (classify stage)"
+            )
+        if self.n < 0:
+            raise ValueError(f"n must be >= 0, got {self.n}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0 < self.near_copy_percentile < 100:
+            raise ValueError(f"near_copy_percentile must be in (0, 100), got {self.near_copy_percentile}")
+
+
+# ----------------------------------------------------------------------------- gain (pipeline.gain)
+DEFAULT_ARMS = ["real", "classical", "synthetic", "synthetic_only"]
+
+
+@dataclass
+class GainConfig:
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # the base of every arm
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # "FRACTION=PATH": a generator trained on exactly that fraction's train split (only 1.0 is
+    # the same subset for every seed, so only 1.0 may be reused)
+    generators: list[str] = field(default_factory=list)
+    vaegan_config: str = ""  # YAML for the VAE-GANs trained per subset ("" = TrainConfig defaults)
+    vaegan_overrides: list[str] = field(default_factory=list)  # e.g. ["epochs=30"]
+    experiment: str = "cxr-vaegan-gain"
+    run_name: str = ""
+    out_dir: str = "outputs/gain"
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; choose from {ARMS}")
+        if "real" not in self.arms:
+            raise ValueError("arms must include 'real': every gain is measured against real-only")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for name, values in (("arms", self.arms), ("fractions", self.fractions), ("seeds", self.seeds)):
+            dup = sorted({v for v in values if list(values).count(v) > 1})
+            if dup:
+                raise ValueError(f"{name} holds duplicates {dup}: each would be counted twice in the table")
+        seen: set[float] = set()
+        for g in self.generators:
+            f, _, path = g.partition("=")
+            try:
+                frac = float(f)
+            except ValueError:
+                frac = None
+            if not path or frac is None:
+                raise ValueError(f"generators entry {g!r} is not FRACTION=PATH")
+            if frac != 1.0:
+                raise ValueError(
+                    f"generators entry {g!r}: only a fraction-1.0 generator can be shared; smaller fractions "
+                    "draw a different patient subset per seed and get a generator trained on that subset"
+                )
+            if frac in seen:
+                raise ValueError(f"generators: two entries for fraction {frac:g}")
+            seen.add(frac)
+
+
+# ------------------------------------------------------------------------- ingest (pipeline.ingest)
+UNCERTAIN = ("quarantine", "negative", "positive")
+
+
+@dataclass
+class IngestConfig:
+    source: str = ""
+    out: str | None = None  # default: data_manifests/<source name>.csv
+    # a label/metadata table (CSV) for a folder: a path column (full, partial or file name), a label
+    # or finding column, an optional patient column; e.g. NIH's Data_Entry_2017.csv, CheXpert's train.csv
+    labels: str | None = None
+    label_names: list[str] | None = None  # class names for labels 0, 1, ... (overrides folder/table names)
+    path_column: str = ""  # table column of image paths ("" = path, file, filename, Image Index ...)
+    label_column: str = ""  # table column of labels ("" = label, labels, class, target, Finding Labels)
+    patient_column: str = ""  # table column of patient ids ("" = patient_id, Patient ID, subject_id ...)
+    # binary labels from one finding: 1 where it is present, 0 where not; read from a column of that
+    # name (1 / 0 / -1 uncertain / empty = not mentioned, as CheXpert) or from a '|'-separated
+    # findings column (as NIH's 'Finding Labels')
+    finding: str = ""
+    uncertain: str = "quarantine"  # a finding column's -1 (uncertain): quarantine | negative | positive
+    # a regular expression with a (?P<patient>...) group, searched in each path relative to the data
+    # root; it overrides every other patient id rule, and a file it does not match is quarantined
+    patient_pattern: str = ""
+    clear_patient_ids: bool = False  # write table patient ids in clear (default: salted HMAC, like DICOM's)
+    val_fraction: float = 0.1
+    seed: int = 0
+    min_size: int = 16  # smaller images are quarantined: too small to be a radiograph
+    extract_dir: str = "data/extracted"  # where .npz images are written as PNG (one folder per file content)
+    workers: int = 0  # decoding threads; 0 = one per core
+    data_root: str = ""  # CSV sources: paths must lie under this folder ("" = the CSV's folder)
+    # DICOMs marked BurnedInAnnotation=YES may show a name or MRN in the pixels, which reach MLflow
+    # in image grids: they are quarantined unless this is set, and then the manifest is flagged
+    allow_burned_in: bool = False
+    # ingest fails (exit 2, no manifest written, the quarantine report kept) when a larger share of
+    # the files found is quarantined
+    max_quarantined: float = 0.5
+    max_pixels: int = MAX_PIXELS  # larger images (by their header) are quarantined before decoding
+    decode_memory_mb: float = 1024  # estimated memory of the images being decoded at once stays under this
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.min_size < 1:
+            raise ValueError(f"min_size must be >= 1, got {self.min_size}")
+        if not 0 <= self.max_quarantined <= 1:
+            raise ValueError(f"max_quarantined must be in [0, 1], got {self.max_quarantined}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if not self.decode_memory_mb > 0:
+            raise ValueError(f"decode_memory_mb must be > 0, got {self.decode_memory_mb}")
+        if self.uncertain not in UNCERTAIN:
+            raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN)}, got {self.uncertain!r}")
+        if self.patient_pattern:
+            try:
+                rx = re.compile(self.patient_pattern)
+            except re.error as e:
+                raise ValueError(
+                    f"patient_pattern {self.patient_pattern!r} is not a valid regular expression ({e})"
+                ) from e
+            if "patient" not in rx.groupindex:
+                raise ValueError(
+                    f"patient_pattern {self.patient_pattern!r} needs a named group (?P<patient>...) "
+                    "for the patient id, e.g. patient_pattern='^(?P<patient>[^_]+)_'"
+                )
+
+
+# ----------------------------------------------------------------------- compare (pipeline.compare)
+@dataclass
+class CompareConfig:
+    experiment: str = "cxr-vaegan-gain"
+    filter: str = ""  # an MLflow filter string, e.g. "tags.arm = 'real'"
+    metric: str = "test/auroc"
+    uri: str = ""  # tracking URI; empty: MLFLOW_TRACKING_URI, else the embedded store
+    out: str = "outputs/compare"
