@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.checkpoint import load_checkpoint
 from pipeline.classify import ClassifyConfig, classify
 from pipeline.config import load_config
 from pipeline.data import default_manifest
@@ -29,12 +30,13 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="outputs/phantoms64/checkpoints/last.pt")
-    ap.add_argument("--epochs", type=int, default=4, help="classifier epochs")
+    ap.add_argument("--epochs", type=int, default=25, help="classifier epochs")
     args = ap.parse_args()
     ck = Path(args.checkpoint)
     if not ck.is_file():
         sys.exit(f"{ck} does not exist: run `make run` (the default job) first")
     manifest = default_manifest()
+    size = load_checkpoint(ck)["config"]["data"]["image_size"]
     t0 = time.time()
     cls = classify(
         load_config(
@@ -42,7 +44,7 @@ def main() -> int:
             None,
             [
                 f"data.manifest={manifest}",
-                "data.image_size=64",
+                f"data.image_size={size}",
                 "arm=real",
                 f"epochs={args.epochs}",
                 "tracking.run_name=phantom-extractor",

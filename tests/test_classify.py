@@ -10,6 +10,7 @@ import torch
 from cxr_factory import REPO
 
 from networks.classifier import ClassifierConfig, CXRClassifier
+from pipeline import run
 from pipeline.config import ConfigError, load_config
 
 
@@ -53,10 +54,19 @@ def test_classifier_validation():
     assert not any("running_mean" in k for k in m.state_dict())
 
 
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process (no interpreter start-up): exit code, stdout, stderr."""
+    capsys.readouterr()
+    rc = run.main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def test_generate_then_classify_with_synthetic_augmentation_then_compare(
-    tmp_path, phantom_manifest, phantom_generator
+    tmp_path, phantom_manifest, phantom_generator, capsys
 ):
-    """The real CLI end to end: generate -> generated manifest -> classify arms -> compare."""
+    """The real CLI end to end: generate -> generated manifest -> classify arms -> compare (one
+    subprocess per stage, the rest of the calls in this process: interpreter start-ups cost ~10 s)."""
     uri = f"sqlite:///{tmp_path / 'cls.db'}"
     gen = _cli(
         "generate",
@@ -80,10 +90,15 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
         f"tracking.uri={uri}",
         "tracking.experiment=arms",
     ]
-    for arm in ("real", "classical+synthetic", "synthetic_only"):
-        p = _cli("classify", *common, f"arm={arm}", f"synthetic={manifest}", f"tracking.run_name={arm}")
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert "test AUROC" in p.stdout and "MLflow run id:" in p.stdout
+    p = _cli("classify", *common, "arm=real", f"synthetic={manifest}", "tracking.run_name=real")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "test AUROC" in p.stdout and "MLflow run id:" in p.stdout
+    for arm in ("classical+synthetic", "synthetic_only"):
+        rc, out, err = _main(
+            capsys, "classify", *common, f"arm={arm}", f"synthetic={manifest}", f"tracking.run_name={arm}"
+        )
+        assert rc == 0, err[-2000:]
+        assert "test AUROC" in out and "MLflow run id:" in out
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
@@ -106,10 +121,10 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     for arm in ("real", "classical+synthetic", "synthetic_only"):
         assert arm in cmp.stdout
     assert (tmp_path / "cmp" / "arms.png").is_file()
-    filtered = _cli("compare", "arms", "tags.arm = 'real'", f"uri={uri}", f"out={tmp_path / 'cmp'}")
-    assert filtered.returncode == 0 and "synthetic_only" not in filtered.stdout and "real" in filtered.stdout
-    missing = _cli("compare", "no-such-experiment", f"uri={uri}")
-    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    rc, out, _ = _main(capsys, "compare", "arms", "tags.arm = 'real'", f"uri={uri}", f"out={tmp_path / 'cmp'}")
+    assert rc == 0 and "synthetic_only" not in out and "real" in out
+    rc, _, err = _main(capsys, "compare", "no-such-experiment", f"uri={uri}")
+    assert rc != 0 and "does not exist" in err
 
 
 def test_fraction_subsets_are_whole_patients_stratified(tmp_path, phantom_manifest):

@@ -37,21 +37,28 @@ class Payload(torch.nn.Module):
         return (pathlib.Path.touch, (self.marker,))
 
 
-@pytest.fixture
-def pickled_model(tmp_path, monkeypatch):
-    """A pickled mlflow.pytorch model holding the payload, registered as models:/evil/1."""
-    marker = tmp_path / "marker"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    path = tmp_path / "evil_model"
+@pytest.fixture(scope="module")
+def _pickled_store(tmp_path_factory):
+    """A pickled mlflow.pytorch model holding the payload, registered as models:/evil/1 (built
+    once per module: saving and registering costs ~10 s)."""
+    root = tmp_path_factory.mktemp("evil")
+    marker = root / "marker"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    path = root / "evil_model"
     mlflow.pytorch.save_model(Payload(marker), str(path), serialization_format="pickle")
     client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("evil")
     client.create_model_version("evil", path.as_uri())
-    marker.unlink(missing_ok=True)  # saving may round-trip the pickle once
-    monkeypatch.delenv(model_store.TRUST_ENV, raising=False)
     return {"marker": marker, "uri": uri, "file_uri": path.as_uri()}
+
+
+@pytest.fixture
+def pickled_model(_pickled_store, monkeypatch):
+    _pickled_store["marker"].unlink(missing_ok=True)  # saving (or the control test) ran the payload
+    mlflow.set_tracking_uri(_pickled_store["uri"])
+    mlflow.set_registry_uri(_pickled_store["uri"])
+    monkeypatch.delenv(model_store.TRUST_ENV, raising=False)
+    return _pickled_store
 
 
 def test_payload_is_live_when_trusted_explicitly(pickled_model, monkeypatch):
@@ -90,7 +97,7 @@ def test_cli_generate_refuses_a_pickled_registered_model(pickled_model, tmp_path
 def test_logged_generator_is_data_and_loads_by_run_uri(phantom_generator):
     """train logs the generator as a JSON spec + weights-only state dict, no pickle anywhere."""
     uri = phantom_generator["uri"]
-    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
     files = {f.path for f in client.list_artifacts(phantom_generator["run_id"], "generator")}
     assert not any(p.endswith((".pkl", ".pth")) for p in files), files
     a = load_generator(phantom_generator["checkpoint"])
