@@ -261,11 +261,27 @@ def _set_nested(d: dict[str, Any], path: list[str], value: Any) -> None:
     d[path[-1]] = value
 
 
+# the shipped configs travel inside the package (the repository's configs/ links here), so an
+# installed copy finds `configs/kermany64.yaml` from any working directory
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(yaml_path: str | Path) -> Path:
+    """``yaml_path`` as given when it exists; else, for ``NAME.yaml`` or ``configs/NAME.yaml``, the
+    config of that name shipped with the package."""
+    p = Path(yaml_path)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / p.name
+    if not p.is_absolute() and p.parent in (Path("."), Path("configs")) and packaged.is_file():
+        return packaged
+    shipped = ", ".join(sorted(f"configs/{c.name}" for c in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file {p} does not exist (shipped with the package: {shipped})")
+
+
 def read_yaml(yaml_path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file; a missing file or broken YAML is a one-line ConfigError."""
-    p = Path(yaml_path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+    p = resolve_config_path(yaml_path)
     try:
         loaded = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
