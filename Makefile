@@ -1,5 +1,5 @@
 # Two entry points that do all set-up on a fresh machine:
-#   make run   -> create .venv, install, train the VAE-GAN on the embedded default data
+#   make run   -> create .venv, install, train the class-conditioned VAE-GAN on the embedded phantoms
 #   make test  -> create .venv, install, run the test suite
 PY ?= python3
 VENV := .venv
@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m pipeline.run train $(ARGS)
+	$(BIN)/python -m pipeline.run train configs/phantoms64.yaml $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	# two workers (pytest-xdist): the suite is CPU-bound single-threaded work on a 2-core machine
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -97,6 +97,9 @@ def test_cli_generate_refuses_a_pickled_registered_model(pickled_model, tmp_path
 def test_logged_generator_is_data_and_loads_by_run_uri(phantom_generator):
     """train logs the generator as a JSON spec + weights-only state dict, no pickle anywhere."""
     uri = phantom_generator["uri"]
+    # MLflow 3 resolves a logged model's artifacts through the global store, whatever the client
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
     files = {f.path for f in client.list_artifacts(phantom_generator["run_id"], "generator")}
     assert not any(p.endswith((".pkl", ".pth")) for p in files), files
