@@ -45,6 +45,7 @@ import pandas as pd
 from pipeline import distributed
 from pipeline.classify import ClassifyConfig, classify
 from pipeline.config import ConfigError, flatten, to_dict
+from pipeline.generate import file_sha256
 from pipeline.stage_configs import ARMS, DEFAULT_ARMS, GainConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
 
 # ------------------------------------------------------------------------------ config keys
@@ -97,14 +98,6 @@ def config_key(flat: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a flat config."""
     text = json.dumps(_canonical(flat), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_changes(
@@ -376,7 +369,7 @@ def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _
 
     state_file = out / "parent_run_id"
     plan = _Plan(parent_id=state_file.read_text().strip() if state_file.is_file() else None)
-    manifest_sha = sha256_file(manifest)
+    manifest_sha = file_sha256(manifest)
     bad: list[str] = []  # inputs that cannot work
     changed: list[str] = []  # finished children or the parent recorded with another config
 
@@ -429,7 +422,7 @@ def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _
                         local = not is_model_uri(path) or Path(path).exists()
                         plan.generators[name] = {
                             "generator.path": path,
-                            "generator.sha256": sha256_file(path) if local else None,
+                            "generator.sha256": file_sha256(path) if local else None,
                         }
                     continue
                 gseed = _generator_seed(cfg, fraction, seed)

@@ -339,19 +339,23 @@ def pixel_hash(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _dicom_header(p: Path, fmt: str) -> HeaderInfo:
+def _dcmread(p: Path, **kw):
+    """``pydicom.dcmread`` whose failures are one-line CXRReadErrors quoting no element value."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    try:
+        return pydicom.dcmread(p, **kw)
+    except InvalidDicomError as e:
+        raise CXRReadError(p, f"not a DICOM file ({redact_values(str(e))})") from e
+    except Exception as e:  # truncated headers raise EOFError, struct.error, OSError ...
+        raise CXRReadError(p, f"DICOM header unreadable ({redact_values(f'{type(e).__name__}: {e}')})") from e
+
+
+def _dicom_header(p: Path, fmt: str) -> HeaderInfo:
+
     with quiet_dicom():
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except InvalidDicomError as e:
-            raise CXRReadError(p, f"not a DICOM file ({redact_values(str(e))})") from e
-        except Exception as e:  # truncated headers raise EOFError, struct.error, OSError ...
-            raise CXRReadError(
-                p, f"DICOM header unreadable ({redact_values(f'{type(e).__name__}: {e}')})"
-            ) from e
+        ds = _dcmread(p, stop_before_pixels=True)
         for tag in ("Rows", "Columns"):
             if ds.get(tag) in (None, ""):
                 raise CXRReadError(p, f"DICOM is missing the required {tag} attribute")
@@ -420,19 +424,10 @@ _PHOTOMETRICS = {
 
 def read_dicom(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
     """Read quietly (see :func:`quiet_dicom`); no element value reaches an error message."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
 
     p = Path(path)
     with quiet_dicom():
-        try:
-            ds = pydicom.dcmread(p)
-        except InvalidDicomError as e:
-            raise CXRReadError(p, f"not a DICOM file ({redact_values(str(e))})") from e
-        except Exception as e:  # truncated headers raise EOFError, struct.error, OSError ...
-            raise CXRReadError(
-                p, f"DICOM header unreadable ({redact_values(f'{type(e).__name__}: {e}')})"
-            ) from e
+        ds = _dcmread(p)
         try:
             return _dicom_pixels(p, ds)
         except CXRReadError:
