@@ -1,7 +1,10 @@
-"""``python -m pipeline.run evaluate checkpoint=... extractor=... [reference=<manifest>] [n=...]``.
+"""``python -m pipeline.run evaluate checkpoint=... extractor=... [reference=<manifest>] [n=...]``,
+or ``evaluate samples=<manifest or folder> reference=<manifest> extractor=...``.
 
 Synthesis quality of a trained VAE-GAN (or VAE) against real images, logged to MLflow with a
-Markdown report and its figures:
+Markdown report and its figures. With ``samples`` it scores images any generator made (a GAN, a
+diffusion model), preprocessed like the reference, on the same panel; the latent interpolation
+then is left out (it needs an encoder):
 
 * Fréchet distance, MMD (MONAI, linear kernel) and KID, precision / recall / density / coverage
   (k = 5), all in the feature space of a classifier trained on real radiographs (``extractor``,
@@ -22,9 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +59,52 @@ def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
 @dataclass
 class Source:
     """What evaluate scores: the generator, the full VAE-GAN when a train checkpoint is given
-    (interpolation needs its encoder), and what its training run used."""
+    (interpolation needs its encoder), and what its training run used; or, with ``samples=``,
+    images already made (:func:`load_samples`)."""
 
-    lg: Any  # pipeline.generate.LoadedGenerator
-    model: Any  # VAEGAN with encoder, or None for an MLflow model (generator only)
+    lg: Any  # pipeline.generate.LoadedGenerator, or None for samples
+    model: Any  # VAEGAN with encoder, or None for an MLflow model (generator only) or samples
     kind: str
     train_manifest: str
     max_train: int
+    items: list[dict] | None = None  # samples: {"image": path, "label": int (-1 = none)} per image
+    samples_meta: dict[str, Any] = field(default_factory=dict)  # samples: path, sha256, file count
+    burned_in: bool = False  # samples: a manifest that may hold burned-in identifying text
+
+    @property
+    def image_size(self) -> int:
+        """The generator's image size; 0 for samples (they take the extractor's)."""
+        return self.lg.image_size if self.lg is not None else 0
+
+    @property
+    def num_classes(self) -> int:
+        """The generator's classes; for samples 2 when labelled 0/1 (class fidelity), else 0."""
+        if self.lg is not None:
+            return self.lg.num_classes
+        return 2 if {it["label"] for it in self.items} == {0, 1} else 0
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the synthetic images come from, as the report, metrics.json and MLflow record it."""
+        if self.lg is None:
+            return dict(self.samples_meta)
+        lg = self.lg
+        return {"checkpoint": lg.source, "checkpoint_sha256": lg.sha256, "generator_run_id": lg.run_id}
+
+    def images(
+        self, real_y: np.ndarray, size: int, n: int, seed: int, batch_size: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The synthetic images to score, ``[N, 1, S, S]`` in ``[-1, 1]``, and their labels (-1:
+        none). Samples are read and preprocessed exactly like the reference; a generator draws
+        ``n`` (0 = as many as ``real_y``) with labels following the reference's class mix, so
+        class-conditional models are compared fairly."""
+        if self.items is not None:
+            return _load_items(self.items, size)
+        from pipeline.generate import sample_images
+
+        n = n or len(real_y)
+        y = real_y[np.arange(n) % len(real_y)] if self.num_classes else np.full(n, -1)
+        return sample_images(self.lg, y, seed, batch_size), y
 
 
 def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
@@ -90,15 +133,71 @@ def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
     )
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
+    """``samples=``: images any generator made. A manifest (every row, whatever its split; its
+    labels kept, -1 = unlabelled) or a folder of PNG/JPEG files (those directly in it, in name
+    order; unlabelled). ``n`` > 0 keeps a random subset of that many (seeded, in listed order).
+
+    Lists and hashes the files (the report and MLflow record the source: a manifest's path and
+    sha256, a folder's path and the sha256 of its file names and contents, and the file count);
+    :meth:`Source.images` reads them."""
+    from pipeline.generate import file_sha256
+    from pipeline.manifest import ManifestError, may_hold_burned_in, read_manifest, sidecar_path
+
+    path = Path(samples)
+    meta: dict[str, Any] = {"samples": str(path)}
+    if path.is_dir():
+        files = sorted(
+            p for p in path.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not files:
+            raise FileNotFoundError(f"samples folder {path} holds no PNG/JPEG images (subfolders are not searched)")
+        items = [{"image": str(p), "label": -1} for p in files]
+        listing = "".join(f"{p.name}\0{file_sha256(p)}\n" for p in files)
+        meta["samples_sha256"] = hashlib.sha256(listing.encode()).hexdigest()
+    elif path.is_file():
+        df, _ = read_manifest(path)
+        if df.empty:
+            raise ManifestError(f"samples manifest {path} has no rows")
+        items = [{"image": a, "label": int(y)} for a, y in zip(df["abs_path"], df["label"], strict=True)]
+        meta["samples_sha256"] = file_sha256(path)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # lineage of generate's manifests
+            side = json.loads(sidecar_path(path).read_text())
+            if side.get("source"):
+                meta["samples_generator"] = str(side["source"])
+                meta["samples_generator_sha256"] = str(side.get("source_sha256", ""))
+    else:
+        raise FileNotFoundError(f"samples {path} does not exist (a manifest CSV or a folder of PNG/JPEG images)")
+    meta["samples_files"] = len(items)
+    labels = {it["label"] for it in items}
+    if labels != {-1} and labels != {0, 1}:
+        print(f"evaluate: samples labelled {sorted(labels)}: class fidelity needs labels 0 and 1, left out")
+    if 0 < n < len(items):
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
+        items = [items[i] for i in keep]
+    burned = path.is_file() and may_hold_burned_in(path)
+    return Source(None, None, "samples", "", 0, items=items, samples_meta=meta, burned_in=burned)
+
+
 def load_images(
     manifest: str | Path, split: str, image_size: int, limit: int = 0
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Preprocessed ``[N, 1, S, S]`` images in ``[-1, 1]`` and their labels."""
+    from pipeline.data import records
+
+    return _load_items(records(manifest, split, limit), image_size)
+
+
+def _load_items(items: list[dict], image_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``{"image": path, "label": int}`` records read and preprocessed as evaluation images."""
     from monai.data import DataLoader
 
-    from pipeline.data import DataConfig, build_dataset, records
+    from pipeline.data import DataConfig, build_dataset
 
-    items = records(manifest, split, limit)
     ds = build_dataset(items, DataConfig(image_size=image_size), train=False)
     xs, ys = [], []
     for b in DataLoader(ds, batch_size=256, shuffle=False):
@@ -264,17 +363,21 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from pipeline.classify import load_classifier
     from pipeline.config import flatten, to_dict
     from pipeline.engine import check_writable, pick_device
-    from pipeline.generate import file_sha256, sample_images
+    from pipeline.generate import file_sha256
     from pipeline.metrics import auroc, bootstrap_ci
     from pipeline.viz import pairs, plot_roc, save_grid
 
     device = pick_device(cfg.device)
     set_determinism(seed=cfg.seed)
     t0 = time.time()
-    src = load_source(cfg.checkpoint, device, tracking.resolve_uri(cfg.tracking))
-    lg, model = src.lg, src.model
-    size = lg.image_size
+    if cfg.samples:  # images any generator made, instead of sampling one
+        src = load_samples(cfg.samples, cfg.n, cfg.seed)
+    else:
+        src = load_source(cfg.checkpoint, device, tracking.resolve_uri(cfg.tracking))
+    model = src.model
     extractor, epay = load_classifier(cfg.extractor, device)
+    # samples are preprocessed like the reference, at the size the extractor was trained at
+    size = src.image_size or int(epay["config"]["data"]["image_size"])
     ref_manifest = cfg.reference or src.train_manifest
     if not ref_manifest:
         from pipeline.data import default_manifest
@@ -290,10 +393,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     real_x, real_y = load_images(ref_manifest, cfg.reference_split, size)
     train_x, _ = load_images(src.train_manifest or ref_manifest, cfg.train_split, size, src.max_train)
-    n = cfg.n or len(real_x)
-    # synthetic labels follow the reference's class mix, so class-conditional models are compared fairly
-    syn_y = real_y[np.arange(n) % len(real_y)] if lg.num_classes else np.full(n, -1)
-    fake_x = sample_images(lg, syn_y, cfg.seed, cfg.batch_size)
+    fake_x, syn_y = src.images(real_y, size, cfg.n, cfg.seed, cfg.batch_size)
+    n = len(fake_x)
     print(
         f"evaluate: {n} synthetic vs {len(real_x)} real ({cfg.reference_split}) images, {len(train_x)} train",
         flush=True,
@@ -336,7 +437,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ms_real = Q.ms_ssim_pairs(real_x, 500, cfg.seed)
     put("ms_ssim_synthetic", Q.mean_with_ci(ms_fake, seed=cfg.seed))
     put("ms_ssim_real", Q.mean_with_ci(ms_real, seed=cfg.seed))
-    if lg.num_classes == 2:
+    if src.num_classes == 2:
         cf = bootstrap_ci(syn_y, p_fake, 0.5, n_boot=1000, seed=cfg.seed)
         put("class_fidelity_auroc", (cf["auroc"], cf["auroc_lo"], cf["auroc_hi"]))
         res["real_auroc_extractor"] = auroc(real_y, p_real)
@@ -354,12 +455,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     res["nn_distance_synthetic_median"] = float(np.median(d_fake))
     res["nn_distance_test_median"] = float(np.median(d_test))
     order = np.argsort(d_fake)[:16]
-    figs = {
-        "samples": save_grid(fake_x[:64], run_dir / "samples.png", nrow=8, upscale=max(1, 128 // size)),
-        "nn_distances": _hist(d_fake, d_test, thr, run_dir / "nn_distances.png"),
-    }
+    figs = {}  # no picture of samples= a manifest whose images may show burned-in identifying text
+    if not src.burned_in:
+        figs["samples"] = save_grid(fake_x[:64], run_dir / "samples.png", nrow=8, upscale=max(1, 128 // size))
+    figs["nn_distances"] = _hist(d_fake, d_test, thr, run_dir / "nn_distances.png")
     # pictures of real images only when no manifest may hold burned-in identifying text
-    if any(may_hold_burned_in(m) for m in {str(ref_manifest), str(src.train_manifest or ref_manifest)}):
+    manifests = {str(ref_manifest), str(src.train_manifest or ref_manifest)}
+    if src.burned_in or any(may_hold_burned_in(m) for m in manifests):
         print("evaluate: a manifest may hold burned-in annotations; no real-image figures are made")
     else:
         figs["closest_pairs"] = save_grid(
@@ -371,7 +473,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if model is not None and "closest_pairs" in figs:
         # latent interpolation between two real images of each class (needs the encoder)
         rows = []
-        for lab in sorted(set(real_y.tolist())) if lg.num_classes else [None]:
+        for lab in sorted(set(real_y.tolist())) if src.num_classes else [None]:
             idx = np.flatnonzero(real_y == lab) if lab is not None else np.arange(len(real_y))
             rows.append(interpolate(model, real_x[idx[0]], real_x[idx[-1]], lab, 10, device))
         figs["interpolation"] = save_grid(
@@ -396,10 +498,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     extractor_hash = file_sha256(cfg.extractor)
     meta = {
-        "checkpoint": cfg.checkpoint,
-        "checkpoint_sha256": lg.sha256,
+        **src.provenance,  # the checkpoint and its training run, or the samples' path, sha256 and count
         "model_kind": src.kind,
-        "generator_run_id": lg.run_id,
         "extractor": cfg.extractor,
         "extractor_sha256": extractor_hash,
         "extractor_arch": epay["config"]["model"]["arch"],
@@ -416,9 +516,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     tags = {
         "stage": "evaluate",
         "model.kind": src.kind,
-        "generator_run_id": lg.run_id,  # lineage: the generator's training run
+        # lineage: the generator's training run and checkpoint hash, or the samples' source
+        **{k: str(v) for k, v in src.provenance.items() if k != "checkpoint"},
         "extractor_sha256": extractor_hash,
-        "checkpoint_sha256": lg.sha256,
         "git_commit": tracking.git_commit(),
     }
     if foreign:
@@ -471,8 +571,17 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
             return ""
         return f"| {label} | {res[name]:.4f} | [{res.get(name + '_lo', float('nan')):.4f}, {res.get(name + '_hi', float('nan')):.4f}] |\n"
 
+    source = meta.get("checkpoint") or meta.get("samples", "")
     lines = [
-        f"# Synthesis quality: {meta['model_kind']} ({Path(meta['checkpoint']).name})\n\n",
+        f"# Synthesis quality: {meta['model_kind']} ({Path(source).name})\n\n",
+        (
+            f"Samples: `{source}` ({meta.get('samples_files', '?')} files, sha256 "
+            f"`{str(meta.get('samples_sha256', ''))[:16]}`"
+            + (f"; written by generator `{meta['samples_generator']}`" if meta.get("samples_generator") else "")
+            + "): scored as given (no generator sampled), preprocessed like the reference.\n\n"
+            if "samples" in meta
+            else ""
+        ),
         f"Extractor: {meta['extractor_arch']} `{meta['extractor']}` sha256 `{meta['extractor_sha256'][:16]}`; "
         f"reference {meta['reference']} split {meta['reference_split']}; N synthetic {int(res['n_fake'])}, "
         f"N real {int(res['n_real'])}, N train {int(res['n_train'])}.\n\n",

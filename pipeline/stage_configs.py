@@ -248,11 +248,18 @@ class EvaluateConfig:
     # a train checkpoint (.pt: encoder + decoder), or an MLflow model URI (models:/NAME/VERSION, runs:/ID/generator):
     # the generator alone (no interpolation grid; its training data found through the model's run)
     checkpoint: str = ""
+    # instead of checkpoint: images from any generator (GAN, diffusion model...) to score: a manifest CSV
+    # with path/label columns (e.g. generate's generated.csv; every row, whatever its split; class
+    # fidelity when labelled 0/1) or a folder of PNG/JPEG files (those directly in it; unlabelled).
+    # Needs reference=; no interpolation grid. Preprocessed like the reference at the extractor's size
+    samples: str = ""
     extractor: str = ""  # a classifier checkpoint from the classify stage, trained on real images
-    reference: str = ""  # manifest of the real images; "" = the generator's training manifest
+    # manifest of the real images (its train split is the memorisation audit's training set with
+    # samples=); "" = the generator's training manifest
+    reference: str = ""
     reference_split: str = "test"
     train_split: str = "train"  # the generator's training images (memorisation audit)
-    n: int = 0  # synthetic images; 0 = as many as reference images
+    n: int = 0  # synthetic images; 0 = as many as reference images (samples=: a seeded subset of n; 0 = all)
     k: int = 5
     bootstrap: int = 200
     near_copy_percentile: float = 1.0
@@ -269,8 +276,21 @@ class EvaluateConfig:
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-evaluate"))
 
     def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ValueError("checkpoint is required (a train checkpoint .pt)")
+        if self.checkpoint and self.samples:
+            raise ValueError(
+                "give checkpoint or samples, not both: checkpoint= scores a generator by sampling it, "
+                "samples= scores images already made (a manifest or a folder)"
+            )
+        if not self.checkpoint and not self.samples:
+            raise ValueError(
+                "checkpoint is required (a train checkpoint .pt or an MLflow model URI), or samples= "
+                "(a manifest or a folder of generated images)"
+            )
+        if self.samples and not self.reference:
+            raise ValueError(
+                "samples= needs reference= (the manifest of the real images): with samples there is no "
+                "generator training run to find the real and training images from"
+            )
         if not self.extractor:
             raise ValueError(
                 "extractor is required: a classifier checkpoint trained on real images (classify stage)"
