@@ -6,10 +6,23 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import load_config
+from pipeline.stage_configs import TrainConfig
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+
+# the classifier of a gain study small enough for the suite: the gain tests' common settings
+TINY_GAIN_CLASSIFY = [
+    "classify.data.image_size=32",
+    "classify.data.batch_size=16",
+    "classify.model.widths=[8,16,16,16]",
+    "classify.epochs=1",
+    "classify.bootstrap=20",
+    "classify.threads=1",
+]
 
 # a VAE-GAN small enough to train an epoch in a second or two: the train tests' common settings
 TINY_TRAIN = [
@@ -25,6 +38,23 @@ TINY_TRAIN = [
     "threads=1",
     "tracking.log_every=1",
 ]
+
+
+def tiny_train_config(manifest, tmp_path: Path, *extra: str):
+    """A TrainConfig of TINY_TRAIN for one epoch, writing under tmp_path; ``extra`` overrides last."""
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.manifest={manifest}",
+            *TINY_TRAIN,
+            "epochs=1",
+            f"out_dir={tmp_path / 'out'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.log_model=false",
+            *extra,
+        ],
+    )
 
 
 def chest_like(h: int = 96, w: int = 80, dtype=np.uint16, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from cxr_factory import REPO
+from cxr_factory import REPO, TINY_GAIN_CLASSIFY
 
 from networks.classifier import ClassifierConfig, CXRClassifier
 from pipeline import run
@@ -156,12 +156,7 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
         None,
         [
             f"classify.data.manifest={phantom_manifest}",
-            "classify.data.image_size=32",
-            "classify.data.batch_size=16",
-            "classify.model.widths=[8,16,16,16]",
-            "classify.epochs=1",
-            "classify.bootstrap=20",
-            "classify.threads=1",
+            *TINY_GAIN_CLASSIFY,
             f"classify.tracking.uri={uri}",
             "arms=[real,synthetic]",
             "fractions=[0.5,1.0]",

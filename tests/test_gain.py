@@ -9,6 +9,7 @@ import shutil
 import time
 
 import pytest
+from cxr_factory import TINY_GAIN_CLASSIFY
 
 from pipeline.config import ConfigError, load_config
 
@@ -21,12 +22,7 @@ def _config(tmp_path, manifest, *extra: str):
         None,
         [
             f"classify.data.manifest={manifest}",
-            "classify.data.image_size=32",
-            "classify.data.batch_size=16",
-            "classify.model.widths=[8,16,16,16]",
-            "classify.epochs=1",
-            "classify.bootstrap=20",
-            "classify.threads=1",
+            *TINY_GAIN_CLASSIFY,
             f"classify.tracking.uri=sqlite:///{tmp_path / 'gain.db'}",
             "arms=[real]",
             "fractions=[1.0]",

@@ -287,6 +287,13 @@ def test_real_dicom_folder_ingests(tmp_path):
 
 
 # ==================================================================== layouts people actually have
+def _ingest_with_table(tmp_path):
+    """Ingest the folder tmp_path/src with the labels table tmp_path/t.csv."""
+    return ingest(
+        IngestConfig(source=str(tmp_path / "src"), labels=str(tmp_path / "t.csv"), out=str(tmp_path / "m.csv"))
+    )
+
+
 def _img(path, seed):
     return make_png(path, chest_like(36, 32, np.uint8, seed=seed))
 
@@ -473,11 +480,7 @@ def test_multi_label_column_without_a_finding_is_refused(tmp_path):
         NIH_HEADER + "00000001_000.png,Cardiomegaly|Pneumonia,0,1,5,M,PA,1,1,1,1,\n"
     )
     with pytest.raises(ValueError, match="finding="):
-        ingest(
-            IngestConfig(
-                source=str(tmp_path / "src"), labels=str(tmp_path / "t.csv"), out=str(tmp_path / "m.csv")
-            )
-        )
+        _ingest_with_table(tmp_path)
 
 
 def test_chexpert_table_and_folder_patient_ids(tmp_path):
@@ -633,11 +636,7 @@ def test_duplicated_labels_table_header_is_refused(tmp_path):
     _img(tmp_path / "src" / "a.png", 1)
     (tmp_path / "t.csv").write_text("path,path,label\na.png,b.png,normal\n")
     with pytest.raises(ValueError, match="'path' appears 2 times"):
-        ingest(
-            IngestConfig(
-                source=str(tmp_path / "src"), labels=str(tmp_path / "t.csv"), out=str(tmp_path / "m.csv")
-            )
-        )
+        _ingest_with_table(tmp_path)
 
 
 def test_formula_like_cells_are_neutralised_and_read_back(tmp_path):

@@ -17,7 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from cxr_factory import REPO, TINY_TRAIN
+from cxr_factory import REPO, tiny_train_config
 
 from pipeline import checkpoint as ckpt
 from pipeline import engine
@@ -26,21 +26,7 @@ from pipeline.train import TrainConfig, train
 
 
 def _cfg(manifest, tmp_path: Path, *extra: str) -> TrainConfig:
-    return load_config(
-        TrainConfig,
-        None,
-        [
-            f"data.manifest={manifest}",
-            *TINY_TRAIN,
-            "data.max_train=16",
-            "epochs=1",
-            f"out_dir={tmp_path / 'out'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "tracking.experiment=integrity",
-            "tracking.log_model=false",
-            *extra,
-        ],
-    )
+    return tiny_train_config(manifest, tmp_path, "data.max_train=16", "tracking.experiment=integrity", *extra)
 
 
 def _client(tmp_path: Path):

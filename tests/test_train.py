@@ -11,12 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cxr_factory import REPO, TINY_TRAIN
+from cxr_factory import REPO, tiny_train_config
 from mlflow_server import free_port, kill, start_server
 
 from networks import VAEGAN, ModelConfig
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.config import load_config
 from pipeline.model_store import load_generator_uri
 from pipeline.train import (
     Groups,
@@ -28,21 +27,7 @@ from pipeline.train import (
     train,
 )
 
-
-def _tiny(manifest, tmp_path: Path, *extra: str) -> TrainConfig:
-    return load_config(
-        TrainConfig,
-        None,
-        [
-            f"data.manifest={manifest}",
-            *TINY_TRAIN,
-            "epochs=1",
-            f"out_dir={tmp_path / 'out'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "tracking.log_model=false",
-            *extra,
-        ],
-    )
+_tiny = tiny_train_config  # the train tests' tiny config (tests/cxr_factory.py)
 
 
 # ----------------------------------------------------------------------------- gradient routing
