@@ -15,6 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import flatten
+
+# the file in which a run folder names its MLflow run (written by tracking.Tracker as soon as the
+# run exists, read by engine.previous_run_id)
+RUN_ID_FILE = ".mlflow_run_id"
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message names the file and the mismatch."""
@@ -138,13 +144,7 @@ def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path]:
 def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """``key: checkpoint X, now Y`` for every flattened key both configs have and that differs."""
 
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(saved), flat(now)
+    a, b = flatten(saved), flatten(now)
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - lists come back as tuples or lists
     return [
         f"{k}: checkpoint {a[k]!r}, now {b[k]!r}"

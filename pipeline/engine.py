@@ -235,17 +235,19 @@ class RunLock:
             self.fd = None
 
 
-RUN_ID_FILE = ".mlflow_run_id"  # written by tracking.Tracker as soon as the run exists
-
-
 def previous_run_id(run_dir: Any) -> str | None:
-    """The MLflow run id recorded in a run folder (its checkpoints, else its tracking outbox)."""
+    """The MLflow run id recorded in a run folder: its run-id file, else its tracking outbox, else
+    (older folders) its checkpoints. The cheap records first: a checkpoint load reads every weight."""
     import json
     from pathlib import Path
 
     run_dir = Path(run_dir)
     with contextlib.suppress(OSError):
-        return (run_dir / RUN_ID_FILE).read_text().strip() or None
+        return (run_dir / ckpt.RUN_ID_FILE).read_text().strip() or None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        rid = json.loads((run_dir / "tracking_outbox" / "state.json").read_text()).get("run_id")
+        if rid:
+            return str(rid)
     last = run_dir / "checkpoints" / "last.pt"
     for p in (last, ckpt.previous_path(last), run_dir / "classifier.pt"):
         with contextlib.suppress(ckpt.CheckpointError):
@@ -253,9 +255,6 @@ def previous_run_id(run_dir: Any) -> str | None:
                 rid = ckpt.load_checkpoint(p).get("mlflow_run_id")
                 if rid:
                     return str(rid)
-    state = run_dir / "tracking_outbox" / "state.json"
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return json.loads(state.read_text()).get("run_id") or None
     return None
 
 

@@ -145,7 +145,7 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
     sha256, a folder's path and the sha256 of its file names and contents, and the file count);
     :meth:`Source.images` reads them."""
     from pipeline.generate import file_sha256
-    from pipeline.manifest import ManifestError, may_hold_burned_in, read_manifest, sidecar_path
+    from pipeline.manifest import ManifestError, read_manifest, sidecar_path
 
     path = Path(samples)
     meta: dict[str, Any] = {"samples": str(path)}

@@ -90,7 +90,6 @@ def git_commit() -> str:
 
 # ------------------------------------------------------------------------ outage-tolerant logging
 OUTBOX_NAME = "tracking_outbox"
-RUN_ID_FILE = ".mlflow_run_id"  # engine.RUN_ID_FILE
 
 
 def fail_fast_http() -> None:
@@ -203,7 +202,8 @@ class Tracker:
         self._submit({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_generator(self, checkpoint: str | Path, registered_name: str = "") -> None:
-        """Log the generator of a train checkpoint as an MLflow PyTorch model (and register it)."""
+        """Log the generator of a train checkpoint as an MLflow pyfunc model stored as data
+        (``pipeline.model_store``: JSON spec + weights-only state dict), and register it."""
         self._submit({"op": "generator", "path": str(checkpoint), "registered_name": registered_name})
 
     def end_if_running(self, run_id: str, status: str = "KILLED") -> None:
@@ -413,7 +413,7 @@ class Tracker:
             # (engine.previous_run_id) even when this process dies before its first checkpoint
             with contextlib.suppress(OSError):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / RUN_ID_FILE).write_text(self.run_id)
+                (self.run_dir / ckpt.RUN_ID_FILE).write_text(self.run_id)
             if self.outbox.is_dir():  # an outbox is being sent: record the run before anything else
                 self._save_state()
             return
