@@ -173,12 +173,13 @@ def _instantiate(cls: type[T], conf: Any, prefix: str = "") -> T:
                 except ValueError as e:
                     raise ConfigError(f"config section '{where}{k}': {e}") from e
 
-    check_sections(conf, prefix)
     try:
         return OmegaConf.to_object(conf)  # type: ignore[return-value]
     except ConfigError:
         raise
     except ValueError as e:
+        # only on failure: build the sections one by one to name the one that refused the value
+        check_sections(conf, prefix)
         raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {e}") from e
     except OmegaConfBaseException as e:
         raise ConfigError(f"config {cls.__name__}: {str(e).splitlines()[0]}") from e
