@@ -25,27 +25,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.stage_configs import CompareConfig  # also re-exported; it lives in pipeline.stage_configs
+from pipeline.stage_configs import (
+    EXECUTION_KEYS,
+    EXECUTION_PREFIXES,
+    CompareConfig,  # also re-exported; it lives in pipeline.stage_configs
+)
 
 # metrics aggregated per group; all lie in [0, 1]
 METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")
 # params that do not define a configuration: the seed itself, where and how a run was executed
 # and logged, and counts derived from the config and the seed's subset draw
-NOT_CONFIG = frozenset(
-    {
-        "seed",
-        "out_dir",
-        "device",
-        "threads",
-        "cache_allocations",
-        "data.num_workers",
-        "data.cache",
-        "data.cache_dir",
-        "n_train_real",
-        "n_train_total",
-    }
-)
-NOT_CONFIG_PREFIXES = ("tracking.",)
+NOT_CONFIG = EXECUTION_KEYS | {"seed", "device", "data.num_workers", "n_train_real", "n_train_total"}
+NOT_CONFIG_PREFIXES = EXECUTION_PREFIXES
 UNSET = "<unset>"
 
 

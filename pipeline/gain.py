@@ -46,17 +46,15 @@ from pipeline import distributed
 from pipeline.classify import ClassifyConfig, classify
 from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.generate import file_sha256
-from pipeline.stage_configs import ARMS, DEFAULT_ARMS, GainConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
+from pipeline.stage_configs import ARMS, DEFAULT_ARMS, EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
 
 # ------------------------------------------------------------------------------ config keys
 KEY_FILE = "gain_key.json"  # in each finished child's folder: the hash of its resolved config
 PARENT_FILE = "gain_config.json"  # in the study folder: the parent run's gain config and its hash
 # where and how a run logs, how fast it goes, where it caches: left out of a child's key (the
 # folder a child lives in already fixes its out_dir and run name)
-COSMETIC_KEYS = frozenset(
-    {"out_dir", "threads", "cache_allocations", "resume", "ckpt_every", "data.cache", "data.cache_dir"}
-)
-COSMETIC_PREFIXES = ("tracking.",)
+COSMETIC_KEYS = EXECUTION_KEYS | {"resume", "ckpt_every"}
+COSMETIC_PREFIXES = EXECUTION_PREFIXES
 # the parent's gain config: the base classify values the stage replaces in every child count for
 # nothing, nor does how the children log (the tracking store is checked by finding the parent in it)
 PARENT_COSMETIC_KEYS = frozenset(

@@ -429,3 +429,9 @@ class CompareConfig:
     metric: str = "test/auroc"
     uri: str = ""  # tracking URI; empty: MLFLOW_TRACKING_URI, else the embedded store
     out: str = "outputs/compare"
+
+
+# config keys that say where and how a run executes, caches and logs, not what it computes: gain's
+# child keys and compare's groups leave them out (each adds the keys of its own kind)
+EXECUTION_KEYS = frozenset({"out_dir", "threads", "cache_allocations", "data.cache", "data.cache_dir"})
+EXECUTION_PREFIXES = ("tracking.",)
