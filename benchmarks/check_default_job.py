@@ -4,7 +4,8 @@
 
 Trains a small classifier on the embedded phantoms' real images (the classify stage, arm=real,
 its own MLflow store under outputs/), then scores the default job's generator with it: the class
-fidelity AUROC (evaluate.class_fidelity: 1,000 balanced samples, bootstrap CI). A generator
+fidelity AUROC (evaluate.class_fidelity: 1,000 balanced samples, bootstrap CI), codes drawn from
+the generator's fitted prior and, as an ablation, from N(0, I). A generator
 drawing noise or ignoring its labels scores ~0.5. Writes docs/benchmarks/default_job.json and
 copies the run's final sample grid to docs/default_job_samples.png.
 """
@@ -53,6 +54,8 @@ def main() -> int:
         )
     )
     fid = class_fidelity(str(ck), cls["checkpoint"], n=1000, reference=manifest)
+    # the ablation: the same generator drawing its codes from N(0, I) instead of its fitted prior
+    normal = class_fidelity(str(ck), cls["checkpoint"], n=1000, reference=manifest, prior="normal")
     grids = sorted((ck.parent.parent / "grids").glob("samples_epoch*.png"))
     out = {
         "checkpoint": str(ck),
@@ -60,6 +63,8 @@ def main() -> int:
         "class_fidelity_auroc": fid["auroc"],
         "class_fidelity_ci": [fid["auroc_lo"], fid["auroc_hi"]],
         "n_samples": fid["n"],
+        "class_fidelity_auroc_normal_prior": normal["auroc"],
+        "class_fidelity_ci_normal_prior": [normal["auroc_lo"], normal["auroc_hi"]],
         "final_grid": str(grids[-1]) if grids else "",
         "seconds": round(time.time() - t0, 1),
     }

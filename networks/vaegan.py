@@ -19,10 +19,15 @@ from monai.networks.blocks import ADN, Convolution
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
-from networks.config import HEADS, ModelConfig  # also re-exported; the config lives in networks.config
+from networks.config import (  # also re-exported; the config lives in networks.config
+    HEADS,
+    PRIORS,
+    ModelConfig,
+)
 from networks.fused import extension, fuse_adn
 from networks.fused import is_enabled as fused_enabled
 from networks.layers import FewInputConv2d, FewOutputConv2d, adopt
+from networks.prior import LatentPrior
 
 SUPPORTED_SIZES = (16, 32, 64, 128, 256)
 
@@ -288,19 +293,23 @@ class Discriminator(nn.Module):
 
 
 class Generator(nn.Module):
-    """Decoder packaged for export (MLflow model): ``(z, labels) -> images``; ``sample(n)`` draws from the prior.
+    """Decoder and latent prior packaged for export (MLflow model): ``(z, labels) -> images``;
+    :meth:`sample` draws codes from the prior (:class:`networks.prior.LatentPrior`) and decodes them.
 
-    Exported as data only: :meth:`export_spec` (JSON: architecture and label names) plus the
-    decoder's ``state_dict`` (tensors, loadable with ``torch.load(weights_only=True)``);
-    :meth:`from_spec` rebuilds it. Nothing of it is ever pickled.
+    Exported as data only: :meth:`export_spec` (JSON: architecture and label names) plus
+    ``state_dict()`` (the decoder's weights and the prior's buffers; tensors, loadable with
+    ``torch.load(weights_only=True)``); :meth:`from_spec` rebuilds it. Nothing of it is ever pickled.
     """
 
     SPEC_FORMAT = "cxr-vaegan-generator"
-    SPEC_VERSION = 1
+    SPEC_VERSION = 2  # 2: weights = decoder.* + prior.*; 1 (decoder weights only) still loads
 
-    def __init__(self, decoder: Decoder, label_names: dict[int, str] | None = None) -> None:
+    def __init__(
+        self, decoder: Decoder, label_names: dict[int, str] | None = None, prior: LatentPrior | None = None
+    ) -> None:
         super().__init__()
         self.decoder = decoder
+        self.prior = prior if prior is not None else LatentPrior(decoder.latent_dim, decoder.num_classes)
         # travels with the MLflow model, so `generate label=pneumonia` works from a model URI
         self.label_names = dict(label_names or {})
 
@@ -315,31 +324,55 @@ class Generator(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict, state: dict[str, torch.Tensor]) -> Generator:
-        """Rebuild from :meth:`export_spec`'s dict and the decoder's state dict (strict)."""
+        """Rebuild from :meth:`export_spec`'s dict and :meth:`state_dict` (strict)."""
         if not isinstance(spec, dict) or spec.get("format") != cls.SPEC_FORMAT:
             raise ValueError(f"not a {cls.SPEC_FORMAT} spec")
-        if spec.get("version") != cls.SPEC_VERSION:
+        if spec.get("version") not in (1, cls.SPEC_VERSION):
             raise ValueError(f"{cls.SPEC_FORMAT} spec version {spec.get('version')!r} is not supported")
         kwargs = spec.get("decoder")
         if not isinstance(kwargs, dict) or not set(kwargs) <= set(inspect.signature(Decoder).parameters):
             raise ValueError("generator spec: 'decoder' must map Decoder argument names to values")
         names = {int(k): str(v) for k, v in (spec.get("label_names") or {}).items()}
         gen = cls(Decoder(**kwargs), names)
-        gen.decoder.load_state_dict(state, strict=True)
-        return gen
+        if spec["version"] == 1:  # exported before the fitted prior: decoder weights, N(0, I) codes
+            gen.decoder.load_state_dict(state, strict=True)
+        else:
+            gen.load_state_dict(state, strict=True)
+        return gen.eval()  # an exported generator is for inference: batch norm uses its running stats
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z, labels)
 
     @torch.no_grad()
     def sample(
-        self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        labels: torch.Tensor | None,
+        n: int | None = None,
+        seed: int = 0,
+        prior: str = "fitted",
+        batch_size: int = 256,
     ) -> torch.Tensor:
-        p = next(self.decoder.parameters())
-        z = torch.randn(
-            n, self.decoder.latent_dim, generator=generator, device=p.device if generator is None else "cpu"
-        )
-        return self.decoder(z.to(p.device), None if labels is None else labels.to(p.device))
+        """``n`` images (``len(labels)`` when labels are given), ``[N, 1, S, S]`` in ``[-1, 1]`` on
+        the CPU, deterministic in ``seed``. ``prior``: ``fitted`` draws from the fitted prior when
+        this generator carries one (else N(0, I)), ``normal`` always from N(0, I)."""
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        n = len(labels) if labels is not None else n
+        if n is None or n < 0:
+            raise ValueError("sample needs labels or n >= 0")
+        eps = torch.randn(n, self.decoder.latent_dim, generator=torch.Generator().manual_seed(seed))
+        dev = next(self.decoder.parameters()).device
+        out = []
+        for i in range(0, n, batch_size):
+            e = eps[i : i + batch_size].to(dev)
+            y = (
+                None
+                if labels is None or self.decoder.num_classes == 0
+                else labels[i : i + batch_size].to(dev)
+            )
+            z = self.prior(e, y) if prior == "fitted" else e
+            out.append(self.decoder(z, y).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 1, self.decoder.image_size, self.decoder.image_size)
 
 
 def autoencoder_kwargs(cfg: ModelConfig) -> dict:
@@ -356,13 +389,15 @@ def autoencoder_kwargs(cfg: ModelConfig) -> dict:
 
 
 class VAEGAN(nn.Module):
-    """Encoder + decoder (+ discriminator when ``kind == 'vaegan'``)."""
+    """Encoder + decoder (+ discriminator when ``kind == 'vaegan'``) + the latent prior that
+    generation draws from (:class:`networks.prior.LatentPrior`, fitted by :meth:`fit_prior`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(**autoencoder_kwargs(cfg))
         self.decoder = Decoder(**autoencoder_kwargs(cfg), head=cfg.decoder_head)
+        self.prior = LatentPrior(cfg.latent_dim, cfg.num_classes)
         self.discriminator = (
             Discriminator(cfg.image_size, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
             if cfg.kind == "vaegan"
@@ -409,6 +444,31 @@ class VAEGAN(nn.Module):
     ) -> torch.Tensor:
         """``mu + eps * sigma``; ``eps`` is drawn here unless given (replicas pass their slice)."""
         return mu + (torch.randn_like(mu) if eps is None else eps) * torch.exp(0.5 * logvar)
+
+    def generator(self, label_names: dict[int, str] | None = None) -> Generator:
+        """The decoder and prior (shared, not copied) as an exportable :class:`Generator`."""
+        return Generator(self.decoder, label_names, self.prior)
+
+    @torch.no_grad()
+    def fit_prior(self, batches, device: torch.device | str = "cpu") -> bool:
+        """Fit the prior to the aggregate posterior of ``batches`` (``{"image", "label"}`` dicts, e.g.
+        the unaugmented training set) when ``cfg.prior == "fitted"``; returns whether it did."""
+        if self.cfg.prior != "fitted":
+            return False
+        was_training = self.encoder.training
+        self.encoder.eval()
+        mus, logvars, ys = [], [], []
+        for b in batches:
+            y = torch.as_tensor(b["label"]).long().clamp_min(0)
+            mu, logvar = self.encoder(
+                b["image"].to(device).float(), y.to(device) if self.cfg.num_classes else None
+            )
+            mus.append(mu.float().cpu())
+            logvars.append(logvar.float().cpu())
+            ys.append(y)
+        self.encoder.train(was_training)
+        self.prior.fit(torch.cat(mus), torch.cat(ys), torch.cat(logvars))
+        return True
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None

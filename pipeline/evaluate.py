@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from networks.vaegan import Generator
 from pipeline import model_store
 from pipeline.manifest import may_hold_burned_in
 from pipeline.stage_configs import EvaluateConfig, TrackingConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
@@ -53,6 +52,8 @@ def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
     model = VAEGAN(dataclasses.replace(tcfg.model, kind="vae"))
     ckpt.load_module_state(model.encoder, payload["models"]["encoder"], "encoder", path)
     ckpt.load_module_state(model.decoder, payload["models"]["decoder"], "decoder", path)
+    if payload.get("prior"):  # checkpoints from before the fitted prior have none: N(0, I)
+        ckpt.load_module_state(model.prior, payload["prior"], "prior", path)
     return model.to(device).eval(), tcfg, payload
 
 
@@ -89,10 +90,15 @@ class Source:
         if self.lg is None:
             return dict(self.samples_meta)
         lg = self.lg
-        return {"checkpoint": lg.source, "checkpoint_sha256": lg.sha256, "generator_run_id": lg.run_id}
+        return {
+            "checkpoint": lg.source,
+            "checkpoint_sha256": lg.sha256,
+            "generator_run_id": lg.run_id,
+            "prior_fitted": lg.generator.prior.is_fitted,
+        }
 
     def images(
-        self, real_y: np.ndarray, size: int, n: int, seed: int, batch_size: int
+        self, real_y: np.ndarray, size: int, n: int, seed: int, batch_size: int, prior: str = "fitted"
     ) -> tuple[torch.Tensor, np.ndarray]:
         """The synthetic images to score, ``[N, 1, S, S]`` in ``[-1, 1]``, and their labels (-1:
         none). Samples are read and preprocessed exactly like the reference; a generator draws
@@ -104,7 +110,7 @@ class Source:
 
         n = n or len(real_y)
         y = real_y[np.arange(n) % len(real_y)] if self.num_classes else np.full(n, -1)
-        return sample_images(self.lg, y, seed, batch_size), y
+        return sample_images(self.lg, y, seed, batch_size, prior), y
 
 
 def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
@@ -117,7 +123,7 @@ def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
         names = {int(k): v for k, v in payload.get("label_names", {}).items()}
         run_id = str(payload.get("mlflow_run_id") or "")
         lg = LoadedGenerator(
-            Generator(model.decoder, names).eval(), names, checkpoint, file_sha256(checkpoint), run_id
+            model.generator(names).eval(), names, checkpoint, file_sha256(checkpoint), run_id
         )
         return Source(lg, model, tcfg.model.kind, tcfg.data.manifest, tcfg.data.max_train)
     lg = load_generator(checkpoint, device, tracking_uri)
@@ -128,7 +134,10 @@ def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
         with contextlib.suppress(Exception):  # lineage is best effort; reference= then decides
             params = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri).get_run(lg.run_id).data.params
     return Source(
-        lg, None, params.get("model.kind", "generator"), params.get("data.manifest", ""),
+        lg,
+        None,
+        params.get("model.kind", "generator"),
+        params.get("data.manifest", ""),
         int(params.get("data.max_train", "0") or 0),
     )
 
@@ -151,11 +160,14 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
     meta: dict[str, Any] = {"samples": str(path)}
     if path.is_dir():
         files = sorted(
-            p for p in path.iterdir()
+            p
+            for p in path.iterdir()
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
         )
         if not files:
-            raise FileNotFoundError(f"samples folder {path} holds no PNG/JPEG images (subfolders are not searched)")
+            raise FileNotFoundError(
+                f"samples folder {path} holds no PNG/JPEG images (subfolders are not searched)"
+            )
         items = [{"image": str(p), "label": -1} for p in files]
         listing = "".join(f"{p.name}\0{file_sha256(p)}\n" for p in files)
         meta["samples_sha256"] = hashlib.sha256(listing.encode()).hexdigest()
@@ -171,7 +183,9 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
                 meta["samples_generator"] = str(side["source"])
                 meta["samples_generator_sha256"] = str(side.get("source_sha256", ""))
     else:
-        raise FileNotFoundError(f"samples {path} does not exist (a manifest CSV or a folder of PNG/JPEG images)")
+        raise FileNotFoundError(
+            f"samples {path} does not exist (a manifest CSV or a folder of PNG/JPEG images)"
+        )
     meta["samples_files"] = len(items)
     labels = {it["label"] for it in items}
     if labels != {-1} and labels != {0, 1}:
@@ -289,6 +303,7 @@ def class_fidelity(
     n_boot: int = 1000,
     reference: str | Path | None = None,
     allow_foreign_extractor: bool = False,
+    prior: str = "fitted",
 ) -> dict[str, Any]:
     """Does the generator draw what its labels say? ``n`` synthetic images with balanced labels,
     scored by a classifier trained on real images: its AUROC with a bootstrap CI.
@@ -311,7 +326,7 @@ def class_fidelity(
     clf, cpay = load_classifier(classifier, device)
     foreign = check_extractor(classifier, cpay, reference, allow_foreign_extractor)
     y = resolve_labels("balanced", n, lg)
-    _, p = _features(clf, sample_images(lg, y, seed, batch_size), device, batch_size)
+    _, p = _features(clf, sample_images(lg, y, seed, batch_size, prior), device, batch_size)
     ci = bootstrap_ci(y, p, 0.5, n_boot=n_boot, seed=seed)
     out: dict = {"auroc": ci["auroc"], "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"], "n": float(n)}
     if foreign:
@@ -386,14 +401,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # before any image is loaded: an extractor that has seen synthetic or reference images
     # would flatter the generator
     foreign = check_extractor(cfg.extractor, epay, ref_manifest, cfg.allow_foreign_extractor)
-    run_dir = Path(cfg.out_dir) / (
-        cfg.tracking.run_name or f"{src.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    run_dir = Path(cfg.out_dir) / (cfg.tracking.run_name or f"{src.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_writable(run_dir)
 
     real_x, real_y = load_images(ref_manifest, cfg.reference_split, size)
     train_x, _ = load_images(src.train_manifest or ref_manifest, cfg.train_split, size, src.max_train)
-    fake_x, syn_y = src.images(real_y, size, cfg.n, cfg.seed, cfg.batch_size)
+    fake_x, syn_y = src.images(real_y, size, cfg.n, cfg.seed, cfg.batch_size, cfg.prior)
     n = len(fake_x)
     print(
         f"evaluate: {n} synthetic vs {len(real_x)} real ({cfg.reference_split}) images, {len(train_x)} train",
@@ -577,7 +590,11 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
         (
             f"Samples: `{source}` ({meta.get('samples_files', '?')} files, sha256 "
             f"`{str(meta.get('samples_sha256', ''))[:16]}`"
-            + (f"; written by generator `{meta['samples_generator']}`" if meta.get("samples_generator") else "")
+            + (
+                f"; written by generator `{meta['samples_generator']}`"
+                if meta.get("samples_generator")
+                else ""
+            )
             + "): scored as given (no generator sampled), preprocessed like the reference.\n\n"
             if "samples" in meta
             else ""

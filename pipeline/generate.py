@@ -76,7 +76,9 @@ def state_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_generator(source: str | Path, device: str | torch.device = "cpu", tracking_uri: str = "") -> LoadedGenerator:
+def load_generator(
+    source: str | Path, device: str | torch.device = "cpu", tracking_uri: str = ""
+) -> LoadedGenerator:
     """A generator from a train checkpoint or an MLflow model URI, loaded as data (weights only,
     never unpickled: ``pipeline.model_store``). ``tracking_uri``: where ``models:/``/``runs:/``
     addresses are looked up (default: ``MLFLOW_TRACKING_URI``, else the embedded store)."""
@@ -108,19 +110,18 @@ def resolve_labels(spec: str, n: int, lg: LoadedGenerator) -> np.ndarray:
     raise ValueError(f"label={spec!r} is not a class of this generator (known: {known}, or balanced)")
 
 
-@torch.no_grad()
-def sample_images(lg: LoadedGenerator, labels: np.ndarray, seed: int, batch_size: int = 256) -> torch.Tensor:
-    """``[N, 1, S, S]`` float images in ``[-1, 1]`` on the CPU, deterministic in ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(labels), lg.generator.decoder.latent_dim, generator=g)
-    dev = next(lg.generator.parameters()).device
-    out = []
-    for i in range(0, len(labels), batch_size):
-        lab = torch.as_tensor(labels[i : i + batch_size], device=dev)
-        out.append(
-            lg.generator(z[i : i + batch_size].to(dev), None if lg.num_classes == 0 else lab).float().cpu()
-        )
-    return torch.cat(out)
+def sample_images(
+    lg: LoadedGenerator, labels: np.ndarray, seed: int, batch_size: int = 256, prior: str = "fitted"
+) -> torch.Tensor:
+    """``[N, 1, S, S]`` float images in ``[-1, 1]`` on the CPU, deterministic in ``seed``; codes
+    from the generator's fitted prior when it has one and ``prior == "fitted"``, else N(0, I)."""
+    lab = None if lg.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
+    return lg.generator.sample(lab, n=len(labels), seed=seed, prior=prior, batch_size=batch_size)
+
+
+def prior_used(lg: LoadedGenerator, prior: str) -> str:
+    """What ``prior`` (a config's request) draws from with this generator: ``fitted`` or ``normal``."""
+    return "fitted" if prior == "fitted" and lg.generator.prior.is_fitted else "normal"
 
 
 def _drop_near_copies(
@@ -138,7 +139,7 @@ def _drop_near_copies(
         if not flags.any():
             return images, labels, dropped
         bad = np.flatnonzero(flags)
-        new = sample_images(lg, labels[bad], cfg.seed + 7919 * r, cfg.batch_size)
+        new = sample_images(lg, labels[bad], cfg.seed + 7919 * r, cfg.batch_size, cfg.prior)
         images[bad] = new
         again = memorisation_audit(new, train_x, test_x, cfg.near_copy_percentile)["near_copy"]
         flags = np.zeros_like(flags)
@@ -318,7 +319,10 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     out_abs = out.resolve()
     check_writable(out_abs.parent)
     t0 = time.time()
-    images = sample_images(lg, labels, cfg.seed, cfg.batch_size)
+    used = prior_used(lg, cfg.prior)
+    if used != cfg.prior:
+        print(f"{lg.source} carries no fitted prior (trained before it existed): codes drawn from N(0, I)")
+    images = sample_images(lg, labels, cfg.seed, cfg.batch_size, cfg.prior)
     dropped = 0
     if cfg.drop_near_copies:
         images, labels, dropped = _drop_near_copies(cfg, lg, images, labels)
@@ -370,6 +374,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
             "seed": cfg.seed,
             "n": cfg.n,
             "label": cfg.label,
+            "prior": used,
             "label_names": lg.label_names,
             "synthetic": True,
         }
@@ -421,7 +426,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         }
         with tracking.Tracker(cfg.tracking, out) as tr:
             tr.start(None, cfg.tracking.run_name or out.name, tags)
-            tr.log_params(flatten(to_dict(cfg)))
+            tr.log_params({**flatten(to_dict(cfg)), "prior_used": used})
             metrics = {f"count/{k}": float(v) for k, v in counts.items()}
             tr.log_metrics({**metrics, "near_copies_dropped": float(dropped)}, step=0)
             tr.log_artifact(manifest, "generated")
@@ -436,4 +441,5 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "run_id": run_id,
         "preview": str(grid),
         "near_copies_dropped": dropped,
+        "prior": used,
     }

@@ -50,10 +50,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
                 count, seed = int(row["count"]), int(row["seed"])
                 if count < 1:
                     raise ValueError(f"count must be >= 1, got {count}")
-                z = torch.randn(count, dec.latent_dim, generator=torch.Generator().manual_seed(seed))
                 label = self._label_index(row.get("label", ""))
                 labels = None if label < 0 else torch.full((count,), label, dtype=torch.long)
-                out.append(self.generator(z, labels).float().numpy())
+                out.append(self.generator.sample(labels, n=count, seed=seed).numpy())
         size = dec.image_size
         return np.concatenate(out) if out else np.zeros((0, 1, size, size), np.float32)
 

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,9 @@ def load_generator_uri(uri: str, tracking_uri: str = "") -> Generator:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
                 return Generator.from_spec(spec, state).eval()
             except Exception as e:
-                raise ValueError(f"MLflow model {uri}: generator files unusable ({type(e).__name__}: {e})") from e
+                raise ValueError(
+                    f"MLflow model {uri}: generator files unusable ({type(e).__name__}: {e})"
+                ) from e
         if os.environ.get(TRUST_ENV) != "1":
             raise UnsafeModelError(
                 f"MLflow model {uri} is stored with pickle ({', '.join(flavors) or 'no flavor'}): loading "
@@ -103,7 +106,10 @@ def generator_from_checkpoint(path: str | Path, payload: dict | None = None) -> 
     dec = Decoder(**autoencoder_kwargs(mcfg), head=mcfg.decoder_head)
     ckpt.load_module_state(dec, payload["models"]["decoder"], "decoder", path)
     names = {int(k): str(v) for k, v in payload.get("label_names", {}).items()}
-    return Generator(dec, names), mcfg
+    gen = Generator(dec, names)
+    if payload.get("prior"):  # checkpoints from before the fitted prior have none: N(0, I)
+        ckpt.load_module_state(gen.prior, payload["prior"], "prior", path)
+    return gen, mcfg
 
 
 def source_run_id(uri: str) -> str:
@@ -186,9 +192,12 @@ def log_generator_model(
     with tempfile.TemporaryDirectory(prefix="cxr-model-") as tmp:
         spec_path, weights_path = Path(tmp) / "generator.json", Path(tmp) / "generator.pt"
         spec_path.write_text(json.dumps(gen.export_spec(model_cfg), indent=1))
-        torch.save({k: v.detach().cpu() for k, v in gen.decoder.state_dict().items()}, weights_path)
+        torch.save({k: v.detach().cpu() for k, v in gen.state_dict().items()}, weights_path)
         # log_model needs an active run; nested: a parent run may be active in this process
-        with mlflow.start_run(run_id=run_id, nested=True):
+        with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+            # predict takes a DataFrame and validates it itself: MLflow's advice to add type
+            # hints for its own validation is noise to the user
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
             info = mlflow.pyfunc.log_model(
                 name="generator",
                 python_model=str(PYFUNC_CODE),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from networks.config import ClassifierConfig, ModelConfig
+from networks.config import PRIORS, ClassifierConfig, ModelConfig
 from transforms.config import MAX_PIXELS, TransformConfig
 
 
@@ -167,6 +167,9 @@ class GenerateConfig:
     checkpoint: str = ""  # a train checkpoint (.pt) or an MLflow model URI (runs:/..., models:/...)
     n: int = 64
     label: str = "balanced"  # balanced | a class name | a class index
+    # fitted: codes from the generator's fitted per-class prior (networks/prior.py), or N(0, I)
+    # with a note when it has none (trained before it existed); normal: always N(0, I)
+    prior: str = "fitted"
     out: str = "outputs/generated"
     seed: int = 0
     batch_size: int = 256
@@ -192,6 +195,8 @@ class GenerateConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
 
 
 # --------------------------------------------------------------------- classify (pipeline.classify)
@@ -263,6 +268,7 @@ class EvaluateConfig:
     k: int = 5
     bootstrap: int = 200
     near_copy_percentile: float = 1.0
+    prior: str = "fitted"  # a generator's codes: fitted (its fitted prior, if it has one) | normal (N(0, I))
     anomaly_checkpoint: str = ""  # a model trained on normal images only (unconditioned)
     normal_label: int = 0
     seed: int = 0
@@ -286,6 +292,8 @@ class EvaluateConfig:
                 "checkpoint is required (a train checkpoint .pt or an MLflow model URI), or samples= "
                 "(a manifest or a folder of generated images)"
             )
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.samples and not self.reference:
             raise ValueError(
                 "samples= needs reference= (the manifest of the real images): with samples there is no "

@@ -298,7 +298,13 @@ def evaluate(model: VAEGAN, loader, device: torch.device, lcfg: LossConfig) -> d
 # nor where it logs (how it was started, how often it saves, CPU threads). Anything else that
 # differs refuses the resume, naming the keys.
 RESUME_MAY_DIFFER = (
-    "epochs", "resume", "out_dir", "tracking.run_name", "ckpt_every", "threads", "tracking.retry_s",
+    "epochs",
+    "resume",
+    "out_dir",
+    "tracking.run_name",
+    "ckpt_every",
+    "threads",
+    "tracking.retry_s",
 )
 
 
@@ -315,7 +321,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = engine.run_folder(
-            cfg.out_dir, cfg.tracking.run_name, cfg.resume, f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}"
+            cfg.out_dir,
+            cfg.tracking.run_name,
+            cfg.resume,
+            f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}",
         )
         with engine.RunLock(run_dir, enabled=dinfo.is_main):
             return _train(cfg, dinfo, run_dir)
@@ -387,6 +396,9 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
     val_ds = build_dataset(val_items, cfg.data, train=False)
     train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
     val_loader = make_loader(val_ds, cfg.data, shuffle=False)
+    # the fitted prior is fitted to the unaugmented training images' posterior means
+    fit_ds = train_ds if batch_aug is not None else build_dataset(train_items, cfg.data, train=False)
+    fit_loader = make_loader(fit_ds, cfg.data, shuffle=False) if cfg.model.prior == "fitted" else None
 
     model = VAEGAN(cfg.model)
     if dinfo.enabled and device.type == "cuda":
@@ -411,6 +423,8 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
             ckpt.load_optimizer_state(
                 opt, resumed["optimizers"][name], groups.modules[name], resumed["models"][name]
             )
+        if resumed.get("prior"):
+            ckpt.load_module_state(model.prior, resumed["prior"], "prior", resume_path)
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         step, start_epoch, skip = int(resumed["step"]), int(resumed["epoch"]), int(resumed["batch_in_epoch"])
@@ -442,6 +456,7 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
     def payload(step_: int, epoch_: int, batch_in_epoch: int) -> dict[str, Any]:
         return {
             "models": {k: m.state_dict() for k, m in groups.modules.items()},
+            "prior": model.prior.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in groups.opts.items()},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "step": step_,
@@ -564,6 +579,8 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
             log_fn(val_metrics, step)
             metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
             if dinfo.is_main:
+                if fit_loader is not None:
+                    model.fit_prior(fit_loader, device)
                 grid_path, recon_path = _save_grids(
                     model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device, real_grids, names
                 )
@@ -597,7 +614,9 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         print(f"sample grid: {grid_path}")
         print(f"reconstruction grid: {recon_path}")
         print(f"look at the run: {tracking.ui_command(tracker.uri)}")
-        print(f"  then http://127.0.0.1:5000 -> experiment {cfg.tracking.experiment} -> Runs -> {run_dir.name}")
+        print(
+            f"  then http://127.0.0.1:5000 -> experiment {cfg.tracking.experiment} -> Runs -> {run_dir.name}"
+        )
     return {
         "run_id": tracker.run_id,
         "run_dir": str(run_dir),
@@ -626,12 +645,13 @@ def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: di
 def _save_grids(
     model, run_dir: Path, epoch: int, z, y, vx, vy, device, real=True, names=None
 ) -> tuple[Path, Path | None]:
-    """The prior-sample grid (columns headed by their class), and (``real``) the validation
+    """The prior-sample grid (columns headed by their class; codes from the model's prior, fitted
+    or N(0, I)), and (``real``) the validation
     images beside their reconstructions."""
     model.eval()
     with torch.no_grad():
         cond = y.to(device) if model.cfg.num_classes > 0 else None
-        samples = model.decoder(z.to(device), cond).float().cpu()
+        samples = model.decoder(model.prior(z.to(device), cond), cond).float().cpu()
         vcond = vy.to(device) if model.cfg.num_classes > 0 else None
         mu, _ = model.encoder(vx.to(device), vcond)
         rec = model.decoder(mu, vcond).float().cpu()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 from collections import namedtuple
 from pathlib import Path
@@ -113,7 +114,44 @@ def test_loads_from_mlflow_model_uri(tmp_path, phantom_manifest):
     # lineage: both know the training run that made them
     assert a.run_id == b.run_id == res["run_id"]
     labels = resolve_labels("balanced", 4, a)
+    # the fitted prior travels in the model's weights: the same images, not N(0, I) ones
+    assert a.generator.prior.is_fitted and b.generator.prior.is_fitted
     torch.testing.assert_close(sample_images(a, labels, 0), sample_images(b, labels, 0))
+
+
+def test_fitted_prior_round_trips_through_the_checkpoint_and_prior_normal_turns_it_off(
+    tmp_path, phantom_generator, capsys
+):
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.evaluate import load_vaegan
+    from pipeline.manifest import sidecar_path
+
+    ck = phantom_generator["checkpoint"]
+    payload = load_checkpoint(ck)
+    assert bool(payload["prior"]["fitted"])  # train fitted it to the training codes at the epoch end
+    model, _, _ = load_vaegan(ck)
+    labels = np.array([0, 1, 0, 1])
+    # the generator rebuilt from the checkpoint draws what the trained model draws
+    torch.testing.assert_close(
+        sample_images(load_generator(ck), labels, 5),
+        model.generator().sample(torch.as_tensor(labels), seed=5),
+    )
+    fitted = generate(_cfg(tmp_path, ck, "f", "n=4", "log_mlflow=false"))
+    normal = generate(_cfg(tmp_path, ck, "n", "n=4", "prior=normal", "log_mlflow=false"))
+    assert (fitted["prior"], normal["prior"]) == ("fitted", "normal")
+    # recorded with the set
+    assert json.loads(sidecar_path(normal["manifest"]).read_text())["prior"] == "normal"
+    hashes = {k: list(pd.read_csv(r["manifest"])["pixel_hash"]) for k, r in (("f", fitted), ("n", normal))}
+    assert hashes["f"] != hashes["n"]
+    # a checkpoint from before the prior existed draws from N(0, I), and says so
+    old = {k: v for k, v in payload.items() if k != "prior"}
+    torch.save(old, tmp_path / "old.pt")
+    capsys.readouterr()
+    res = generate(_cfg(tmp_path, tmp_path / "old.pt", "o", "n=4", "log_mlflow=false"))
+    assert res["prior"] == "normal" and "carries no fitted prior" in capsys.readouterr().out
+    assert list(pd.read_csv(res["manifest"])["pixel_hash"]) == hashes["n"]
+    with pytest.raises(ConfigError, match="prior must be one of"):
+        load_config(GenerateConfig, None, ["checkpoint=x.pt", "prior=gmm"])
 
 
 def test_validation_rules(tmp_path, phantom_generator):
@@ -136,9 +174,9 @@ def test_drop_near_copies_replaces_flagged_images(tmp_path, phantom_generator, p
     real_sample = G.sample_images
     calls = {"n": 0}
 
-    def first_draw_copies(lg, labels, seed, batch_size=256):
+    def first_draw_copies(lg, labels, seed, batch_size=256, prior="fitted"):
         calls["n"] += 1
-        out = real_sample(lg, labels, seed, batch_size)
+        out = real_sample(lg, labels, seed, batch_size, prior)
         if calls["n"] == 1:
             out[: min(len(out), 3)] = train_x[:3]
         return out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from networks import VAEGAN, Decoder, Discriminator, Encoder, Generator, ModelConfig
+from networks.prior import LatentPrior
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])
@@ -35,11 +36,84 @@ def test_class_conditioning():
         m.decoder(z)
 
 
-def test_generator_sample_is_deterministic_with_a_generator():
+def test_generator_sample_is_deterministic_in_its_seed_whatever_the_batch_size():
     g = Generator(Decoder(image_size=32, latent_dim=8, base_channels=8)).eval()
-    a = g.sample(3, generator=torch.Generator().manual_seed(0))
-    b = g.sample(3, generator=torch.Generator().manual_seed(0))
-    assert a.shape == (3, 1, 32, 32) and torch.equal(a, b)
+    a = g.sample(None, n=5, seed=0)
+    b = g.sample(None, n=5, seed=0, batch_size=2)
+    assert a.shape == (5, 1, 32, 32)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, g.sample(None, n=5, seed=1))
+    with pytest.raises(ValueError, match="prior must be one of"):
+        g.sample(None, n=2, prior="uniform")
+
+
+def test_latent_prior_is_the_identity_until_fitted_then_draws_each_class_from_its_own_codes():
+    prior = LatentPrior(latent_dim=3, num_classes=2)
+    eps = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4000) % 2
+    assert not prior.is_fitted and torch.equal(prior(eps, y), eps)  # N(0, I) before fitting
+    # posterior means far from the origin, one cluster per class, class 1 stretched along axis 0
+    mu = torch.randn(2000, 3, generator=torch.Generator().manual_seed(1)) * 0.5
+    ymu = torch.arange(2000) % 2
+    mu[ymu == 0] += torch.tensor([5.0, 0.0, 0.0])
+    mu[ymu == 1] = mu[ymu == 1] * torch.tensor([4.0, 1.0, 1.0]) - torch.tensor([0.0, 5.0, 0.0])
+    prior.fit(mu, ymu)
+    z = prior(eps, y)
+    for c in (0, 1):
+        torch.testing.assert_close(z[y == c].mean(0), mu[ymu == c].mean(0), atol=0.15, rtol=0)
+        torch.testing.assert_close(z[y == c].std(0), mu[ymu == c].std(0), atol=0.1, rtol=0.05)
+
+
+def test_latent_prior_validation():
+    with pytest.raises(ValueError, match="latent_dim"):
+        LatentPrior(latent_dim=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        LatentPrior(latent_dim=2, num_classes=-1)
+    with pytest.raises(ValueError, match=r"mu must be \[N, 2\]"):
+        LatentPrior(2).fit(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="shrinkage"):
+        LatentPrior(2).fit(torch.randn(5, 2), shrinkage=1.5)
+    with pytest.raises(ValueError, match="logvar must have mu's shape"):
+        LatentPrior(2).fit(torch.randn(5, 2), logvar=torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=">= 2 codes, got 1"):
+        LatentPrior(2).fit(torch.randn(1, 2))
+
+
+def test_a_class_without_training_codes_draws_from_all_codes_and_says_so():
+    """A subset (data.max_train) may hold one class only: training must not fail at its epoch end."""
+    mu = torch.randn(6, 2) + 3.0
+    with pytest.warns(UserWarning, match=r"class\(es\) \[1\] have fewer than 2"):
+        prior = LatentPrior(2, num_classes=2).fit(mu, torch.tensor([0, 0, 0, 0, 0, 1]))
+    torch.testing.assert_close(prior.mean[1], mu.mean(0))
+
+
+def test_fitted_prior_travels_with_the_exported_generator_and_a_v1_export_still_loads():
+    m = VAEGAN(
+        ModelConfig(image_size=32, latent_dim=8, base_channels=8, max_channels=16, num_classes=2)
+    ).eval()
+    x, y = torch.randn(12, 1, 32, 32), torch.arange(12) % 2
+    assert m.fit_prior([{"image": x, "label": y}])
+    gen = m.generator({0: "normal", 1: "pneumonia"})
+    spec = gen.export_spec(m.cfg)
+    back = Generator.from_spec(spec, gen.state_dict())
+    labels = torch.tensor([0, 1, 1, 0])
+    assert back.prior.is_fitted
+    torch.testing.assert_close(back.sample(labels, seed=3), gen.sample(labels, seed=3))
+    # the fitted prior changes the images: the same noise through N(0, I) decodes differently
+    assert not torch.allclose(gen.sample(labels, seed=3), gen.sample(labels, seed=3, prior="normal"))
+    # a model exported before the prior existed (spec version 1: decoder weights only) loads and
+    # draws from N(0, I)
+    old = Generator.from_spec({**spec, "version": 1}, gen.decoder.state_dict())
+    assert not old.prior.is_fitted
+    torch.testing.assert_close(old.sample(labels, seed=3), gen.sample(labels, seed=3, prior="normal"))
+
+
+def test_fit_prior_is_skipped_when_the_model_uses_the_normal_prior():
+    m = VAEGAN(ModelConfig(image_size=32, latent_dim=8, base_channels=8, max_channels=16, prior="normal"))
+    assert not m.fit_prior([{"image": torch.randn(4, 1, 32, 32), "label": torch.zeros(4)}])
+    assert not m.prior.is_fitted
+    with pytest.raises(ValueError, match="model.prior must be one of"):
+        ModelConfig(prior="gmm")
 
 
 def test_encoder_validation():

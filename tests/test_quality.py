@@ -318,7 +318,7 @@ def test_samples_score_like_the_generator_they_came_from(
     read_x, read_y = load_samples(csv).images(real_y, 32, 0, 0, 256)
     assert read_x.shape == fake_x.shape and (read_y == syn_y).all()  # every row, in order
 
-    def as_read_back(lg, labels, seed, batch_size=256):
+    def as_read_back(lg, labels, seed, batch_size=256, prior="fitted"):
         assert (labels == syn_y).all() and seed == 0
         return read_x.clone()
 

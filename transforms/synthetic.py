@@ -38,7 +38,8 @@ class GeneratorSource:
     """Draws images on the fly from a VAE-GAN generator (checkpoint path or MLflow model URI).
 
     Images are produced in blocks of ``block`` per label and handed out one by one, so the cost
-    of a decoder call is shared; the latent codes come from the caller's random state.
+    of a decoder call is shared; the latent codes come from the caller's random state, through the generator's prior
+    (fitted, when it carries one).
     """
 
     def __init__(self, checkpoint: str | Path | Any, device: str = "cpu", block: int = 64) -> None:
@@ -61,12 +62,13 @@ class GeneratorSource:
             raise ValueError(
                 f"label {label} is not a class of the generator ({self.gen.num_classes} classes)"
             )
-        z = torch.from_numpy(
+        eps = torch.from_numpy(
             rng.standard_normal((1, self.gen.generator.decoder.latent_dim)).astype(np.float32)
         )
         dev = next(self.gen.generator.parameters()).device
         lab = None if self.gen.num_classes == 0 else torch.tensor([label], device=dev)
-        return self.gen.generator(z.to(dev), lab).float().cpu()[0]
+        z = self.gen.generator.prior(eps.to(dev), lab)  # the fitted prior when it has one, else N(0, I)
+        return self.gen.generator(z, lab).float().cpu()[0]
 
 
 class ManifestSource:
