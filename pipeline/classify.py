@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from networks.classifier import ClassifierConfig, CXRClassifier
+from networks.classifier import CXRClassifier
 from pipeline import distributed, engine
 from pipeline.data import build_dataset, make_loader, make_train_loader, records, resolve_manifest
+from pipeline.loaders import file_sha256, synthetic_source
 from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.stage_configs
     ARMS,
     ClassifyConfig,
@@ -59,25 +60,10 @@ def evaluate(model: CXRClassifier, loader, device: torch.device) -> dict[str, fl
     return {"auroc": auroc(y, p), "loss": loss}
 
 
-def load_classifier(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[CXRClassifier, dict[str, Any]]:
-    """A classifier checkpoint written by :func:`classify` (``weights_only`` load)."""
-    from pipeline import checkpoint as ckpt
-    from pipeline.config import from_dict
-
-    payload = ckpt.load_checkpoint(path)
-    mcfg = from_dict(ClassifierConfig, payload["config"]["model"])
-    model = CXRClassifier(mcfg)
-    ckpt.load_module_state(model, payload["model"], "classifier", path)
-    return model.to(device).eval(), payload
-
-
 def training_provenance(arm: str, manifest: str | Path, source: str | Path) -> dict[str, Any]:
     """What a classifier checkpoint records about its training data: ``arm`` and
     ``train_manifest`` (``path`` and ``sha256`` of the manifest trained on; ``source_path`` and
     ``source_sha256`` of the manifest a ``fraction`` < 1 subset was drawn from, else the same)."""
-    from pipeline.generate import file_sha256
 
     digest = file_sha256(manifest)
     src_digest = digest if Path(source) == Path(manifest) else file_sha256(source)
@@ -95,14 +81,14 @@ def training_provenance(arm: str, manifest: str | Path, source: str | Path) -> d
 def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device):
     """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
     from transforms.presets import tensor_augment_transforms
-    from transforms.synthetic import SyntheticMixDataset, make_source
+    from transforms.synthetic import SyntheticMixDataset
 
     classical = cfg.arm in ("classical", "classical+synthetic")
     real = build_dataset(items, cfg.data, train=classical)
     if "synthetic" not in cfg.arm:
         return real, (real, None)
     labels = [int(it["label"]) for it in items]
-    source = make_source(cfg.synthetic, cfg.data.image_size, str(device))
+    source = synthetic_source(cfg.synthetic, cfg.data.image_size, device)
     syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment else None
     if cfg.arm == "synthetic_only":
         ds = SyntheticMixDataset.synthetic_only(real, labels, source, seed=cfg.seed)
@@ -120,8 +106,8 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     from pipeline import tracking
     from pipeline.config import flatten, to_dict
     from pipeline.data import write_subset_manifest
-    from pipeline.manifest import label_names, read_manifest
     from pipeline.viz import plot_curves, plot_roc
+    from transforms.manifest import label_names, read_manifest
 
     manifest = resolve_manifest(cfg.data)
     source_manifest = manifest  # the manifest a fraction < 1 subset is drawn from
@@ -338,7 +324,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
             "roc": str(roc),
         }
         # written last: its presence marks the arm as done (the gain stage skips it on a re-run)
-        from pipeline.manifest import atomic_write_text
+        from transforms.manifest import atomic_write_text
 
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
         distributed.shutdown(dinfo)

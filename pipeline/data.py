@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
-from pipeline.manifest import ManifestError, read_manifest
 from pipeline.stage_configs import DataConfig  # also re-exported; it lives in pipeline.stage_configs
+from transforms.manifest import ManifestError, read_manifest
 from transforms.presets import TransformConfig, eval_transforms, train_transforms
 
 PHANTOM_MANIFEST = "data_manifests/phantoms.csv"
@@ -24,7 +24,7 @@ PHANTOM_MANIFEST = "data_manifests/phantoms.csv"
 def default_manifest() -> Path:
     """Generate (once) and ingest the embedded phantom data set; return its manifest."""
     from pipeline.ingest import IngestConfig, ingest
-    from pipeline.phantoms import ensure_phantom_dataset
+    from transforms.phantoms import ensure_phantom_dataset
 
     manifest = Path(PHANTOM_MANIFEST)
     root = ensure_phantom_dataset()
@@ -165,7 +165,7 @@ def write_subset_manifest(manifest: str | Path, fraction: float, seed: int, out:
     """
     import json
 
-    from pipeline.manifest import COLUMNS, resolve_data_root, sidecar_path, write_manifest
+    from transforms.manifest import COLUMNS, resolve_data_root, sidecar_path, write_manifest
 
     df, _ = read_manifest(manifest)
     df = df.drop(columns=["abs_path"])

@@ -36,8 +36,18 @@ import numpy as np
 import torch
 
 from pipeline import model_store
-from pipeline.manifest import may_hold_burned_in
+from pipeline.loaders import (
+    LoadedGenerator,
+    file_sha256,
+    load_classifier,
+    load_generator,
+    load_images,
+    load_items,
+    resolve_labels,
+    sample_images,
+)
 from pipeline.stage_configs import EvaluateConfig, TrackingConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
+from transforms.manifest import may_hold_burned_in
 
 
 def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
@@ -105,8 +115,7 @@ class Source:
         ``n`` (0 = as many as ``real_y``) with labels following the reference's class mix, so
         class-conditional models are compared fairly."""
         if self.items is not None:
-            return _load_items(self.items, size)
-        from pipeline.generate import sample_images
+            return load_items(self.items, size)
 
         n = n or len(real_y)
         y = real_y[np.arange(n) % len(real_y)] if self.num_classes else np.full(n, -1)
@@ -116,7 +125,6 @@ class Source:
 def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
     """A train checkpoint, or a ``models:/``/``runs:/`` generator whose training run's params
     (found through the model's lineage) say which data it was trained on."""
-    from pipeline.generate import LoadedGenerator, file_sha256, load_generator
 
     if not model_store.is_model_uri(checkpoint):
         model, tcfg, payload = load_vaegan(checkpoint, device)
@@ -153,8 +161,7 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
     Lists and hashes the files (the report and MLflow record the source: a manifest's path and
     sha256, a folder's path and the sha256 of its file names and contents, and the file count);
     :meth:`Source.images` reads them."""
-    from pipeline.generate import file_sha256
-    from pipeline.manifest import ManifestError, read_manifest, sidecar_path
+    from transforms.manifest import ManifestError, read_manifest, sidecar_path
 
     path = Path(samples)
     meta: dict[str, Any] = {"samples": str(path)}
@@ -197,29 +204,6 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
     return Source(None, None, "samples", "", 0, items=items, samples_meta=meta, burned_in=burned)
 
 
-def load_images(
-    manifest: str | Path, split: str, image_size: int, limit: int = 0
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Preprocessed ``[N, 1, S, S]`` images in ``[-1, 1]`` and their labels."""
-    from pipeline.data import records
-
-    return _load_items(records(manifest, split, limit), image_size)
-
-
-def _load_items(items: list[dict], image_size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """``{"image": path, "label": int}`` records read and preprocessed as evaluation images."""
-    from monai.data import DataLoader
-
-    from pipeline.data import DataConfig, build_dataset
-
-    ds = build_dataset(items, DataConfig(image_size=image_size), train=False)
-    xs, ys = [], []
-    for b in DataLoader(ds, batch_size=256, shuffle=False):
-        xs.append(b["image"].float())
-        ys.append(torch.as_tensor(b["label"]))
-    return torch.cat(xs), torch.cat(ys).numpy().astype(int)
-
-
 @torch.no_grad()
 def _features(model, x: torch.Tensor, device, bs: int = 256) -> tuple[torch.Tensor, np.ndarray]:
     feats, probs = [], []
@@ -249,7 +233,6 @@ def check_extractor(
 
     Returns "" when it is; otherwise raises ``ValueError`` naming the extractor, what it was
     trained on and the override, or with ``allow_foreign`` returns that reason."""
-    from pipeline.generate import file_sha256
 
     config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
     arms = {a for a in (payload.get("arm"), config.get("arm")) if a is not None}
@@ -316,8 +299,6 @@ def class_fidelity(
     "labelled" images would teach a classifier wrong labels. Empty for a generator that is not
     conditioned on two classes.
     """
-    from pipeline.classify import load_classifier
-    from pipeline.generate import load_generator, resolve_labels, sample_images
     from pipeline.metrics import bootstrap_ci
 
     lg = load_generator(generator, device)
@@ -375,10 +356,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     from pipeline import quality as Q
     from pipeline import tracking
-    from pipeline.classify import load_classifier
     from pipeline.config import flatten, to_dict
     from pipeline.engine import check_writable, pick_device
-    from pipeline.generate import file_sha256
     from pipeline.metrics import auroc, bootstrap_ci
     from pipeline.viz import pairs, plot_roc, save_grid
 

@@ -45,7 +45,7 @@ import pandas as pd
 from pipeline import distributed
 from pipeline.classify import ClassifyConfig, classify
 from pipeline.config import ConfigError, flatten, to_dict
-from pipeline.generate import file_sha256
+from pipeline.loaders import file_sha256
 from pipeline.stage_configs import ARMS, DEFAULT_ARMS, EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
 
 # ------------------------------------------------------------------------------ config keys
@@ -127,7 +127,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_record(folder: Path, flat: dict[str, Any], parent_id: str | None, run_id: str | None) -> None:
-    from pipeline.manifest import atomic_write_text
+    from transforms.manifest import atomic_write_text
 
     record = {"key": config_key(flat), "parent_run_id": parent_id, "run_id": run_id, "config": flat}
     atomic_write_text(folder / KEY_FILE, json.dumps(record, indent=1, sort_keys=True))
@@ -315,8 +315,8 @@ def _check_inputs(cfg: GainConfig, base: ClassifyConfig) -> Path:
     """Every input the study reads, checked before a run is created; returns the manifest.
     Raises one ConfigError listing every problem, each naming its key."""
     from pipeline.data import resolve_manifest
-    from pipeline.manifest import ManifestError, read_manifest
     from pipeline.model_store import is_model_uri
+    from transforms.manifest import ManifestError, read_manifest
 
     problems: list[str] = []
     manifest = None
@@ -793,7 +793,7 @@ def _parent_run(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path
 
     from pipeline import tracking
     from pipeline.engine import check_writable
-    from pipeline.manifest import atomic_write_text
+    from transforms.manifest import atomic_write_text
 
     check_writable(out)
     tcfg = copy.deepcopy(base.tracking)

@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,103 +31,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from networks.vaegan import Generator
-from pipeline import checkpoint as ckpt
-from pipeline import model_store
+from pipeline.loaders import (
+    LoadedGenerator,
+    load_generator,
+    load_images,
+    prior_used,
+    resolve_labels,
+    sample_images,
+)
 from pipeline.stage_configs import GenerateConfig  # also re-exported; it lives in pipeline.stage_configs
-from pipeline.tracking import TrackingConfig, resolve_uri
+from pipeline.tracking import resolve_uri
 
 SYNTHETIC_COLUMNS = ("synthetic", "seed", "index", "source", "source_sha256")
-
-
-@dataclass
-class LoadedGenerator:
-    generator: Generator
-    label_names: dict[int, str]
-    source: str
-    sha256: str
-    run_id: str = ""  # the MLflow run that trained it (lineage), "" when unknown
-
-    @property
-    def image_size(self) -> int:
-        return int(self.generator.decoder.image_size)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.generator.decoder.num_classes)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def state_sha256(module: torch.nn.Module) -> str:
-    """Hash of the weights themselves (names, shapes, bytes): the same for any file holding them."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_generator(
-    source: str | Path, device: str | torch.device = "cpu", tracking_uri: str = ""
-) -> LoadedGenerator:
-    """A generator from a train checkpoint or an MLflow model URI, loaded as data (weights only,
-    never unpickled: ``pipeline.model_store``). ``tracking_uri``: where ``models:/``/``runs:/``
-    addresses are looked up (default: ``MLFLOW_TRACKING_URI``, else the embedded store)."""
-    src = str(source)
-    if model_store.is_model_uri(src):
-        gen = model_store.load_generator_uri(src, tracking_uri or resolve_uri(TrackingConfig()))
-        run_id = model_store.source_run_id(src)
-        return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, state_sha256(gen), run_id)
-    payload = ckpt.load_checkpoint(src)
-    gen, _ = model_store.generator_from_checkpoint(src, payload)
-    run_id = str(payload.get("mlflow_run_id") or "")
-    return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, file_sha256(src), run_id)
-
-
-def resolve_labels(spec: str, n: int, lg: LoadedGenerator) -> np.ndarray:
-    """``balanced`` cycles the classes; a name or index repeats one class. -1 = unconditioned."""
-    if lg.num_classes == 0:
-        if spec != "balanced":
-            raise ValueError(f"label={spec!r}: this generator is not class-conditioned; use label=balanced")
-        return np.full(n, -1, dtype=np.int64)
-    if spec == "balanced":
-        return np.arange(n, dtype=np.int64) % lg.num_classes
-    by_name = {v.lower(): k for k, v in lg.label_names.items()}
-    if spec.lower() in by_name:
-        return np.full(n, by_name[spec.lower()], dtype=np.int64)
-    if spec.lstrip("-").isdigit() and 0 <= int(spec) < lg.num_classes:
-        return np.full(n, int(spec), dtype=np.int64)
-    known = ", ".join(sorted(lg.label_names.values())) or f"indices 0..{lg.num_classes - 1}"
-    raise ValueError(f"label={spec!r} is not a class of this generator (known: {known}, or balanced)")
-
-
-def sample_images(
-    lg: LoadedGenerator, labels: np.ndarray, seed: int, batch_size: int = 256, prior: str = "fitted"
-) -> torch.Tensor:
-    """``[N, 1, S, S]`` float images in ``[-1, 1]`` on the CPU, deterministic in ``seed``; codes
-    from the generator's fitted prior when it has one and ``prior == "fitted"``, else N(0, I)."""
-    lab = None if lg.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
-    return lg.generator.sample(lab, n=len(labels), seed=seed, prior=prior, batch_size=batch_size)
-
-
-def prior_used(lg: LoadedGenerator, prior: str) -> str:
-    """What ``prior`` (a config's request) draws from with this generator: ``fitted`` or ``normal``."""
-    return "fitted" if prior == "fitted" and lg.generator.prior.is_fitted else "normal"
 
 
 def _drop_near_copies(
     cfg: GenerateConfig, lg: LoadedGenerator, images: torch.Tensor, labels: np.ndarray, max_rounds: int = 20
 ) -> tuple[torch.Tensor, np.ndarray, int]:
     """Replace near-copies of training images by fresh draws (seeded from ``cfg.seed``)."""
-    from pipeline.evaluate import load_images
     from pipeline.quality import memorisation_audit
 
     train_x, _ = load_images(cfg.drop_near_copies, "train", lg.image_size)
@@ -307,8 +227,8 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     from PIL import Image
 
     from pipeline.engine import check_writable, pick_device
-    from pipeline.manifest import COLUMNS, atomic_write_text, sidecar_path, write_manifest
     from pipeline.viz import save_grid
+    from transforms.manifest import COLUMNS, atomic_write_text, sidecar_path, write_manifest
 
     out = Path(cfg.out)
     _check_out_folder(out, cfg.overwrite)

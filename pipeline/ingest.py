@@ -48,9 +48,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import phi
-from pipeline.manifest import COLUMNS, SPLITS, is_inside, write_csv, write_manifest
 from pipeline.stage_configs import UNCERTAIN, IngestConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
+from transforms import phi
 from transforms.io import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
@@ -65,6 +64,7 @@ from transforms.io import (
     redact_values,
     suffix_of,
 )
+from transforms.manifest import COLUMNS, SPLITS, is_inside, write_csv, write_manifest
 
 SKIP_SUFFIXES = {".csv", ".json", ".md", ".txt", ".yaml", ".yml", ".py", ".log"}
 # split folder (or CSV split value) -> split, case-insensitive

@@ -31,7 +31,6 @@ from pipeline.data import (
     records,
     resolve_manifest,
 )
-from pipeline.manifest import label_names, may_hold_burned_in, read_manifest
 from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.stage_configs
     DataConfig,
     GuardConfig,
@@ -43,6 +42,7 @@ from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the confi
 )
 from pipeline.tracking import git_commit
 from pipeline.viz import pairs, plot_curves, save_grid
+from transforms.manifest import label_names, may_hold_burned_in, read_manifest
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -16,7 +16,7 @@ def _quiet_tqdm(monkeypatch):
 def phantom_manifest(tmp_path_factory):
     """A tiny embedded-default data set (procedural phantoms), ingested into a manifest."""
     from pipeline.ingest import IngestConfig, ingest
-    from pipeline.phantoms import ensure_phantom_dataset
+    from transforms.phantoms import ensure_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantoms")
     ensure_phantom_dataset(root / "png", n_per_class=20, n_test_per_class=6, size=64, seed=0)

@@ -19,8 +19,8 @@ from cxr_factory import chest_like, make_dicom, make_png
 from PIL import Image
 
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.manifest import ManifestError, read_manifest
 from transforms.io import CXRReadError, read_header, read_image
+from transforms.manifest import ManifestError, read_manifest
 
 
 def _dicom_variant(path: Path, mutate) -> Path:

@@ -129,7 +129,7 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
 
 def test_fraction_subsets_are_whole_patients_stratified(tmp_path, phantom_manifest):
     from pipeline.data import write_subset_manifest
-    from pipeline.manifest import read_manifest
+    from transforms.manifest import read_manifest
 
     full, _ = read_manifest(phantom_manifest)
     sub_path = write_subset_manifest(phantom_manifest, 0.5, 0, tmp_path / "sub.csv")

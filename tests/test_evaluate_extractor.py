@@ -65,7 +65,7 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
 
     # the extractor the classify stage records (arm=real on the reference manifest) is accepted
     from pipeline.evaluate import check_extractor
-    from pipeline.generate import file_sha256
+    from pipeline.loaders import file_sha256
 
     payload = torch.load(phantom_extractor, map_location="cpu", weights_only=True)
     assert payload["arm"] == "real"

@@ -13,7 +13,8 @@ import torch
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config
-from pipeline.generate import GenerateConfig, generate, load_generator, resolve_labels, sample_images
+from pipeline.generate import GenerateConfig, generate
+from pipeline.loaders import load_generator, resolve_labels, sample_images
 from transforms.io import read_image
 
 
@@ -43,8 +44,8 @@ def test_same_seed_same_images_other_seed_differs(tmp_path, phantom_generator):
 
 
 def test_manifest_records_label_seed_and_source_hash(tmp_path, phantom_generator):
-    from pipeline.generate import file_sha256
-    from pipeline.manifest import read_manifest
+    from pipeline.loaders import file_sha256
+    from transforms.manifest import read_manifest
 
     ck = phantom_generator["checkpoint"]
     res = generate(_cfg(tmp_path, ck, "g", "n=6", "label=balanced", "seed=7"))
@@ -124,7 +125,7 @@ def test_fitted_prior_round_trips_through_the_checkpoint_and_prior_normal_turns_
 ):
     from pipeline.checkpoint import load_checkpoint
     from pipeline.evaluate import load_vaegan
-    from pipeline.manifest import sidecar_path
+    from transforms.manifest import sidecar_path
 
     ck = phantom_generator["checkpoint"]
     payload = load_checkpoint(ck)
@@ -168,7 +169,7 @@ def test_validation_rules(tmp_path, phantom_generator):
 def test_drop_near_copies_replaces_flagged_images(tmp_path, phantom_generator, phantom_manifest, monkeypatch):
     """Force every first draw to be a training image: the option must replace all of them."""
     import pipeline.generate as G
-    from pipeline.evaluate import load_images
+    from pipeline.loaders import load_images
 
     train_x, _ = load_images(phantom_manifest, "train", 32)
     real_sample = G.sample_images
@@ -274,7 +275,7 @@ def test_dicoms_of_one_call_share_one_study_and_one_series(tmp_path, phantom_gen
 
 
 def test_existing_folder_is_refused_unless_overwrite_replaces_it(tmp_path, phantom_generator):
-    from pipeline.manifest import read_manifest
+    from transforms.manifest import read_manifest
 
     ck = phantom_generator["checkpoint"]
     out = tmp_path / "o"

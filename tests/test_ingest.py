@@ -20,9 +20,9 @@ from pipeline.ingest import (
     patient_from_filename,
     patient_from_path,
 )
-from pipeline.manifest import may_hold_burned_in, read_manifest
 from pipeline.run import main as run_main
 from transforms.io import read_image
+from transforms.manifest import may_hold_burned_in, read_manifest
 
 
 def _good_folder(root, n=6):

@@ -47,7 +47,7 @@ def test_installed_copy_finds_configs_and_keeps_state_in_the_working_folder(unpa
     assert show.returncode == 0, show.stderr[-1500:]
     assert "run_name: kermany64-vaegan" in show.stdout
     code = (
-        "from pipeline import phi, tracking; import pipeline; "
+        "from pipeline import tracking; from transforms import phi; import pipeline; "
         "print(pipeline.__file__); print(tracking.resolve_uri(tracking.TrackingConfig())); "
         "phi.get_salt(); print('salt ok')"
     )

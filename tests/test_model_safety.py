@@ -19,9 +19,8 @@ import torch
 from cxr_factory import REPO
 
 from pipeline import model_store, tracking
-from pipeline.generate import load_generator
+from pipeline.loaders import load_generator, synthetic_source
 from pipeline.model_store import UnsafeModelError
-from transforms.synthetic import GeneratorSource
 
 MARKER_ENV = "CXR_TEST_MARKER"
 
@@ -71,13 +70,15 @@ def test_payload_is_live_when_trusted_explicitly(pickled_model, monkeypatch):
 
 
 @pytest.mark.parametrize("address", ["file", "models"])
-def test_pickled_model_is_refused_and_never_runs(pickled_model, address):
+def test_pickled_model_is_refused_and_never_runs(pickled_model, address, monkeypatch):
     src = pickled_model["file_uri"] if address == "file" else "models:/evil/1"
     with pytest.raises(UnsafeModelError, match="pickle"):
         load_generator(src, tracking_uri=pickled_model["uri"])
-    # the synthetic-augmentation source (classify synthetic=..., evaluate's class fidelity) too
+    # the synthetic-augmentation source (classify synthetic=...) too, found through the
+    # tracking URI a user would set
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pickled_model["uri"])
     with pytest.raises(UnsafeModelError):
-        GeneratorSource(src)
+        synthetic_source(src, 32)
     assert not pickled_model["marker"].exists()
 
 

@@ -116,7 +116,7 @@ def _salt_in_process(folders: list[str], barrier, queue) -> None:
     import os
 
     os.environ.pop("CXR_VAEGAN_SALT", None)
-    from pipeline import phi
+    from transforms import phi
 
     got = []
     for folder in folders:
@@ -128,7 +128,7 @@ def _salt_in_process(folders: list[str], barrier, queue) -> None:
 def test_threads_racing_on_a_fresh_folder_get_one_salt(tmp_path, monkeypatch):
     import threading
 
-    from pipeline import phi
+    from transforms import phi
 
     monkeypatch.delenv(phi.SALT_ENV, raising=False)
     for attempt in range(8):  # the race is timing-dependent: several fresh folders
@@ -177,7 +177,7 @@ def test_processes_racing_on_a_fresh_folder_get_one_salt(tmp_path):
 
 
 def test_default_salt_file_is_in_the_working_directory(tmp_path, monkeypatch):
-    from pipeline import phi
+    from transforms import phi
 
     monkeypatch.delenv(phi.SALT_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -190,7 +190,7 @@ def test_default_salt_file_is_in_the_working_directory(tmp_path, monkeypatch):
 def test_an_empty_salt_file_is_refused(tmp_path, monkeypatch):
     import pytest
 
-    from pipeline import phi
+    from transforms import phi
 
     monkeypatch.delenv(phi.SALT_ENV, raising=False)
     (tmp_path / ".phi_salt").write_bytes(b"")
@@ -204,7 +204,7 @@ def test_an_empty_salt_file_is_refused(tmp_path, monkeypatch):
 def test_a_short_salt_variable_is_refused(tmp_path, monkeypatch):
     import pytest
 
-    from pipeline import phi
+    from transforms import phi
 
     monkeypatch.setenv(phi.SALT_ENV, "short")
     with pytest.raises(ValueError, match="CXR_VAEGAN_SALT"):
@@ -219,8 +219,8 @@ def test_ingest_resolves_the_salt_once_before_its_threads_start(tmp_path, monkey
 
     import pandas as pd
 
-    from pipeline import phi
     from pipeline.ingest import IngestConfig, ingest
+    from transforms import phi
 
     monkeypatch.delenv(phi.SALT_ENV, raising=False)
     work = tmp_path / "work"
@@ -301,7 +301,7 @@ def test_dicom_tag_values_never_reach_logs_warnings_or_quarantine(tmp_path, monk
 def test_an_unwritable_folder_gets_one_salt_per_process_and_one_warning(tmp_path, monkeypatch, capsys):
     import errno
 
-    from pipeline import phi
+    from transforms import phi
 
     monkeypatch.delenv(phi.SALT_ENV, raising=False)
 

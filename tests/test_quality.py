@@ -12,7 +12,7 @@ from pipeline.config import ConfigError, load_config
 
 @pytest.fixture(scope="module")
 def phantoms(phantom_manifest):
-    from pipeline.evaluate import load_images
+    from pipeline.loaders import load_images
 
     train, _ = load_images(phantom_manifest, "train", 32)
     test, _ = load_images(phantom_manifest, "test", 32)
@@ -247,7 +247,8 @@ def test_evaluate_scores_samples_from_a_manifest_or_a_folder(
 
     import mlflow
 
-    from pipeline.generate import GenerateConfig, file_sha256, generate
+    from pipeline.generate import GenerateConfig, generate
+    from pipeline.loaders import file_sha256
 
     gen = generate(
         load_config(
@@ -303,8 +304,9 @@ def test_samples_score_like_the_generator_they_came_from(
     from PIL import Image
 
     import pipeline.generate
-    from pipeline.evaluate import load_images, load_samples, load_source
+    from pipeline.evaluate import load_samples, load_source
     from pipeline.generate import to_uint8
+    from pipeline.loaders import load_images
 
     _, real_y = load_images(phantom_manifest, "test", 32)
     fake_x, syn_y = load_source(phantom_generator["checkpoint"], "cpu", "").images(real_y, 32, 0, 0, 256)

@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from pipeline.data import DataConfig, build_dataset, records
-from transforms.synthetic import (
-    GeneratorSource,
-    ManifestSource,
-    RandSyntheticSwapd,
-    SyntheticMixDataset,
-    make_source,
-)
+from pipeline.loaders import load_generator, synthetic_source
+from transforms.synthetic import GeneratorSource, ManifestSource, RandSyntheticSwapd, SyntheticMixDataset
+
+
+def _source(checkpoint) -> GeneratorSource:
+    return GeneratorSource(load_generator(checkpoint).generator)
 
 
 class ConstSource:
@@ -50,7 +49,7 @@ def test_synthetic_only_has_no_real_image():
 
 
 def test_draws_are_reproducible_per_epoch_and_change_between_epochs(phantom_generator):
-    src = GeneratorSource(phantom_generator["checkpoint"])
+    src = _source(phantom_generator["checkpoint"])
     real, labels = _real(4)
     a = SyntheticMixDataset(real, labels, src, ratio=1.0, seed=1)
     b = SyntheticMixDataset(real, labels, src, ratio=1.0, seed=1)
@@ -87,7 +86,7 @@ def test_manifest_source_reads_generated_images(tmp_path, phantom_generator):
             ],
         )
     )
-    src = make_source(res["manifest"], 32)
+    src = synthetic_source(res["manifest"], 32)
     assert isinstance(src, ManifestSource) and src.labels() == [0, 1]
     img = src.draw(1, np.random.RandomState(0))
     assert img.shape == (1, 32, 32) and float(img.min()) >= -1.0 and float(img.max()) <= 1.0
@@ -100,9 +99,7 @@ def test_mixed_dataset_collates_with_a_real_cache_dataset(phantom_manifest, phan
 
     items = records(phantom_manifest, "train")
     real = build_dataset(items, DataConfig(image_size=32), train=True)
-    ds = SyntheticMixDataset(
-        real, [it["label"] for it in items], GeneratorSource(phantom_generator["checkpoint"])
-    )
+    ds = SyntheticMixDataset(real, [it["label"] for it in items], _source(phantom_generator["checkpoint"]))
     batch = next(iter(DataLoader(ds, batch_size=len(ds), shuffle=False)))
     assert batch["image"].shape == (2 * len(items), 1, 32, 32)
     assert int(batch["synthetic"].sum()) == len(items)
@@ -118,6 +115,9 @@ def test_validation_rules(phantom_generator):
     with pytest.raises(ValueError, match=r"prob must be in \[0, 1\]"):
         RandSyntheticSwapd(ConstSource(), prob=2)
     with pytest.raises(ValueError, match="makes 32px images but the data are 64px"):
-        make_source(phantom_generator["checkpoint"], 64)
+        synthetic_source(phantom_generator["checkpoint"], 64)
     with pytest.raises(ValueError, match="not a class of the generator"):
-        GeneratorSource(phantom_generator["checkpoint"]).draw(7, np.random.RandomState(0))
+        _source(phantom_generator["checkpoint"]).draw(7, np.random.RandomState(0))
+    # the data layer takes a loaded generator; loading (and refusing pickles) is the stages' job
+    with pytest.raises(TypeError, match="load one with pipeline.loaders.load_generator"):
+        GeneratorSource(phantom_generator["checkpoint"])

@@ -152,7 +152,7 @@ def test_checkpoint_from_other_model_config_is_refused(tmp_path, phantom_manifes
 
 
 def test_missing_manifest_fails_before_any_model(tmp_path):
-    from pipeline.manifest import ManifestError
+    from transforms.manifest import ManifestError
 
     with pytest.raises(ManifestError, match="does not exist"):
         train(_tiny(tmp_path / "nope.csv", tmp_path))

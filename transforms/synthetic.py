@@ -8,8 +8,9 @@ Two ways to mix synthetic radiographs of the right label into a real training se
 * :class:`RandSyntheticSwapd`, a MONAI random dictionary transform, replaces the image of a
   dictionary by a synthetic one of the same label with probability ``prob``.
 
-A source is either :class:`GeneratorSource` (images drawn on the fly from a generator checkpoint
-or MLflow model URI) or :class:`ManifestSource` (images read from a manifest written by
+A source is either :class:`GeneratorSource` (images drawn on the fly from a loaded generator;
+``pipeline.loaders.synthetic_source`` builds either kind from a checkpoint, an MLflow model URI or
+a manifest) or :class:`ManifestSource` (images read from a manifest written by
 ``python -m pipeline.run generate``). Both return ``[1, S, S]`` tensors in ``[-1, 1]`` and are
 deterministic given the random state they are handed.
 """
@@ -25,6 +26,10 @@ import torch
 from monai.transforms import MapTransform, RandomizableTransform
 from torch.utils.data import Dataset
 
+from networks.vaegan import Generator
+from transforms.manifest import ManifestError, read_manifest
+from transforms.presets import TransformConfig, eval_transforms
+
 
 class SyntheticSource(Protocol):
     image_size: int
@@ -35,49 +40,42 @@ class SyntheticSource(Protocol):
 
 
 class GeneratorSource:
-    """Draws images on the fly from a VAE-GAN generator (checkpoint path or MLflow model URI).
+    """Draws images on the fly from a generator (:class:`networks.vaegan.Generator`: the decoder
+    and its latent prior), e.g. ``pipeline.loaders.load_generator(path_or_uri).generator``, which
+    loads checkpoints and MLflow models as data.
 
-    Images are produced in blocks of ``block`` per label and handed out one by one, so the cost
-    of a decoder call is shared; the latent codes come from the caller's random state, through the generator's prior
-    (fitted, when it carries one).
+    Codes come from the caller's random state, through the generator's prior (fitted, when it
+    carries one), so an item's image depends only on the state it is handed.
     """
 
-    def __init__(self, checkpoint: str | Path | Any, device: str = "cpu", block: int = 64) -> None:
-        from pipeline.generate import LoadedGenerator, load_generator
-
-        self.gen: LoadedGenerator = (
-            checkpoint if isinstance(checkpoint, LoadedGenerator) else load_generator(checkpoint, device)
-        )
-        if block < 1:
-            raise ValueError(f"block must be >= 1, got {block}")
-        self.block = block
-        self.image_size = self.gen.image_size
+    def __init__(self, generator: Generator) -> None:
+        if not isinstance(generator, Generator):
+            raise TypeError(
+                f"GeneratorSource takes a networks.vaegan.Generator, got {type(generator).__name__}: "
+                "load one with pipeline.loaders.load_generator(path_or_uri).generator"
+            )
+        self.generator = generator.eval()
+        self.num_classes = generator.decoder.num_classes
+        self.image_size = generator.decoder.image_size
 
     def labels(self) -> list[int]:
-        return list(range(self.gen.num_classes)) if self.gen.num_classes else [-1]
+        return list(range(self.num_classes)) if self.num_classes else [-1]
 
     @torch.no_grad()
     def draw(self, label: int, rng: np.random.RandomState) -> torch.Tensor:
-        if self.gen.num_classes and not 0 <= label < self.gen.num_classes:
-            raise ValueError(
-                f"label {label} is not a class of the generator ({self.gen.num_classes} classes)"
-            )
-        eps = torch.from_numpy(
-            rng.standard_normal((1, self.gen.generator.decoder.latent_dim)).astype(np.float32)
-        )
-        dev = next(self.gen.generator.parameters()).device
-        lab = None if self.gen.num_classes == 0 else torch.tensor([label], device=dev)
-        z = self.gen.generator.prior(eps.to(dev), lab)  # the fitted prior when it has one, else N(0, I)
-        return self.gen.generator(z, lab).float().cpu()[0]
+        if self.num_classes and not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} is not a class of the generator ({self.num_classes} classes)")
+        eps = torch.from_numpy(rng.standard_normal((1, self.generator.decoder.latent_dim)).astype(np.float32))
+        dev = next(self.generator.parameters()).device
+        lab = None if self.num_classes == 0 else torch.tensor([label], device=dev)
+        z = self.generator.prior(eps.to(dev), lab)  # the fitted prior when it has one, else N(0, I)
+        return self.generator(z, lab).float().cpu()[0]
 
 
 class ManifestSource:
     """Images of a generated (or any) manifest, preprocessed once and kept in memory per label."""
 
     def __init__(self, manifest: str | Path, image_size: int, split: str | None = None) -> None:
-        from pipeline.manifest import ManifestError, read_manifest
-        from transforms.presets import TransformConfig, eval_transforms
-
         df, _ = read_manifest(manifest, split)
         if df.empty:
             raise ManifestError(f"{manifest}: no images to draw synthetic samples from")
@@ -97,16 +95,6 @@ class ManifestSource:
         if not pool:
             raise ValueError(f"the synthetic manifest has no images of label {label} (has {self.labels()})")
         return pool[rng.randint(len(pool))].clone()
-
-
-def make_source(spec: str | Path, image_size: int, device: str = "cpu") -> SyntheticSource:
-    """A ``.csv`` is a generated manifest; anything else a generator checkpoint or MLflow model URI."""
-    if str(spec).endswith(".csv"):
-        return ManifestSource(spec, image_size)
-    src = GeneratorSource(spec, device)
-    if src.image_size != image_size:
-        raise ValueError(f"generator {spec} makes {src.image_size}px images but the data are {image_size}px")
-    return src
 
 
 class SyntheticMixDataset(Dataset):
