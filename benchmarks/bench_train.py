@@ -186,9 +186,9 @@ def arm_settings(arm: str, cfg: TrainConfig, device: torch.device) -> None:
         engine.cache_cpu_allocations(not naive and cfg.cache_allocations)
 
 
-def build(cfg: TrainConfig, device: torch.device, compile_: bool = False, batch_aug=None):
+def build(cfg: TrainConfig, device: torch.device, compile_: bool = False, batch_aug=None, disc_calls="auto"):
     torch.manual_seed(0)
-    model = VAEGAN(cfg.model).to(device).fuse_norm_act()
+    model = VAEGAN(cfg.model, disc_calls=disc_calls).to(device).fuse_norm_act()
     if cfg.channels_last:
         model = model.to_channels_last()
     groups = Groups(model, cfg.optim)
@@ -301,7 +301,7 @@ ABLATIONS = {
     "allocator cache": "freed memory goes back to the kernel (engine.cache_cpu_allocations(False))",
     "GEMM conv paths": "plain oneDNN for the few-in/few-out convolutions (networks.layers)",
     "fused norm+activation": "batch norm then (Leaky)ReLU as two eager ops (networks.fused)",
-    "split discriminator": "one discriminator call on the concatenated batch (train.SPLIT_DISCRIMINATOR)",
+    "split discriminator": "one discriminator call on the concatenated batch (VAEGAN(disc_calls='joint'))",
     "channels_last": "NCHW tensors everywhere",
     "bf16 autocast": "float32 throughout (CUDA only: CPU runs float32 anyway)",
 }
@@ -311,7 +311,6 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
     """The project step with each speed measure switched off in turn, timed in interleaved blocks
     (every variant's k-th block runs back to back), so a busy moment of a shared machine falls on
     all variants alike. Each measure's share is the slowdown without it."""
-    import pipeline.train as train_mod
 
     batch = random_batch(size, args.batch, device)
     variants: dict[str, Any] = {}
@@ -321,14 +320,13 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
         if name == "bf16 autocast":
             cfg.amp = "off"
         arm_settings("project", cfg, device)
-        _, step_fn, amp = build(cfg, device)
+        _, step_fn, amp = build(cfg, device, disc_calls="joint" if name == "split discriminator" else "auto")
 
         def fn(b, step_fn=step_fn, name=name, cfg=cfg):
             layers.set_cpu_gemm(name != "GEMM conv paths")
             fused.set_fused(name != "fused norm+activation")
             if device.type == "cpu":
                 engine.cache_cpu_allocations(name != "allocator cache" and cfg.cache_allocations)
-            train_mod.SPLIT_DISCRIMINATOR = name != "split discriminator"
             return step_fn(b)
 
         for _ in range(args.warmup):
@@ -343,7 +341,6 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
             _sync(device)
             v["blocks"].append((time.perf_counter() - t) / args.steps)
     arm_settings("project", make_config(size, "project", device), device)
-    train_mod.SPLIT_DISCRIMINATOR = True
     out: dict[str, Any] = {"size": size, "batch": args.batch, "variants": {}}
     base = statistics.median(variants["all on"]["blocks"])
     for name, v in variants.items():

@@ -56,6 +56,20 @@ class ModelConfig:
 
 
 @dataclass
+class LossConfig:
+    """Weights of the VAE-GAN objective's terms (the ``loss`` section of the train config;
+    :mod:`networks.objective`)."""
+
+    # on the per-pixel KL (networks.losses.kl_divergence); with the mean L1 this is a Laplace
+    # likelihood of scale kl_weight (in [-1, 1] units): 1.0 collapses the posterior, 0.05 does not
+    kl_weight: float = 0.05
+    gamma: float = 1.0  # decoder weight of the reconstruction terms against the adversarial term
+    pixel_l1: float = 1.0  # pixel L1 added to the feature reconstruction (0: Larsen's pure Dis_l)
+    adversarial: float = 0.1  # decoder weight of the adversarial term
+    feature: float = 1.0  # weight of the feature-wise reconstruction term
+
+
+@dataclass
 class ClassifierConfig:
     arch: str = "resnet10"  # resnet10 | resnet18 (MONAI ResNet, basic blocks) | densenet121
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # ResNet stage widths

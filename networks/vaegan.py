@@ -22,11 +22,13 @@ from torch import nn
 from networks.config import (  # also re-exported; the config lives in networks.config
     HEADS,
     PRIORS,
+    LossConfig,
     ModelConfig,
 )
 from networks.fused import extension, fuse_adn
 from networks.fused import is_enabled as fused_enabled
 from networks.layers import FewInputConv2d, FewOutputConv2d, adopt
+from networks.objective import DISC_CALLS, vaegan_losses
 from networks.prior import LatentPrior
 
 SUPPORTED_SIZES = (16, 32, 64, 128, 256)
@@ -392,9 +394,15 @@ class VAEGAN(nn.Module):
     """Encoder + decoder (+ discriminator when ``kind == 'vaegan'``) + the latent prior that
     generation draws from (:class:`networks.prior.LatentPrior`, fitted by :meth:`fit_prior`)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, disc_calls: str = "auto") -> None:
+        """``disc_calls``: how real, reconstructed and prior images go through the discriminator
+        (:func:`networks.objective.split_discriminator`): ``auto`` (three calls on CPU and from
+        256 px, else one), ``split`` or ``joint``; the same values either way."""
         super().__init__()
+        if disc_calls not in DISC_CALLS:
+            raise ValueError(f"disc_calls must be one of {DISC_CALLS}, got {disc_calls!r}")
         self.cfg = cfg
+        self.disc_calls = disc_calls
         self.encoder = Encoder(**autoencoder_kwargs(cfg))
         self.decoder = Decoder(**autoencoder_kwargs(cfg), head=cfg.decoder_head)
         self.prior = LatentPrior(cfg.latent_dim, cfg.num_classes)
@@ -469,6 +477,36 @@ class VAEGAN(nn.Module):
         self.encoder.train(was_training)
         self.prior.fit(torch.cat(mus), torch.cat(ys), torch.cat(logvars))
         return True
+
+    def encode(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, logvar)`` of the posterior, each ``[B, latent_dim]``."""
+        return self.encoder(x, labels if self.cfg.num_classes else None)
+
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in ``[-1, 1]`` from codes ``[B, latent_dim]``."""
+        return self.decoder(z, labels if self.cfg.num_classes else None)
+
+    def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The posterior-mean reconstruction of ``x``."""
+        return self.decode(self.encode(x, labels)[0], labels)
+
+    def sample(self, labels: torch.Tensor | None, n: int | None = None, seed: int = 0, prior: str = "fitted"):
+        """``n`` images drawn from the prior (fitted, when it is), see :meth:`Generator.sample`."""
+        return self.generator().sample(labels, n=n, seed=seed, prior=prior)
+
+    def objective(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        lcfg: LossConfig,
+        amp: torch.dtype | None = None,
+        noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The VAE-GAN's losses on one batch (:func:`networks.objective.vaegan_losses`): named terms
+        and one total per network, which :func:`networks.objective.route_gradients` applies."""
+        return vaegan_losses(self, x, labels, lcfg, amp, noise)
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None

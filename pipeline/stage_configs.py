@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from networks.config import PRIORS, ClassifierConfig, ModelConfig
+from networks.config import PRIORS, ClassifierConfig, LossConfig, ModelConfig  # noqa: F401 - LossConfig re-exported
 from transforms.config import MAX_PIXELS, TransformConfig
 
 
@@ -67,17 +67,6 @@ class DataConfig(TransformConfig):
 
 
 # --------------------------------------------------------------------------- train (pipeline.train)
-@dataclass
-class LossConfig:
-    # on the per-pixel KL (networks.losses.kl_divergence); with the mean L1 this is a Laplace
-    # likelihood of scale kl_weight (in [-1, 1] units): 1.0 collapses the posterior, 0.05 does not
-    kl_weight: float = 0.05
-    gamma: float = 1.0  # decoder weight of the reconstruction terms against the adversarial term
-    pixel_l1: float = 1.0  # pixel L1 added to the feature reconstruction (0: Larsen's pure Dis_l)
-    adversarial: float = 0.1  # decoder weight of the adversarial term
-    feature: float = 1.0  # weight of the feature-wise reconstruction term
-
-
 @dataclass
 class OptimConfig:
     lr: float = 3e-4

@@ -1,14 +1,13 @@
 """``python -m pipeline.run train [CONFIG.yaml] [key=value ...]``: train the VAE-GAN (or the plain VAE).
 
-Gradient routing follows Larsen et al. 2016: the encoder learns from KL + feature reconstruction,
-the decoder from gamma x feature reconstruction + adversarial, the discriminator from the
-adversarial loss only. All three losses come from one forward pass; each is back-propagated into
-its own parameter group only (``backward(inputs=...)``), so no loss can leak into another group.
+The model owns its math (:meth:`networks.vaegan.VAEGAN.objective`, :mod:`networks.objective`:
+Larsen et al.'s losses and gradient routing); this stage builds the data, the model and the
+optimisers, runs the epochs (checkpoints, divergence guard, grids, the fitted prior) and tracks
+the run in MLflow.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from networks import losses as L
+from networks.objective import GROUP_LOSSES, route_gradients
 from networks.vaegan import VAEGAN
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, engine, tracking
@@ -63,98 +63,6 @@ class Groups:
         }
 
 
-# With a per-sample discriminator norm (instance, the default), real images, reconstructions and
-# prior samples go through the discriminator in three calls rather than one concatenated batch:
-# the same values, but each of the three backward passes then runs through only the parts it
-# needs (the encoder's through the reconstructions alone): 1.14x faster steps on CPU at 64 px,
-# 1.10x on an H200 at 256 px; on CUDA below 256 px, where the step is bound by kernel launches,
-# one call is faster (1.22x at 64 px) and is kept.
-# False: one call, the reference the split is tested against.
-SPLIT_DISCRIMINATOR = True
-
-
-def compute_losses(
-    model: VAEGAN,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    lcfg: LossConfig,
-    amp: torch.dtype | None = None,
-    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """One forward pass -> named losses, including the per-group totals ``encoder``/``decoder``/``discriminator``.
-
-    ``noise = (eps, z_prior)``, each ``[B, latent_dim]``, fixes the reparameterisation noise and
-    the prior codes (replicas under torchrun take their slice of one global draw); by default both
-    are drawn here.
-    """
-    cond = y if model.cfg.num_classes > 0 else None
-    npix = x[0].numel()
-    ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-    with ctx:
-        mu, logvar = model.encoder(x, cond)
-        z = model.reparameterize(mu.float(), logvar.float(), None if noise is None else noise[0])
-        kl = L.kl_divergence(mu.float(), logvar.float(), per_pixel=npix)
-        if model.discriminator is None:
-            recon = model.decoder(z, cond)
-            pix = L.pixel_l1(recon.float(), x)
-            total = (
-                lcfg.pixel_l1 * pix + lcfg.kl_weight * kl if lcfg.pixel_l1 > 0 else pix + lcfg.kl_weight * kl
-            )
-            return {"kl": kl, "pixel_l1": pix, "encoder": total, "decoder": total}
-        b = x.shape[0]
-        z_p = torch.randn_like(z) if noise is None else noise[1]
-        out = model.decoder(torch.cat([z, z_p]), None if cond is None else torch.cat([cond, cond]))
-        recon = out[:b]  # out[b:] are the prior samples
-        # on a GPU at small sizes the step is bound by kernel launches, which the split triples
-        split = x.device.type != "cuda" or x.shape[-1] >= 256
-        if SPLIT_DISCRIMINATOR and split and model.cfg.disc_norm.upper() != "BATCH":
-            (l_real, f_real), (l_rec, f_rec), (l_prior, _) = (
-                model.discriminator(t) for t in (x, recon, out[b:])
-            )
-            l_real, l_rec, l_prior = l_real.float(), l_rec.float(), l_prior.float()
-            fl = model.cfg.feature_layer
-            feat = L.feature_reconstruction(f_rec[fl].float(), f_real[fl].float())
-        else:
-            logits, feats = model.discriminator(torch.cat([x, out]))
-            logits = logits.float()
-            l_real, l_rec, l_prior = logits[:b], logits[b : 2 * b], logits[2 * b :]
-            f = feats[model.cfg.feature_layer].float()
-            feat = L.feature_reconstruction(f[b : 2 * b], f[:b])
-        pix = L.pixel_l1(recon.float(), x)
-        rec = lcfg.feature * feat + lcfg.pixel_l1 * pix
-        adv_g = 0.5 * (L.generator_adversarial(l_rec) + L.generator_adversarial(l_prior))
-        adv_d = L.discriminator_adversarial(l_real, l_rec, l_prior)
-    return {
-        "kl": kl,
-        "feature_rec": feat,
-        "pixel_l1": pix,
-        "adv_g": adv_g,
-        "adv_d": adv_d,
-        "d_real": torch.sigmoid(l_real).mean(),
-        "d_fake": torch.sigmoid(torch.cat([l_rec, l_prior])).mean(),
-        "encoder": lcfg.kl_weight * kl + rec,
-        "decoder": lcfg.gamma * rec + lcfg.adversarial * adv_g,
-        "discriminator": adv_d,
-    }
-
-
-def route_gradients(
-    losses: dict[str, torch.Tensor], groups: Groups, scaler: torch.amp.GradScaler | None = None
-) -> None:
-    """Back-propagate each group's loss into that group's parameters only (Larsen's routing).
-
-    The plain VAE has one loss for encoder and decoder together: one backward pass.
-    """
-    if losses["encoder"] is losses["decoder"]:
-        plan = [(losses["encoder"], groups.params["encoder"] + groups.params["decoder"])]
-    else:
-        plan = [(losses[name], groups.params[name]) for name in groups.modules]
-    for i, (loss, params) in enumerate(plan):
-        (scaler.scale(loss) if scaler is not None else loss).backward(
-            inputs=params, retain_graph=i < len(plan) - 1
-        )
-
-
 def make_step_fn(
     model: VAEGAN,
     groups: Groups,
@@ -187,8 +95,8 @@ def make_step_fn(
         g_zp = torch.randn(b * world, cfg.model.latent_dim)
         # DistributedSampler deals global position r + world * i to replica r as its i-th sample
         noise = (g_eps[rank::world].to(device), g_zp[rank::world].to(device))
-        losses = compute_losses(model, x, y, cfg.loss, amp, noise)
-        route_gradients(losses, groups, scaler)
+        losses = model.objective(x, y, cfg.loss, amp, noise)
+        route_gradients(losses, groups.params, scaler)
         norms = []
         for name, opt in groups.opts.items():
             if dinfo is not None:
@@ -199,7 +107,7 @@ def make_step_fn(
             norms.append(torch.nn.utils.clip_grad_norm_(groups.params[name], clip))
         # fp16's scaler skips inf steps itself; the guard covers bf16/fp32 and persistent NaNs
         if guard is not None and scaler is None:
-            parts = [v for k, v in losses.items() if k in ("encoder", "decoder", "discriminator")]
+            parts = [v for k, v in losses.items() if k in GROUP_LOSSES]
             if dinfo is not None:  # every replica must take the same decision
                 parts = [
                     distributed.all_finite(torch.stack([p.detach().float() for p in parts]).sum(), dinfo)
@@ -216,7 +124,7 @@ def make_step_fn(
         if scaler is not None:
             scaler.update()
         # per-group totals are sums of the logged parts
-        return {k: v.detach() for k, v in losses.items() if k not in ("encoder", "decoder", "discriminator")}
+        return {k: v.detach() for k, v in losses.items() if k not in GROUP_LOSSES}
 
     return step_fn
 
@@ -277,9 +185,8 @@ def evaluate(model: VAEGAN, loader, device: torch.device, lcfg: LossConfig) -> d
     for batch in loader:
         x = batch["image"].to(device)
         y = batch["label"].to(device).clamp_min(0)
-        cond = y if model.cfg.num_classes > 0 else None
-        mu, logvar = model.encoder(x, cond)
-        recon = model.decoder(mu, cond)
+        mu, logvar = model.encode(x, y)
+        recon = model.decode(mu, y)  # the posterior mean's reconstruction
         a, b = (recon.float() + 1) / 2, (x + 1) / 2
         ssim(a, b)
         psnr(a, b)
@@ -697,6 +604,4 @@ __all__ = [
     "train",
     "train_one_epoch",
     "evaluate",
-    "compute_losses",
-    "route_gradients",
 ]

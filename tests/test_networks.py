@@ -264,3 +264,30 @@ def test_fusing_norm_and_activation_is_a_cpu_step_that_sync_batchnorm_never_sees
     m.fuse_norm_act()
     fused = [x for x in m.modules() if isinstance(x, FusedBatchNormAct | FusedInstanceNormAct)]
     assert len(fused) == len(acts) and list(m.state_dict()) == keys
+
+
+def test_the_model_owns_encode_decode_reconstruct_sample_and_its_objective():
+    from networks.config import LossConfig
+
+    m = VAEGAN(
+        ModelConfig(
+            image_size=32, latent_dim=8, base_channels=8, max_channels=16, disc_channels=8, num_classes=2
+        )
+    )
+    m.eval()
+    x, y = torch.rand(4, 1, 32, 32) * 2 - 1, torch.tensor([0, 1, 0, 1])
+    mu, logvar = m.encode(x, y)
+    assert mu.shape == logvar.shape == (4, 8)
+    # reconstruct = decode(posterior mean): the same tensor through the two paths
+    torch.testing.assert_close(m.reconstruct(x, y), m.decode(mu, y))
+    assert m.sample(y, seed=0).shape == (4, 1, 32, 32)
+    losses = m.objective(x, y, LossConfig())
+    # Larsen's composition: one total per network, built from the named terms
+    assert {"encoder", "decoder", "discriminator", "kl", "feature_rec", "adv_g", "adv_d"} <= set(losses)
+    lc = LossConfig()
+    expect = (
+        lc.kl_weight * losses["kl"] + lc.feature * losses["feature_rec"] + lc.pixel_l1 * losses["pixel_l1"]
+    )
+    torch.testing.assert_close(losses["encoder"], expect)
+    with pytest.raises(ValueError, match="disc_calls must be one of"):
+        VAEGAN(ModelConfig(image_size=32, latent_dim=8, base_channels=8), disc_calls="three")

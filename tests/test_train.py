@@ -15,6 +15,7 @@ from cxr_factory import REPO, tiny_train_config
 from mlflow_server import free_port, kill, start_server
 
 from networks import VAEGAN, ModelConfig
+from networks.objective import route_gradients
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.model_store import load_generator_uri
 from pipeline.train import (
@@ -22,8 +23,6 @@ from pipeline.train import (
     LossConfig,
     OptimConfig,
     TrainConfig,
-    compute_losses,
-    route_gradients,
     train,
 )
 
@@ -50,9 +49,9 @@ def test_gradient_routing_follows_larsen():
     def run(select: str | None) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        losses = compute_losses(model, x, None, lcfg)
+        losses = model.objective(x, None, lcfg)
         if select is None:
-            route_gradients(losses, groups)
+            route_gradients(losses, groups.params)
         else:  # plain backward of one named loss into every parameter
             losses[select].backward()
         return _grads(model)
@@ -250,10 +249,8 @@ def test_against_a_real_mlflow_server(tmp_path, phantom_manifest, mlflow_server)
 
 # ----------------------------------------------------------------------------- divergence guard
 def _inject_nan(monkeypatch, bad_calls):
-    """Make compute_losses return NaN losses on the given (1-based) calls."""
-    import pipeline.train as T
-
-    real = T.compute_losses
+    """Make the model's objective return NaN losses on the given (1-based) calls."""
+    real = VAEGAN.objective
     calls = {"n": 0}
 
     def patched(*a, **k):
@@ -263,7 +260,7 @@ def _inject_nan(monkeypatch, bad_calls):
             out = {k2: v * float("nan") for k2, v in out.items()}
         return out
 
-    monkeypatch.setattr(T, "compute_losses", patched)
+    monkeypatch.setattr(VAEGAN, "objective", patched)
     return calls
 
 
@@ -359,10 +356,8 @@ def test_augmentation_on_the_device_trains(tmp_path, phantom_manifest):
 
 
 @pytest.mark.parametrize("disc_norm", ["INSTANCE", "BATCH"])
-def test_split_discriminator_calls_change_no_loss_and_no_gradient(disc_norm, monkeypatch):
+def test_split_discriminator_calls_change_no_loss_and_no_gradient(disc_norm):
     """Three discriminator calls (real, reconstructed, prior) give what one concatenated call gives."""
-    import pipeline.train as T
-
     torch.manual_seed(0)
     model = VAEGAN(
         ModelConfig(
@@ -379,10 +374,10 @@ def test_split_discriminator_calls_change_no_loss_and_no_gradient(disc_norm, mon
     noise = (torch.randn(4, 8), torch.randn(4, 8))
 
     def run(split: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        monkeypatch.setattr(T, "SPLIT_DISCRIMINATOR", split)
+        model.disc_calls = "split" if split else "joint"
         model.zero_grad(set_to_none=True)
-        losses = compute_losses(model, x, None, LossConfig(), noise=noise)
-        route_gradients(losses, groups)
+        losses = model.objective(x, None, LossConfig(), noise=noise)
+        route_gradients(losses, groups.params)
         return {k: float(v.detach()) for k, v in losses.items()}, _grads(model)
 
     (l_split, g_split), (l_one, g_one) = run(True), run(False)
@@ -393,13 +388,12 @@ def test_split_discriminator_calls_change_no_loss_and_no_gradient(disc_norm, mon
         torch.testing.assert_close(g_split[n], g_one[n], rtol=1e-4, atol=1e-6)
 
 
-def test_cpu_speed_measures_leave_training_unchanged(monkeypatch):
+def test_cpu_speed_measures_leave_training_unchanged():
     """Three training steps with every CPU speed measure on (channels_last with an NCHW
     discriminator, GEMM convolution paths, split discriminator calls) end at the weights of three
     steps with all of them off, from the same start."""
     import copy
 
-    import pipeline.train as T
     from networks import fused, layers
     from pipeline.train import make_step_fn
 
@@ -415,7 +409,7 @@ def test_cpu_speed_measures_leave_training_unchanged(monkeypatch):
         model = copy.deepcopy(base)
         if fast:
             model.to_channels_last()
-        monkeypatch.setattr(T, "SPLIT_DISCRIMINATOR", fast)
+        model.disc_calls = "split" if fast else "joint"
         layers.set_cpu_gemm(fast)
         fused.set_fused(fast)
         try:
