@@ -42,7 +42,9 @@ def imports_of(path: Path, me: str, modules: set[str]) -> set[str]:
                 pkg = me.split(".") if is_pkg else me.split(".")[:-1]
                 pkg = pkg[: len(pkg) - node.level + 1]
                 base = ".".join(pkg + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            # ``from pkg import sub`` imports the submodule (and runs pkg/__init__ first, which
+            # is the package's own business); ``from mod import name`` imports mod
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue
         for n in names:

@@ -303,7 +303,7 @@ def test_samples_score_like_the_generator_they_came_from(
     so FD and MS-SSIM there differ far beyond 8-bit quantisation (FD about 1.2 vs 0.7)."""
     from PIL import Image
 
-    import pipeline.generate
+    import pipeline.evaluate
     from pipeline.evaluate import load_samples, load_source
     from pipeline.generate import to_uint8
     from pipeline.loaders import load_images
@@ -325,7 +325,7 @@ def test_samples_score_like_the_generator_they_came_from(
         return read_x.clone()
 
     got = _evaluate(tmp_path, phantom_extractor, phantom_manifest, f"samples={csv}", name="ev-samples")
-    monkeypatch.setattr(pipeline.generate, "sample_images", as_read_back)
+    monkeypatch.setattr(pipeline.evaluate, "sample_images", as_read_back)
     ref = _evaluate(
         tmp_path, phantom_extractor, phantom_manifest, f"checkpoint={phantom_generator['checkpoint']}", name="ev-ckpt"
     )
