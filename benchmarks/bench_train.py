@@ -36,7 +36,6 @@ import ctypes.util
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -49,10 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from networks import fused, layers  # noqa: E402
-from networks.vaegan import VAEGAN  # noqa: E402
-from pipeline import engine  # noqa: E402
-from pipeline.train import Groups, TrainConfig, make_step_fn  # noqa: E402
+from pipeline import engine, speed  # noqa: E402
+from pipeline.stage_configs import MEASURES  # noqa: E402
+from pipeline.train import Groups, TrainConfig, build_model, calibration_step, make_step_fn  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- measurement
@@ -165,7 +163,6 @@ def make_config(size: int, arm: str, device: torch.device, head: str = "") -> Tr
     cfg = TrainConfig()
     cfg.data.image_size = cfg.model.image_size = size
     cfg.model.num_classes, cfg.model.latent_dim, cfg.loss.kl_weight = 2, 128, 0.1
-    cfg.channels_last = arm != "naive"
     cfg.amp = "off" if arm == "naive" else "auto"
     if arm in ("naive", "project-deconv"):
         cfg.model.decoder_head = "deconv"
@@ -175,22 +172,31 @@ def make_config(size: int, arm: str, device: torch.device, head: str = "") -> Tr
     return cfg
 
 
-def arm_settings(arm: str, cfg: TrainConfig, device: torch.device) -> None:
-    """The process-wide parts of an arm: the naive one runs with the CPU allocator cache, the
-    GEMM convolution paths (networks/layers.py) and the fused batch norm + activation
-    (networks/fused.py) off, every other arm as ``train`` runs."""
-    naive = arm == "naive"
-    layers.set_cpu_gemm(not naive)
-    fused.set_fused(not naive)
-    if device.type == "cpu":
-        engine.cache_cpu_allocations(not naive and cfg.cache_allocations)
+def arm_measures(arm: str, cfg: TrainConfig, device: torch.device) -> dict[str, bool]:
+    """The CPU speed measures of an arm (pipeline/speed.py): none for the naive one; for every
+    other arm what ``train`` runs with, i.e. ``speed.mode=auto``'s choice for this machine, size
+    and batch (timed once and cached, as ``train`` does)."""
+    if arm == "naive":
+        return dict.fromkeys(MEASURES, False)
+    amp = engine.amp_dtype(cfg.amp, device, cfg.data.image_size)
+    measures, line = speed.resolve(
+        cfg.speed,
+        device,
+        cfg.data.image_size,
+        cfg.data.batch_size,
+        lambda m: calibration_step(cfg, device, amp, m),
+    )
+    print(line, flush=True)
+    return measures
 
 
-def build(cfg: TrainConfig, device: torch.device, compile_: bool = False, batch_aug=None, disc_calls="auto"):
+def build(
+    cfg: TrainConfig, device: torch.device, measures: dict[str, bool], compile_: bool = False, batch_aug=None
+):
+    """The step ``train`` builds under ``measures`` (the process-wide ones are applied here)."""
+    speed.apply_process_measures(measures, device)
     torch.manual_seed(0)
-    model = VAEGAN(cfg.model, disc_calls=disc_calls).to(device).fuse_norm_act()
-    if cfg.channels_last:
-        model = model.to_channels_last()
+    model = build_model(cfg, device, measures)
     groups = Groups(model, cfg.optim)
     if compile_:
         for m in groups.modules.values():
@@ -258,13 +264,14 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
         if arm == "project-bf16":  # opt-in on CPU (amp=bf16): oneDNN's bf16 kernels where the CPU has them
             cfg.amp = "bf16"
         head = cfg.model.decoder_head
+        cfg.data.batch_size = batch_size
+        measures = arm_measures(arm, cfg, device)
         if head not in flops_by_head:  # counted on an uncompiled build (FLOPs do not depend on dtype)
-            _, plain, _ = build(cfg, device)
+            _, plain, _ = build(cfg, device, measures)
             flops_by_head[head] = count_flops(plain, batch)
             del plain
         flops = flops_by_head[head]
-        arm_settings(arm, cfg, device)
-        model, step_fn, amp = build(cfg, device, compile_=arm == "compiled")
+        model, step_fn, amp = build(cfg, device, measures, compile_=arm == "compiled")
         fn = naive_step(step_fn, io.StringIO()) if arm == "naive" else step_fn
         t = time_steps(
             fn, batch, device, args.warmup + (2 if arm == "compiled" else 0), args.steps, args.repeats
@@ -276,7 +283,7 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
         peak = peaks["bf16" if amp == torch.bfloat16 else "fp32"]
         res["arms"][arm] = {
             "amp": str(amp).replace("torch.", "") if amp else "fp32",
-            "channels_last": cfg.channels_last,
+            "measures": measures,
             "decoder_head": head,
             "flops_per_image": flops / batch_size,
             "step_s": t,
@@ -297,41 +304,46 @@ def bench_step(size: int, args: argparse.Namespace, device: torch.device, peaks:
 
 # ------------------------------------------------------------------------------------- ablation
 ABLATIONS = {
-    # name: what is switched off
-    "allocator cache": "freed memory goes back to the kernel (engine.cache_cpu_allocations(False))",
-    "GEMM conv paths": "plain oneDNN for the few-in/few-out convolutions (networks.layers)",
-    "fused norm+activation": "batch norm then (Leaky)ReLU as two eager ops (networks.fused)",
-    "split discriminator": "one discriminator call on the concatenated batch (VAEGAN(disc_calls='joint'))",
+    # measure: what switching it off means
+    "cache_allocations": "freed memory goes back to the kernel (engine.cache_cpu_allocations(False))",
+    "gemm_convs": "plain oneDNN for the few-in/few-out convolutions (networks.layers)",
+    "fused_norm_act": "batch norm then (Leaky)ReLU as two eager ops (networks.fused)",
+    "split_discriminator": "one discriminator call on the concatenated batch (VAEGAN(disc_calls='joint'))",
     "channels_last": "NCHW tensors everywhere",
-    "bf16 autocast": "float32 throughout (CUDA only: CPU runs float32 anyway)",
 }
 
 
 def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """The project step with each speed measure switched off in turn, timed in interleaved blocks
-    (every variant's k-th block runs back to back), so a busy moment of a shared machine falls on
-    all variants alike. Each measure's share is the slowdown without it."""
-
+    """The step under ``speed.mode=auto``'s choice for this machine, beside every measure on and
+    every measure off, and the auto choice with each measure it keeps switched off in turn: a row
+    at or above 1.00x says that measure earns its place here. Timed in interleaved blocks (every
+    variant's k-th block runs back to back), so a busy moment of a shared machine falls on all
+    variants alike."""
     batch = random_batch(size, args.batch, device)
+    cfg = make_config(size, "project", device, args.project_head)
+    cfg.data.batch_size = args.batch
+    auto = arm_measures("project", cfg, device)
+    sets = {"auto": auto, "all on": dict.fromkeys(MEASURES, True), "all off": dict.fromkeys(MEASURES, False)}
+    for m in MEASURES:
+        if auto[m]:
+            sets[f"auto without {m}"] = {**auto, m: False}
     variants: dict[str, Any] = {}
-    for name in ["all on", *ABLATIONS]:
-        cfg = make_config(size, "project", device, args.project_head)
-        cfg.channels_last = name != "channels_last"
-        if name == "bf16 autocast":
-            cfg.amp = "off"
-        arm_settings("project", cfg, device)
-        _, step_fn, amp = build(cfg, device, disc_calls="joint" if name == "split discriminator" else "auto")
+    for name, measures in sets.items():
+        _, step_fn, amp = build(cfg, device, measures)
 
-        def fn(b, step_fn=step_fn, name=name, cfg=cfg):
-            layers.set_cpu_gemm(name != "GEMM conv paths")
-            fused.set_fused(name != "fused norm+activation")
-            if device.type == "cpu":
-                engine.cache_cpu_allocations(name != "allocator cache" and cfg.cache_allocations)
+        def fn(b, step_fn=step_fn, measures=measures):
+            speed.apply_process_measures(measures, device)
             return step_fn(b)
 
         for _ in range(args.warmup):
             fn(batch)
-        variants[name] = {"fn": fn, "flops": count_flops(fn, batch), "blocks": [], "amp": amp}
+        variants[name] = {
+            "fn": fn,
+            "flops": count_flops(fn, batch),
+            "blocks": [],
+            "amp": amp,
+            "measures": measures,
+        }
     for _ in range(args.repeats):
         for v in variants.values():
             _sync(device)
@@ -340,13 +352,15 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
                 v["fn"](batch)
             _sync(device)
             v["blocks"].append((time.perf_counter() - t) / args.steps)
-    arm_settings("project", make_config(size, "project", device), device)
-    out: dict[str, Any] = {"size": size, "batch": args.batch, "variants": {}}
-    base = statistics.median(variants["all on"]["blocks"])
+    speed.apply_process_measures(auto, device)
+    out: dict[str, Any] = {"size": size, "batch": args.batch, "auto": auto, "variants": {}}
+    base = statistics.median(variants["auto"]["blocks"])
     for name, v in variants.items():
         t = statistics.median(v["blocks"])
+        off = name.removeprefix("auto without ")
         out["variants"][name] = {
-            "off": ABLATIONS.get(name, ""),
+            "off": ABLATIONS.get(off, ""),
+            "measures_on": [m for m in MEASURES if v["measures"][m]],
             "amp": str(v["amp"]).replace("torch.", "") if v["amp"] else "fp32",
             "step_s": t,
             "images_per_s": args.batch / t,
@@ -358,13 +372,14 @@ def bench_ablation(size: int, args: argparse.Namespace, device: torch.device) ->
 
 def ablation_table(ab: dict) -> str:
     lines = [
-        f"\nablation at {ab['size']} px, batch {ab['batch']} (each row: the project step with one measure off)",
-        "| switched off | images/s | step (ms) | GFLOP/img | / matmul peak | slower by |",
+        f"\nablation at {ab['size']} px, batch {ab['batch']}: speed=auto chose "
+        f"{', '.join(m for m in MEASURES if ab['auto'][m]) or 'nothing'}; each row's time against auto's",
+        "| variant | images/s | step (ms) | GFLOP/img | / matmul peak | time vs auto |",
         "|---|---|---|---|---|---|",
     ]
     for name, v in ab["variants"].items():
         lines.append(
-            f"| {'nothing' if name == 'all on' else name} | {v['images_per_s']:.1f} | {v['step_s'] * 1e3:,.1f} "
+            f"| {name} | {v['images_per_s']:.1f} | {v['step_s'] * 1e3:,.1f} "
             f"| {v['flops_per_image'] / 1e9:.2f} | {v['ratio_to_matmul_peak']:.0%} | {v['slowdown']:.2f}x |"
         )
     return "\n".join(lines)
@@ -391,8 +406,7 @@ def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
         # the naive loop augments in the loader; the project does what train does (on CUDA: on the GPU)
         cfg.data.augment_on = "loader" if arm == "naive" else cfg.data.augment_on
         batch_aug = device_augment(cfg.data, device)
-        arm_settings(arm, cfg, device)
-        model, step_fn, _ = build(cfg, device, batch_aug=batch_aug)
+        model, step_fn, _ = build(cfg, device, arm_measures(arm, cfg, device), batch_aug=batch_aug)
         t = time.perf_counter()
         ds = build_dataset(
             items, cfg.data, train=batch_aug is None, cache="none" if arm == "naive" else "memory"
@@ -505,7 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else platform.processor() or "cpu",
+        else speed.cpu_info()["cpu_model"],
+        "cpu": speed.cpu_info(),  # model, ISA flags, PyTorch's kernel level: what speed=auto keys on
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "matmul_sizes": sizes,
@@ -513,7 +528,11 @@ def main(argv: list[str] | None = None) -> dict:
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
         "steps": [],
     }
-    print(f"device {res['device']} threads {res['threads']} torch {torch.__version__}", flush=True)
+    print(
+        f"device {res['device']} (ISA {' '.join(res['cpu']['isa']) or '?'}, torch kernels "
+        f"{res['cpu']['torch_cpu_capability']}) threads {res['threads']} torch {torch.__version__}",
+        flush=True,
+    )
     print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()), flush=True)
     for size in args.sizes:
         r = bench_step(size, args, device, peaks)
@@ -557,7 +576,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(res: dict) -> str:
     lines = [
-        f"\n{res['device']}, {res['threads']} threads, torch {res['torch']}; matmul peak "
+        f"\n{res['device']} (ISA {' '.join(res['cpu']['isa']) or '?'}), {res['threads']} threads, "
+        f"torch {res['torch']}; matmul peak "
         + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in res["matmul_flops"].items()),
         "",
         "| size | arm | head | precision | images/s | step (ms) | peak mem (MiB) | GFLOP/img | achieved GFLOP/s "

@@ -403,6 +403,7 @@ class VAEGAN(nn.Module):
             raise ValueError(f"disc_calls must be one of {DISC_CALLS}, got {disc_calls!r}")
         self.cfg = cfg
         self.disc_calls = disc_calls
+        self.channels_last = False  # set by to_channels_last(): the step then feeds NHWC batches
         self.encoder = Encoder(**autoencoder_kwargs(cfg))
         self.decoder = Decoder(**autoencoder_kwargs(cfg), head=cfg.decoder_head)
         self.prior = LatentPrior(cfg.latent_dim, cfg.num_classes)
@@ -434,6 +435,7 @@ class VAEGAN(nn.Module):
         (networks/fused.py): eager instance norm copies every channels_last activation to NCHW and
         back, which costs more than oneDNN gains (~3 % slower steps); with the kernel, channels_last
         is ~4 % faster (its first two convolutions run faster backward)."""
+        self.channels_last = True
         self.encoder.to(memory_format=torch.channels_last)
         self.decoder.to(memory_format=torch.channels_last)
         if self.discriminator is not None:

@@ -72,11 +72,12 @@ def _is_disk_full(err: BaseException, folder: Path) -> bool:
 def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bool = True) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: never a half-written file.
 
-    With ``keep_previous`` the checkpoint being replaced is kept as ``previous_path(path)``, so a
-    newest checkpoint that is damaged later (or a kill between the two renames) still leaves a
-    good one to resume from (:func:`load_resumable`). A failed write removes its temp file; out of
-    space, it raises :class:`DiskFullError` naming ``path`` (the checkpoints already there are
-    intact)."""
+    With ``keep_previous`` the checkpoint being replaced is kept as ``previous_path(path)`` (a
+    hard link to it, renamed into place), so a newest checkpoint that is damaged later still leaves
+    a good one to resume from (:func:`load_resumable`); ``path`` itself is replaced by one atomic
+    rename and exists at every moment, whenever the process is killed. A failed write removes its
+    temp files; out of space, it raises :class:`DiskFullError` naming ``path`` (the checkpoints
+    already there are intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -86,7 +87,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.is_file():
-            os.replace(path, previous_path(path))
+            _keep_copy(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -98,6 +99,22 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
             ) from e
         raise
     return path
+
+
+def _keep_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link where the file system has them), swapped in
+    atomically; ``src`` is not touched."""
+    fd, tmp = tempfile.mkstemp(dir=src.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network and FUSE file systems): a real copy
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

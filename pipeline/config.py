@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import re
 import textwrap
 import tokenize
 import types
@@ -236,6 +237,25 @@ def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
     return ConfigError(" ".join(msg.split()))
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``on``, ``off``, ``yes`` and ``no`` are booleans: then
+    ``speed.mode=off`` would arrive as False. Here only true/false are booleans (YAML 1.2)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML with 1.2 booleans (:class:`_Yaml12Loader`): config files and overrides alike."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -247,7 +267,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if raw.strip().lower() == "none":
         return key.split("."), None
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise _yaml_error(f"override '{item}'", e) from None
     return key.split("."), value
@@ -284,7 +304,7 @@ def read_yaml(yaml_path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file; a missing file or broken YAML is a one-line ConfigError."""
     p = resolve_config_path(yaml_path)
     try:
-        loaded = yaml.safe_load(p.read_text())
+        loaded = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise _yaml_error(f"config file {p}", e) from None
     except UnicodeDecodeError as e:

@@ -103,6 +103,35 @@ class GuardConfig:
             raise ValueError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
 
 
+# the CPU speed measures (pipeline/speed.py); none changes what a step computes
+MEASURES = ("cache_allocations", "gemm_convs", "fused_norm_act", "channels_last", "split_discriminator")
+
+
+@dataclass
+class SpeedConfig:
+    """How a training step is computed on this machine (pipeline/speed.py), never what it computes."""
+
+    # auto: time each measure on and off for a few steps of the real model once per machine, size
+    # and batch (cached), keep the fastest set; on: every measure on; off: plain PyTorch
+    mode: str = "auto"
+    cache: str = (
+        ""  # calibration cache file; "" = $CXR_VAEGAN_SPEED_CACHE, else ~/.cache/cxr-vaegan/speed.json
+    )
+    # per measure: auto (follow mode) | on | off
+    cache_allocations: str = "auto"  # freed memory stays in the process (glibc mallopt)
+    gemm_convs: str = "auto"  # few-channel convolutions as GEMMs (networks/layers.py)
+    fused_norm_act: str = "auto"  # norm + activation as one C++ kernel (networks/fused.py)
+    channels_last: str = "auto"  # NHWC activations
+    split_discriminator: str = "auto"  # real, reconstructed and prior images in three discriminator calls
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "on", "off"):
+            raise ValueError(f"speed.mode must be auto, on or off, got {self.mode!r}")
+        for m in MEASURES:
+            if getattr(self, m) not in ("auto", "on", "off"):
+                raise ValueError(f"speed.{m} must be auto, on or off, got {getattr(self, m)!r}")
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +140,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     seed: int = 0
     epochs: int = 12
     device: str = "auto"  # auto | cpu | cuda
@@ -118,14 +148,11 @@ class TrainConfig:
         "auto"  # auto (bf16 on CUDA from 128 px, engine.AUTO_BF16_MIN_SIZE; else off) | bf16 | fp16 | off
     )
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
-    # on CPU, keep freed memory in the process (engine.cache_cpu_allocations): 1.33x faster steps
-    cache_allocations: bool = True
     out_dir: str = "outputs"
     resume: str = ""  # "" | auto | path to a checkpoint
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
     grid_size: int = 64  # prior samples in the per-epoch grid
     deterministic: bool = True  # seed everything (monai.utils.set_determinism)
-    channels_last: bool = True  # measured ~1.3x faster for the conv stacks on CPU at 64 px
     # torch.compile the three networks. Off by default: measured slower at 64 px on CPU (0.80 s
     # -> 1.00 s a step) and on an H100 (13.2 -> 15.0 ms), see benchmarks/bench_train.py --compile
     compile: bool = False
@@ -431,4 +458,4 @@ class CompareConfig:
 # config keys that say where and how a run executes, caches and logs, not what it computes: gain's
 # child keys and compare's groups leave them out (each adds the keys of its own kind)
 EXECUTION_KEYS = frozenset({"out_dir", "threads", "cache_allocations", "data.cache", "data.cache_dir"})
-EXECUTION_PREFIXES = ("tracking.",)
+EXECUTION_PREFIXES = ("tracking.", "speed.")

@@ -21,7 +21,7 @@ from networks import losses as L
 from networks.objective import GROUP_LOSSES, route_gradients
 from networks.vaegan import VAEGAN
 from pipeline import checkpoint as ckpt
-from pipeline import distributed, engine, tracking
+from pipeline import distributed, engine, speed, tracking
 from pipeline.config import flatten, to_dict
 from pipeline.data import (
     build_dataset,
@@ -32,6 +32,7 @@ from pipeline.data import (
     resolve_manifest,
 )
 from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.stage_configs
+    MEASURES,
     DataConfig,
     GuardConfig,
     LossConfig,
@@ -84,7 +85,7 @@ def make_step_fn(
         x = batch["image"].to(device, non_blocking=True)
         if batch_aug is not None:  # augmentation on the device, the whole batch at once
             x = batch_aug(x)
-        if cfg.channels_last:
+        if model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device, non_blocking=True).clamp_min(0)
         for opt in groups.opts.values():
@@ -212,7 +213,28 @@ RESUME_MAY_DIFFER = (
     "ckpt_every",
     "threads",
     "tracking.retry_s",
+    *(f"speed.{k}" for k in ("mode", "cache", *MEASURES)),  # how steps run, not what they compute
 )
+
+
+def build_model(cfg: TrainConfig, device: torch.device, measures: dict[str, bool]) -> VAEGAN:
+    """The VAE-GAN on ``device`` with the model-level speed measures of ``measures``."""
+    model = VAEGAN(cfg.model, disc_calls="auto" if measures["split_discriminator"] else "joint")
+    model = model.to(device).fuse_norm_act()
+    return model.to_channels_last() if measures["channels_last"] else model
+
+
+def calibration_step(cfg: TrainConfig, device: torch.device, amp, measures: dict[str, bool]):
+    """A zero-argument training step of the run's model, size and batch on a random batch (what
+    ``speed.mode=auto`` times, pipeline/speed.py; benchmarks/bench_train.py times the same)."""
+    model = build_model(cfg, device, measures)
+    step = make_step_fn(model, Groups(model, cfg.optim), cfg, device, amp, None)
+    b, s = cfg.data.batch_size, cfg.data.image_size
+    batch = {
+        "image": torch.rand(b, 1, s, s) * 2 - 1,
+        "label": torch.arange(b) % max(cfg.model.num_classes, 1),
+    }
+    return lambda: step(batch)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -275,9 +297,17 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         device = torch.device("cuda", dinfo.local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if device.type == "cpu" and cfg.cache_allocations:
-        engine.cache_cpu_allocations()
     amp = engine.amp_dtype(cfg.amp, device, cfg.data.image_size)
+    measures, speed_line = speed.resolve(
+        cfg.speed,
+        device,
+        cfg.data.image_size,
+        cfg.data.batch_size,
+        lambda m: calibration_step(cfg, device, amp, m),
+        log=lambda line: print(line, flush=True) if dinfo.is_main else None,
+    )
+    if dinfo.is_main:
+        print(speed_line, flush=True)
     if cfg.deterministic:
         set_determinism(seed=cfg.seed)
 
@@ -307,12 +337,9 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
     fit_ds = train_ds if batch_aug is not None else build_dataset(train_items, cfg.data, train=False)
     fit_loader = make_loader(fit_ds, cfg.data, shuffle=False) if cfg.model.prior == "fitted" else None
 
-    model = VAEGAN(cfg.model)
+    model = build_model(cfg, device, measures)
     if dinfo.enabled and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device).fuse_norm_act()
-    if cfg.channels_last:
-        model = model.to_channels_last()
     groups = Groups(model, cfg.optim)
     if cfg.compile:
         for m in groups.modules.values():
@@ -419,7 +446,8 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         if old_run_id:
             tracker.end_if_running(old_run_id, "KILLED")
         if resumed is None:
-            tracker.log_params(flatten(cfg_dict))
+            # the speed measures this machine runs with (speed.mode=auto chose them by timing)
+            tracker.log_params({**flatten(cfg_dict), **{f"speed_chosen.{m}": v for m, v in measures.items()}})
             tracker.log_dict(cfg_dict, "config.json")
             tracker.log_dataset(manifest, "train")
             # a good state to roll back to before the first epoch ends

@@ -3,9 +3,17 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(scope="session")
+def _speed_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("speed") / "speed.json")
+
+
 @pytest.fixture(autouse=True)
-def _quiet_tqdm(monkeypatch):
+def _quiet_tqdm(monkeypatch, _speed_cache):
     monkeypatch.setenv("TQDM_DISABLE", "1")
+    # speed.mode=auto's per-machine choices go to a cache of this session, not the user's ~/.cache
+    # (and a stage run by a test times its measures once per size and batch, then reads them)
+    monkeypatch.setenv("CXR_VAEGAN_SPEED_CACHE", _speed_cache)
     # mlflow.set_tracking_uri / set_registry_uri also write these variables: without this, one
     # test's store would leak into the next test's subprocesses and default stores
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -40,18 +40,14 @@ def test_bench_train_reports_every_arm(tmp_path, phantom_manifest):
         "bench_train.py", *tiny, "--ablate", "--bf16", "--manifest", str(phantom_manifest), "--json", str(out)
     )
     res = json.loads(out.read_text())
-    ab = res["ablation"][0]["variants"]
-    assert set(ab) == {
-        "all on",
-        "allocator cache",
-        "GEMM conv paths",
-        "fused norm+activation",
-        "split discriminator",
-        "channels_last",
-        "bf16 autocast",
-    }
-    assert ab["all on"]["slowdown"] == 1.0 and all(v["step_s"] > 0 for v in ab.values())
-    assert "| split discriminator |" in p.stdout
+    ab = res["ablation"][0]
+    chosen = [m for m, on in ab["auto"].items() if on]
+    # speed=auto's choice beside every measure on and off, and each chosen measure taken away
+    assert set(ab["variants"]) == {"auto", "all on", "all off", *(f"auto without {m}" for m in chosen)}
+    assert ab["variants"]["auto"]["slowdown"] == 1.0 and all(v["step_s"] > 0 for v in ab["variants"].values())
+    assert "speed=auto chose" in p.stdout and "| all off |" in p.stdout
+    # the machine it ran on: what the choice is keyed by
+    assert res["cpu"]["cpu_model"] and isinstance(res["cpu"]["isa"], list)
     step = res["steps"][0]
     assert {"naive", "project"} <= set(step["arms"])
     for a in step["arms"].values():

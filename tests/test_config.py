@@ -283,7 +283,9 @@ assert not loaded, f"imported by the config modules: {{loaded}}"
     assert networks.vaegan.HEADS is networks.config.HEADS
     assert networks.classifier.ClassifierConfig is networks.config.ClassifierConfig
     assert networks.classifier.ARCHS is networks.config.ARCHS
-    assert transforms.presets.TransformConfig is transforms.TransformConfig is transforms.config.TransformConfig
+    assert (
+        transforms.presets.TransformConfig is transforms.TransformConfig is transforms.config.TransformConfig
+    )
     assert transforms.presets.VALID_SIZES is transforms.config.VALID_SIZES
     assert transforms.io.MAX_PIXELS == transforms.config.MAX_PIXELS
     assert networks.VAEGAN is networks.vaegan.VAEGAN and transforms.read_image is transforms.io.read_image
@@ -305,3 +307,14 @@ def test_cli_config_error_comes_fast_end_to_end():
     assert p.returncode == 2
     assert p.stderr.strip() == "error: config key 'epochs': expected an integer, got str 'abc'"
     assert "Traceback" not in p.stderr
+
+
+def test_on_off_yes_no_are_words_not_booleans():
+    """YAML 1.1 (PyYAML's default) reads on/off/yes/no as booleans, so `speed.mode=off` would reach
+    a string key as False; the loader reads YAML 1.2 booleans: only true and false."""
+    from pipeline.train import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["speed.mode=off", "speed.fused_norm_act=on"])
+    assert (cfg.speed.mode, cfg.speed.fused_norm_act) == ("off", "on")
+    with pytest.raises(ConfigError, match="'deterministic': expected true/false, got 'yes'"):
+        load_config(TrainConfig, None, ["deterministic=yes"])

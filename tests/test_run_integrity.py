@@ -59,17 +59,26 @@ def test_resume_auto_needs_a_run_name(tmp_path, phantom_manifest):
 def test_resume_with_another_config_refuses_with_the_difference(tmp_path, phantom_manifest):
     train(_cfg(phantom_manifest, tmp_path, "tracking.run_name=a"))
     with pytest.raises(ckpt.CheckpointError, match=r"optim.lr: checkpoint 0.0003, now 0.001"):
-        train(_cfg(phantom_manifest, tmp_path, "tracking.run_name=a", "resume=auto", "epochs=2", "optim.lr=1e-3"))
+        train(
+            _cfg(
+                phantom_manifest, tmp_path, "tracking.run_name=a", "resume=auto", "epochs=2", "optim.lr=1e-3"
+            )
+        )
 
 
 # ------------------------------------------------------------------------ one process per run
 def test_a_second_process_on_the_same_run_is_refused(tmp_path, phantom_manifest):
     run_dir = tmp_path / "out" / "a"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pipeline.engine import RunLock\n"
-         f"with RunLock({str(run_dir)!r}):\n    print('locked', flush=True); time.sleep(120)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.engine import RunLock\n"
+            f"with RunLock({str(run_dir)!r}):\n    print('locked', flush=True); time.sleep(120)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -99,6 +108,30 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, ph
     assert res["run_id"] == first["run_id"]
     assert ckpt.load_checkpoint(res["checkpoint"])["epoch"] == 3
     assert not stale.exists()
+
+
+def test_the_newest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatch):
+    """A kill can land between any two file operations of a save: at none of them may last.pt be
+    missing (it once was, between moving it to last.prev.pt and renaming the new one in)."""
+    import os
+
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint(path, {"step": 1})
+    real_replace, seen = os.replace, []
+
+    def watching_replace(src, dst):
+        seen.append(path.is_file())
+        real_replace(src, dst)
+        seen.append(path.is_file())
+
+    monkeypatch.setattr(os, "replace", watching_replace)
+    ckpt.save_checkpoint(path, {"step": 2})
+    assert seen and all(seen)
+    assert (
+        ckpt.load_checkpoint(path)["step"] == 2
+        and ckpt.load_checkpoint(ckpt.previous_path(path))["step"] == 1
+    )
+    assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
 
 
 # ------------------------------------------------------------------------ every run ends
@@ -203,9 +236,17 @@ def test_classify_under_a_reused_name_keeps_its_own_records(tmp_path, phantom_ma
             load_config(
                 ClassifyConfig,
                 None,
-                [f"data.manifest={phantom_manifest}", "data.image_size=32", "model.widths=[8,16,16,16]",
-                 "epochs=1", "bootstrap=20", "threads=1", f"out_dir={tmp_path / 'cls'}",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.run_name=c"],
+                [
+                    f"data.manifest={phantom_manifest}",
+                    "data.image_size=32",
+                    "model.widths=[8,16,16,16]",
+                    "epochs=1",
+                    "bootstrap=20",
+                    "threads=1",
+                    f"out_dir={tmp_path / 'cls'}",
+                    f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                    "tracking.run_name=c",
+                ],
             )
         )
 

@@ -1,0 +1,204 @@
+"""CPU speed measures chosen by measurement on the machine that runs, never assumed.
+
+Each measure changes how a training step is computed, never what it computes (tests hold every
+combination to the all-off losses, up to float rounding):
+
+* ``cache_allocations``: freed memory stays in the process (glibc ``mallopt``, :func:`engine.cache_cpu_allocations`);
+* ``gemm_convs``: few-channel convolutions as GEMMs (:mod:`networks.layers`);
+* ``fused_norm_act``: norm + (Leaky)ReLU as one C++ kernel (:mod:`networks.fused`);
+* ``channels_last``: NHWC activations (oneDNN's preferred layout);
+* ``split_discriminator``: three discriminator calls instead of one (:mod:`networks.objective`).
+
+What helps depends on the CPU: on an AVX-512 EPYC every measure paid; on an AVX2 EPYC the fused
+kernel made the step 1.37x slower and channels_last 1.1x slower (docs/benchmarks.md). So
+``speed.mode=auto`` (the default) times each measure on and off for a few steps of the real model
+at the run's image size and batch, keeps the fastest set, and caches it in a JSON file keyed by
+CPU model, ISA, thread count, torch version, size and batch: the next run on that machine reads
+the choice in a millisecond. ``on`` and ``off`` switch every measure; ``speed.<measure>=on|off``
+overrides one. On CUDA the CPU measures are not timed: ``channels_last`` and the split
+discriminator keep their defaults there, the CPU-only ones are moot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from networks import fused, layers
+from pipeline import engine
+from pipeline.stage_configs import MEASURES, SpeedConfig
+from transforms.manifest import atomic_write_text
+
+CACHE_ENV = "CXR_VAEGAN_SPEED_CACHE"
+CACHE_VERSION = 1
+# a measure stays on only if the step without it is at least this much slower: below that, the
+# difference is noise on a shared machine, and "off" is the plain PyTorch path
+MARGIN = 1.02
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, the ISA flags that matter to PyTorch's kernels, and PyTorch's own pick."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return {
+        "cpu_model": model,
+        "isa": sorted(f for f in ISA_FLAGS if f in flags),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def machine_key(image_size: int, batch_size: int) -> dict[str, Any]:
+    """What a cached choice is valid for."""
+    return {
+        **cpu_info(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "version": CACHE_VERSION,
+    }
+
+
+def cache_path(cfg: SpeedConfig) -> Path:
+    if cfg.cache:
+        return Path(cfg.cache)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cxr-vaegan" / "speed.json"
+
+
+def _read_cache(path: Path) -> list[dict]:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []  # absent or damaged: calibrate again and rewrite it
+    return entries if isinstance(entries, list) else []
+
+
+def cached_choice(path: Path, key: dict) -> dict[str, bool] | None:
+    for e in _read_cache(path):
+        if isinstance(e, dict) and e.get("key") == key and isinstance(e.get("measures"), dict):
+            chosen = e["measures"]
+            if set(chosen) == set(MEASURES) and all(isinstance(v, bool) for v in chosen.values()):
+                return dict(chosen)
+    return None
+
+
+def store_choice(path: Path, key: dict, measures: dict[str, bool], timings: dict[str, float]) -> None:
+    """Add (or replace) this key's entry; atomic, so a concurrent reader sees old or new."""
+    entries = [e for e in _read_cache(path) if isinstance(e, dict) and e.get("key") != key]
+    entries.append({"key": key, "measures": measures, "step_s": timings, "when": time.strftime("%Y-%m-%d")})
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run a calibration
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(entries, indent=1) + "\n")
+
+
+def apply_process_measures(measures: dict[str, bool], device: torch.device) -> None:
+    """The process-wide measures; ``channels_last`` and ``split_discriminator`` are the model's
+    (``VAEGAN.to_channels_last``, ``VAEGAN(disc_calls=...)``)."""
+    layers.set_cpu_gemm(measures["gemm_convs"])
+    fused.set_fused(measures["fused_norm_act"])
+    if device.type == "cpu":
+        engine.cache_cpu_allocations(measures["cache_allocations"])
+
+
+def _time_step(step: Callable[[], Any], steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
+def calibrate(
+    build: Callable[[dict[str, bool]], Callable[[], Any]],
+    device: torch.device,
+    steps: int = 1,
+    repeats: int = 3,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, bool], dict[str, float]]:
+    """Greedy search from all-on: switch each measure off in turn and keep it off when the step is
+    not at least :data:`MARGIN` slower without it. ``build(measures)`` returns a zero-argument
+    training step of the real model under those measures; each comparison times both variants in
+    interleaved blocks (a busy moment of a shared machine falls on both). Returns the chosen set
+    and the median step time of each set tried."""
+    current = dict.fromkeys(MEASURES, True)
+    timings: dict[str, float] = {}
+    for k, name in enumerate(MEASURES, 1):
+        trial = {**current, name: False}
+        variants = {}
+        for label, measures in (("with", current), ("without", trial)):
+            apply_process_measures(measures, device)
+            variants[label] = (measures, build(measures))
+            variants[label][1]()  # warm-up: first-call allocation, kernel build, oneDNN primitives
+        blocks: dict[str, list[float]] = {"with": [], "without": []}
+        for _ in range(repeats):
+            for label, (measures, step) in variants.items():
+                apply_process_measures(measures, device)
+                blocks[label].append(_time_step(step, steps))
+        t_on, t_off = statistics.median(blocks["with"]), statistics.median(blocks["without"])
+        keep = t_off >= MARGIN * t_on
+        if not keep:
+            current = trial
+        timings[f"without {name}"] = t_off
+        timings.setdefault("all on", t_on)
+        log(
+            f"speed: [{k}/{len(MEASURES)}] {name}: {t_on * 1e3:.0f} ms on, {t_off * 1e3:.0f} ms off -> {'on' if keep else 'off'}"
+        )
+    apply_process_measures(current, device)
+    return current, timings
+
+
+def resolve(
+    cfg: SpeedConfig,
+    device: torch.device,
+    image_size: int,
+    batch_size: int,
+    build: Callable[[dict[str, bool]], Callable[[], Any]],
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, bool], str]:
+    """The measures this run uses, and a one-line account of where they came from. Applies the
+    process-wide ones. Calibrates (``mode=auto`` on CPU, no cached choice) with the RNG state
+    saved and restored, so a seeded run computes the same whichever way its measures were found."""
+    overrides = {m: getattr(cfg, m) == "on" for m in MEASURES if getattr(cfg, m) != "auto"}
+    if cfg.mode in ("on", "off") or device.type != "cpu":
+        measures = dict.fromkeys(MEASURES, cfg.mode != "off")
+        source = f"mode={cfg.mode}" if device.type == "cpu" else f"{device.type}: CPU measures not timed"
+    else:
+        path, key = cache_path(cfg), machine_key(image_size, batch_size)
+        cached = cached_choice(path, key)
+        if cached is not None:
+            measures, source = cached, f"cached choice for this machine ({path})"
+        else:
+            log(
+                f"speed: timing the CPU measures once for {key['cpu_model']} at {image_size} px, batch {batch_size}"
+            )
+            t0 = time.time()
+            with torch.random.fork_rng(devices=[]):
+                measures, timings = calibrate(build, device, log=log)
+            store_choice(path, key, measures, timings)
+            source = f"calibrated in {time.time() - t0:.0f} s, cached in {path}"
+    measures.update(overrides)
+    apply_process_measures(measures, device)
+    on = [m for m in MEASURES if measures[m]]
+    off = [m for m in MEASURES if not measures[m]]
+    line = f"speed: on = {', '.join(on) or 'none'}; off = {', '.join(off) or 'none'} ({source})"
+    if overrides:
+        line += f"; set by key: {', '.join(sorted(overrides))}"
+    return measures, line
