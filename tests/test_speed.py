@@ -130,3 +130,21 @@ def test_the_auto_choice_computes_what_all_off_computes(tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
     for name in w_off:
         torch.testing.assert_close(w_auto[name], w_off[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_measure_dropped_early_is_tried_again_against_the_final_set():
+    """gemm_convs costs 4 ms while fused_norm_act is on and saves 4 ms once it is off: the first
+    pass drops it (fused is still on then), the second pass, against the final set, keeps it."""
+
+    def build(measures):
+        gemm = 0.004 if measures["fused_norm_act"] else -0.004
+        delay = (
+            0.01 + (gemm if measures["gemm_convs"] else 0.0) + (0.006 if measures["fused_norm_act"] else 0.0)
+        )
+        return lambda: time.sleep(delay)
+
+    lines: list[str] = []
+    chosen, timings = speed.calibrate(build, CPU, log=lines.append)
+    assert chosen["fused_norm_act"] is False and chosen["gemm_convs"] is True
+    assert "again, without gemm_convs" in timings and any("gemm_convs (again)" in line for line in lines)
+    speed.apply_process_measures(dict.fromkeys(MEASURES, True), CPU)
