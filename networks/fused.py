@@ -401,7 +401,7 @@ def extension():
                 cap = torch.backends.cpu.get_cpu_capability()
                 flags = {"AVX512": ["-mavx512f", "-mavx512dq", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
                 _ext = load_inline(
-                    name=f"cxr_norm_act_{cap.lower()}_v5",
+                    name=f"cxr_norm_act_{cap.lower()}_v6",
                     cpp_sources=_SRC,
                     functions=[
                         "bn_act_forward",
@@ -411,7 +411,12 @@ def extension():
                         "in_act_forward_cl",
                         "in_act_backward_cl",
                     ],
-                    extra_cflags=["-O3", "-fopenmp", *flags.get(cap, [])],
+                    # -fno-trapping-math: FP exceptions are never enabled here, so GCC may compute
+                    # both sides of the activation's select and blend them; without it the AVX2
+                    # build (no mask registers, unlike AVX-512) kept the loops scalar and ran 2-5x
+                    # slower than eager PyTorch (docs/benchmarks.md). Values are unchanged: no
+                    # reassociation beyond the marked `omp simd` reductions; sqrt skips errno only
+                    extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *flags.get(cap, [])],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
