@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pipeline.data import DataConfig, build_dataset, make_loader, records  # noqa: E402
+from pipeline.infra.data import DataConfig, build_dataset, make_loader, records  # noqa: E402
 
 
 def _pass(ds, cfg: DataConfig) -> tuple[float, int]:

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.classify import ClassifyConfig, classify
-from pipeline.config import load_config
-from pipeline.data import default_manifest
 from pipeline.evaluate import class_fidelity
+from pipeline.infra.checkpoint import load_checkpoint
+from pipeline.infra.config import load_config
+from pipeline.ingest import default_manifest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -37,8 +37,8 @@ class ModelConfig:
     # how the decoder reaches full resolution: "deconv" (a last transposed conv to full size, then
     # a 3x3 conv to the image) or "subpixel" (one more 3x3 conv at half size, then a conv
     # predicting the 2x2 sub-pixels and PixelShuffle; Shi et al. 2016). Sub-pixel skips the two
-    # full-resolution layers, which oneDNN runs at a fraction of its matmul rate: ~1.6x faster
-    # steps on CPU. See docs/benchmarks.md for what it does to sample quality.
+    # full-resolution layers, which oneDNN runs at a fraction of its matmul rate: faster steps on
+    # CPU. See docs/benchmarks.md for both the speed and what it does to sample quality.
     decoder_head: str = "deconv"
     # where generated codes come from: "fitted" (one Gaussian per class fitted to the training
     # set's posterior means at every epoch end, networks/prior.py; Ghosh et al. 2020) or "normal"

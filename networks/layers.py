@@ -7,13 +7,13 @@ computed on a CPU in float32 differs. Elsewhere (CUDA, other dtypes, autocast) t
 
 * :class:`FewOutputConv2d` -- many channels in, few out, stride 1: the decoder's last layer
   (32 -> 1 channel at full resolution) and the discriminator's (128 -> 1). oneDNN's forward and weight-gradient passes
-  run at ~11 GFLOP/s here (about 6 % of this machine's matmul rate); done as one GEMM (a 1x1
-  convolution) into the ``out * k * k`` per-tap products plus a shift-and-add, they are 3-4x
-  faster. The input gradient stays with oneDNN, which is fast in that direction.
+  run at a few per cent of the machine's matmul rate there; done as one GEMM (a 1x1 convolution)
+  into the ``out * k * k`` per-tap products plus a shift-and-add, they are several times faster
+  (docs/benchmarks.md). The input gradient stays with oneDNN, which is fast in that direction.
 * :class:`FewInputConv2d` -- one (or few) input channels: the discriminator's first layer. Its
-  input gradient (needed to train the decoder through the discriminator) runs at ~7 GFLOP/s in
-  oneDNN; as a GEMM plus ``fold`` (col2im) it is 2x faster. Forward and weight gradient stay
-  with oneDNN.
+  input gradient (needed to train the decoder through the discriminator) runs at a small fraction
+  of the matmul rate in oneDNN; as a GEMM plus ``fold`` (col2im) it is faster (docs/benchmarks.md).
+  Forward and weight gradient stay with oneDNN.
 
 Measured with ``benchmarks/bench_train.py`` (see docs/benchmarks.md).
 """
@@ -25,20 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 _conv_backward = torch.ops.aten.convolution_backward
-_enabled = True
-
-
-def set_cpu_gemm(enabled: bool) -> None:
-    """Switch the GEMM formulations on or off process-wide (off: plain ``nn.Conv2d`` everywhere;
-    ``benchmarks/bench_train.py`` times its naive reference that way)."""
-    global _enabled
-    _enabled = bool(enabled)
 
 
 def _use_gemm(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (
-        _enabled
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and w.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
@@ -72,7 +63,7 @@ class _FewOutputConv(torch.autograd.Function):
         n_out, k = w.shape[0], w.shape[-1]
         Ho, Wo = H + 2 * p - k + 1, W + 2 * p - k + 1
         # the per-tap GEMM as oneDNN's 1x1 convolution into n_out*k*k channels (faster than
-        # torch.mm for these skinny shapes: ~3 % of the 64 px step)
+        # torch.mm for these skinny shapes)
         w1 = w.permute(0, 2, 3, 1).reshape(n_out * k * k, C, 1, 1)
         taps = F.conv2d(x, w1).permute(1, 0, 2, 3)  # [n_out*k*k, B, H, W]
         tp = F.pad(taps, (p, p, p, p)).view(n_out, k, k, B, H + 2 * p, W + 2 * p)
@@ -170,12 +161,14 @@ def _check_plain(conv: nn.Conv2d, what: str) -> None:
         raise ValueError(f"{what} needs a square kernel, got {conv.kernel_size}")
 
 
-class _GemmConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that validates its shape for a GEMM formulation and runs it when it applies."""
+class GemmConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that validates its shape for a GEMM formulation and runs it when it applies
+    and ``self.gemm`` is true (false: ``nn.Conv2d``'s own path; see :func:`set_gemm`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._validate()
+        self.gemm = True
 
     def _validate(self) -> None:
         raise NotImplementedError
@@ -184,10 +177,10 @@ class _GemmConv2d(nn.Conv2d):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._gemm(x) if _use_gemm(x, self.weight) else super().forward(x)
+        return self._gemm(x) if self.gemm and _use_gemm(x, self.weight) else super().forward(x)
 
 
-class FewOutputConv2d(_GemmConv2d):
+class FewOutputConv2d(GemmConv2d):
     """``nn.Conv2d`` (stride 1, square kernel, padding < kernel) for few output channels."""
 
     def _validate(self) -> None:
@@ -202,7 +195,7 @@ class FewOutputConv2d(_GemmConv2d):
         return _FewOutputConv.apply(x, self.weight, self.bias, self.padding[0])
 
 
-class FewInputConv2d(_GemmConv2d):
+class FewInputConv2d(GemmConv2d):
     """``nn.Conv2d`` for few input channels (the input gradient is computed as GEMM + col2im)."""
 
     def _validate(self) -> None:
@@ -218,15 +211,32 @@ class FewInputConv2d(_GemmConv2d):
         return _FewInputConv.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
 
 
-def adopt(conv: nn.Conv2d, cls: type[_GemmConv2d]) -> nn.Conv2d:
-    """Turn an existing ``nn.Conv2d`` (e.g. inside a MONAI block) into ``cls`` in place: same
-    parameters and ``state_dict``; raises ``ValueError`` if its shape does not suit ``cls``."""
+def adopt(conv: nn.Conv2d, cls: type[GemmConv2d]) -> GemmConv2d:
+    """A ``cls`` that computes what ``conv`` (e.g. inside a MONAI block) computes and shares its
+    parameters: same ``state_dict``, no random numbers drawn (it is built on the meta device).
+    Put it in ``conv``'s place. Raises ``ValueError`` if ``conv``'s shape does not suit ``cls``."""
     if type(conv) is not nn.Conv2d:
         raise ValueError(f"expected a plain nn.Conv2d, got {type(conv).__name__}")
-    conv.__class__ = cls
-    try:
-        conv._validate()  # type: ignore[attr-defined]  # conv is now a cls
-    except ValueError:
-        conv.__class__ = nn.Conv2d
-        raise
-    return conv
+    new = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
+    new.weight, new.bias = conv.weight, conv.bias
+    return new.train(conv.training)
+
+
+def set_gemm(module: nn.Module, enabled: bool) -> nn.Module:
+    """Switch the GEMM formulations of every :class:`GemmConv2d` in ``module`` on or off (off:
+    plain ``nn.Conv2d`` arithmetic; the speed measure ``gemm_convs``). Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, GemmConv2d):
+            m.gemm = bool(enabled)
+    return module

@@ -26,8 +26,7 @@ from networks.config import (  # also re-exported; the config lives in networks.
     ModelConfig,
 )
 from networks.fused import extension, fuse_adn
-from networks.fused import is_enabled as fused_enabled
-from networks.layers import FewInputConv2d, FewOutputConv2d, adopt
+from networks.layers import FewInputConv2d, FewOutputConv2d, adopt, set_gemm
 from networks.objective import DISC_CALLS, vaegan_losses
 from networks.prior import LatentPrior
 
@@ -124,7 +123,8 @@ class Encoder(nn.Module):
                     act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
                     norm=norm_arg,
                     # a bias before batch/instance norm is subtracted right back out by the
-                    # norm; its gradient alone cost ~10 % of a CPU step (old checkpoints: upgrade_state_dict)
+                    # norm; its gradient alone is a measurable share of a CPU step (old checkpoints:
+                    # upgrade_state_dict)
                     bias=norm_arg is None,
                 )
             )
@@ -228,13 +228,13 @@ class Decoder(nn.Module):
                 )
             )
             out = Convolution(2, c_last, out_channels * 4, kernel_size=3, conv_only=True)
-            adopt(out.conv, FewOutputConv2d)
+            out.conv = adopt(out.conv, FewOutputConv2d)
             _icnr_(out.conv.weight, out.conv.bias)
             layers += [out, nn.PixelShuffle(2)]
         else:
             out = Convolution(2, c_last, out_channels, kernel_size=3, conv_only=True)
             # many channels -> one at full resolution: oneDNN's slowest layer here (networks/layers.py)
-            adopt(out.conv, FewOutputConv2d)
+            out.conv = adopt(out.conv, FewOutputConv2d)
             layers.append(out)
         self.deconv = nn.Sequential(*layers)
 
@@ -285,8 +285,8 @@ class Discriminator(nn.Module):
         )
         # the image -> first features conv: its input gradient (the decoder's training signal)
         # is slow in oneDNN with one input channel (networks/layers.py)
-        adopt(self.net.initial_conv.conv, FewInputConv2d)
-        adopt(self.net.final_conv.conv, FewOutputConv2d)
+        self.net.initial_conv.conv = adopt(self.net.initial_conv.conv, FewInputConv2d)
+        self.net.final_conv.conv = adopt(self.net.final_conv.conv, FewOutputConv2d)
         self.num_features = num_layers + 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -430,6 +430,12 @@ class VAEGAN(nn.Module):
                     fuse_adn(m)
         return self
 
+    def use_gemm_convs(self, enabled: bool) -> VAEGAN:
+        """Run the few-channel convolutions as GEMMs on CPU, or as ``nn.Conv2d`` does (the speed
+        measure ``gemm_convs``; networks/layers.py); the same values either way."""
+        set_gemm(self, enabled)
+        return self
+
     def to_channels_last(self) -> VAEGAN:
         """channels_last everywhere, except the discriminator on a CPU without the fused kernel
         (networks/fused.py): eager instance norm copies every channels_last activation to NCHW and
@@ -442,7 +448,7 @@ class VAEGAN(nn.Module):
             on_cpu = next(self.discriminator.parameters()).device.type == "cpu"
             # eager instance norm: the kernel is off or missing, or fuse_norm_act() was not called
             unfused = any(type(m) is nn.InstanceNorm2d for m in self.discriminator.modules())
-            eager_norm = on_cpu and (unfused or not fused_enabled() or extension() is None)
+            eager_norm = on_cpu and (unfused or extension() is None)
             self.discriminator.to(
                 memory_format=torch.contiguous_format if eager_norm else torch.channels_last
             )

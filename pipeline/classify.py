@@ -11,7 +11,7 @@ Arms (``arm=``):
 The model is picked on the validation split (best AUROC over epochs) and the operating threshold
 is set on it (Youden's J); the held-out test split (Kermany's official one) is touched once, at
 the end: AUROC, balanced accuracy, sensitivity, specificity with 95 % bootstrap CIs, an ROC plot,
-the per-image scores, all logged to MLflow. The epoch loop is the VAE-GAN's (``pipeline.engine``).
+the per-image scores, all logged to MLflow. The epoch loop is the VAE-GAN's (``pipeline.infra.engine``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,30 @@ import torch
 import torch.nn.functional as F
 
 from networks.classifier import CXRClassifier
-from pipeline import distributed, engine
-from pipeline.data import build_dataset, make_loader, make_train_loader, records, resolve_manifest
-from pipeline.loaders import file_sha256, synthetic_source
-from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.stage_configs
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import distributed, engine, tracking
+from pipeline.infra import metrics as M
+from pipeline.infra.config import flatten, to_dict
+from pipeline.infra.data import (
+    build_dataset,
+    make_loader,
+    make_train_loader,
+    records,
+    write_subset_manifest,
+)
+from pipeline.infra.loaders import file_sha256, synthetic_source
+from pipeline.infra.metrics import auroc
+from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     ARMS,
     ClassifyConfig,
     DataConfig,
     TrackingConfig,
 )
+from pipeline.infra.viz import plot_curves, plot_roc
+from pipeline.ingest import resolve_manifest
+from transforms.manifest import atomic_write_text, label_names, read_manifest
+from transforms.presets import tensor_augment_transforms
+from transforms.synthetic import SyntheticMixDataset
 
 
 @torch.no_grad()
@@ -52,7 +68,6 @@ def predict(model: CXRClassifier, loader, device: torch.device) -> tuple[np.ndar
 
 def evaluate(model: CXRClassifier, loader, device: torch.device) -> dict[str, float]:
     """Validation AUROC and BCE loss."""
-    from pipeline.metrics import auroc
 
     y, p = predict(model, loader, device)
     pt = torch.from_numpy(p).clamp(1e-6, 1 - 1e-6)
@@ -80,8 +95,6 @@ def training_provenance(arm: str, manifest: str | Path, source: str | Path) -> d
 
 def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device):
     """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
-    from transforms.presets import tensor_augment_transforms
-    from transforms.synthetic import SyntheticMixDataset
 
     classical = cfg.arm in ("classical", "classical+synthetic")
     real = build_dataset(items, cfg.data, train=classical)
@@ -97,20 +110,31 @@ def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device)
     return ds, (real, syn_tf)
 
 
+@dataclass
+class ClassifyRun:
+    """What one classifier run holds between its steps (see :func:`classify`)."""
+
+    cfg: ClassifyConfig
+    dinfo: distributed.DistInfo
+    run_dir: Path
+    device: torch.device
+    amp: torch.dtype | None
+    manifest: Path  # the manifest trained on (a fraction < 1 subset lives in run_dir)
+    names: dict[int, str]
+    items: dict[str, list[dict]]  # train / val / test records
+    data: dict[str, Any]  # datasets, loaders, sampler, generator, synthetic augmentation
+    net: CXRClassifier  # the network; ``model`` is it, or its DDP wrapper
+    model: torch.nn.Module
+    tracker: tracking.Tracker | None = None
+    best: dict[str, Any] = field(default_factory=lambda: {"auroc": -1.0, "state": None, "epoch": 0})
+    step: int = 0
+
+
 def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     """Train one arm, pick the epoch on val, test once; returns metrics, paths and the run id."""
     from monai.utils import set_determinism
 
-    from pipeline import checkpoint as ckpt
-    from pipeline import metrics as M
-    from pipeline import tracking
-    from pipeline.config import flatten, to_dict
-    from pipeline.data import write_subset_manifest
-    from pipeline.viz import plot_curves, plot_roc
-    from transforms.manifest import label_names, read_manifest
-
-    manifest = resolve_manifest(cfg.data)
-    source_manifest = manifest  # the manifest a fraction < 1 subset is drawn from
+    source_manifest = resolve_manifest(cfg.data)  # the manifest a fraction < 1 subset is drawn from
     # under torchrun: N replicas split every batch (DistributedSampler) and DDP averages the
     # gradients; each replica evaluates the whole val/test split (identical weights, identical
     # decisions); rank 0 alone logs and writes files
@@ -124,7 +148,6 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu" and cfg.cache_allocations:
         engine.cache_cpu_allocations()
-    amp = engine.amp_dtype(cfg.amp, device)
     set_determinism(seed=cfg.seed)
     stamp = distributed.agree(time.strftime("%Y%m%d-%H%M%S"), dinfo)
     run_dir = Path(cfg.out_dir) / (
@@ -138,194 +161,241 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         distributed.barrier(dinfo)
         if dinfo.is_main:
             engine.check_writable(run_dir)
-        if cfg.fraction < 1:
-            if dinfo.is_main:
-                write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
-            distributed.barrier(dinfo)
-            manifest = run_dir / "subset.csv"
-        names = label_names(read_manifest(manifest)[0])
-        if len(names) != 2 or cfg.model.num_classes != 2:
-            raise ValueError(
-                f"classify is binary: {manifest} has classes {names}, model.num_classes={cfg.model.num_classes}"
-            )
-
-        train_items = records(manifest, cfg.data.train_split, cfg.data.max_train)
-        val_items = records(manifest, cfg.data.val_split, cfg.data.max_val)
-        test_items = records(manifest, cfg.test_split)
-        train_ds, seeded = _train_dataset(cfg, train_items, device)
-        val_ds = build_dataset(val_items, cfg.data, train=False)
-        test_ds = build_dataset(test_items, cfg.data, train=False)
-        train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
-        val_loader = make_loader(val_ds, cfg.data, shuffle=False)
-        test_loader = make_loader(test_ds, cfg.data, shuffle=False)
-        n_pos = sum(int(it["label"]) == 1 for it in train_items)
-        n_neg = len(train_items) - n_pos
-        # class balance by loss weight: Kermany's train split is ~3:1 pneumonia:normal
-        pos_weight = torch.tensor(n_neg / max(n_pos, 1), device=device)
-        print(
-            f"classify arm={cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: train={len(train_items)} "
-            f"(+{len(train_ds) - len(train_items)} synthetic) val={len(val_items)} test={len(test_items)} "
-            f"classes={names} device={device}",
-            flush=True,
-        )
-
-        net = CXRClassifier(cfg.model)
-        if dinfo.enabled and device.type == "cuda":
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = net.to(device)
-        if cfg.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        model: torch.nn.Module = net
-        if dinfo.enabled:
-            model = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        total_steps = cfg.epochs * len(train_loader)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
-        )
-
-        tags = {
-            "stage": "classify",
-            "arm": cfg.arm,
-            "fraction": f"{cfg.fraction:g}",
-            "seed": str(cfg.seed),
-            "git_commit": tracking.git_commit(),
-            "data.manifest": str(manifest),
-        }
-        if cfg.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        cfg_dict = to_dict(cfg)
-        best: dict[str, Any] = {"auroc": -1.0, "state": None, "epoch": 0}
+        run = _build_run(cfg, dinfo, run_dir, device, source_manifest)
         t0 = time.time()
         # rank 0 alone logs; an unreachable tracking server does not stop the run (see Tracker)
-        tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
-        tracker.start(None, run_dir.name, tags)
+        run.tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
+        run.tracker.start(None, run_dir.name, _tags(run))
         if old_run_id:
-            tracker.end_if_running(old_run_id, "KILLED")
-        with tracker:
-            tracker.log_params(flatten(cfg_dict))
-            tracker.log_params(
-                {"n_train_real": len(train_items), "n_train_total": len(train_ds), "replicas": dinfo.world}
+            run.tracker.end_if_running(old_run_id, "KILLED")
+        with run.tracker:
+            run.tracker.log_params(flatten(to_dict(cfg)))
+            n_real, n_total = len(run.items["train"]), len(run.data["train_ds"])
+            run.tracker.log_params(
+                {"n_train_real": n_real, "n_train_total": n_total, "replicas": dinfo.world}
             )
-
-            def step_fn(batch: dict) -> dict[str, torch.Tensor]:
-                x = batch["image"].to(device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = batch["label"].to(device).float()
-                ctx = (
-                    torch.autocast(device.type, dtype=amp)
-                    if amp is not None
-                    else torch.autocast("cpu", enabled=False)
-                )
-                with ctx:
-                    logits = model(x).float()
-                loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                return {"loss": loss.detach()}
-
-            step = 0
-            for epoch in range(cfg.epochs):
-                real_ds, syn_tf = seeded
-                engine.seed_epoch(cfg.seed, epoch, gen, real_ds)
-                sampler.set_epoch(epoch)
-                if train_ds is not real_ds:
-                    train_ds.set_epoch(epoch)  # fresh synthetic draws each epoch, reproducibly
-                if syn_tf is not None:
-                    syn_tf.set_random_state(seed=cfg.seed * 1000 + epoch + 7)
-                model.train()
-                tr, step = engine.run_epoch(
-                    train_loader,
-                    step_fn,
-                    step=step,
-                    desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
-                    log_every=cfg.tracking.log_every,
-                    log_fn=lambda m, s: tracker.log_metrics(m, step=s),
-                )
-                val = {f"val/{k}": v for k, v in evaluate(net, val_loader, device).items()}
-                val["epoch"] = epoch + 1
-                tracker.log_metrics(val, step=step)
-                if val["val/auroc"] > best["auroc"]:
-                    best = {
-                        "auroc": val["val/auroc"],
-                        "state": copy.deepcopy(net.state_dict()),
-                        "epoch": epoch + 1,
-                    }
-                print(
-                    ("" if dinfo.is_main else f"[rank {dinfo.rank}] ")
-                    + f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
-                    f"val/auroc={val['val/auroc']:.4f} val/loss={val['val/loss']:.4f}",
-                    flush=True,
-                )
+            _fit(run)
             if not dinfo.is_main:  # training is over: rank 0 alone tests, writes and logs
                 distributed.shutdown(dinfo)
                 return {"run_id": None, "run_dir": str(run_dir), "metrics": {}}
-            net.load_state_dict(best["state"])
-            yv, pv = predict(net, val_loader, device)
-            threshold = M.youden_threshold(yv, pv)
-            yt, pt = predict(net, test_loader, device)
-            test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
-            results = {f"test/{k}": v for k, v in test.items()}
-            results.update({"best_epoch": best["epoch"], "threshold": threshold, "val/best_auroc": best["auroc"]})
-            tracker.log_metrics(results, step=step)
-
-            # per-image scores (the gain stage pairs arms on them), ROC plot, curves, checkpoint
-            import pandas as pd
-
-            scores = pd.DataFrame({"path": [it["image"] for it in test_items], "label": yt, "score": pt})
-            scores_path = run_dir / "test_scores.csv"
-            scores.to_csv(scores_path, index=False)
-            roc = plot_roc(
-                {f"{cfg.arm} (test)": (yt, pt), "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name
-            )
-            hist = {k: v for k, v in tracker.history().items() if k in ("train/loss", "val/auroc", "val/loss")}
-            curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
-            ck = ckpt.save_checkpoint(
-                run_dir / "classifier.pt",
-                {
-                    "model": net.state_dict(),
-                    "config": cfg_dict,
-                    "label_names": {int(k): v for k, v in names.items()},
-                    "threshold": threshold,
-                    "epoch": best["epoch"],
-                    "code_version": tags["git_commit"],
-                    "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
-                    # provenance, checked by pipeline.evaluate before it uses this model as a feature
-                    # extractor: which images it has seen (an arm with synthetic images has seen a
-                    # generator's output) and the manifest it was trained on, by path and content
-                    **training_provenance(cfg.arm, manifest, source_manifest),
-                },
-            )
-            for p in (scores_path, roc, curves):
-                tracker.log_artifact(p, "eval")
-            tracker.log_artifact(ck, "checkpoints")
-        run_id = tracker.run_id
+            result = _test_and_save(run, source_manifest)
+        result["run_id"] = run.tracker.run_id
+        test, threshold = result["metrics"], result["metrics"]["threshold"]
         print(
-            f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['auroc']:.4f} "
-            f"[{test['auroc_lo']:.4f}, {test['auroc_hi']:.4f}] balanced acc {test['balanced_accuracy']:.4f} "
-            f"sens {test['sensitivity']:.4f} spec {test['specificity']:.4f} (threshold {threshold:.3f} from val, "
-            f"best epoch {best['epoch']}) in {time.time() - t0:.0f}s",
+            f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['test/auroc']:.4f} "
+            f"[{test['test/auroc_lo']:.4f}, {test['test/auroc_hi']:.4f}] balanced acc "
+            f"{test['test/balanced_accuracy']:.4f} sens {test['test/sensitivity']:.4f} spec "
+            f"{test['test/specificity']:.4f} (threshold {threshold:.3f} from val, best epoch "
+            f"{run.best['epoch']}) in {time.time() - t0:.0f}s",
             flush=True,
         )
-        print(f"MLflow run id: {run_id}\nROC plot: {roc}")
-        result = {
-            "run_id": run_id,
-            "run_dir": str(run_dir),
-            "metrics": results,
-            "checkpoint": str(ck),
-            "scores": str(scores_path),
-            "roc": str(roc),
-        }
+        print(f"MLflow run id: {result['run_id']}\nROC plot: {result['roc']}")
         # written last: its presence marks the arm as done (the gain stage skips it on a re-run)
-        from transforms.manifest import atomic_write_text
-
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
         distributed.shutdown(dinfo)
         return result
+
+
+def _build_run(
+    cfg: ClassifyConfig, dinfo: distributed.DistInfo, run_dir: Path, device: torch.device, manifest: Path
+) -> ClassifyRun:
+    """The (subset) manifest, data and network of a run, in the order a seeded run depends on."""
+    if cfg.fraction < 1:
+        if dinfo.is_main:
+            write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
+        distributed.barrier(dinfo)
+        manifest = run_dir / "subset.csv"
+    names = label_names(read_manifest(manifest)[0])
+    if len(names) != 2 or cfg.model.num_classes != 2:
+        raise ValueError(
+            f"classify is binary: {manifest} has classes {names}, model.num_classes={cfg.model.num_classes}"
+        )
+    items = {
+        "train": records(manifest, cfg.data.train_split, cfg.data.max_train),
+        "val": records(manifest, cfg.data.val_split, cfg.data.max_val),
+        "test": records(manifest, cfg.test_split),
+    }
+    train_ds, (real_ds, syn_tf) = _train_dataset(cfg, items["train"], device)
+    val_ds = build_dataset(items["val"], cfg.data, train=False)
+    test_ds = build_dataset(items["test"], cfg.data, train=False)
+    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
+    data = {
+        "train_ds": train_ds,
+        "real_ds": real_ds,
+        "syn_tf": syn_tf,
+        "train_loader": train_loader,
+        "sampler": sampler,
+        "gen": gen,
+        "val_loader": make_loader(val_ds, cfg.data, shuffle=False),
+        "test_loader": make_loader(test_ds, cfg.data, shuffle=False),
+    }
+    print(
+        f"classify arm={cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: train={len(items['train'])} "
+        f"(+{len(train_ds) - len(items['train'])} synthetic) val={len(items['val'])} test={len(items['test'])} "
+        f"classes={names} device={device}",
+        flush=True,
+    )
+    net = CXRClassifier(cfg.model)
+    if dinfo.enabled and device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model: torch.nn.Module = net
+    if dinfo.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return ClassifyRun(
+        cfg=cfg,
+        dinfo=dinfo,
+        run_dir=run_dir,
+        device=device,
+        amp=engine.amp_dtype(cfg.amp, device),
+        manifest=manifest,
+        names=names,
+        items=items,
+        data=data,
+        net=net,
+        model=model,
+    )
+
+
+def _tags(run: ClassifyRun) -> dict[str, str]:
+    cfg = run.cfg
+    tags = {
+        "stage": "classify",
+        "arm": cfg.arm,
+        "fraction": f"{cfg.fraction:g}",
+        "seed": str(cfg.seed),
+        "git_commit": tracking.git_commit(),
+        "data.manifest": str(run.manifest),
+    }
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    return tags
+
+
+def make_step_fn(run: ClassifyRun, opt: torch.optim.Optimizer, sched) -> Any:
+    """One optimiser step of the class-weighted BCE loss: ``step_fn(batch) -> {"loss": tensor}``."""
+    cfg, device, model = run.cfg, run.device, run.model
+    n_pos = sum(int(it["label"]) == 1 for it in run.items["train"])
+    # class balance by loss weight: Kermany's train split is ~3:1 pneumonia:normal
+    pos_weight = torch.tensor((len(run.items["train"]) - n_pos) / max(n_pos, 1), device=device)
+
+    def step_fn(batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["label"].to(device).float()
+        amp = run.amp
+        ctx = (
+            torch.autocast(device.type, dtype=amp)
+            if amp is not None
+            else torch.autocast("cpu", enabled=False)
+        )
+        with ctx:
+            logits = model(x).float()
+        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        return {"loss": loss.detach()}
+
+    return step_fn
+
+
+def _fit(run: ClassifyRun) -> None:
+    """The epochs; keeps the weights of the epoch with the best validation AUROC in ``run.best``."""
+    cfg, d, tracker = run.cfg, run.data, run.tracker
+    opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * len(d["train_loader"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
+    )
+    step_fn = make_step_fn(run, opt, sched)
+    for epoch in range(cfg.epochs):
+        engine.seed_epoch(cfg.seed, epoch, d["gen"], d["real_ds"])
+        d["sampler"].set_epoch(epoch)
+        if d["train_ds"] is not d["real_ds"]:
+            d["train_ds"].set_epoch(epoch)  # fresh synthetic draws each epoch, reproducibly
+        if d["syn_tf"] is not None:
+            d["syn_tf"].set_random_state(seed=cfg.seed * 1000 + epoch + 7)
+        run.model.train()
+        tr, run.step = engine.run_epoch(
+            d["train_loader"],
+            step_fn,
+            step=run.step,
+            desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
+            log_every=cfg.tracking.log_every,
+            log_fn=lambda m, s: tracker.log_metrics(m, step=s),
+        )
+        val = {f"val/{k}": v for k, v in evaluate(run.net, d["val_loader"], run.device).items()}
+        val["epoch"] = epoch + 1
+        tracker.log_metrics(val, step=run.step)
+        if val["val/auroc"] > run.best["auroc"]:
+            run.best = {
+                "auroc": val["val/auroc"],
+                "state": copy.deepcopy(run.net.state_dict()),
+                "epoch": epoch + 1,
+            }
+        print(
+            ("" if run.dinfo.is_main else f"[rank {run.dinfo.rank}] ")
+            + f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
+            f"val/auroc={val['val/auroc']:.4f} val/loss={val['val/loss']:.4f}",
+            flush=True,
+        )
+
+
+def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
+    """The best epoch's weights on the test split, once, at the validation-chosen threshold; the
+    per-image scores (the gain stage pairs arms on them), ROC plot, curves and checkpoint."""
+    import pandas as pd
+
+    cfg, d, tracker, run_dir = run.cfg, run.data, run.tracker, run.run_dir
+    run.net.load_state_dict(run.best["state"])
+    yv, pv = predict(run.net, d["val_loader"], run.device)
+    threshold = M.youden_threshold(yv, pv)
+    yt, pt = predict(run.net, d["test_loader"], run.device)
+    test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+    results = {f"test/{k}": v for k, v in test.items()}
+    results.update(
+        {"best_epoch": run.best["epoch"], "threshold": threshold, "val/best_auroc": run.best["auroc"]}
+    )
+    tracker.log_metrics(results, step=run.step)
+    scores = pd.DataFrame({"path": [it["image"] for it in run.items["test"]], "label": yt, "score": pt})
+    scores_path = run_dir / "test_scores.csv"
+    scores.to_csv(scores_path, index=False)
+    roc = plot_roc({f"{cfg.arm} (test)": (yt, pt), "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name)
+    hist = {k: v for k, v in tracker.history().items() if k in ("train/loss", "val/auroc", "val/loss")}
+    curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
+    ck = ckpt.save_checkpoint(
+        run_dir / "classifier.pt",
+        {
+            "model": run.net.state_dict(),
+            "config": to_dict(cfg),
+            "label_names": {int(k): v for k, v in run.names.items()},
+            "threshold": threshold,
+            "epoch": run.best["epoch"],
+            "code_version": tracking.git_commit(),
+            "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
+            # provenance, checked by pipeline.evaluate before it uses this model as a feature
+            # extractor: which images it has seen (an arm with synthetic images has seen a
+            # generator's output) and the manifest it was trained on, by path and content
+            **training_provenance(cfg.arm, run.manifest, source_manifest),
+        },
+    )
+    for p in (scores_path, roc, curves):
+        tracker.log_artifact(p, "eval")
+    tracker.log_artifact(ck, "checkpoints")
+    return {
+        "run_id": tracker.run_id,
+        "run_dir": str(run_dir),
+        "metrics": results,
+        "checkpoint": str(ck),
+        "scores": str(scores_path),
+        "roc": str(roc),
+    }

@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.stage_configs import (
+from pipeline.infra.metrics import mean_ci
+from pipeline.infra.stage_configs import (
     EXECUTION_KEYS,
     EXECUTION_PREFIXES,
-    CompareConfig,  # also re-exported; it lives in pipeline.stage_configs
+    CompareConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
 )
+from pipeline.infra.tracking import TrackingConfig, fail_fast_http, resolve_uri
+from pipeline.infra.viz import pyplot, save_figure
 
 # metrics aggregated per group; all lie in [0, 1]
 METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")
@@ -79,7 +82,6 @@ def _first(g: pd.DataFrame, col: str, default: str) -> str:
 
 def clipped_t_interval(values: np.ndarray) -> tuple[float, float, float]:
     """Mean over seeds with a 95 % t-interval clipped to [0, 1]; NaN bounds for one seed."""
-    from pipeline.metrics import mean_ci
 
     m, lo, hi = mean_ci(values)
     if np.isfinite(lo):
@@ -87,7 +89,7 @@ def clipped_t_interval(values: np.ndarray) -> tuple[float, float, float]:
     return m, lo, hi
 
 
-def aggregate(runs: pd.DataFrame, metric: str = "test/auroc") -> pd.DataFrame:
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Seed-aggregated table of classifier runs: one row per configuration (all params but the
     seed and the non-config ones). Columns: arm, fraction, n_seeds, n_runs, config (the params
     that distinguish the group, ``k=v`` joined by spaces), ``params.K`` for each such param, and
@@ -151,8 +153,6 @@ def _fmt(r: pd.Series, n: str) -> str:
 def compare(cfg: CompareConfig) -> int:
     import mlflow
 
-    from pipeline.tracking import TrackingConfig, fail_fast_http, resolve_uri
-
     uri = resolve_uri(TrackingConfig(uri=cfg.uri))
     if uri.startswith(("http://", "https://")):
         fail_fast_http()  # a dead server: a clear error in seconds, not minutes of retries
@@ -185,7 +185,7 @@ def compare(cfg: CompareConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     is_cls = "tags.stage" in runs and "tags.arm" in runs and (runs["tags.stage"] == "classify").any()
     if is_cls:
-        table = aggregate(runs[runs["tags.stage"] == "classify"], cfg.metric)
+        table = aggregate(runs[runs["tags.stage"] == "classify"])
         names = [n for n in METRICS if n in table]
         lines = [
             f"{'arm':22s} {'fraction':>8s} {'seeds':>5s} {'runs':>4s}  "
@@ -224,7 +224,6 @@ def compare(cfg: CompareConfig) -> int:
 
 def _plot_groups(table: pd.DataFrame, metric: str, path: Path, title: str) -> None:
     """One horizontal bar per group (configuration), with its interval where it has one."""
-    from pipeline.viz import pyplot, save_figure
 
     plt = pyplot()
     labels = [
@@ -255,7 +254,6 @@ def _plot_groups(table: pd.DataFrame, metric: str, path: Path, title: str) -> No
 
 
 def _plot_runs(runs: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    from pipeline.viz import pyplot, save_figure
 
     plt = pyplot()
 

@@ -35,9 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import model_store
-from pipeline.loaders import (
+from networks.vaegan import VAEGAN
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import model_store, tracking
+from pipeline.infra import quality as Q
+from pipeline.infra.config import flatten, to_dict
+from pipeline.infra.engine import check_writable, pick_device
+from pipeline.infra.loaders import (
     LoadedGenerator,
+    config_from_checkpoint,
     file_sha256,
     load_classifier,
     load_generator,
@@ -46,15 +52,15 @@ from pipeline.loaders import (
     resolve_labels,
     sample_images,
 )
-from pipeline.stage_configs import EvaluateConfig, TrackingConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
-from transforms.manifest import may_hold_burned_in
+from pipeline.infra.metrics import auroc, bootstrap_ci
+from pipeline.infra.stage_configs import EvaluateConfig, TrackingConfig  # noqa: F401 - re-exported; they live in pipeline.infra.stage_configs
+from pipeline.infra.viz import pairs, plot_roc, pyplot, save_figure, save_grid
+from pipeline.ingest import default_manifest
+from transforms.manifest import ManifestError, may_hold_burned_in, read_manifest, sidecar_path
 
 
 def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
     """(model with encoder and decoder, train config) from a train checkpoint."""
-    from networks.vaegan import VAEGAN
-    from pipeline import checkpoint as ckpt
-    from pipeline.train import config_from_checkpoint
 
     payload = ckpt.load_checkpoint(path)
     tcfg = config_from_checkpoint(payload)
@@ -161,7 +167,6 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
     Lists and hashes the files (the report and MLflow record the source: a manifest's path and
     sha256, a folder's path and the sha256 of its file names and contents, and the file count);
     :meth:`Source.images` reads them."""
-    from transforms.manifest import ManifestError, read_manifest, sidecar_path
 
     path = Path(samples)
     meta: dict[str, Any] = {"samples": str(path)}
@@ -299,7 +304,6 @@ def class_fidelity(
     "labelled" images would teach a classifier wrong labels. Empty for a generator that is not
     conditioned on two classes.
     """
-    from pipeline.metrics import bootstrap_ci
 
     lg = load_generator(generator, device)
     if lg.num_classes != 2:
@@ -352,14 +356,9 @@ def interpolate(
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Score a generator's (or any image folder's) samples against real images; returns the
+    metrics, the provenance, the report's path and the MLflow run id."""
     from monai.utils import set_determinism
-
-    from pipeline import quality as Q
-    from pipeline import tracking
-    from pipeline.config import flatten, to_dict
-    from pipeline.engine import check_writable, pick_device
-    from pipeline.metrics import auroc, bootstrap_ci
-    from pipeline.viz import pairs, plot_roc, save_grid
 
     device = pick_device(cfg.device)
     set_determinism(seed=cfg.seed)
@@ -368,15 +367,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         src = load_samples(cfg.samples, cfg.n, cfg.seed)
     else:
         src = load_source(cfg.checkpoint, device, tracking.resolve_uri(cfg.tracking))
-    model = src.model
     extractor, epay = load_classifier(cfg.extractor, device)
     # samples are preprocessed like the reference, at the size the extractor was trained at
     size = src.image_size or int(epay["config"]["data"]["image_size"])
-    ref_manifest = cfg.reference or src.train_manifest
-    if not ref_manifest:
-        from pipeline.data import default_manifest
-
-        ref_manifest = str(default_manifest())
+    ref_manifest = cfg.reference or src.train_manifest or str(default_manifest())
     # before any image is loaded: an extractor that has seen synthetic or reference images
     # would flatter the generator
     foreign = check_extractor(cfg.extractor, epay, ref_manifest, cfg.allow_foreign_extractor)
@@ -386,32 +380,61 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     real_x, real_y = load_images(ref_manifest, cfg.reference_split, size)
     train_x, _ = load_images(src.train_manifest or ref_manifest, cfg.train_split, size, src.max_train)
     fake_x, syn_y = src.images(real_y, size, cfg.n, cfg.seed, cfg.batch_size, cfg.prior)
-    n = len(fake_x)
     print(
-        f"evaluate: {n} synthetic vs {len(real_x)} real ({cfg.reference_split}) images, {len(train_x)} train",
+        f"evaluate: {len(fake_x)} synthetic vs {len(real_x)} real ({cfg.reference_split}) images, "
+        f"{len(train_x)} train",
         flush=True,
     )
+    images = {"real": real_x, "real_y": real_y, "train": train_x, "fake": fake_x, "fake_y": syn_y}
+    res = _panel(cfg, extractor, images, src.num_classes, device)
+    audit = _memorisation(cfg, images, res)
+    manifests = {str(ref_manifest), str(src.train_manifest or ref_manifest)}
+    figs = _figures(cfg, src, images, audit, manifests, run_dir, device)
+    if cfg.anomaly_checkpoint:
+        figs["anomaly_roc"] = _anomaly(cfg, images, size, res, run_dir, device)
+    meta = {
+        **src.provenance,  # the checkpoint and its training run, or the samples' path, sha256 and count
+        "model_kind": src.kind,
+        "extractor": cfg.extractor,
+        "extractor_sha256": file_sha256(cfg.extractor),
+        "extractor_arch": epay["config"]["model"]["arch"],
+        "extractor_arm": str(epay.get("arm", epay["config"].get("arm", "unrecorded"))),
+        "extractor_train_manifest": str((epay.get("train_manifest") or {}).get("path", "unrecorded")),
+        "foreign_extractor": foreign,  # "" unless allow_foreign_extractor let a refused one through
+        "reference": str(ref_manifest),
+        "reference_split": cfg.reference_split,
+    }
+    report = _report(res, meta, figs, run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps({"metrics": res, "meta": meta}, indent=2))
+    run_id = _log_run(cfg, src, res, meta, [*figs.values(), report, run_dir / "metrics.json"], run_dir)
+    print(report.read_text())
+    print(
+        f"evaluate done in {time.time() - t0:.0f}s; report {report}\n"
+        + (f"MLflow run id: {run_id}" if run_id else "MLflow: not reached; the run is kept in the outbox")
+    )
+    return {"metrics": res, "meta": meta, "report": str(report), "run_id": run_id}
 
+
+def _put(res: dict[str, float], name: str, triple: tuple[float, float, float]) -> None:
+    """A metric and its 95 % interval, as ``name``, ``name_lo``, ``name_hi``."""
+    res[name], res[f"{name}_lo"], res[f"{name}_hi"] = triple
+
+
+def _panel(
+    cfg: EvaluateConfig, extractor, images: dict[str, Any], num_classes: int, device: torch.device
+) -> dict[str, float]:
+    """FD, MMD, KID, precision/recall/density/coverage in the extractor's feature space, MS-SSIM
+    diversity, and (two classes) class fidelity: the extractor's AUROC on the samples' labels."""
+    real_x, fake_x = images["real"], images["fake"]
     f_real, p_real = _features(extractor, real_x, device)
     f_fake, p_fake = _features(extractor, fake_x, device)
     B = cfg.bootstrap
-    res: dict[str, float] = {"n_fake": n, "n_real": len(real_x), "n_train": len(train_x)}
-
-    def put(name: str, triple: tuple[float, float, float]) -> None:
-        res[name], res[f"{name}_lo"], res[f"{name}_hi"] = triple
-
+    res: dict[str, float] = {"n_fake": len(fake_x), "n_real": len(real_x), "n_train": len(images["train"])}
     ft, rt = f_fake.double(), f_real.double()
-    put(
-        "fd",
-        Q.bootstrap(
-            lambda a, b: Q.frechet_distance(a, b), ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True
-        ),
-    )
-    put(
-        "mmd",
-        Q.bootstrap(lambda a, b: Q.mmd_linear(a, b), ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True),
-    )
-    put(
+    _put(res, "fd", Q.bootstrap(Q.frechet_distance, ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True))
+    _put(res, "mmd", Q.bootstrap(Q.mmd_linear, ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True))
+    _put(
+        res,
         "kid",
         Q.bootstrap(
             lambda a, b: Q.kid(a, b, subsets=5, seed=cfg.seed),
@@ -422,116 +445,120 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             bias_correct=True,
         ),
     )
-    ind = Q.prdc_indicators(f_real, f_fake, cfg.k)
-    for name, v in ind.items():
-        put(name, Q.mean_with_ci(v, n_boot=1000, seed=cfg.seed))
-    ms_fake = Q.ms_ssim_pairs(fake_x, 500, cfg.seed)
-    ms_real = Q.ms_ssim_pairs(real_x, 500, cfg.seed)
-    put("ms_ssim_synthetic", Q.mean_with_ci(ms_fake, seed=cfg.seed))
-    put("ms_ssim_real", Q.mean_with_ci(ms_real, seed=cfg.seed))
-    if src.num_classes == 2:
-        cf = bootstrap_ci(syn_y, p_fake, 0.5, n_boot=1000, seed=cfg.seed)
-        put("class_fidelity_auroc", (cf["auroc"], cf["auroc_lo"], cf["auroc_hi"]))
-        res["real_auroc_extractor"] = auroc(real_y, p_real)
+    for name, v in Q.prdc_indicators(f_real, f_fake, cfg.k).items():
+        _put(res, name, Q.mean_with_ci(v, n_boot=1000, seed=cfg.seed))
+    _put(res, "ms_ssim_synthetic", Q.mean_with_ci(Q.ms_ssim_pairs(fake_x, 500, cfg.seed), seed=cfg.seed))
+    _put(res, "ms_ssim_real", Q.mean_with_ci(Q.ms_ssim_pairs(real_x, 500, cfg.seed), seed=cfg.seed))
+    if num_classes == 2:
+        cf = bootstrap_ci(images["fake_y"], p_fake, 0.5, n_boot=1000, seed=cfg.seed)
+        _put(res, "class_fidelity_auroc", (cf["auroc"], cf["auroc_lo"], cf["auroc_hi"]))
+        res["real_auroc_extractor"] = auroc(images["real_y"], p_real)
+    return res
 
-    # memorisation audit in pixel space: a near-copy is close in every space
-    audit = Q.memorisation_audit(fake_x, train_x, real_x, cfg.near_copy_percentile)
-    d_fake, i_fake, d_test, thr = (
-        audit["distance"],
-        audit["nearest"],
-        audit["test_distance"],
-        audit["threshold"],
-    )
-    res["near_copy_threshold"] = thr
-    put("memorisation_fraction", Q.mean_with_ci(audit["near_copy"].astype(float), seed=cfg.seed))
-    res["nn_distance_synthetic_median"] = float(np.median(d_fake))
-    res["nn_distance_test_median"] = float(np.median(d_test))
-    order = np.argsort(d_fake)[:16]
+
+def _memorisation(cfg: EvaluateConfig, images: dict[str, Any], res: dict[str, float]) -> dict[str, Any]:
+    """Memorisation audit in pixel space (a near-copy is close in every space); adds its figures
+    to ``res`` and returns the audit (distances, nearest training image, threshold)."""
+    audit = Q.memorisation_audit(images["fake"], images["train"], images["real"], cfg.near_copy_percentile)
+    res["near_copy_threshold"] = audit["threshold"]
+    _put(res, "memorisation_fraction", Q.mean_with_ci(audit["near_copy"].astype(float), seed=cfg.seed))
+    res["nn_distance_synthetic_median"] = float(np.median(audit["distance"]))
+    res["nn_distance_test_median"] = float(np.median(audit["test_distance"]))
+    return audit
+
+
+def _figures(
+    cfg: EvaluateConfig,
+    src: Source,
+    images: dict[str, Any],
+    audit: dict[str, Any],
+    manifests: set[str],
+    run_dir: Path,
+    device: torch.device,
+) -> dict[str, Path]:
+    """Sample grid, distance histogram, closest pairs and latent interpolation, each only where no
+    image shown may hold burned-in identifying text."""
+    fake_x, train_x, real_x, real_y = images["fake"], images["train"], images["real"], images["real_y"]
+    up = max(1, 128 // fake_x.shape[-1])
     figs = {}  # no picture of samples= a manifest whose images may show burned-in identifying text
     if not src.burned_in:
-        figs["samples"] = save_grid(fake_x[:64], run_dir / "samples.png", nrow=8, upscale=max(1, 128 // size))
-    figs["nn_distances"] = _hist(d_fake, d_test, thr, run_dir / "nn_distances.png")
+        figs["samples"] = save_grid(fake_x[:64], run_dir / "samples.png", nrow=8, upscale=up)
+    d_fake = audit["distance"]
+    figs["nn_distances"] = _hist(
+        d_fake, audit["test_distance"], audit["threshold"], run_dir / "nn_distances.png"
+    )
     # pictures of real images only when no manifest may hold burned-in identifying text
-    manifests = {str(ref_manifest), str(src.train_manifest or ref_manifest)}
     if src.burned_in or any(may_hold_burned_in(m) for m in manifests):
         print("evaluate: a manifest may hold burned-in annotations; no real-image figures are made")
-    else:
-        figs["closest_pairs"] = save_grid(
-            pairs(fake_x[order], train_x[i_fake[order]]),
-            run_dir / "closest_pairs.png",
-            nrow=8,
-            upscale=max(1, 128 // size),
-        )
-    if model is not None and "closest_pairs" in figs:
+        return figs
+    order = np.argsort(d_fake)[:16]
+    figs["closest_pairs"] = save_grid(
+        pairs(fake_x[order], train_x[audit["nearest"][order]]),
+        run_dir / "closest_pairs.png",
+        nrow=8,
+        upscale=up,
+    )
+    if src.model is not None:
         # latent interpolation between two real images of each class (needs the encoder)
         rows = []
         for lab in sorted(set(real_y.tolist())) if src.num_classes else [None]:
             idx = np.flatnonzero(real_y == lab) if lab is not None else np.arange(len(real_y))
-            rows.append(interpolate(model, real_x[idx[0]], real_x[idx[-1]], lab, 10, device))
-        figs["interpolation"] = save_grid(
-            torch.cat(rows), run_dir / "interpolation.png", nrow=10, upscale=max(1, 128 // size)
-        )
+            rows.append(interpolate(src.model, real_x[idx[0]], real_x[idx[-1]], lab, 10, device))
+        figs["interpolation"] = save_grid(torch.cat(rows), run_dir / "interpolation.png", nrow=10, upscale=up)
+    return figs
 
-    if cfg.anomaly_checkpoint:
-        amodel, acfg, _ = load_vaegan(cfg.anomaly_checkpoint, device)
-        if acfg.model.image_size != size:
-            raise ValueError(f"anomaly model is {acfg.model.image_size}px, evaluated images are {size}px")
-        rec, elbo = anomaly_scores(amodel, real_x, device, acfg.loss.kl_weight)
-        target = (real_y != cfg.normal_label).astype(int)
-        a = bootstrap_ci(target, rec, float(np.median(rec)), n_boot=1000, seed=cfg.seed)
-        put("anomaly_auroc", (a["auroc"], a["auroc_lo"], a["auroc_hi"]))
-        e = bootstrap_ci(target, elbo, float(np.median(elbo)), n_boot=1000, seed=cfg.seed)
-        put("anomaly_auroc_elbo", (e["auroc"], e["auroc_lo"], e["auroc_hi"]))
-        figs["anomaly_roc"] = plot_roc(
-            {"reconstruction error": (target, rec), "neg. ELBO": (target, elbo)},
-            run_dir / "anomaly_roc.png",
-            title="pneumonia vs normal, model trained on normal only",
-        )
 
-    extractor_hash = file_sha256(cfg.extractor)
-    meta = {
-        **src.provenance,  # the checkpoint and its training run, or the samples' path, sha256 and count
-        "model_kind": src.kind,
-        "extractor": cfg.extractor,
-        "extractor_sha256": extractor_hash,
-        "extractor_arch": epay["config"]["model"]["arch"],
-        "extractor_arm": str(epay.get("arm", epay["config"].get("arm", "unrecorded"))),
-        "extractor_train_manifest": str((epay.get("train_manifest") or {}).get("path", "unrecorded")),
-        "foreign_extractor": foreign,  # "" unless allow_foreign_extractor let a refused one through
-        "reference": str(ref_manifest),
-        "reference_split": cfg.reference_split,
-    }
-    report = _report(res, meta, figs, run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps({"metrics": res, "meta": meta}, indent=2))
-    # through the outage-tolerant Tracker: with the server down the report is still written and
-    # the run waits in run_dir/tracking_outbox for `pipeline.run sync`
+def _anomaly(
+    cfg: EvaluateConfig, images: dict[str, Any], size: int, res: dict[str, float], run_dir: Path, device
+) -> Path:
+    """AUROC of a VAE trained on normal images only, scoring the reference images as anomalies by
+    reconstruction error and by negative ELBO; returns the ROC plot."""
+    amodel, acfg, _ = load_vaegan(cfg.anomaly_checkpoint, device)
+    if acfg.model.image_size != size:
+        raise ValueError(f"anomaly model is {acfg.model.image_size}px, evaluated images are {size}px")
+    rec, elbo = anomaly_scores(amodel, images["real"], device, acfg.loss.kl_weight)
+    target = (images["real_y"] != cfg.normal_label).astype(int)
+    a = bootstrap_ci(target, rec, float(np.median(rec)), n_boot=1000, seed=cfg.seed)
+    _put(res, "anomaly_auroc", (a["auroc"], a["auroc_lo"], a["auroc_hi"]))
+    e = bootstrap_ci(target, elbo, float(np.median(elbo)), n_boot=1000, seed=cfg.seed)
+    _put(res, "anomaly_auroc_elbo", (e["auroc"], e["auroc_lo"], e["auroc_hi"]))
+    return plot_roc(
+        {"reconstruction error": (target, rec), "neg. ELBO": (target, elbo)},
+        run_dir / "anomaly_roc.png",
+        title="pneumonia vs normal, model trained on normal only",
+    )
+
+
+def _log_run(
+    cfg: EvaluateConfig,
+    src: Source,
+    res: dict[str, float],
+    meta: dict[str, Any],
+    files: list[Path],
+    run_dir: Path,
+) -> str | None:
+    """Through the outage-tolerant Tracker: with the server down the report is still written and
+    the run waits in run_dir/tracking_outbox for `pipeline.run sync`. Returns the run id."""
     tags = {
         "stage": "evaluate",
         "model.kind": src.kind,
         # lineage: the generator's training run and checkpoint hash, or the samples' source
         **{k: str(v) for k, v in src.provenance.items() if k != "checkpoint"},
-        "extractor_sha256": extractor_hash,
+        "extractor_sha256": meta["extractor_sha256"],
         "git_commit": tracking.git_commit(),
     }
-    if foreign:
-        tags["foreign_extractor"] = foreign[:4000]
+    if meta["foreign_extractor"]:
+        tags["foreign_extractor"] = meta["foreign_extractor"][:4000]
     with tracking.Tracker(cfg.tracking, run_dir) as tr:
         tr.start(None, run_dir.name, tags)
         tr.log_params(flatten(to_dict(cfg)))
         tr.log_metrics({k: float(v) for k, v in res.items() if np.isfinite(v)}, step=0)
-        for p in [*figs.values(), report, run_dir / "metrics.json"]:
+        for p in files:
             tr.log_artifact(p, "report")
-    run_id = tr.run_id
-    print(report.read_text())
-    print(
-        f"evaluate done in {time.time() - t0:.0f}s; report {report}\n"
-        + (f"MLflow run id: {run_id}" if run_id else "MLflow: not reached; the run is kept in the outbox")
-    )
-    return {"metrics": res, "meta": meta, "report": str(report), "run_id": run_id}
+    return tr.run_id
 
 
 def _hist(d_fake: np.ndarray, d_test: np.ndarray, thr: float, path: Path) -> Path:
-    from pipeline.viz import pyplot, save_figure
 
     plt = pyplot()
 
@@ -555,9 +582,6 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
     figure already has) is copied beside the report and ``figs`` updated to the copy, so that the
     copy is what gets logged. Names are percent-encoded, so a space or parenthesis stays one link.
     """
-    import shutil
-    from urllib.parse import quote
-
     def row(name: str, label: str) -> str:
         if name not in res:
             return ""
@@ -605,22 +629,36 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
         row("anomaly_auroc_elbo", "anomaly AUROC (neg. ELBO)"),
         "\n",
     ]
-    captions = {
-        "samples": "Synthetic samples (one class per column)",
-        "nn_distances": "Nearest-neighbour distance to the training set: synthetic vs real test images",
-        "closest_pairs": "Closest pairs: each synthetic image beside its nearest training image",
-        "interpolation": "Latent interpolation between two real images of each class",
-        "anomaly_roc": "Anomaly detection ROC",
-    }
+    lines += _embed_figures(figs, run_dir)
+    path = run_dir / "report.md"
+    path.write_text("".join(lines))
+    return path
+
+FIGURE_CAPTIONS = {
+    "samples": "Synthetic samples (one class per column)",
+    "nn_distances": "Nearest-neighbour distance to the training set: synthetic vs real test images",
+    "closest_pairs": "Closest pairs: each synthetic image beside its nearest training image",
+    "interpolation": "Latent interpolation between two real images of each class",
+    "anomaly_roc": "Anomaly detection ROC",
+}
+
+
+def _embed_figures(figs: dict[str, Path], run_dir: Path) -> list[str]:
+    """The report's Markdown for ``figs``, each linked by a bare file name beside the report
+    (copied there, under a free name, when it lives elsewhere or another figure has its name;
+    ``figs`` then points at the copy)."""
+    import shutil
+    from urllib.parse import quote
+
     run_dir.mkdir(parents=True, exist_ok=True)
     here = run_dir.resolve()
     taken: dict[str, Path] = {}  # file name beside the report -> the figure it shows
-    if figs:
-        lines.append("## Figures\n\n")
+    lines = ["## Figures\n\n"] if figs else []
     for k, p in list(figs.items()):
         p = Path(p)
+        caption = FIGURE_CAPTIONS.get(k, k)
         if not p.is_file():
-            lines.append(f"{captions.get(k, k)}: not written ({p.name}).\n\n")
+            lines.append(f"{caption}: not written ({p.name}).\n\n")
             continue
         name = p.name
         if p.resolve().parent != here or name in taken or name == "report.md":
@@ -634,7 +672,6 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
             figs[k] = run_dir / name
         taken[name] = figs[k]
         alt = k.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
-        lines.append(f"**{captions.get(k, k)}**\n\n![{alt}]({quote(name)})\n\n")
-    path = run_dir / "report.md"
-    path.write_text("".join(lines))
-    return path
+        lines.append(f"**{caption}**\n\n![{alt}]({quote(name)})\n\n")
+    return lines
+

@@ -3,7 +3,7 @@
 Arms x real-training fractions x seeds, each a child MLflow run of one parent run:
 
 * for each fraction f and seed s, a subset of the real train (and val) split is drawn by patient,
-  stratified by label (``pipeline.data.write_subset_manifest``); the test split is never reduced;
+  stratified by label (``pipeline.infra.data.write_subset_manifest``); the test split is never reduced;
 * the VAE-GAN that feeds the synthetic arms of (f, s) is trained on that subset only, so no real
   image outside it reaches the classifier through the generator. At f = 1 every seed has the same
   subset, so one generator (seeded with the first seed) serves all seeds (``generators=['1.0=PATH']``
@@ -42,11 +42,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import distributed
 from pipeline.classify import ClassifyConfig, classify
-from pipeline.config import ConfigError, flatten, to_dict
-from pipeline.loaders import file_sha256
-from pipeline.stage_configs import ARMS, DEFAULT_ARMS, EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
+from pipeline.evaluate import class_fidelity
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import distributed, tracking
+from pipeline.infra.config import ConfigError, flatten, from_dict, load_config, to_dict
+from pipeline.infra.data import write_subset_manifest
+from pipeline.infra.engine import check_writable, pick_device
+from pipeline.infra.loaders import file_sha256
+from pipeline.infra.metrics import mean_ci
+from pipeline.infra.model_store import is_model_uri
+from pipeline.infra.stage_configs import ARMS, DEFAULT_ARMS, EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig  # noqa: F401 - re-exported; they live in pipeline.infra.stage_configs
+from pipeline.infra.viz import plot_gain
+from pipeline.ingest import resolve_manifest
+from pipeline.train import TrainConfig, train
+from transforms.manifest import ManifestError, atomic_write_text, read_manifest
 
 # ------------------------------------------------------------------------------ config keys
 KEY_FILE = "gain_key.json"  # in each finished child's folder: the hash of its resolved config
@@ -127,7 +137,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_record(folder: Path, flat: dict[str, Any], parent_id: str | None, run_id: str | None) -> None:
-    from transforms.manifest import atomic_write_text
 
     record = {"key": config_key(flat), "parent_run_id": parent_id, "run_id": run_id, "config": flat}
     atomic_write_text(folder / KEY_FILE, json.dumps(record, indent=1, sort_keys=True))
@@ -153,8 +162,6 @@ def _subset_path(manifest: Path, out: Path, fraction: float, seed: int) -> Path:
 
 def _generator_config(cfg: GainConfig, fraction: float, seed: int, sub: Path, out: Path, parent_id: str):
     """The TrainConfig of the (fraction, seed) VAE-GAN (``seed``: the generator's own seed)."""
-    from pipeline.config import load_config
-    from pipeline.train import TrainConfig
 
     overrides = [
         f"data.manifest={sub}",
@@ -186,7 +193,6 @@ def _generator_for(
     progress: _Progress,
 ) -> str:
     """A generator checkpoint trained on exactly this subset (trained, resumed or reused)."""
-    from pipeline.train import train
 
     given = _given_generators(cfg)
     if fraction in given:
@@ -291,7 +297,6 @@ def _uri_problem(uri: str) -> str | None:
 
 def _generator_file_problem(path: str, image_size: int) -> str | None:
     """Why the local file ``path`` cannot feed the synthetic arms (None when it can)."""
-    from pipeline import checkpoint as ckpt
 
     p = Path(path)
     if not p.is_file():
@@ -314,9 +319,6 @@ def _generator_file_problem(path: str, image_size: int) -> str | None:
 def _check_inputs(cfg: GainConfig, base: ClassifyConfig) -> Path:
     """Every input the study reads, checked before a run is created; returns the manifest.
     Raises one ConfigError listing every problem, each naming its key."""
-    from pipeline.data import resolve_manifest
-    from pipeline.model_store import is_model_uri
-    from transforms.manifest import ManifestError, read_manifest
 
     problems: list[str] = []
     manifest = None
@@ -357,29 +359,19 @@ def _check_inputs(cfg: GainConfig, base: ClassifyConfig) -> Path:
     return manifest
 
 
-def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _Plan:
-    """Every child's config (checked) and key; finished children whose recorded key differs, or
-    a parent whose recorded gain config differs, refuse the whole study here."""
-    from pipeline import checkpoint as ckpt
-    from pipeline.config import from_dict
-    from pipeline.model_store import is_model_uri
-    from pipeline.train import TrainConfig
+@dataclass
+class _Audit:
+    """What planning found: inputs that cannot work and finished runs recorded with another config."""
 
-    state_file = out / "parent_run_id"
-    plan = _Plan(parent_id=state_file.read_text().strip() if state_file.is_file() else None)
-    manifest_sha = file_sha256(manifest)
-    bad: list[str] = []  # inputs that cannot work
-    changed: list[str] = []  # finished children or the parent recorded with another config
+    plan: _Plan
+    state_file: Path
+    bad: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
 
-    record = _read_json(out / PARENT_FILE)
-    if plan.parent_id and record is not None:
-        diff = config_changes(record.get("config", {}), parent_config(cfg), parent_config(GainConfig()))
-        if diff:
-            changed.append(f"parent run {plan.parent_id} ({out / PARENT_FILE}): " + "; ".join(diff))
-
-    def check_done(what: str, folder: Path, new: dict, legacy, defaults: dict) -> None:
+    def check_done(self, what: str, folder: Path, new: dict, legacy, defaults: dict) -> None:
         """Compare a finished child's record (or, recorded before keys existed, its checkpoint's
         config) with ``new``; note a difference or a record to (re)write."""
+        plan = self.plan
         rec = _read_json(folder / KEY_FILE)
         if rec is not None and rec.get("key") == config_key(new):
             old = new
@@ -389,7 +381,9 @@ def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _
             try:
                 old = {**new, **legacy()}  # what the checkpoint does not say is taken as unchanged
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: say so, refuse
-                changed.append(f"{what} ({folder}): finished, but no {KEY_FILE} records its config ({e})")
+                self.changed.append(
+                    f"{what} ({folder}): finished, but no {KEY_FILE} records its config ({e})"
+                )
                 return
             print(
                 f"gain: {what} was finished before config keys were recorded: checked against its checkpoint"
@@ -397,103 +391,40 @@ def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _
         diff = config_changes(old, new, defaults)
         recorded_parent = (rec or {}).get("parent_run_id")
         if recorded_parent and recorded_parent != plan.parent_id:
-            now = f"{state_file} names {plan.parent_id}" if plan.parent_id else f"{state_file} is missing"
+            now = (
+                f"{self.state_file} names {plan.parent_id}"
+                if plan.parent_id
+                else f"{self.state_file} is missing"
+            )
             diff.append(f"logged under parent run {recorded_parent}, but {now}")
         if diff:
             shown = diff[:8] + ([f"+{len(diff) - 8} more"] if len(diff) > 8 else [])
-            changed.append(f"{what} ({folder}): " + "; ".join(shown))
+            self.changed.append(f"{what} ({folder}): " + "; ".join(shown))
         elif rec is None or rec.get("key") != config_key(new):
             plan.adopt.add(folder.name)
 
-    # the generators of the synthetic arms
-    given = _given_generators(cfg)
-    gen_of: dict[tuple[float, int], str] = {}  # (fraction, seed) -> generator name
-    train_defaults = keyed_config(to_dict(TrainConfig()), "generator.train.")
-    if any("synthetic" in a for a in cfg.arms):
-        for fraction in cfg.fractions:
-            for seed in cfg.seeds:
-                if fraction in given:
-                    path = given[fraction]
-                    name = f"given-f{fraction:g}"
-                    gen_of[(fraction, seed)] = name
-                    if name not in plan.generators:  # a local file is keyed by its content too
-                        local = not is_model_uri(path) or Path(path).exists()
-                        plan.generators[name] = {
-                            "generator.path": path,
-                            "generator.sha256": file_sha256(path) if local else None,
-                        }
-                    continue
-                gseed = _generator_seed(cfg, fraction, seed)
-                name = _generator_name(fraction, gseed)
-                gen_of[(fraction, seed)] = name
-                if name in plan.generators:
-                    continue
-                sub = _subset_path(manifest, out, fraction, seed)
-                try:
-                    tcfg = _generator_config(cfg, fraction, gseed, sub, out, "")
-                except ConfigError as e:
-                    bad.append(f"vaegan_config / vaegan_overrides (generator {name}): {e}")
-                    continue
-                flat = keyed_config(to_dict(tcfg), "generator.train.")
-                flat.update(
-                    {"generator.source_manifest_sha256": manifest_sha, "generator.fraction": fraction}
-                )
-                plan.generators[name] = _canonical(flat)
-                run_dir = out / "generators" / name
-                last = run_dir / "checkpoints" / "last.pt"
-                if (run_dir / "done").is_file() and last.is_file():
-                    check_done(
-                        f"generator {name}",
-                        run_dir,
-                        plan.generators[name],
-                        lambda last=last: keyed_config(
-                            ckpt.load_checkpoint(last)["config"], "generator.train."
-                        ),
-                        train_defaults,
-                    )
-                else:
-                    plan.generators_to_train.append(name)
 
-    # the classifier children
-    child_defaults = {**keyed_config(to_dict(ClassifyConfig()), "classify."), **train_defaults}
-    for fraction in cfg.fractions:
-        for seed in cfg.seeds:
-            sub = _subset_path(manifest, out, fraction, seed)
-            for arm in cfg.arms:
-                gname = gen_of.get((fraction, seed)) if "synthetic" in arm else None
-                if gname is not None and gname not in plan.generators:
-                    continue  # its generator's config is broken: reported above
-                gen_path = None
-                if gname is not None:
-                    gen_path = given.get(fraction) or str(
-                        out / "generators" / gname / "checkpoints" / "last.pt"
-                    )
-                c = _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, "")
-                name = c.tracking.run_name
-                try:
-                    from_dict(ClassifyConfig, to_dict(c))  # the checks of ClassifyConfig.__post_init__
-                except ConfigError as e:
-                    bad.append(f"child {name}: {e}")
-                    continue
-                new = _child_keyed(c, manifest_sha, fraction, plan.generators[gname] if gname else None)
-                plan.children[name] = new
-                folder = out / "children" / name
-                if (folder / "result.json").is_file():
-                    check_done(
-                        f"child {name}",
-                        folder,
-                        new,
-                        lambda folder=folder: keyed_config(
-                            ckpt.load_checkpoint(folder / "classifier.pt")["config"], "classify."
-                        ),
-                        child_defaults,
-                    )
-                else:
-                    plan.to_train.append(name)
-    if bad:
-        raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(bad))
-    if changed:
-        if changed[0].startswith("parent run"):
+def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _Plan:
+    """Every child's config (checked) and key; finished children whose recorded key differs, or
+    a parent whose recorded gain config differs, refuse the whole study here."""
+    state_file = out / "parent_run_id"
+    audit = _Audit(
+        _Plan(parent_id=state_file.read_text().strip() if state_file.is_file() else None), state_file
+    )
+    record = _read_json(out / PARENT_FILE)
+    if audit.plan.parent_id and record is not None:
+        diff = config_changes(record.get("config", {}), parent_config(cfg), parent_config(GainConfig()))
+        if diff:
+            audit.changed.append(
+                f"parent run {audit.plan.parent_id} ({out / PARENT_FILE}): " + "; ".join(diff)
+            )
+    manifest_sha = file_sha256(manifest)
+    gen_of = _plan_generators(cfg, audit, manifest, manifest_sha, out)
+    _plan_children(cfg, base, audit, gen_of, manifest, manifest_sha, out)
+    if audit.bad:
+        raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(audit.bad))
+    if audit.changed:
+        if audit.changed[0].startswith("parent run"):
             fix = (
                 "The parent run's params must describe its children: to run this config, start a new "
                 f"study with another run_name= (or out_dir=), or remove {out} to redo this one."
@@ -506,11 +437,111 @@ def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _
             )
         raise ConfigError(
             f"gain: the study in {out} was run before with another config; nothing was trained.\n  "
-            + "\n  ".join(changed)
+            + "\n  ".join(audit.changed)
             + "\n"
             + fix
         )
-    return plan
+    return audit.plan
+
+
+def _plan_generators(
+    cfg: GainConfig, audit: _Audit, manifest: Path, manifest_sha: str, out: Path
+) -> dict[tuple[float, int], str]:
+    """The generators of the synthetic arms, given or to train; returns (fraction, seed) -> name."""
+    plan, given = audit.plan, _given_generators(cfg)
+    gen_of: dict[tuple[float, int], str] = {}
+    if not any("synthetic" in a for a in cfg.arms):
+        return gen_of
+    train_defaults = keyed_config(to_dict(TrainConfig()), "generator.train.")
+    for fraction in cfg.fractions:
+        for seed in cfg.seeds:
+            if fraction in given:
+                path = given[fraction]
+                name = gen_of[(fraction, seed)] = f"given-f{fraction:g}"
+                if name not in plan.generators:  # a local file is keyed by its content too
+                    local = not is_model_uri(path) or Path(path).exists()
+                    plan.generators[name] = {
+                        "generator.path": path,
+                        "generator.sha256": file_sha256(path) if local else None,
+                    }
+                continue
+            gseed = _generator_seed(cfg, fraction, seed)
+            name = gen_of[(fraction, seed)] = _generator_name(fraction, gseed)
+            if name in plan.generators:
+                continue
+            sub = _subset_path(manifest, out, fraction, seed)
+            try:
+                tcfg = _generator_config(cfg, fraction, gseed, sub, out, "")
+            except ConfigError as e:
+                audit.bad.append(f"vaegan_config / vaegan_overrides (generator {name}): {e}")
+                continue
+            flat = keyed_config(to_dict(tcfg), "generator.train.")
+            flat.update({"generator.source_manifest_sha256": manifest_sha, "generator.fraction": fraction})
+            plan.generators[name] = _canonical(flat)
+            run_dir = out / "generators" / name
+            last = run_dir / "checkpoints" / "last.pt"
+            if (run_dir / "done").is_file() and last.is_file():
+                audit.check_done(
+                    f"generator {name}",
+                    run_dir,
+                    plan.generators[name],
+                    lambda last=last: keyed_config(ckpt.load_checkpoint(last)["config"], "generator.train."),
+                    train_defaults,
+                )
+            else:
+                plan.generators_to_train.append(name)
+    return gen_of
+
+
+def _plan_children(
+    cfg: GainConfig,
+    base: ClassifyConfig,
+    audit: _Audit,
+    gen_of: dict[tuple[float, int], str],
+    manifest: Path,
+    manifest_sha: str,
+    out: Path,
+) -> None:
+    """The classifier children: each one's checked config and key, to train or finished."""
+    plan, given = audit.plan, _given_generators(cfg)
+    child_defaults = {
+        **keyed_config(to_dict(ClassifyConfig()), "classify."),
+        **keyed_config(to_dict(TrainConfig()), "generator.train."),
+    }
+    for fraction in cfg.fractions:
+        for seed in cfg.seeds:
+            sub = _subset_path(manifest, out, fraction, seed)
+            for arm in cfg.arms:
+                gname = gen_of.get((fraction, seed)) if "synthetic" in arm else None
+                if gname is not None and gname not in plan.generators:
+                    continue  # its generator's config is broken: reported already
+                gen_path = None
+                if gname is not None:
+                    gen_path = given.get(fraction) or str(
+                        out / "generators" / gname / "checkpoints" / "last.pt"
+                    )
+                c = _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, "")
+                name = c.tracking.run_name
+                try:
+                    from_dict(ClassifyConfig, to_dict(c))  # the checks of ClassifyConfig.__post_init__
+                except ConfigError as e:
+                    audit.bad.append(f"child {name}: {e}")
+                    continue
+                new = _child_keyed(c, manifest_sha, fraction, plan.generators[gname] if gname else None)
+                plan.children[name] = new
+                folder = out / "children" / name
+                if (folder / "result.json").is_file():
+                    audit.check_done(
+                        f"child {name}",
+                        folder,
+                        new,
+                        lambda folder=folder: keyed_config(
+                            ckpt.load_checkpoint(folder / "classifier.pt")["config"], "classify."
+                        ),
+                        child_defaults,
+                    )
+                else:
+                    plan.to_train.append(name)
 
 
 # ------------------------------------------------------------------------------ progress
@@ -581,7 +612,6 @@ def _run_children(
     rank 0 alone writes subsets, reads finished results, tags runs and returns the rows, and the
     decisions that depend on its files are broadcast so that every replica takes the same branch.
     """
-    from pipeline.data import write_subset_manifest
 
     gen_cache: dict = {}
     rows: list[dict[str, Any]] = []
@@ -669,8 +699,6 @@ def _generator_fidelity(
     Saved beside the children with the keys of the generator and the classifier it was computed
     from, so a re-run does not recompute it unless one of them changed. NaN on ranks other than 0.
     """
-    from pipeline.engine import pick_device
-    from pipeline.evaluate import class_fidelity
 
     path = out / "children" / f"generator-fidelity-f{fraction:g}-s{seed}.json"
     real = f"real-f{fraction:g}-s{seed}"
@@ -713,7 +741,6 @@ def _generator_fidelity(
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Per (fraction, arm): mean AUROC with a t-interval over seeds and the AUROC difference to
     real-only paired by seed, with its t-interval."""
-    from pipeline.metrics import mean_ci
 
     rows = []
     for (frac, arm), g in results.groupby(["fraction", "arm"], sort=True):
@@ -791,10 +818,6 @@ def _parent_run(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path
     import mlflow
     from mlflow.entities import Param
 
-    from pipeline import tracking
-    from pipeline.engine import check_writable
-    from transforms.manifest import atomic_write_text
-
     check_writable(out)
     tcfg = copy.deepcopy(base.tracking)
     tcfg.experiment = cfg.experiment
@@ -859,7 +882,6 @@ def _parent_run(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path
 
 
 def gain(cfg: GainConfig) -> dict[str, Any]:
-    from pipeline.viz import plot_gain
 
     base = copy.deepcopy(cfg.classify)
     out = Path(cfg.out_dir) / (cfg.run_name or "gain")

@@ -31,7 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.loaders import (
+from pipeline.infra import tracking
+from pipeline.infra.config import flatten, to_dict
+from pipeline.infra.engine import check_writable, pick_device
+from pipeline.infra.loaders import (
     LoadedGenerator,
     load_generator,
     load_images,
@@ -39,8 +42,13 @@ from pipeline.loaders import (
     resolve_labels,
     sample_images,
 )
-from pipeline.stage_configs import GenerateConfig  # also re-exported; it lives in pipeline.stage_configs
-from pipeline.tracking import resolve_uri
+from pipeline.infra.quality import memorisation_audit
+from pipeline.infra.stage_configs import (
+    GenerateConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+)
+from pipeline.infra.tracking import OUTBOX_NAME, resolve_uri
+from pipeline.infra.viz import save_grid
+from transforms.manifest import COLUMNS, atomic_write_text, sidecar_path, write_manifest
 
 SYNTHETIC_COLUMNS = ("synthetic", "seed", "index", "source", "source_sha256")
 
@@ -49,7 +57,6 @@ def _drop_near_copies(
     cfg: GenerateConfig, lg: LoadedGenerator, images: torch.Tensor, labels: np.ndarray, max_rounds: int = 20
 ) -> tuple[torch.Tensor, np.ndarray, int]:
     """Replace near-copies of training images by fresh draws (seeded from ``cfg.seed``)."""
-    from pipeline.quality import memorisation_audit
 
     train_x, _ = load_images(cfg.drop_near_copies, "train", lg.image_size)
     test_x, _ = load_images(cfg.drop_near_copies, "test", lg.image_size)
@@ -173,7 +180,6 @@ def _check_out_folder(out: Path, overwrite: bool) -> None:
             f"output folder {out} is not empty: a new set beside its files would mix two sets. "
             f"Give another out=, or overwrite=true to replace its contents"
         )
-    from pipeline.tracking import OUTBOX_NAME
 
     ops = out / OUTBOX_NAME / "ops.jsonl"
     if ops.is_file() and ops.read_text().strip():
@@ -224,12 +230,6 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Write the images and their manifest; returns the manifest path, counts and MLflow run id."""
-    from PIL import Image
-
-    from pipeline.engine import check_writable, pick_device
-    from pipeline.viz import save_grid
-    from transforms.manifest import COLUMNS, atomic_write_text, sidecar_path, write_manifest
-
     out = Path(cfg.out)
     _check_out_folder(out, cfg.overwrite)
     device = pick_device(cfg.device)
@@ -247,71 +247,18 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     if cfg.drop_near_copies:
         images, labels, dropped = _drop_near_copies(cfg, lg, images, labels)
     staging = _make_staging(out_abs)
-    writing = staging
+    writing = {"path": staging}  # the file being written, named if the disk fills up
     try:
-        (staging / "images").mkdir()
-        if cfg.dicom:
-            from pydicom.uid import generate_uid
-
-            (staging / "dicom").mkdir()
-            study_uid, series_uid = generate_uid(), generate_uid()
-        rows = []
-        for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
-            name = lg.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
-            px = to_uint8(img)
-            rel = f"images/syn_{i:06d}_{name}.png"
-            writing = staging / rel
-            Image.fromarray(px).save(writing)
-            if cfg.dicom:
-                writing = staging / "dicom" / f"syn_{i:06d}_{name}.dcm"
-                write_dicom(writing, px, name, series_uid, i, study_uid)
-            rows.append(
-                {
-                    "path": rel,
-                    "label": int(lab),
-                    "label_name": name,
-                    "patient_id": f"synthetic-{i:06d}",
-                    "split": "train",
-                    "format": "png",
-                    "height": px.shape[0],
-                    "width": px.shape[1],
-                    "bits_stored": 8,
-                    "photometric": "MONOCHROME2",
-                    "transfer_syntax": "",
-                    "pixel_hash": hashlib.sha256(px.tobytes()).hexdigest()[:16],
-                    "synthetic": 1,
-                    "seed": cfg.seed,
-                    "index": i,
-                    "source": lg.source,
-                    "source_sha256": lg.sha256,
-                }
-            )
-        df = pd.DataFrame(rows, columns=COLUMNS + list(SYNTHETIC_COLUMNS))
-        meta = {
-            "data_root_abs": str(staging),
-            "source": lg.source,
-            "source_sha256": lg.sha256,
-            "seed": cfg.seed,
-            "n": cfg.n,
-            "label": cfg.label,
-            "prior": used,
-            "label_names": lg.label_names,
-            "synthetic": True,
-        }
-        writing = staging / "generated.csv"
-        write_manifest(writing, df, meta, extra=SYNTHETIC_COLUMNS)
-        # readers use the relative data root ("."); the absolute fallback is the final folder
-        meta["data_root_abs"] = str(out_abs)
-        writing = sidecar_path(writing)
-        side = dict(json.loads(writing.read_text()), data_root_abs=str(out_abs))
-        atomic_write_text(writing, json.dumps(side, indent=2, default=str) + "\n")
-        writing = staging / "preview.png"
-        save_grid(images[:64], writing, nrow=8, upscale=max(1, 128 // lg.image_size))
-        writing = out_abs
+        rows = _write_images(cfg, lg, images, labels, staging, writing)
+        df, meta = _write_manifest(cfg, lg, rows, used, staging, out_abs, writing)
+        writing["path"] = staging / "preview.png"
+        save_grid(images[:64], writing["path"], nrow=8, upscale=max(1, 128 // lg.image_size))
+        writing["path"] = out_abs
         _swap_into_place(staging, out_abs)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            final = out / writing.relative_to(staging) if writing.is_relative_to(staging) else out
+            at = writing["path"]
+            final = out / at.relative_to(staging) if at.is_relative_to(staging) else out
             raise OutputSpaceError(
                 f"disk full at {final} ({e.strerror}); nothing of this call was kept: {out} "
                 + ("holds what it held before" if out_abs.exists() else "was not created")
@@ -321,39 +268,14 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         if staging.exists():
             with contextlib.suppress(OSError):
                 shutil.rmtree(staging)
-    manifest = out / "generated.csv"
-    grid = out / "preview.png"
+    manifest, grid = out / "generated.csv", out / "preview.png"
     counts = df["label_name"].value_counts().to_dict()
     meta["near_copies_dropped"] = dropped
     print(
         f"generated {cfg.n} images {counts} in {time.time() - t0:.1f}s -> {manifest}"
         + (f" ({dropped} near-copies of training images dropped and redrawn)" if cfg.drop_near_copies else "")
     )
-    run_id = None
-    if cfg.log_mlflow:
-        from pipeline import tracking
-        from pipeline.config import flatten, to_dict
-
-        # the outage-tolerant Tracker: with the server down the images are still written and the
-        # run waits in OUT/tracking_outbox for `pipeline.run sync`. It starts after the swap, so
-        # its outbox and metrics.jsonl land in the final folder beside the set they describe
-        tags = {
-            "stage": "generate",
-            "source_sha256": lg.sha256,
-            "generator_run_id": lg.run_id,  # lineage: the training run of the generator
-            "git_commit": tracking.git_commit(),
-            "mlflow.note.content": f"{cfg.n} synthetic images ({cfg.label}) from {lg.source}, seed {cfg.seed}",
-        }
-        with tracking.Tracker(cfg.tracking, out) as tr:
-            tr.start(None, cfg.tracking.run_name or out.name, tags)
-            tr.log_params({**flatten(to_dict(cfg)), "prior_used": used})
-            metrics = {f"count/{k}": float(v) for k, v in counts.items()}
-            tr.log_metrics({**metrics, "near_copies_dropped": float(dropped)}, step=0)
-            tr.log_artifact(manifest, "generated")
-            tr.log_artifact(grid, "generated")
-            tr.log_dict(json.loads(json.dumps(meta, default=str)), "generated/generated.json")
-        run_id = tr.run_id
-        print(f"MLflow run id: {run_id}" if run_id else "MLflow: not reached; the run is kept in the outbox")
+    run_id = _log_run(cfg, lg, out, meta, counts, used) if cfg.log_mlflow else None
     return {
         "manifest": str(manifest),
         "n": cfg.n,
@@ -363,3 +285,105 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "near_copies_dropped": dropped,
         "prior": used,
     }
+
+
+def _write_images(
+    cfg: GenerateConfig, lg, images: torch.Tensor, labels, staging: Path, writing: dict[str, Path]
+) -> list[dict[str, Any]]:
+    """One PNG per image (and a DICOM with ``dicom=true``) under ``staging``; the manifest rows."""
+    from PIL import Image
+
+    (staging / "images").mkdir()
+    if cfg.dicom:
+        from pydicom.uid import generate_uid
+
+        (staging / "dicom").mkdir()
+        study_uid, series_uid = generate_uid(), generate_uid()
+    rows = []
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        name = lg.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
+        px = to_uint8(img)
+        rel = f"images/syn_{i:06d}_{name}.png"
+        writing["path"] = staging / rel
+        Image.fromarray(px).save(writing["path"])
+        if cfg.dicom:
+            writing["path"] = staging / "dicom" / f"syn_{i:06d}_{name}.dcm"
+            write_dicom(writing["path"], px, name, series_uid, i, study_uid)
+        rows.append(
+            {
+                "path": rel,
+                "label": int(lab),
+                "label_name": name,
+                "patient_id": f"synthetic-{i:06d}",
+                "split": "train",
+                "format": "png",
+                "height": px.shape[0],
+                "width": px.shape[1],
+                "bits_stored": 8,
+                "photometric": "MONOCHROME2",
+                "transfer_syntax": "",
+                "pixel_hash": hashlib.sha256(px.tobytes()).hexdigest()[:16],
+                "synthetic": 1,
+                "seed": cfg.seed,
+                "index": i,
+                "source": lg.source,
+                "source_sha256": lg.sha256,
+            }
+        )
+    return rows
+
+
+def _write_manifest(
+    cfg: GenerateConfig,
+    lg,
+    rows: list[dict],
+    used: str,
+    staging: Path,
+    out_abs: Path,
+    writing: dict[str, Path],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``generated.csv`` and its sidecar under ``staging``; returns the table and the metadata."""
+    df = pd.DataFrame(rows, columns=COLUMNS + list(SYNTHETIC_COLUMNS))
+    meta = {
+        "data_root_abs": str(staging),
+        "source": lg.source,
+        "source_sha256": lg.sha256,
+        "seed": cfg.seed,
+        "n": cfg.n,
+        "label": cfg.label,
+        "prior": used,
+        "label_names": lg.label_names,
+        "synthetic": True,
+    }
+    writing["path"] = staging / "generated.csv"
+    write_manifest(writing["path"], df, meta, extra=SYNTHETIC_COLUMNS)
+    # readers use the relative data root ("."); the absolute fallback is the final folder
+    meta["data_root_abs"] = str(out_abs)
+    writing["path"] = side_path = sidecar_path(writing["path"])
+    side = dict(json.loads(side_path.read_text()), data_root_abs=str(out_abs))
+    atomic_write_text(side_path, json.dumps(side, indent=2, default=str) + "\n")
+    return df, meta
+
+
+def _log_run(cfg: GenerateConfig, lg, out: Path, meta: dict, counts: dict, used: str) -> str | None:
+    """The outage-tolerant Tracker: with the server down the images are still written and the run
+    waits in OUT/tracking_outbox for `pipeline.run sync`. It starts after the swap, so its outbox
+    and metrics.jsonl land in the final folder beside the set they describe."""
+    tags = {
+        "stage": "generate",
+        "source_sha256": lg.sha256,
+        "generator_run_id": lg.run_id,  # lineage: the training run of the generator
+        "git_commit": tracking.git_commit(),
+        "mlflow.note.content": f"{cfg.n} synthetic images ({cfg.label}) from {lg.source}, seed {cfg.seed}",
+    }
+    with tracking.Tracker(cfg.tracking, out) as tr:
+        tr.start(None, cfg.tracking.run_name or out.name, tags)
+        tr.log_params({**flatten(to_dict(cfg)), "prior_used": used})
+        metrics = {f"count/{k}": float(v) for k, v in counts.items()}
+        tr.log_metrics({**metrics, "near_copies_dropped": float(meta["near_copies_dropped"])}, step=0)
+        tr.log_artifact(out / "generated.csv", "generated")
+        tr.log_artifact(out / "preview.png", "generated")
+        tr.log_dict(json.loads(json.dumps(meta, default=str)), "generated/generated.json")
+    run_id = tr.run_id
+    print(f"MLflow run id: {run_id}" if run_id else "MLflow: not reached; the run is kept in the outbox")
+    return run_id

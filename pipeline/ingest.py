@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import os
 import re
@@ -48,7 +47,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.stage_configs import UNCERTAIN, IngestConfig  # noqa: F401 - re-exported; they live in pipeline.stage_configs
+from pipeline.infra.stage_configs import UNCERTAIN, DataConfig, IngestConfig  # noqa: F401 - UNCERTAIN re-exported
 from transforms import phi
 from transforms.io import (
     IMAGE_SUFFIXES,
@@ -64,7 +63,8 @@ from transforms.io import (
     redact_values,
     suffix_of,
 )
-from transforms.manifest import COLUMNS, SPLITS, is_inside, write_csv, write_manifest
+from transforms.manifest import COLUMNS, SPLITS, ManifestError, is_inside, write_csv, write_manifest
+from transforms.phantoms import ensure_phantom_dataset
 
 SKIP_SUFFIXES = {".csv", ".json", ".md", ".txt", ".yaml", ".yml", ".py", ".log"}
 # split folder (or CSV split value) -> split, case-insensitive
@@ -78,6 +78,8 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+
+
 class IngestError(ValueError):
     """Ingest ran but its result must not be used: every file failed, or too many did. The
     quarantine report is written; the message names the commonest reasons."""
@@ -686,9 +688,9 @@ class Labels:
     rule: str  # how names became indices
 
 
-def _parse_labels(cands: list[Candidate], names: list[str] | None, free_names: bool = False) -> Labels:
-    """Integer labels and their names. ``free_names``: any text is a class name (folder names);
-    otherwise a name must start with a letter. ``N_name`` gives class N named ``name``."""
+def _raw_labels(cands: list[Candidate], free_names: bool) -> tuple[dict[int, Any], dict[int, str]]:
+    """Each candidate's label as read: an int, a plain name, a numbered name ``(N, name)`` or None;
+    and the unreadable ones with their reason."""
     parsed: dict[int, Any] = {}  # int | str (plain name) | (int, str) (numbered name)
     bad: dict[int, str] = {}
     for i, c in enumerate(cands):
@@ -717,7 +719,12 @@ def _parse_labels(cands: list[Candidate], names: list[str] | None, free_names: b
             parsed[i] = s.lower()
         else:
             bad[i] = f"unreadable label {s!r}: neither an integer class nor a class name"
-    given = [n.lower() for n in names or []]
+    return parsed, bad
+
+
+def _numbered_classes(parsed: dict[int, Any]) -> tuple[dict[int, set[str]], dict[str, int]]:
+    """The ``N_name`` classes: index -> names, and name -> index; refuses an index with two names
+    or a name with two indices."""
     numbered: dict[int, set[str]] = defaultdict(set)
     for v in parsed.values():
         if isinstance(v, tuple):
@@ -731,6 +738,15 @@ def _parse_labels(cands: list[Candidate], names: list[str] | None, free_names: b
         raise ValueError(
             f"class name {dup!r} is numbered twice ({sorted(j for j, ns in numbered.items() if dup in ns)})"
         )
+    return numbered, index_of_name
+
+
+def _parse_labels(cands: list[Candidate], names: list[str] | None, free_names: bool = False) -> Labels:
+    """Integer labels and their names. ``free_names``: any text is a class name (folder names);
+    otherwise a name must start with a letter. ``N_name`` gives class N named ``name``."""
+    parsed, bad = _raw_labels(cands, free_names)
+    given = [n.lower() for n in names or []]
+    numbered, index_of_name = _numbered_classes(parsed)
     plain = {v for v in parsed.values() if isinstance(v, str)}
     if numbered and plain - set(index_of_name):
         shown = ", ".join(f"{j}_{n}" for j, n in sorted((j, n) for n, j in index_of_name.items()))
@@ -950,6 +966,24 @@ def default_out(source: Path) -> Path:
     return Path("data_manifests") / f"{name}.csv"
 
 
+@dataclass
+class Sourced:
+    """The candidate files a source gave, before any is opened (see :func:`_gather`)."""
+
+    cands: list[Candidate]
+    root: Path
+    kind: str
+    layout: str
+    ignored: int = 0
+    pre_quarantine: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    npz_note: str = ""
+    label_names: list[str] | None = None
+    by_split: bool = False  # labels come from class folders inside split folders
+    free_names: bool = False  # class names come from folder names, not a table
+
+
 def ingest(cfg: IngestConfig) -> IngestResult:
     """Ingest a folder, .npz or CSV of chest radiographs into a checked CSV manifest."""
     if not cfg.source:
@@ -957,27 +991,66 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     source = Path(cfg.source)
     if not source.exists():
         raise FileNotFoundError(f"ingest source {source} does not exist")
+    out = _check_out(cfg, source)
+    src = _gather(cfg, source)
+    labels = _parse_labels(src.cands, src.label_names, src.free_names)
+    quarantine: list[tuple[str, str]] = [(_shown(f), _printable(r)) for f, r in src.pre_quarantine]
+    todo = _screen(cfg, src, labels, quarantine)
+    src.warnings += _class_warnings(src.cands, labels, todo, src.by_split)
+    salt = _pseudonymise_table_ids(cfg, src.cands, todo)
+    budget = DecodeBudget(int(cfg.decode_memory_mb * 2**20))
+    rows, rules, burned_in = _decode(cfg, src, labels, todo, salt, budget, quarantine)
+    qpath = out.with_suffix(".quarantine.csv")
+    write_csv(qpath, pd.DataFrame(quarantine, columns=["file", "reason"]))
+    share = _check_quarantined(cfg, source, len(rows), quarantine, qpath)
+    df = pd.DataFrame(rows)
+    df["split"] = carve_val_by_patient(df, cfg.val_fraction, cfg.seed)
+    df = df.sort_values(
+        ["split", "path"], key=lambda s: s.map({"train": 0, "val": 1, "test": 2}) if s.name == "split" else s
+    )
+    df = df.reset_index(drop=True)[COLUMNS]
+    dups = _duplicates(df)
+    meta = _meta(cfg, source, src, labels, df, dups, rules, burned_in, len(quarantine), share, budget)
+    write_manifest(out, df, meta)
+    dpath = out.with_suffix(".duplicates.csv")
+    write_csv(dpath, dups)
+    res = IngestResult(
+        manifest=out,
+        rows=len(df),
+        split_counts=meta["splits"],
+        quarantined=quarantine,
+        duplicate_groups=meta["duplicate_groups"],
+        cross_split_duplicate_groups=meta["cross_split_duplicate_groups"],
+        ignored=src.ignored,
+        patients_train_val_shared=meta["patients_train_val_shared"],
+        patients_train_test_shared=meta["patients_train_test_shared"],
+        layout=src.layout,
+        patient_rules=dict(rules),
+        warnings=src.warnings,
+        decode_peak_bytes=budget.peak,
+    )
+    _report(res, meta, qpath, dpath)
+    return res
+
+
+def _check_out(cfg: IngestConfig, source: Path) -> Path:
+    """The manifest path, its folder checked before thousands of files are read, not after."""
     out = Path(cfg.out) if cfg.out else default_out(source)
     if out.suffix.lower() != ".csv":
         raise ValueError(f"--out {out}: the manifest must be a .csv file")
-    # Check the output location before reading thousands of files, not after.
     out_dir = out.parent if str(out.parent) else Path(".")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out}: {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"--out {out}: directory {out_dir} is not writable")
-    table_keys = [k for k in ("path_column", "label_column", "patient_column", "finding") if getattr(cfg, k)]
+    return out
 
-    ignored = 0
-    pre_quarantine: list[tuple[str, str]] = []
-    warnings: list[str] = []
-    details: list[str] = []
-    npz_note = ""
-    label_names = cfg.label_names
+
+def _gather(cfg: IngestConfig, source: Path) -> Sourced:
+    """The candidate files of a folder (with an optional labels table), a .npz or a CSV."""
+    table_keys = [k for k in ("path_column", "label_column", "patient_column", "finding") if getattr(cfg, k)]
     table: Table | None = None
-    by_split = False
-    free_names = False
     if source.is_dir():
         # The root and every file are taken resolved: a symlinked root (a cluster or NAS mount) is
         # fine; what decides "inside the data root" is where a file really is.
@@ -987,49 +1060,49 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         elif table_keys:
             raise ValueError(f"{', '.join(table_keys)} apply to a labels table: give labels=TABLE.csv too")
         scan = scan_folder(root, table)
-        cands, ignored, warnings, details = scan.cands, scan.ignored, scan.warnings, scan.details
-        layout = scan.layout
+        src = Sourced(scan.cands, root, "folder", scan.layout, scan.ignored, [], scan.warnings, scan.details)
         if table is not None:
-            warnings += label_from_table(cands, root, table)
-            details.append(f"labels: {table.label_source} of {table.path.name}")
-        else:
-            free_names = True
-        by_split = table is None and layout.startswith(("split/class", "class/split"))
-        kind = "folder"
+            src.warnings += label_from_table(src.cands, root, table)
+            src.details.append(f"labels: {table.label_source} of {table.path.name}")
+        src.free_names = table is None
+        src.by_split = table is None and src.layout.startswith(("split/class", "class/split"))
     elif source.suffix.lower() == ".npz":
         if cfg.labels or table_keys:
             raise ValueError(
                 "labels=, finding= and the *_column keys apply to folders and CSV sources, not .npz"
             )
-        cands, root, npz_note = candidates_from_npz(source, Path(cfg.extract_dir))
+        cands, root, note = candidates_from_npz(source, Path(cfg.extract_dir))
         root = root.resolve()
-        kind = "npz"
-        layout = "npz arrays (train|val|test_images, *_labels)"
-        details.append(f"npz pixels: {npz_note}; PNGs in {root}")
-        label_names = label_names or (["normal", "pneumonia"] if "pneumonia" in source.stem.lower() else None)
+        src = Sourced(cands, root, "npz", "npz arrays (train|val|test_images, *_labels)", npz_note=note)
+        src.details.append(f"npz pixels: {note}; PNGs in {root}")
+        if "pneumonia" in source.stem.lower():
+            src.label_names = ["normal", "pneumonia"]
     elif source.suffix.lower() == ".csv":
         if cfg.labels:
             raise ValueError("labels= applies to a folder source; a CSV source carries its own labels")
         cands, root, pre_quarantine, table = candidates_from_csv(source, cfg.data_root, cfg)
-        kind = "csv"
-        layout = f"CSV source ({table.label_source})"
+        src = Sourced(cands, root, "csv", f"CSV source ({table.label_source})", pre_quarantine=pre_quarantine)
     else:
         raise ValueError(f"ingest source {source}: expected a folder, a .npz or a .csv")
-    if not cands:
-        raise ValueError(f"ingest source {source}: no image files found ({ignored} other files ignored)")
-    if table is not None and table.default_names and not label_names:
-        label_names = table.default_names
+    if not src.cands:
+        raise ValueError(f"ingest source {source}: no image files found ({src.ignored} other files ignored)")
+    src.label_names = cfg.label_names or src.label_names
+    if table is not None and table.default_names and not src.label_names:
+        src.label_names = table.default_names
+    return src
 
-    labels = _parse_labels(cands, label_names, free_names)
-    quarantine: list[tuple[str, str]] = [(_shown(f), _printable(r)) for f, r in pre_quarantine]
+
+def _screen(cfg: IngestConfig, src: Sourced, labels: Labels, quarantine: list[tuple[str, str]]) -> list[int]:
+    """The candidates worth opening (indices); the rest go to ``quarantine`` with their reason: a
+    path outside the data root (refused before it is opened), a bad label or name, no patient."""
     pattern = re.compile(cfg.patient_pattern) if cfg.patient_pattern else None
     todo: list[int] = []
-    for i, c in enumerate(cands):
-        rel = os.path.relpath(c.abs_path, root)
+    for i, c in enumerate(src.cands):
+        rel = os.path.relpath(c.abs_path, src.root)
         real = _safe_resolve(c.abs_path)
-        if not is_inside(real, root):  # a path outside the data root is refused before it is opened
+        if not is_inside(real, src.root):
             how = "symlink leads" if c.abs_path.is_symlink() else "path lies"
-            reason = f"{how} outside the data root {root}"
+            reason = f"{how} outside the data root {src.root}"
         else:
             reason = c.problem or labels.bad.get(i) or _utf8_problem(rel)
         if reason is None and pattern is not None:
@@ -1042,21 +1115,39 @@ def ingest(cfg: IngestConfig) -> IngestResult:
             quarantine.append((_shown(c.abs_path), _printable(reason)))
         else:
             todo.append(i)
-    warnings += _class_warnings(cands, labels, todo, by_split)
-    # The PHI salt is read or created once, here, before any decoding thread starts: threads that
-    # each created it raced (one patient, two pseudonyms; even an empty salt).
+    return todo
+
+
+def _pseudonymise_table_ids(cfg: IngestConfig, cands: list[Candidate], todo: list[int]) -> bytes | None:
+    """The PHI salt, read or created once, here, before any decoding thread starts (threads that
+    each created it raced: one patient, two pseudonyms; even an empty salt); table patient ids are
+    pseudonymised like DICOM ones unless ``clear_patient_ids``."""
     table_ids = [i for i in todo if (cands[i].patient_rule or "").startswith("table")]
     need_salt = any(_may_be_dicom(cands[i].abs_path) for i in todo) or (
         bool(table_ids) and not cfg.clear_patient_ids
     )
     salt = phi.get_salt() if need_salt else None
     if not cfg.clear_patient_ids:
-        for i in table_ids:  # table ids are pseudonymised like DICOM ones
+        for i in table_ids:
             c = cands[i]
             c.patient_id = phi.pseudonymise(c.patient_id, salt)
             c.patient_rule = f"{c.patient_rule} (pseudonymised)"
+    return salt
 
-    budget = DecodeBudget(int(cfg.decode_memory_mb * 2**20))
+
+def _decode(
+    cfg: IngestConfig,
+    src: Sourced,
+    labels: Labels,
+    todo: list[int],
+    salt: bytes | None,
+    budget: DecodeBudget,
+    quarantine: list[tuple[str, str]],
+) -> tuple[list[dict[str, Any]], Counter[str], list[str]]:
+    """Open every screened file in a thread pool under a decoded-memory budget; returns the
+    manifest rows, how each patient id was found, and the allowed burned-in images' paths. A file
+    that fails goes to ``quarantine`` with its reason; the batch goes on."""
+    cands = src.cands
 
     def work(i: int) -> tuple[int, dict[str, Any] | None, str | None]:
         c = cands[i]
@@ -1080,7 +1171,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
             if err is not None:
                 quarantine.append((_shown(c.abs_path), err))
                 continue
-            rel = Path(os.path.relpath(c.abs_path, root)).as_posix()
+            rel = Path(os.path.relpath(c.abs_path, src.root)).as_posix()
             dicom_patient = rec.pop("dicom_patient", None)
             if c.patient_id:
                 pid, rule = c.patient_id, c.patient_rule or "source"
@@ -1102,10 +1193,15 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                     **rec,
                 }
             )
-    qpath = out.with_suffix(".quarantine.csv")
-    write_csv(qpath, pd.DataFrame(quarantine, columns=["file", "reason"]))
-    total = len(rows) + len(quarantine)
-    if not rows:
+    return rows, rules, burned_in
+
+
+def _check_quarantined(
+    cfg: IngestConfig, source: Path, n_rows: int, quarantine: list[tuple[str, str]], qpath: Path
+) -> float:
+    """The quarantined share; no manifest when every file, or more than ``max_quarantined``, failed."""
+    total = n_rows + len(quarantine)
+    if not n_rows:
         raise IngestError(
             f"ingest source {source}: every file failed ({len(quarantine)} quarantined -> {qpath}); "
             f"commonest reasons: {_reasons_text(quarantine)}"
@@ -1118,35 +1214,40 @@ def ingest(cfg: IngestConfig) -> IngestResult:
             f"{_reasons_text(quarantine)}. Every file and its reason: {qpath}. Fix the files, or set "
             f"max_quarantined={math.ceil(share * 100) / 100:g} to accept the rest"
         )
-    df = pd.DataFrame(rows)
-    df["split"] = carve_val_by_patient(df, cfg.val_fraction, cfg.seed)
-    df = df.sort_values(
-        ["split", "path"], key=lambda s: s.map({"train": 0, "val": 1, "test": 2}) if s.name == "split" else s
-    )
-    df = df.reset_index(drop=True)[COLUMNS]
+    return share
 
+
+def _meta(
+    cfg: IngestConfig,
+    source: Path,
+    src: Sourced,
+    labels: Labels,
+    df: pd.DataFrame,
+    dups: pd.DataFrame,
+    rules: Counter[str],
+    burned_in: list[str],
+    n_quarantined: int,
+    share: float,
+    budget: DecodeBudget,
+) -> dict[str, Any]:
+    """The manifest's sidecar: where it came from, how it was read, and what it holds."""
     pats = {s: set(df.loc[df["split"] == s, "patient_id"]) for s in SPLITS}
-    dups = _duplicates(df)
-    n_groups = int(dups["group"].nunique()) if not dups.empty else 0
-    n_cross = int(dups.loc[dups["cross_split"], "group"].nunique()) if not dups.empty else 0
-    split_counts = {s: int((df["split"] == s).sum()) for s in SPLITS}
     name_of = labels.name_of
     if name_of:
-        details.append(
+        src.details.append(
             "classes: "
             + ", ".join(f"{j} {n}" for j, n in sorted(name_of.items()))
             + f" (order: {labels.rule})"
         )
-
     meta = {
         "source": str(source.resolve()),
-        "source_kind": kind,
-        "layout": layout,
-        "layout_details": details,
-        "data_root_abs": str(root),
+        "source_kind": src.kind,
+        "layout": src.layout,
+        "layout_details": src.details,
+        "data_root_abs": str(src.root),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": len(df),
-        "splits": split_counts,
+        "splits": {s: int((df["split"] == s).sum()) for s in SPLITS},
         "labels": {str(k): v for k, v in sorted(name_of.items())},
         "label_rule": labels.rule,
         "label_counts": {
@@ -1155,19 +1256,21 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         },
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
-        "quarantined": len(quarantine),
+        "quarantined": n_quarantined,
         "quarantined_share": round(share, 4),
         "max_quarantined": cfg.max_quarantined,
-        "ignored_files": ignored,
-        "duplicate_groups": n_groups,
-        "cross_split_duplicate_groups": n_cross,
+        "ignored_files": src.ignored,
+        "duplicate_groups": int(dups["group"].nunique()) if not dups.empty else 0,
+        "cross_split_duplicate_groups": int(dups.loc[dups["cross_split"], "group"].nunique())
+        if not dups.empty
+        else 0,
         "patients": {s: len(p) for s, p in pats.items()},
         "patients_total": int(df["patient_id"].nunique()),
         "patient_id_rules": dict(rules.most_common()),
         "images_per_patient": round(len(df) / max(1, df["patient_id"].nunique()), 2),
         "patients_train_val_shared": len(pats["train"] & pats["val"]),
         "patients_train_test_shared": len(pats["train"] & pats["test"]),
-        "warnings": warnings,
+        "warnings": src.warnings,
         "max_pixels": cfg.max_pixels,
         "decode_memory_peak_mb": round(budget.peak / 2**20, 1),
         # True when allow_burned_in let BurnedInAnnotation=YES images in: their pixels may show
@@ -1176,29 +1279,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "may_hold_burned_in": bool(burned_in),
         "burned_in_paths": sorted(burned_in),
     }
-    if npz_note:
-        meta["npz_pixels"] = npz_note
-    write_manifest(out, df, meta)
-    dpath = out.with_suffix(".duplicates.csv")
-    write_csv(dpath, dups)
-
-    res = IngestResult(
-        manifest=out,
-        rows=len(df),
-        split_counts=split_counts,
-        quarantined=quarantine,
-        duplicate_groups=n_groups,
-        cross_split_duplicate_groups=n_cross,
-        ignored=ignored,
-        patients_train_val_shared=meta["patients_train_val_shared"],
-        patients_train_test_shared=meta["patients_train_test_shared"],
-        layout=layout,
-        patient_rules=dict(rules),
-        warnings=warnings,
-        decode_peak_bytes=budget.peak,
-    )
-    _report(res, meta, qpath, dpath)
-    return res
+    if src.npz_note:
+        meta["npz_pixels"] = src.npz_note
+    return meta
 
 
 def _report(res: IngestResult, meta: dict[str, Any], qpath: Path, dpath: Path) -> None:
@@ -1246,5 +1329,29 @@ def _report(res: IngestResult, meta: dict[str, Any], qpath: Path, dpath: Path) -
         )
 
 
-def summary_json(res: IngestResult) -> str:
-    return json.dumps({"manifest": str(res.manifest), "rows": res.rows, "splits": res.split_counts}, indent=2)
+# the embedded default data set: train, classify, evaluate and gain run ingest on it when no
+# manifest is given
+PHANTOM_MANIFEST = "data_manifests/phantoms.csv"
+
+
+def default_manifest() -> Path:
+    """Generate (once) and ingest the embedded phantom data set; return its manifest."""
+    manifest = Path(PHANTOM_MANIFEST)
+    root = ensure_phantom_dataset()
+    stamp = (root / "phantoms.json").read_text()
+    side = manifest.with_suffix(".phantoms-stamp")
+    if not manifest.is_file() or not side.is_file() or side.read_text() != stamp:
+        ingest(IngestConfig(source=str(root), out=str(manifest), val_fraction=0.1))
+        side.write_text(stamp)
+    return manifest
+
+
+def resolve_manifest(cfg: DataConfig) -> Path:
+    if not cfg.manifest:
+        return default_manifest()
+    p = Path(cfg.manifest)
+    if not p.is_file():
+        raise ManifestError(
+            f"data.manifest {p} does not exist (run `python -m pipeline.run ingest SOURCE` first)"
+        )
+    return p

@@ -7,7 +7,7 @@ disk while its tracking server was unreachable. ``STAGE --help`` lists every key
 config (type, this stage's default, meaning); ``--print-config`` prints the resolved config as
 YAML (which loads back as a config file) and exits.
 
-The config classes come from :mod:`pipeline.stage_configs`, which imports neither torch, MONAI nor
+The config classes come from :mod:`pipeline.infra.stage_configs`, which imports neither torch, MONAI nor
 MLflow: the config is loaded and checked (and ``--help``/``--print-config`` answered) in about a
 second, and only then is the stage's module imported and its function called.
 """
@@ -20,8 +20,8 @@ import importlib
 import importlib.util
 import sys
 
-from pipeline.config import ConfigError, all_keys, format_help, load_config, to_yaml
-from pipeline.stage_configs import (
+from pipeline.infra.config import ConfigError, all_keys, format_help, load_config, to_yaml
+from pipeline.infra.stage_configs import (
     ClassifyConfig,
     CompareConfig,
     EvaluateConfig,
@@ -57,13 +57,17 @@ FLAG_OPTIONS = {"ingest": ("--out", "--labels")}  # stage -> the flags taking a 
 
 
 def config_class(stage: str) -> type:
-    """The config dataclass of ``stage`` (from pipeline.stage_configs: nothing heavy is imported)."""
+    """The config dataclass of ``stage`` (from pipeline.infra.stage_configs: nothing heavy is imported)."""
     return CONFIG_STAGES[stage][0]
+
+
+# `sync` has no config: it replays a run's buffered MLflow calls
+SYNC_FUNCTION = ("pipeline.infra.tracking", "sync")
 
 
 def stage_function(stage: str):
     """The function running ``stage``: imports its module, and with it torch, MONAI, MLflow ..."""
-    _, module_name, fn_name = CONFIG_STAGES[stage]
+    module_name, fn_name = SYNC_FUNCTION if stage == "sync" else CONFIG_STAGES[stage][1:]
     return getattr(importlib.import_module(module_name), fn_name)
 
 
@@ -251,13 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             return stage_function("compare")(cfg)
         if stage == "sync":
-            from pipeline.tracking import sync
-
             extra = [o for o in overrides if not o.startswith("uri=")]
             if len(positional) != 1 or extra or print_config:
                 raise ConfigError(f"usage: python -m pipeline.run {USAGE['sync']}")
             uri = next((o.split("=", 1)[1] for o in overrides if o.startswith("uri=")), "")
-            return 0 if sync(positional[0], uri)["pending"] == 0 else 1
+            return 0 if stage_function("sync")(positional[0], uri)["pending"] == 0 else 1
         if positional:
             raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
         # the remaining stages differ only in which config class and function they use

@@ -8,10 +8,10 @@ the run in MLflow.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +20,17 @@ import torch
 from networks import losses as L
 from networks.objective import GROUP_LOSSES, route_gradients
 from networks.vaegan import VAEGAN
-from pipeline import checkpoint as ckpt
-from pipeline import distributed, engine, speed, tracking
-from pipeline.config import flatten, to_dict
-from pipeline.data import (
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import distributed, engine, speed, tracking
+from pipeline.infra.config import flatten, to_dict
+from pipeline.infra.data import (
     build_dataset,
     device_augment,
     make_loader,
     make_train_loader,
     records,
-    resolve_manifest,
 )
-from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.stage_configs
+from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     MEASURES,
     DataConfig,
     GuardConfig,
@@ -41,8 +40,9 @@ from pipeline.stage_configs import (  # noqa: F401 - also re-exported; the confi
     TrackingConfig,
     TrainConfig,
 )
-from pipeline.tracking import git_commit
-from pipeline.viz import pairs, plot_curves, save_grid
+from pipeline.infra.tracking import git_commit
+from pipeline.infra.viz import pairs, plot_curves, save_grid
+from pipeline.ingest import resolve_manifest
 from transforms.manifest import label_names, may_hold_burned_in, read_manifest
 
 
@@ -130,46 +130,111 @@ def make_step_fn(
     return step_fn
 
 
-def train_one_epoch(
-    model: VAEGAN,
-    loader,
-    groups: Groups,
-    cfg: TrainConfig,
-    device: torch.device,
-    step: int,
-    epoch: int,
-    amp: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-    log_fn=None,
-    ckpt_fn=None,
-    skip_batches: int = 0,
-    restore_rng: dict | None = None,
-    guard: engine.DivergenceGuard | None = None,
-    dinfo: distributed.DistInfo | None = None,
-    batch_aug=None,
-) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns (epoch-mean losses, new global step).
+@dataclass
+class TrainRun:
+    """What one training run holds between its steps (torchvision's reference scripts keep these
+    as locals of ``main``; here the stage is split into functions that take this object)."""
 
-    With a ``guard``, a step whose losses or gradient norms are not finite updates nothing and is
-    counted; too many in a row raise :class:`pipeline.engine.RollbackNeeded`.
+    cfg: TrainConfig
+    dinfo: distributed.DistInfo
+    run_dir: Path
+    device: torch.device
+    amp: torch.dtype | None
+    measures: dict[str, bool]
+    manifest: Path
+    names: dict[int, str]
+    data: dict[str, Any]  # datasets, loaders, sampler, generator, device augmentation
+    model: VAEGAN
+    groups: Groups
+    scaler: torch.amp.GradScaler | None
+    guard: engine.DivergenceGuard | None
+    tracker: tracking.Tracker | None = None  # made once the checkpoint folder is known writable
+    code_version: str = "unknown"
+    base_lrs: dict[str, list[float]] = field(default_factory=dict)  # what a rollback scales
+    # where the epoch loop starts (a resume or a rollback moves it)
+    step: int = 0
+    start_epoch: int = 0
+    skip: int = 0
+    restore_rng: dict | None = None
+    run_id: str | None = None
+    # a resumed run recomputes the steps between its checkpoint and the crash; they were logged
+    # already (same values: training is deterministic), so only steps past the highest one logged
+    # are sent and the run's metric steps never go backwards. A divergence-guard rollback replays
+    # steps the same way, with new values: those are not logged again either.
+    log_floor: int = -1
+    last_logged: int = -1
 
-    ``ckpt_fn(step, epoch, batch_in_epoch)`` saves a mid-epoch checkpoint.
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def payload(self, step: int, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
+        return {
+            "models": {k: m.state_dict() for k, m in self.groups.modules.items()},
+            "prior": self.model.prior.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.groups.opts.items()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "rng": ckpt.rng_state(),
+            "config": to_dict(self.cfg),
+            "code_version": self.code_version,
+            "mlflow_run_id": self.tracker.run_id,  # None while the server has not been reached yet
+            "label_names": {int(k): v for k, v in self.names.items()},
+        }
+
+    def save(self, step: int, epoch: int, batch_in_epoch: int) -> None:
+        if self.dinfo.is_main:
+            ckpt.save_checkpoint(self.last_checkpoint, self.payload(step, epoch, batch_in_epoch))
+        distributed.barrier(self.dinfo)  # no replica reads a checkpoint (rollback) before it is whole
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.log_floor:
+            self.tracker.log_metrics(metrics, step=step)
+            self.last_logged = max(self.last_logged, step)
+
+
+def train_one_epoch(run: TrainRun, epoch: int) -> dict[str, float]:
+    """One pass over the training data; returns the epoch-mean losses and advances ``run.step``.
+
+    With a divergence guard, a step whose losses or gradient norms are not finite updates nothing
+    and is counted; too many in a row raise :class:`pipeline.infra.engine.RollbackNeeded`. A
+    checkpoint is saved every ``ckpt_every`` steps; the first epoch after a resume or a rollback
+    skips the batches its checkpoint had done and restores its random state.
     """
-    model.train()
-    step_fn = make_step_fn(model, groups, cfg, device, amp, scaler, guard, dinfo, batch_aug)
-    return engine.run_epoch(
-        loader,
+    cfg, d = run.cfg, run.data
+    # seeding per epoch makes the data order, augmentation and noise of epoch e the same whether
+    # or not the run was interrupted before it
+    engine.seed_epoch(cfg.seed, epoch, d["gen"], d["train_ds"])
+    d["sampler"].set_epoch(epoch)
+    first = epoch == run.start_epoch
+    run.model.train()
+    step_fn = make_step_fn(
+        run.model,
+        run.groups,
+        cfg,
+        run.device,
+        run.amp,
+        run.scaler,
+        run.guard,
+        run.dinfo if run.dinfo.enabled else None,
+        d["batch_aug"],
+    )
+    metrics, run.step = engine.run_epoch(
+        d["train_loader"],
         step_fn,
-        step=step,
+        step=run.step,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         log_every=cfg.tracking.log_every,
-        log_fn=log_fn,
-        ckpt_fn=None if ckpt_fn is None else (lambda s, bi: ckpt_fn(s, epoch, bi)),
+        log_fn=run.log,
+        ckpt_fn=lambda s, bi: run.save(s, epoch, bi),
         ckpt_every=cfg.ckpt_every,
-        skip_batches=skip_batches,
-        restore_rng=restore_rng,
+        skip_batches=run.skip if first else 0,
+        restore_rng=run.restore_rng if first else None,
         hide_in_bar=("d_",),
     )
+    return metrics
 
 
 @torch.no_grad()
@@ -220,13 +285,15 @@ RESUME_MAY_DIFFER = (
 def build_model(cfg: TrainConfig, device: torch.device, measures: dict[str, bool]) -> VAEGAN:
     """The VAE-GAN on ``device`` with the model-level speed measures of ``measures``."""
     model = VAEGAN(cfg.model, disc_calls="auto" if measures["split_discriminator"] else "joint")
-    model = model.to(device).fuse_norm_act()
+    model = model.use_gemm_convs(measures["gemm_convs"]).to(device)
+    if measures["fused_norm_act"]:
+        model.fuse_norm_act()
     return model.to_channels_last() if measures["channels_last"] else model
 
 
 def calibration_step(cfg: TrainConfig, device: torch.device, amp, measures: dict[str, bool]):
     """A zero-argument training step of the run's model, size and batch on a random batch (what
-    ``speed.mode=auto`` times, pipeline/speed.py; benchmarks/bench_train.py times the same)."""
+    ``speed.mode=auto`` times, pipeline/infra/speed.py; benchmarks/bench_train.py times the same)."""
     model = build_model(cfg, device, measures)
     step = make_step_fn(model, Groups(model, cfg.optim), cfg, device, amp, None)
     b, s = cfg.data.batch_size, cfg.data.image_size
@@ -285,13 +352,69 @@ def _restore_or_set_aside(cfg: TrainConfig, run_dir: Path, is_main: bool):
 
 
 def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict[str, Any]:
-    from monai.utils import set_determinism
-
     # Everything that can fail cheaply fails before a model is built.
     manifest = resolve_manifest(cfg.data)
     resumed, resume_path, old_run_id = _restore_or_set_aside(cfg, run_dir, dinfo.is_main)
     if dinfo.is_main:
         ckpt.remove_stale_temps(run_dir / "checkpoints")
+    run = _build_run(cfg, dinfo, run_dir, manifest)
+    if resumed is not None:
+        _load_resumed(run, resumed, resume_path)
+    if dinfo.is_main:
+        # a checkpoint is weights + two Adam moments, written beside the last one; plus grids
+        engine.check_writable(
+            run_dir / "checkpoints", need_bytes=6 * engine.state_bytes(run.model) + 16 * 2**20
+        )
+    run.code_version = git_commit()
+    # rank 0 alone talks to MLflow; an unreachable server does not stop training (see Tracker)
+    run.tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
+    run.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in run.groups.opts.items()}
+    fixed = _grid_inputs(cfg, run.data["val_ds"])
+    metrics: dict[str, float] = {}
+    grids: tuple[Path | None, Path | None] = (None, None)
+    t0 = time.time()
+    status = "FAILED"
+    try:  # from here on the MLflow run always ends: FINISHED, or FAILED with the error
+        run.tracker.start(run.run_id, run_dir.name, _tags(run))
+        if old_run_id:
+            run.tracker.end_if_running(old_run_id, "KILLED")
+        if resumed is None:
+            # the speed measures this machine runs with (speed.mode=auto chose them by timing)
+            chosen = {f"speed_chosen.{m}": v for m, v in run.measures.items()}
+            run.tracker.log_params({**flatten(to_dict(cfg)), **chosen})
+            run.tracker.log_dict(to_dict(cfg), "config.json")
+            run.tracker.log_dataset(manifest, "train")
+            run.save(run.step, run.start_epoch, 0)  # a good state to roll back to before epoch 1 ends
+        else:
+            run.log_floor = run.tracker.max_logged_step()
+        epoch = run.start_epoch
+        while epoch < cfg.epochs:
+            te = time.time()
+            try:
+                train_metrics = train_one_epoch(run, epoch)
+            except engine.RollbackNeeded as e:
+                epoch = _roll_back(run, e)
+                continue
+            metrics, grids = _end_epoch(run, epoch, train_metrics, time.time() - te, fixed)
+            epoch += 1
+        if dinfo.is_main:
+            run.tracker.log_artifact(run.last_checkpoint, "checkpoints")
+            if cfg.tracking.log_model:
+                run.tracker.log_generator(run.last_checkpoint, cfg.tracking.register_model)
+        status = "FINISHED"
+    finally:
+        if dinfo.is_main:
+            curve = _loss_curve(run.tracker, run_dir)
+            if curve is not None:
+                run.tracker.log_artifact(curve, "plots")
+        run.tracker.close(status)
+    return _summary(run, metrics, grids, time.time() - t0)
+
+
+def _build_run(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path, manifest: Path) -> TrainRun:
+    """Device, speed measures, seed, data and model, in the order a seeded run depends on."""
+    from monai.utils import set_determinism
+
     device = engine.pick_device(cfg.device)
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
@@ -310,33 +433,10 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         print(speed_line, flush=True)
     if cfg.deterministic:
         set_determinism(seed=cfg.seed)
-
-    mdf, _ = read_manifest(manifest)
-    names = label_names(mdf)
-    # images that may show burned-in identifying text never reach MLflow: no reconstruction grids
-    real_grids = not may_hold_burned_in(manifest)
-    if not real_grids:
-        print(f"{manifest} may hold burned-in annotations: reconstruction grids are not made", flush=True)
+    names = label_names(read_manifest(manifest)[0])
     if cfg.model.num_classes and cfg.model.num_classes < len(names):
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but {manifest} has {len(names)} classes")
-
-    train_items = records(manifest, cfg.data.train_split, cfg.data.max_train, cfg.data.labels)
-    val_items = records(manifest, cfg.data.val_split, cfg.data.max_val, cfg.data.labels)
-    _check_labels(train_items + val_items, cfg.model.num_classes, manifest, names)
-    print(
-        f"data: {manifest} train={len(train_items)} val={len(val_items)} size={cfg.data.image_size}px "
-        f"classes={names} device={device} amp={amp}",
-        flush=True,
-    )
-    batch_aug = device_augment(cfg.data, device)  # None: the loader augments each image
-    train_ds = build_dataset(train_items, cfg.data, train=batch_aug is None)
-    val_ds = build_dataset(val_items, cfg.data, train=False)
-    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
-    val_loader = make_loader(val_ds, cfg.data, shuffle=False)
-    # the fitted prior is fitted to the unaugmented training images' posterior means
-    fit_ds = train_ds if batch_aug is not None else build_dataset(train_items, cfg.data, train=False)
-    fit_loader = make_loader(fit_ds, cfg.data, shuffle=False) if cfg.model.prior == "fitted" else None
-
+    data = _build_data(cfg, dinfo, manifest, names, device, f"device={device} amp={amp}")
     model = build_model(cfg, device, measures)
     if dinfo.enabled and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -344,222 +444,197 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
     if cfg.compile:
         for m in groups.modules.values():
             m.compile()  # in place: state_dict keys and checkpoints stay those of the plain module
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    guard = None
+    if cfg.guard.enabled:
+        guard = engine.DivergenceGuard(cfg.guard.max_bad_steps, cfg.guard.max_rollbacks, cfg.guard.lr_factor)
+    return TrainRun(
+        cfg=cfg,
+        dinfo=dinfo,
+        run_dir=run_dir,
+        device=device,
+        amp=amp,
+        measures=measures,
+        manifest=manifest,
+        names=names,
+        data=data,
+        model=model,
+        groups=groups,
+        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+        guard=guard,
+    )
 
-    step, start_epoch, skip, restore_rng = 0, 0, 0, None
-    run_id = None
-    if resumed is not None:
-        for name, module in groups.modules.items():
-            if name not in resumed["models"]:
-                raise ckpt.CheckpointError(f"checkpoint {resume_path} has no {name} (model.kind differs?)")
-            ckpt.load_module_state(module, resumed["models"][name], name, resume_path)
-        for name, opt in groups.opts.items():
-            ckpt.load_optimizer_state(
-                opt, resumed["optimizers"][name], groups.modules[name], resumed["models"][name]
-            )
-        if resumed.get("prior"):
-            ckpt.load_module_state(model.prior, resumed["prior"], "prior", resume_path)
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        step, start_epoch, skip = int(resumed["step"]), int(resumed["epoch"]), int(resumed["batch_in_epoch"])
-        restore_rng = resumed["rng"] if skip > 0 else None
-        run_id = resumed.get("mlflow_run_id") or None
-        print(f"resuming from {resume_path}: epoch {start_epoch + 1}, step {step}", flush=True)
-    if dinfo.is_main:
-        # a checkpoint is weights + two Adam moments, written beside the last one; plus grids
-        engine.check_writable(run_dir / "checkpoints", need_bytes=6 * engine.state_bytes(model) + 16 * 2**20)
-    cfg_dict = to_dict(cfg)
-    code_version = git_commit()
-    # rank 0 alone talks to MLflow; an unreachable server does not stop training (see Tracker)
-    tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
+
+def _build_data(
+    cfg: TrainConfig,
+    dinfo: distributed.DistInfo,
+    manifest: Path,
+    names: dict,
+    device: torch.device,
+    where: str,
+) -> dict[str, Any]:
+    # images that may show burned-in identifying text never reach MLflow: no reconstruction grids
+    real_grids = not may_hold_burned_in(manifest)
+    if not real_grids:
+        print(f"{manifest} may hold burned-in annotations: reconstruction grids are not made", flush=True)
+    train_items = records(manifest, cfg.data.train_split, cfg.data.max_train, cfg.data.labels)
+    val_items = records(manifest, cfg.data.val_split, cfg.data.max_val, cfg.data.labels)
+    _check_labels(train_items + val_items, cfg.model.num_classes, manifest, names)
+    print(
+        f"data: {manifest} train={len(train_items)} val={len(val_items)} size={cfg.data.image_size}px "
+        f"classes={names} {where}",
+        flush=True,
+    )
+    batch_aug = device_augment(cfg.data, device)  # None: the loader augments each image
+    train_ds = build_dataset(train_items, cfg.data, train=batch_aug is None)
+    val_ds = build_dataset(val_items, cfg.data, train=False)
+    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
+    # the fitted prior is fitted to the unaugmented training images' posterior means
+    fit_loader = None
+    if cfg.model.prior == "fitted":
+        fit_ds = train_ds if batch_aug is not None else build_dataset(train_items, cfg.data, train=False)
+        fit_loader = make_loader(fit_ds, cfg.data, shuffle=False)
+    return {
+        "train_ds": train_ds,
+        "val_ds": val_ds,
+        "train_loader": train_loader,
+        "sampler": sampler,
+        "gen": gen,
+        "val_loader": make_loader(val_ds, cfg.data, shuffle=False),
+        "fit_loader": fit_loader,
+        "batch_aug": batch_aug,
+        "real_grids": real_grids,
+    }
+
+
+def _load_resumed(run: TrainRun, resumed: dict[str, Any], path: Path) -> None:
+    for name, module in run.groups.modules.items():
+        if name not in resumed["models"]:
+            raise ckpt.CheckpointError(f"checkpoint {path} has no {name} (model.kind differs?)")
+        ckpt.load_module_state(module, resumed["models"][name], name, path)
+    for name, opt in run.groups.opts.items():
+        ckpt.load_optimizer_state(
+            opt, resumed["optimizers"][name], run.groups.modules[name], resumed["models"][name]
+        )
+    if resumed.get("prior"):
+        ckpt.load_module_state(run.model.prior, resumed["prior"], "prior", path)
+    if run.scaler is not None and resumed.get("scaler"):
+        run.scaler.load_state_dict(resumed["scaler"])
+    run.step, run.start_epoch = int(resumed["step"]), int(resumed["epoch"])
+    run.skip = int(resumed["batch_in_epoch"])
+    run.restore_rng = resumed["rng"] if run.skip > 0 else None
+    run.run_id = resumed.get("mlflow_run_id") or None
+    print(f"resuming from {path}: epoch {run.start_epoch + 1}, step {run.step}", flush=True)
+
+
+def _tags(run: TrainRun) -> dict[str, str]:
+    cfg, names = run.cfg, run.names
     tags = {
-        "git_commit": code_version,
+        "git_commit": run.code_version,
         "stage": "train",
         "model.kind": cfg.model.kind,
-        "data.manifest": str(manifest),
+        "data.manifest": str(run.manifest),
         "classes": ",".join(names.values()),
         "mlflow.note.content": (  # the run's description in the MLflow UI
             f"{cfg.model.kind.upper()} at {cfg.data.image_size} px"
             f"{f', conditioned on {len(names)} classes' if cfg.model.num_classes else ''} "
-            f"({', '.join(names.values())}), {cfg.epochs} epochs, data {manifest}, seed {cfg.seed}"
+            f"({', '.join(names.values())}), {cfg.epochs} epochs, data {run.manifest}, seed {cfg.seed}"
         ),
     }
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    return tags
 
-    def payload(step_: int, epoch_: int, batch_in_epoch: int) -> dict[str, Any]:
-        return {
-            "models": {k: m.state_dict() for k, m in groups.modules.items()},
-            "prior": model.prior.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in groups.opts.items()},
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "step": step_,
-            "epoch": epoch_,
-            "batch_in_epoch": batch_in_epoch,
-            "rng": ckpt.rng_state(),
-            "config": cfg_dict,
-            "code_version": code_version,
-            "mlflow_run_id": tracker.run_id,  # None while the server has not been reached yet
-            "label_names": {int(k): v for k, v in names.items()},
-        }
 
-    def save(step_: int, epoch_: int, bi: int) -> None:
-        if dinfo.is_main:
-            ckpt.save_checkpoint(run_dir / "checkpoints" / "last.pt", payload(step_, epoch_, bi))
-        distributed.barrier(dinfo)  # no replica reads a checkpoint (rollback) before it is whole
-
-    # A run resumed after a crash recomputes the steps between its checkpoint and the crash;
-    # they were logged already (with the same values: training is deterministic), so only steps
-    # past the highest one logged are sent, and the run's metric steps never go backwards.
-    # (A divergence-guard rollback replays steps in the same way, with new values: those are
-    # not logged again either.) Set once the run has started.
-    logged = {"floor": -1, "last": -1}
-
-    def log_fn(metrics: dict[str, float], s: int) -> None:
-        if s > logged["floor"]:
-            tracker.log_metrics(metrics, step=s)
-            logged["last"] = max(logged["last"], s)
-
-    # fixed inputs for the grids: the same prior codes and validation images every epoch
+def _grid_inputs(cfg: TrainConfig, val_ds) -> dict[str, torch.Tensor]:
+    """Fixed inputs for the grids: the same prior codes and validation images every epoch."""
     g = torch.Generator().manual_seed(1234)
-    z_fixed = torch.randn(cfg.grid_size, cfg.model.latent_dim, generator=g)
-    n_cls = max(cfg.model.num_classes, 1)
-    y_fixed = (torch.arange(cfg.grid_size) % 8) % n_cls  # one class per grid column (8 columns)
-    val_fixed = torch.stack([val_ds[i]["image"] for i in range(min(32, len(val_ds)))])
-    val_fixed_y = torch.stack(
-        [torch.as_tensor(val_ds[i]["label"]) for i in range(min(32, len(val_ds)))]
-    ).clamp_min(0)
+    n_val = min(32, len(val_ds))
+    return {
+        "z": torch.randn(cfg.grid_size, cfg.model.latent_dim, generator=g),
+        # one class per grid column (8 columns)
+        "y": (torch.arange(cfg.grid_size) % 8) % max(cfg.model.num_classes, 1),
+        "val": torch.stack([val_ds[i]["image"] for i in range(n_val)]),
+        "val_y": torch.stack([torch.as_tensor(val_ds[i]["label"]) for i in range(n_val)]).clamp_min(0),
+    }
 
-    metrics: dict[str, float] = {}
-    grid_path = recon_path = None
-    t0 = time.time()
-    guard = (
-        engine.DivergenceGuard(cfg.guard.max_bad_steps, cfg.guard.max_rollbacks, cfg.guard.lr_factor)
-        if cfg.guard.enabled
-        else None
+
+def _roll_back(run: TrainRun, e: engine.RollbackNeeded) -> int:
+    """Reload the last checkpoint with lower learning rates after the divergence guard fired;
+    returns the epoch to continue from."""
+    factor = run.guard.rollback()  # raises DivergenceError after max_rollbacks
+    good, _ = ckpt.load_resumable(run.last_checkpoint)
+    for name, module in run.groups.modules.items():
+        module.load_state_dict(good["models"][name])
+    for name, opt in run.groups.opts.items():
+        opt.load_state_dict(good["optimizers"][name])
+        for g, lr0 in zip(opt.param_groups, run.base_lrs[name], strict=True):
+            g["lr"] = lr0 * factor
+    run.step, run.skip = int(good["step"]), int(good["batch_in_epoch"])
+    run.start_epoch, run.restore_rng = int(good["epoch"]), good["rng"] if run.skip > 0 else None
+    print(
+        f"divergence guard: {e}; rolled back to step {run.step} (epoch {run.start_epoch + 1}), "
+        f"learning rates x{factor:g} (rollback {run.guard.rollbacks}/{run.guard.max_rollbacks})",
+        file=sys.stderr,
+        flush=True,
     )
-    last_ckpt = run_dir / "checkpoints" / "last.pt"
-    base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in groups.opts.items()}
-    status = "FAILED"
-    try:  # from here on the MLflow run always ends: FINISHED, or FAILED with the error
-        tracker.start(run_id, run_dir.name, tags)
-        if old_run_id:
-            tracker.end_if_running(old_run_id, "KILLED")
-        if resumed is None:
-            # the speed measures this machine runs with (speed.mode=auto chose them by timing)
-            tracker.log_params({**flatten(cfg_dict), **{f"speed_chosen.{m}": v for m, v in measures.items()}})
-            tracker.log_dict(cfg_dict, "config.json")
-            tracker.log_dataset(manifest, "train")
-            # a good state to roll back to before the first epoch ends
-            save(step, start_epoch, 0)
-        else:
-            logged["floor"] = tracker.max_logged_step()
-        epoch = start_epoch
-        while epoch < cfg.epochs:
-            # seeding per epoch makes the data order, augmentation and noise of epoch e the same
-            # whether or not the run was interrupted before it
-            engine.seed_epoch(cfg.seed, epoch, gen, train_ds)
-            sampler.set_epoch(epoch)
-            te = time.time()
-            try:
-                train_metrics, step = train_one_epoch(
-                    model,
-                    train_loader,
-                    groups,
-                    cfg,
-                    device,
-                    step,
-                    epoch,
-                    amp,
-                    scaler,
-                    log_fn,
-                    save,
-                    skip_batches=skip if epoch == start_epoch else 0,
-                    restore_rng=restore_rng if epoch == start_epoch else None,
-                    guard=guard,
-                    dinfo=dinfo if dinfo.enabled else None,
-                    batch_aug=batch_aug,
-                )
-            except engine.RollbackNeeded as e:
-                factor = guard.rollback()  # raises DivergenceError after R rollbacks
-                good, _ = ckpt.load_resumable(last_ckpt)
-                for name, module in groups.modules.items():
-                    module.load_state_dict(good["models"][name])
-                for name, opt in groups.opts.items():
-                    opt.load_state_dict(good["optimizers"][name])
-                    for g, lr0 in zip(opt.param_groups, base_lrs[name], strict=True):
-                        g["lr"] = lr0 * factor
-                step, epoch, skip = int(good["step"]), int(good["epoch"]), int(good["batch_in_epoch"])
-                start_epoch, restore_rng = epoch, good["rng"] if skip > 0 else None
-                print(
-                    f"divergence guard: {e}; rolled back to step {step} (epoch {epoch + 1}), "
-                    f"learning rates x{factor:g} (rollback {guard.rollbacks}/{guard.max_rollbacks})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                logged["floor"] = max(logged["floor"], logged["last"])
-                tracker.log_metrics(
-                    {"guard/rollbacks": guard.rollbacks, "guard/skipped_steps": guard.skipped},
-                    step=max(logged["floor"], 0),
-                )
-                continue
-            val_metrics = evaluate(model, val_loader, device, cfg.loss)
-            epoch_s = time.time() - te
-            val_metrics["epoch"] = epoch + 1
-            val_metrics["time/epoch_s"] = epoch_s
-            val_metrics["time/images_per_s"] = len(train_ds) / max(epoch_s, 1e-9)
-            if guard is not None:
-                val_metrics["guard/skipped_steps"] = guard.skipped
-                val_metrics["guard/rollbacks"] = guard.rollbacks
-            log_fn(val_metrics, step)
-            metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
-            if dinfo.is_main:
-                if fit_loader is not None:
-                    model.fit_prior(fit_loader, device)
-                grid_path, recon_path = _save_grids(
-                    model, run_dir, epoch, z_fixed, y_fixed, val_fixed, val_fixed_y, device, real_grids, names
-                )
-                tracker.log_artifact(grid_path, "grids")
-                if recon_path is not None:
-                    tracker.log_artifact(recon_path, "grids")
-            save(step, epoch + 1, 0)
-            if dinfo.is_main:
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs} step {step} {epoch_s:.1f}s "
-                    + " ".join(
-                        f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/"))
-                    ),
-                    flush=True,
-                )
-            epoch += 1
-        if dinfo.is_main:
-            tracker.log_artifact(last_ckpt, "checkpoints")
-            if cfg.tracking.log_model:
-                tracker.log_generator(last_ckpt, cfg.tracking.register_model)
-        status = "FINISHED"
-    finally:
-        if dinfo.is_main:
-            curve = _loss_curve(tracker, run_dir)
-            if curve is not None:
-                tracker.log_artifact(curve, "plots")
-        tracker.close(status)
-    if dinfo.is_main:
-        print(f"done in {time.time() - t0:.0f}s")
-        print(f"MLflow run id: {tracker.run_id} (tracking: {tracker.uri})")
+    run.log_floor = max(run.log_floor, run.last_logged)
+    run.tracker.log_metrics(
+        {"guard/rollbacks": run.guard.rollbacks, "guard/skipped_steps": run.guard.skipped},
+        step=max(run.log_floor, 0),
+    )
+    return run.start_epoch
+
+
+def _end_epoch(
+    run: TrainRun, epoch: int, train_metrics: dict[str, float], epoch_s: float, fixed: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], tuple[Path | None, Path | None]]:
+    """Validate, log, refit the prior, save the grids and the checkpoint of the epoch just ended."""
+    cfg, d = run.cfg, run.data
+    val_metrics = evaluate(run.model, d["val_loader"], run.device, cfg.loss)
+    val_metrics["epoch"] = epoch + 1
+    val_metrics["time/epoch_s"] = epoch_s
+    val_metrics["time/images_per_s"] = len(d["train_ds"]) / max(epoch_s, 1e-9)
+    if run.guard is not None:
+        val_metrics["guard/skipped_steps"] = run.guard.skipped
+        val_metrics["guard/rollbacks"] = run.guard.rollbacks
+    run.log(val_metrics, run.step)
+    metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **val_metrics}
+    grids: tuple[Path | None, Path | None] = (None, None)
+    if run.dinfo.is_main:
+        if d["fit_loader"] is not None:
+            run.model.fit_prior(d["fit_loader"], run.device)
+        grids = _save_grids(run.model, run.run_dir, epoch, fixed, run.device, d["real_grids"], run.names)
+        for path in grids:
+            if path is not None:
+                run.tracker.log_artifact(path, "grids")
+    run.save(run.step, epoch + 1, 0)
+    if run.dinfo.is_main:
+        losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/")))
+        print(f"epoch {epoch + 1}/{cfg.epochs} step {run.step} {epoch_s:.1f}s {losses}", flush=True)
+    return metrics, grids
+
+
+def _summary(
+    run: TrainRun, metrics: dict[str, float], grids: tuple[Path | None, Path | None], seconds: float
+) -> dict[str, Any]:
+    grid_path, recon_path = grids
+    if run.dinfo.is_main:
+        print(f"done in {seconds:.0f}s")
+        print(f"MLflow run id: {run.tracker.run_id} (tracking: {run.tracker.uri})")
         print(f"sample grid: {grid_path}")
         print(f"reconstruction grid: {recon_path}")
-        print(f"look at the run: {tracking.ui_command(tracker.uri)}")
+        print(f"look at the run: {tracking.ui_command(run.tracker.uri)}")
         print(
-            f"  then http://127.0.0.1:5000 -> experiment {cfg.tracking.experiment} -> Runs -> {run_dir.name}"
+            f"  then http://127.0.0.1:5000 -> experiment {run.cfg.tracking.experiment} -> Runs -> {run.run_dir.name}"
         )
     return {
-        "run_id": tracker.run_id,
-        "run_dir": str(run_dir),
+        "run_id": run.tracker.run_id,
+        "run_dir": str(run.run_dir),
         "metrics": metrics,
-        "guard": guard.state() if guard is not None else {},
+        "guard": run.guard.state() if run.guard is not None else {},
         "grid": str(grid_path),
         "recon_grid": str(recon_path),
-        "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
+        "checkpoint": str(run.last_checkpoint),
     }
 
 
@@ -578,11 +653,12 @@ def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: di
 
 
 def _save_grids(
-    model, run_dir: Path, epoch: int, z, y, vx, vy, device, real=True, names=None
+    model, run_dir: Path, epoch: int, fixed: dict[str, torch.Tensor], device, real=True, names=None
 ) -> tuple[Path, Path | None]:
     """The prior-sample grid (columns headed by their class; codes from the model's prior, fitted
     or N(0, I)), and (``real``) the validation
     images beside their reconstructions."""
+    z, y, vx, vy = fixed["z"], fixed["y"], fixed["val"], fixed["val_y"]
     model.eval()
     with torch.no_grad():
         cond = y.to(device) if model.cfg.num_classes > 0 else None
@@ -614,15 +690,6 @@ def _loss_curve(tracker: tracking.Tracker, run_dir: Path) -> Path | None:
     if not history:
         return None
     return plot_curves(history, run_dir / "loss_curves.png", title=run_dir.name)
-
-
-def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
-    from pipeline.config import from_dict
-
-    cfg = copy.deepcopy(payload["config"])
-    # checkpoints from before decoder heads existed were all "deconv"
-    cfg.setdefault("model", {}).setdefault("decoder_head", "deconv")
-    return from_dict(TrainConfig, cfg)
 
 
 __all__ = [

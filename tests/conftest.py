@@ -36,7 +36,7 @@ def phantom_manifest(tmp_path_factory):
 @pytest.fixture(scope="session")
 def phantom_generator(tmp_path_factory, phantom_manifest):
     """A tiny class-conditioned VAE-GAN (32 px, 1 epoch) trained on the phantoms: its checkpoint."""
-    from pipeline.config import load_config
+    from pipeline.infra.config import load_config
     from pipeline.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("generator")
@@ -74,7 +74,7 @@ def phantom_extractor(tmp_path_factory, phantom_manifest):
     """A tiny classifier (32 px, 1 epoch) trained on the phantoms: the feature extractor that
     evaluate needs. Its checkpoint path."""
     from pipeline.classify import ClassifyConfig, classify
-    from pipeline.config import load_config
+    from pipeline.infra.config import load_config
 
     root = tmp_path_factory.mktemp("extractor")
     cfg = load_config(

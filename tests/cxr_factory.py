@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import load_config
-from pipeline.stage_configs import TrainConfig
+from pipeline.infra.config import load_config
+from pipeline.infra.stage_configs import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"

@@ -66,7 +66,10 @@ def main() -> int:
     for i, line in enumerate(walkthrough_lines(), 1):
         t0 = time.time()
         proc = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True)
-        print(f"[{i}] rc={proc.returncode} {time.time() - t0:.0f}s  {line.split('#')[0].strip()[:150]}", flush=True)
+        print(
+            f"[{i}] rc={proc.returncode} {time.time() - t0:.0f}s  {line.split('#')[0].strip()[:150]}",
+            flush=True,
+        )
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
             ok = False

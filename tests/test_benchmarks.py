@@ -83,3 +83,12 @@ def test_bench_data_reports_formats_and_workers(tmp_path, phantom_manifest):
     assert set(arms) == {f"{f} workers={w}" for f in ("jpeg", "png", "dicom", "dicom-rle") for w in (0, 1)}
     for v in arms.values():
         assert set(v) == {"cold", "cache-fill", "cached", "cached+aug", "disk-warm"} and min(v.values()) > 0
+
+
+def test_bench_fused_reports_every_shape_with_the_cpu(tmp_path):
+    out = tmp_path / "bf.json"
+    p = _run("bench_fused.py", "--batch", "2", "--repeats", "1", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert {"cpu_model", "isa", "torch_cpu_capability"} <= set(res)
+    assert len(res["rows"]) == 7 and all(r["eager_ms"] > 0 and r["fused_ms"] > 0 for r in res["rows"])
+    assert "fused speed-up" in p.stdout

@@ -11,7 +11,7 @@ from cxr_factory import REPO, TINY_GAIN_CLASSIFY
 
 from networks.classifier import ClassifierConfig, CXRClassifier
 from pipeline import run
-from pipeline.config import ConfigError, load_config
+from pipeline.infra.config import ConfigError, load_config
 
 
 def _cli(*args, timeout=300):
@@ -121,14 +121,16 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     for arm in ("real", "classical+synthetic", "synthetic_only"):
         assert arm in cmp.stdout
     assert (tmp_path / "cmp" / "arms.png").is_file()
-    rc, out, _ = _main(capsys, "compare", "arms", "tags.arm = 'real'", f"uri={uri}", f"out={tmp_path / 'cmp'}")
+    rc, out, _ = _main(
+        capsys, "compare", "arms", "tags.arm = 'real'", f"uri={uri}", f"out={tmp_path / 'cmp'}"
+    )
     assert rc == 0 and "synthetic_only" not in out and "real" in out
     rc, _, err = _main(capsys, "compare", "no-such-experiment", f"uri={uri}")
     assert rc != 0 and "does not exist" in err
 
 
 def test_fraction_subsets_are_whole_patients_stratified(tmp_path, phantom_manifest):
-    from pipeline.data import write_subset_manifest
+    from pipeline.infra.data import write_subset_manifest
     from transforms.manifest import read_manifest
 
     full, _ = read_manifest(phantom_manifest)

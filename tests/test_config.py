@@ -7,7 +7,7 @@ import time
 import pytest
 from cxr_factory import REPO
 
-from pipeline.config import ConfigError, flatten, load_config, to_dict
+from pipeline.infra.config import ConfigError, flatten, load_config, to_dict
 from pipeline.train import TrainConfig
 
 
@@ -236,7 +236,7 @@ assert not loaded, f"imported before the stage ran: {{loaded}}"
 def test_every_config_class_imports_light_and_is_the_one_its_stage_module_exports():
     code = f"""
 import sys
-import pipeline.stage_configs, networks.config, transforms.config
+import pipeline.infra.stage_configs, networks.config, transforms.config
 loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
 assert not loaded, f"imported by the config modules: {{loaded}}"
 """
@@ -249,13 +249,13 @@ assert not loaded, f"imported by the config modules: {{loaded}}"
     import networks.vaegan
     import pipeline.classify
     import pipeline.compare
-    import pipeline.data
     import pipeline.evaluate
     import pipeline.gain
     import pipeline.generate
+    import pipeline.infra.data
+    import pipeline.infra.stage_configs as sc
+    import pipeline.infra.tracking
     import pipeline.ingest
-    import pipeline.stage_configs as sc
-    import pipeline.tracking
     import pipeline.train
     import transforms
     import transforms.config
@@ -267,8 +267,8 @@ assert not loaded, f"imported by the config modules: {{loaded}}"
             *("TrainConfig", "LossConfig", "OptimConfig", "GuardConfig"),
             *("DataConfig", "ModelConfig", "TrackingConfig"),
         ],
-        pipeline.data: ["DataConfig"],
-        pipeline.tracking: ["TrackingConfig"],
+        pipeline.infra.data: ["DataConfig"],
+        pipeline.infra.tracking: ["TrackingConfig"],
         pipeline.generate: ["GenerateConfig"],
         pipeline.classify: ["ClassifyConfig", "ARMS", "DataConfig", "TrackingConfig"],
         pipeline.evaluate: ["EvaluateConfig"],

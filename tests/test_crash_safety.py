@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from cxr_factory import REPO
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.infra.checkpoint import load_checkpoint
 
 
 def _cmd(manifest: Path, out: Path, uri: str) -> list[str]:

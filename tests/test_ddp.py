@@ -11,7 +11,7 @@ import torch
 from cxr_factory import REPO
 from mlflow_server import free_port
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.infra.checkpoint import load_checkpoint
 
 
 def _args(manifest, out, uri) -> list[str]:

@@ -1,4 +1,4 @@
-"""pipeline.engine helpers: the autocast rule and the CPU allocator cache."""
+"""pipeline.infra.engine helpers: the autocast rule and the CPU allocator cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pipeline import engine
+from pipeline.infra import engine
 
 
 def test_amp_auto_is_bf16_on_cuda_from_128_px_only():

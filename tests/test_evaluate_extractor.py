@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.infra.config import load_config
 
 
 def _edited_copy(src: str, dst: Path, edit) -> str:
@@ -65,7 +65,7 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
 
     # the extractor the classify stage records (arm=real on the reference manifest) is accepted
     from pipeline.evaluate import check_extractor
-    from pipeline.loaders import file_sha256
+    from pipeline.infra.loaders import file_sha256
 
     payload = torch.load(phantom_extractor, map_location="cpu", weights_only=True)
     assert payload["arm"] == "real"

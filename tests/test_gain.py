@@ -11,7 +11,7 @@ import time
 import pytest
 from cxr_factory import TINY_GAIN_CLASSIFY
 
-from pipeline.config import ConfigError, load_config
+from pipeline.infra.config import ConfigError, load_config
 
 
 def _config(tmp_path, manifest, *extra: str):

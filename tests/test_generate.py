@@ -11,10 +11,10 @@ import pydicom
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError, load_config
 from pipeline.generate import GenerateConfig, generate
-from pipeline.loaders import load_generator, resolve_labels, sample_images
+from pipeline.infra.checkpoint import CheckpointError
+from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.loaders import load_generator, resolve_labels, sample_images
 from transforms.io import read_image
 
 
@@ -44,7 +44,7 @@ def test_same_seed_same_images_other_seed_differs(tmp_path, phantom_generator):
 
 
 def test_manifest_records_label_seed_and_source_hash(tmp_path, phantom_generator):
-    from pipeline.loaders import file_sha256
+    from pipeline.infra.loaders import file_sha256
     from transforms.manifest import read_manifest
 
     ck = phantom_generator["checkpoint"]
@@ -123,8 +123,8 @@ def test_loads_from_mlflow_model_uri(tmp_path, phantom_manifest):
 def test_fitted_prior_round_trips_through_the_checkpoint_and_prior_normal_turns_it_off(
     tmp_path, phantom_generator, capsys
 ):
-    from pipeline.checkpoint import load_checkpoint
     from pipeline.evaluate import load_vaegan
+    from pipeline.infra.checkpoint import load_checkpoint
     from transforms.manifest import sidecar_path
 
     ck = phantom_generator["checkpoint"]
@@ -169,7 +169,7 @@ def test_validation_rules(tmp_path, phantom_generator):
 def test_drop_near_copies_replaces_flagged_images(tmp_path, phantom_generator, phantom_manifest, monkeypatch):
     """Force every first draw to be a training image: the option must replace all of them."""
     import pipeline.generate as G
-    from pipeline.loaders import load_images
+    from pipeline.infra.loaders import load_images
 
     train_x, _ = load_images(phantom_manifest, "train", 32)
     real_sample = G.sample_images

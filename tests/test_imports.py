@@ -3,7 +3,10 @@
 Walks every module of ``pipeline/``, ``transforms/`` and ``networks/`` with ``ast`` (function-local
 imports included: they hide cycles rather than remove them) and fails on an import cycle, on
 ``transforms/`` or ``networks/`` importing ``pipeline/`` (the data and model layers must not know
-the stages), and on ``networks/`` importing ``transforms/``.
+the stages), on ``networks/`` importing ``transforms/``, on the shared infrastructure
+(``pipeline/infra/``) importing a stage, on a stage importing a stage it does not drive, and on
+any function-local import of the project's own modules (a stage's heavy imports wait until the CLI
+has checked its config by importing the stage's module late, not by hiding imports in functions).
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "transforms", "networks")
 # a package may never import the packages listed for it
 NEVER = {"transforms": ("pipeline",), "networks": ("pipeline", "transforms")}
+INFRA = "pipeline.infra"
+# stage -> the stages it may import: gain drives train, classify and evaluate; a stage that runs
+# on the embedded default data set when given none asks ingest for it
+DRIVES = {
+    "pipeline.gain": {"pipeline.train", "pipeline.classify", "pipeline.evaluate", "pipeline.ingest"},
+    "pipeline.train": {"pipeline.ingest"},
+    "pipeline.classify": {"pipeline.ingest"},
+    "pipeline.evaluate": {"pipeline.ingest"},
+}
 
 
 def module_name(path: Path, repo: Path) -> str:
@@ -95,19 +107,54 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def _is_stage(m: str) -> bool:
+    return m.startswith("pipeline.") and not (m == INFRA or m.startswith(INFRA + "."))
+
+
 def broken_layers(g: dict[str, set[str]]) -> list[str]:
-    return [
-        f"{m} imports {d}"
-        for m, deps in sorted(g.items())
-        for d in sorted(deps)
-        if d.split(".")[0] in NEVER.get(m.split(".")[0], ())
-    ]
+    out = []
+    for m, deps in sorted(g.items()):
+        for d in sorted(deps):
+            if d.split(".")[0] in NEVER.get(m.split(".")[0], ()):
+                out.append(f"{m} imports {d}")
+            elif m.startswith(INFRA) and _is_stage(d):
+                out.append(f"{m} (infrastructure) imports the stage {d}")
+            elif _is_stage(m) and _is_stage(d) and m != "pipeline.run" and d not in DRIVES.get(m, ()):
+                out.append(f"{m} imports the stage {d}, which it does not drive")
+    return out
+
+
+def local_imports(repo: Path = REPO) -> list[str]:
+    """``file:line`` of every import of a project module inside a function or method."""
+    out = []
+    for m, path in project_modules(repo).items():
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = ["." if node.level else (node.module or "")]
+                else:
+                    continue
+                if any(n == "." or n.split(".")[0] in PACKAGES for n in names):
+                    out.append(f"{path.relative_to(repo)}:{node.lineno} ({m})")
+    return sorted(set(out))
 
 
 def test_the_project_has_no_import_cycle():
     found = cycles(graph())
     assert not found, "import cycles (function-local imports count):\n" + "\n".join(
         " -> ".join(c) for c in found
+    )
+
+
+def test_no_function_local_import_of_the_projects_own_modules():
+    found = local_imports()
+    assert not found, "function-local project imports (move them to the top of the module):\n" + "\n".join(
+        found
     )
 
 
@@ -122,8 +169,8 @@ def test_transforms_and_networks_never_import_the_layers_above_them():
         # a cycle hidden in a function body is still a cycle
         (
             {
-                "pipeline/a.py": "import pipeline.b\n",
-                "pipeline/b.py": "def f():\n    from pipeline import a\n",
+                "pipeline/infra/a.py": "import pipeline.infra.b\n",
+                "pipeline/infra/b.py": "def f():\n    from pipeline.infra import a\n",
             },
             "cycle",
         ),
@@ -132,6 +179,10 @@ def test_transforms_and_networks_never_import_the_layers_above_them():
             "layer",
         ),
         ({"networks/n.py": "from transforms.t import y\n", "transforms/t.py": "y = 1\n"}, "layer"),
+        # infrastructure never calls a stage; a stage imports only the stages it drives
+        ({"pipeline/infra/x.py": "from pipeline import train\n", "pipeline/train.py": ""}, "layer"),
+        ({"pipeline/train.py": "import pipeline.classify\n", "pipeline/classify.py": ""}, "layer"),
+        ({"pipeline/gain.py": "import pipeline.classify\n", "pipeline/classify.py": ""}, ""),
         (
             {
                 "pipeline/a.py": "from transforms import t\n",
@@ -152,5 +203,7 @@ def test_the_checker_catches_what_it_should(tmp_path, files, expect):
     for pkg in PACKAGES:
         (tmp_path / pkg).mkdir(exist_ok=True)
     g = graph(tmp_path)
+    # the first fake project hides its import in a function body
+    assert bool(local_imports(tmp_path)) == ("def f():\n    from" in "".join(files.values()))
     assert bool(cycles(g)) == (expect == "cycle")
     assert bool(broken_layers(g)) == (expect == "layer")

@@ -290,7 +290,9 @@ def test_real_dicom_folder_ingests(tmp_path):
 def _ingest_with_table(tmp_path):
     """Ingest the folder tmp_path/src with the labels table tmp_path/t.csv."""
     return ingest(
-        IngestConfig(source=str(tmp_path / "src"), labels=str(tmp_path / "t.csv"), out=str(tmp_path / "m.csv"))
+        IngestConfig(
+            source=str(tmp_path / "src"), labels=str(tmp_path / "t.csv"), out=str(tmp_path / "m.csv")
+        )
     )
 
 

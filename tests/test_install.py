@@ -16,8 +16,21 @@ from cxr_factory import REPO
 def unpacked_wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if proc.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {proc.stderr[-500:]}")
@@ -42,19 +55,27 @@ def test_installed_copy_finds_configs_and_keeps_state_in_the_working_folder(unpa
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(unpacked_wheel["site"]), "HOME": str(tmp_path)}
     show = subprocess.run(
         [sys.executable, "-m", "pipeline.run", "train", "configs/kermany64.yaml", "--print-config"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert show.returncode == 0, show.stderr[-1500:]
     assert "run_name: kermany64-vaegan" in show.stdout
     code = (
-        "from pipeline import tracking; from transforms import phi; import pipeline; "
+        "from pipeline.infra import tracking; from transforms import phi; import pipeline; "
         "print(pipeline.__file__); print(tracking.resolve_uri(tracking.TrackingConfig())); "
         "phi.get_salt(); print('salt ok')"
     )
-    probe = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
     assert probe.returncode == 0, probe.stderr[-1500:]
     installed, uri, _ = probe.stdout.splitlines()
     assert installed.startswith(str(unpacked_wheel["site"]))  # the installed copy ran, not the checkout
     assert uri == f"sqlite:///{work / 'mlflow' / 'store' / 'mlflow.db'}"
     assert (work / ".phi_salt").is_file()
-    assert not list(unpacked_wheel["site"].rglob("mlflow.db")) and not list(unpacked_wheel["site"].rglob(".phi_salt"))
+    assert not list(unpacked_wheel["site"].rglob("mlflow.db")) and not list(
+        unpacked_wheel["site"].rglob(".phi_salt")
+    )

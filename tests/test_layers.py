@@ -56,20 +56,22 @@ def test_switch_off_and_other_dtypes_fall_back_to_conv2d():
     torch.manual_seed(0)
     conv = FewOutputConv2d(4, 1, 3, 1, 1)
     x = torch.randn(1, 4, 5, 5)
-    layers.set_cpu_gemm(False)
-    try:
-        off = conv(x)
-    finally:
-        layers.set_cpu_gemm(True)
+    layers.set_gemm(conv, False)
+    off = conv(x)
+    layers.set_gemm(conv, True)
     torch.testing.assert_close(conv(x), off, rtol=1e-5, atol=1e-6)
     assert conv.double()(x.double()).dtype == torch.float64  # plain nn.Conv2d path
 
 
-def test_adopt_keeps_parameters_and_state_dict_keys():
+def test_adopt_shares_parameters_and_state_dict_keys_and_draws_no_random_numbers():
     conv = nn.Conv2d(32, 1, 3, padding=1)
     keys, w = set(conv.state_dict()), conv.weight
-    adopt(conv, FewOutputConv2d)
-    assert isinstance(conv, FewOutputConv2d) and set(conv.state_dict()) == keys and conv.weight is w
+    rng = torch.get_rng_state()
+    new = adopt(conv, FewOutputConv2d)
+    # a seeded model built with GEMM convolutions initialises every later layer as without them
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert isinstance(new, FewOutputConv2d) and set(new.state_dict()) == keys and new.weight is w
+    assert new.bias is conv.bias and new.weight.device.type == "cpu"
 
 
 def test_fewoutput_rejects_a_stride():
@@ -96,4 +98,4 @@ def test_adopt_refuses_an_unsuitable_conv_and_leaves_it_intact():
     conv = nn.Conv2d(8, 1, 3, stride=2, padding=1)
     with pytest.raises(ValueError, match="stride 1"):
         adopt(conv, FewOutputConv2d)
-    assert type(conv) is nn.Conv2d
+    assert type(conv) is nn.Conv2d and conv.weight.device.type == "cpu"

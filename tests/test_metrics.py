@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import auroc, binary_metrics, bootstrap_ci, mean_ci, youden_threshold
+from pipeline.infra.metrics import auroc, binary_metrics, bootstrap_ci, mean_ci, youden_threshold
 
 
 def test_perfect_and_inverted_scores():

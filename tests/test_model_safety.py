@@ -18,9 +18,9 @@ import pytest
 import torch
 from cxr_factory import REPO
 
-from pipeline import model_store, tracking
-from pipeline.loaders import load_generator, synthetic_source
-from pipeline.model_store import UnsafeModelError
+from pipeline.infra import model_store, tracking
+from pipeline.infra.loaders import load_generator, synthetic_source
+from pipeline.infra.model_store import UnsafeModelError
 
 MARKER_ENV = "CXR_TEST_MARKER"
 
@@ -85,9 +85,21 @@ def test_pickled_model_is_refused_and_never_runs(pickled_model, address, monkeyp
 def test_cli_generate_refuses_a_pickled_registered_model(pickled_model, tmp_path):
     env = dict(os.environ, MLFLOW_TRACKING_URI=pickled_model["uri"])
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "generate", "checkpoint=models:/evil/1", "n=2",
-         f"out={tmp_path / 'gen'}", "log_mlflow=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "generate",
+            "checkpoint=models:/evil/1",
+            "n=2",
+            f"out={tmp_path / 'gen'}",
+            "log_mlflow=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "pickle" in proc.stderr and "Traceback" not in proc.stderr
@@ -145,7 +157,9 @@ def test_sync_refuses_a_symlink_out_of_its_outbox(tmp_path):
 
 def test_sync_never_unpickles_a_generator_op_pointing_at_a_model_uri(pickled_model, tmp_path):
     # before: a generator op whose path was a model URI went to mlflow.pytorch.load_model
-    box = _outbox(tmp_path, [{"op": "generator", "path": pickled_model["file_uri"], "registered_name": "", "seq": 2}])
+    box = _outbox(
+        tmp_path, [{"op": "generator", "path": pickled_model["file_uri"], "registered_name": "", "seq": 2}]
+    )
     with pytest.raises(tracking.OutboxError, match="not a buffered file inside"):
         tracking.sync(box)
     assert not pickled_model["marker"].exists()

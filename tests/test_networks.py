@@ -208,7 +208,7 @@ def _with_legacy_biases(module: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("norm", ["BATCH", "INSTANCE"])
 def test_old_checkpoints_with_conv_biases_load_unchanged_in_function(norm):
-    from pipeline.checkpoint import load_module_state
+    from pipeline.infra.checkpoint import load_module_state
 
     torch.manual_seed(0)
     kw = dict(image_size=32, latent_dim=8, base_channels=8, max_channels=16, norm=norm)
@@ -230,7 +230,7 @@ def test_old_checkpoints_with_conv_biases_load_unchanged_in_function(norm):
 
 
 def test_old_optimiser_state_follows_its_parameters_by_name():
-    from pipeline.checkpoint import load_optimizer_state
+    from pipeline.infra.checkpoint import load_optimizer_state
 
     torch.manual_seed(0)
     dec = Decoder(image_size=32, latent_dim=8, base_channels=8, max_channels=16)

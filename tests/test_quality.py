@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import quality as Q
-from pipeline.config import ConfigError, load_config
+from pipeline.infra import quality as Q
+from pipeline.infra.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")
 def phantoms(phantom_manifest):
-    from pipeline.loaders import load_images
+    from pipeline.infra.loaders import load_images
 
     train, _ = load_images(phantom_manifest, "train", 32)
     test, _ = load_images(phantom_manifest, "test", 32)
@@ -158,7 +158,9 @@ def test_evaluate_validation():
     with pytest.raises(ConfigError, match="checkpoint is required .*or samples="):
         load_config(EvaluateConfig, None, [])
     with pytest.raises(ConfigError, match="give checkpoint or samples, not both"):
-        load_config(EvaluateConfig, None, ["checkpoint=a.pt", "samples=s.csv", "extractor=b.pt", "reference=r.csv"])
+        load_config(
+            EvaluateConfig, None, ["checkpoint=a.pt", "samples=s.csv", "extractor=b.pt", "reference=r.csv"]
+        )
     with pytest.raises(ConfigError, match="samples= needs reference="):
         load_config(EvaluateConfig, None, ["samples=s.csv", "extractor=b.pt"])
     cfg = load_config(EvaluateConfig, None, ["samples=s.csv", "extractor=b.pt", "reference=r.csv"])
@@ -248,13 +250,18 @@ def test_evaluate_scores_samples_from_a_manifest_or_a_folder(
     import mlflow
 
     from pipeline.generate import GenerateConfig, generate
-    from pipeline.loaders import file_sha256
+    from pipeline.infra.loaders import file_sha256
 
     gen = generate(
         load_config(
             GenerateConfig,
             None,
-            [f"checkpoint={phantom_generator['checkpoint']}", "n=16", f"out={tmp_path / 'gen'}", "log_mlflow=false"],
+            [
+                f"checkpoint={phantom_generator['checkpoint']}",
+                "n=16",
+                f"out={tmp_path / 'gen'}",
+                "log_mlflow=false",
+            ],
         )
     )
     csv = Path(gen["manifest"])
@@ -283,7 +290,9 @@ def test_evaluate_scores_samples_from_a_manifest_or_a_folder(
     for k in ("fd", "kid", "precision", "recall", "coverage", "ms_ssim_synthetic", "memorisation_fraction"):
         assert np.isfinite(m[k]), k
     assert "class_fidelity_auroc" not in m and m["n_fake"] == 10
-    assert meta["samples"] == str(folder) and meta["samples_files"] == 16 and len(meta["samples_sha256"]) == 64
+    assert (
+        meta["samples"] == str(folder) and meta["samples_files"] == 16 and len(meta["samples_sha256"]) == 64
+    )
     assert not (Path(res["report"]).parent / "interpolation.png").exists()
 
 
@@ -306,7 +315,7 @@ def test_samples_score_like_the_generator_they_came_from(
     import pipeline.evaluate
     from pipeline.evaluate import load_samples, load_source
     from pipeline.generate import to_uint8
-    from pipeline.loaders import load_images
+    from pipeline.infra.loaders import load_images
 
     _, real_y = load_images(phantom_manifest, "test", 32)
     fake_x, syn_y = load_source(phantom_generator["checkpoint"], "cpu", "").images(real_y, 32, 0, 0, 256)
@@ -327,7 +336,11 @@ def test_samples_score_like_the_generator_they_came_from(
     got = _evaluate(tmp_path, phantom_extractor, phantom_manifest, f"samples={csv}", name="ev-samples")
     monkeypatch.setattr(pipeline.evaluate, "sample_images", as_read_back)
     ref = _evaluate(
-        tmp_path, phantom_extractor, phantom_manifest, f"checkpoint={phantom_generator['checkpoint']}", name="ev-ckpt"
+        tmp_path,
+        phantom_extractor,
+        phantom_manifest,
+        f"checkpoint={phantom_generator['checkpoint']}",
+        name="ev-ckpt",
     )
     a, b = ref["metrics"], got["metrics"]
     assert set(a) == set(b) and b["n_fake"] == 12 and "class_fidelity_auroc" in b

@@ -19,9 +19,9 @@ import pytest
 import torch
 from cxr_factory import REPO, tiny_train_config
 
-from pipeline import checkpoint as ckpt
-from pipeline import engine
-from pipeline.config import ConfigError, load_config
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import engine
+from pipeline.infra.config import ConfigError, load_config
 from pipeline.train import TrainConfig, train
 
 
@@ -73,7 +73,7 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, phantom_manifest)
         [
             sys.executable,
             "-c",
-            "import sys, time; from pipeline.engine import RunLock\n"
+            "import sys, time; from pipeline.infra.engine import RunLock\n"
             f"with RunLock({str(run_dir)!r}):\n    print('locked', flush=True); time.sleep(120)",
         ],
         cwd=REPO,

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from pipeline import speed
-from pipeline.config import ConfigError, load_config
-from pipeline.stage_configs import MEASURES, SpeedConfig
+from pipeline.infra import speed
+from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.stage_configs import MEASURES, SpeedConfig
 from pipeline.train import Groups, TrainConfig, build_model, calibration_step, make_step_fn
 
 CPU = torch.device("cpu")

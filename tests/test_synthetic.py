@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataConfig, build_dataset, records
-from pipeline.loaders import load_generator, synthetic_source
+from pipeline.infra.data import DataConfig, build_dataset, records
+from pipeline.infra.loaders import load_generator, synthetic_source
 from transforms.synthetic import GeneratorSource, ManifestSource, RandSyntheticSwapd, SyntheticMixDataset
 
 
@@ -71,8 +71,8 @@ def test_swap_transform_replaces_with_right_label_and_never_mutates_input():
 
 
 def test_manifest_source_reads_generated_images(tmp_path, phantom_generator):
-    from pipeline.config import load_config
     from pipeline.generate import GenerateConfig, generate
+    from pipeline.infra.config import load_config
 
     res = generate(
         load_config(
@@ -119,5 +119,5 @@ def test_validation_rules(phantom_generator):
     with pytest.raises(ValueError, match="not a class of the generator"):
         _source(phantom_generator["checkpoint"]).draw(7, np.random.RandomState(0))
     # the data layer takes a loaded generator; loading (and refusing pickles) is the stages' job
-    with pytest.raises(TypeError, match="load one with pipeline.loaders.load_generator"):
+    with pytest.raises(TypeError, match="load one with pipeline.infra.loaders.load_generator"):
         GeneratorSource(phantom_generator["checkpoint"])

@@ -57,8 +57,8 @@ def _check_server_has_everything(url: str, run_id: str, run_dir: Path, epochs: i
 
 
 def test_server_unreachable_at_start(tmp_path, phantom_manifest, capsys):
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.config import load_config
+    from pipeline.infra.checkpoint import load_checkpoint
+    from pipeline.infra.config import load_config
     from pipeline.train import TrainConfig, train
 
     port = free_port()  # nothing listens here yet
@@ -158,7 +158,7 @@ def test_server_killed_mid_run_and_back(tmp_path, phantom_manifest):
 
 
 def test_sync_refuses_a_folder_that_is_not_an_outbox(tmp_path):
-    from pipeline.tracking import sync
+    from pipeline.infra.tracking import sync
 
     with pytest.raises(FileNotFoundError, match="is not a tracking outbox"):
         sync(tmp_path)
@@ -168,7 +168,7 @@ def test_classify_goes_on_when_the_server_is_down(tmp_path, phantom_manifest):
     """The classifier stage logs through the same outbox: no server, the arm still finishes and
     writes its results; ``sync`` later delivers the run."""
     from pipeline.classify import ClassifyConfig, classify
-    from pipeline.config import load_config
+    from pipeline.infra.config import load_config
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -193,7 +193,7 @@ def test_classify_goes_on_when_the_server_is_down(tmp_path, phantom_manifest):
     outbox = Path(res["run_dir"]) / "tracking_outbox"
     proc = start_server(port, tmp_path / "server")
     try:
-        from pipeline.tracking import sync
+        from pipeline.infra.tracking import sync
 
         out = sync(outbox)
         assert out["pending"] == 0 and out["run_id"]
@@ -219,10 +219,10 @@ def test_generate_and_evaluate_go_on_when_the_server_is_down(
     images and report; ``sync`` later delivers both runs. compare, which reads runs, says clearly
     that it needs the server."""
     from pipeline.compare import CompareConfig, compare
-    from pipeline.config import load_config
     from pipeline.evaluate import EvaluateConfig, evaluate
     from pipeline.generate import GenerateConfig, generate
-    from pipeline.tracking import sync
+    from pipeline.infra.config import load_config
+    from pipeline.infra.tracking import sync
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -16,8 +16,8 @@ from mlflow_server import free_port, kill, start_server
 
 from networks import VAEGAN, ModelConfig
 from networks.objective import route_gradients
-from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.model_store import load_generator_uri
+from pipeline.infra.checkpoint import CheckpointError, load_checkpoint
+from pipeline.infra.model_store import load_generator_uri
 from pipeline.train import (
     Groups,
     LossConfig,
@@ -288,7 +288,7 @@ def test_guard_rolls_back_with_lower_lr_after_k_bad_steps(tmp_path, phantom_mani
 
 
 def test_guard_stops_with_a_clear_error_after_r_rollbacks(tmp_path, phantom_manifest, monkeypatch):
-    from pipeline.engine import DivergenceError
+    from pipeline.infra.engine import DivergenceError
 
     _inject_nan(monkeypatch, "all")
     with pytest.raises(DivergenceError, match="after 2 rollback"):
@@ -296,7 +296,7 @@ def test_guard_stops_with_a_clear_error_after_r_rollbacks(tmp_path, phantom_mani
 
 
 def test_guard_validation():
-    from pipeline.engine import DivergenceGuard
+    from pipeline.infra.engine import DivergenceGuard
 
     with pytest.raises(ValueError, match="max_bad_steps must be >= 1"):
         DivergenceGuard(max_bad_steps=0)
@@ -337,7 +337,7 @@ def test_full_output_disk_is_reported_before_training(tmp_path, phantom_manifest
         train(cfg)
     assert time.time() - t0 < 30
     # a disk with no space left at all: the write probe itself fails, and says why
-    from pipeline.engine import check_writable
+    from pipeline.infra.engine import check_writable
 
     (small_disk / "out2").mkdir()
     with pytest.raises(OSError), open(small_disk / "filler", "wb") as f:
@@ -351,7 +351,7 @@ def test_full_output_disk_is_reported_before_training(tmp_path, phantom_manifest
 def test_augmentation_on_the_device_trains(tmp_path, phantom_manifest):
     """augment_on=device (the CUDA default) works on CPU too: the loader serves unaugmented
     cached tensors and the step augments the batch."""
-    from pipeline.data import DataConfig
+    from pipeline.infra.data import DataConfig
 
     res = train(_tiny(phantom_manifest, tmp_path, "data.augment_on=device"))
     ck = load_checkpoint(res["checkpoint"])
@@ -399,7 +399,6 @@ def test_cpu_speed_measures_leave_training_unchanged():
     steps with all of them off, from the same start."""
     import copy
 
-    from networks import fused, layers
     from pipeline.train import make_step_fn
 
     torch.manual_seed(0)
@@ -407,25 +406,19 @@ def test_cpu_speed_measures_leave_training_unchanged():
     cfg.data.image_size = cfg.model.image_size = 32
     cfg.model.num_classes, cfg.model.latent_dim, cfg.model.base_channels = 2, 8, 8
     cfg.model.max_channels, cfg.model.disc_channels = 16, 8
-    base = VAEGAN(cfg.model).fuse_norm_act()
+    base = VAEGAN(cfg.model)
     batch = {"image": torch.rand(6, 1, 32, 32) * 2 - 1, "label": torch.tensor([0, 1, 0, 1, 1, 0])}
 
     def run(fast: bool) -> VAEGAN:
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base).use_gemm_convs(fast)
         if fast:
-            model.to_channels_last()
+            model.fuse_norm_act().to_channels_last()
         model.disc_calls = "split" if fast else "joint"
-        layers.set_cpu_gemm(fast)
-        fused.set_fused(fast)
-        try:
-            groups = Groups(model, cfg.optim)
-            step = make_step_fn(model, groups, cfg, torch.device("cpu"), None, None)
-            torch.manual_seed(1)  # the step's noise
-            for _ in range(3):
-                assert step(batch)
-        finally:
-            layers.set_cpu_gemm(True)
-            fused.set_fused(True)
+        groups = Groups(model, cfg.optim)
+        step = make_step_fn(model, groups, cfg, torch.device("cpu"), None, None)
+        torch.manual_seed(1)  # the step's noise
+        for _ in range(3):
+            assert step(batch)
         return model
 
     fast, plain = run(True), run(False)

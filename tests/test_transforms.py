@@ -5,7 +5,7 @@ import pytest
 import torch
 from cxr_factory import chest_like, make_png
 
-from pipeline.data import DataConfig, build_dataset, records
+from pipeline.infra.data import DataConfig, build_dataset, records
 from transforms import CLAHEd, TransformConfig, eval_transforms, train_transforms
 
 

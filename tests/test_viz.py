@@ -153,7 +153,7 @@ def _inside(e, box, tol: float = 0.5) -> bool:
 def test_gain_plot_keeps_every_label_legend_and_error_bar_inside_the_figure(tmp_path, title, shape):
     from matplotlib.collections import LineCollection
 
-    from pipeline.viz import gain_figure, plot_gain, pyplot
+    from pipeline.infra.viz import gain_figure, plot_gain, pyplot
 
     table = _gain_table()
     if shape == "2 arms x 1 fraction":
@@ -201,7 +201,7 @@ def test_gain_plot_keeps_every_label_legend_and_error_bar_inside_the_figure(tmp_
 
 
 def test_gain_figure_grows_with_arms_and_fractions():
-    from pipeline.viz import gain_figure, pyplot
+    from pipeline.infra.viz import gain_figure, pyplot
 
     big = gain_figure(_gain_table())
     small_table = _gain_table()
@@ -216,7 +216,7 @@ def test_gain_figure_grows_with_arms_and_fractions():
 
 def test_arm_bars_widen_a_given_ylim_to_hold_every_ci():
     """A caller's ``ylim`` narrower than the data would cut error bars off: it is widened."""
-    from pipeline.viz import arm_bars_figure, pyplot
+    from pipeline.infra.viz import arm_bars_figure, pyplot
 
     table = _gain_table()
     fig = arm_bars_figure(table, "delta_auroc", "delta_lo", "delta_hi", "gain", ylim=(-0.05, 0.05))

@@ -9,7 +9,7 @@ Two ways to mix synthetic radiographs of the right label into a real training se
   dictionary by a synthetic one of the same label with probability ``prob``.
 
 A source is either :class:`GeneratorSource` (images drawn on the fly from a loaded generator;
-``pipeline.loaders.synthetic_source`` builds either kind from a checkpoint, an MLflow model URI or
+``pipeline.infra.loaders.synthetic_source`` builds either kind from a checkpoint, an MLflow model URI or
 a manifest) or :class:`ManifestSource` (images read from a manifest written by
 ``python -m pipeline.run generate``). Both return ``[1, S, S]`` tensors in ``[-1, 1]`` and are
 deterministic given the random state they are handed.
@@ -41,7 +41,7 @@ class SyntheticSource(Protocol):
 
 class GeneratorSource:
     """Draws images on the fly from a generator (:class:`networks.vaegan.Generator`: the decoder
-    and its latent prior), e.g. ``pipeline.loaders.load_generator(path_or_uri).generator``, which
+    and its latent prior), e.g. ``pipeline.infra.loaders.load_generator(path_or_uri).generator``, which
     loads checkpoints and MLflow models as data.
 
     Codes come from the caller's random state, through the generator's prior (fitted, when it
@@ -52,7 +52,7 @@ class GeneratorSource:
         if not isinstance(generator, Generator):
             raise TypeError(
                 f"GeneratorSource takes a networks.vaegan.Generator, got {type(generator).__name__}: "
-                "load one with pipeline.loaders.load_generator(path_or_uri).generator"
+                "load one with pipeline.infra.loaders.load_generator(path_or_uri).generator"
             )
         self.generator = generator.eval()
         self.num_classes = generator.decoder.num_classes

@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint as ckpt
-from pipeline import model_store
-from pipeline.stage_configs import TrackingConfig  # also re-exported; it lives in pipeline.stage_configs
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import model_store
+from pipeline.infra.stage_configs import (
+    TrackingConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+)
+from transforms.manifest import atomic_write_text
 
 # the code's own checkout, for the commit hash recorded with every run ("unknown" when installed)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def store_dir() -> Path:
@@ -42,7 +45,7 @@ def ui_command(uri: str) -> str:
         return f"open {uri} in a browser"
     art = ""
     if uri.startswith("sqlite:///"):
-        art = f" --default-artifact-root {Path(uri[len('sqlite:///'):]).parent / 'artifacts'}"
+        art = f" --default-artifact-root {Path(uri[len('sqlite:///') :]).parent / 'artifacts'}"
     return f"mlflow ui --workers 1 --backend-store-uri {uri}{art} --host 127.0.0.1 --port 5000"
 
 
@@ -161,9 +164,6 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         self._submit({"op": "params", "data": {k: str(v)[:500] for k, v in params.items()}})
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._submit({"op": "tags", "data": {k: str(v) for k, v in tags.items()}})
-
     def log_dict(self, data: dict, name: str) -> None:
         self._submit({"op": "dict", "data": data, "name": name})
 
@@ -203,7 +203,7 @@ class Tracker:
 
     def log_generator(self, checkpoint: str | Path, registered_name: str = "") -> None:
         """Log the generator of a train checkpoint as an MLflow pyfunc model stored as data
-        (``pipeline.model_store``: JSON spec + weights-only state dict), and register it."""
+        (``pipeline.infra.model_store``: JSON spec + weights-only state dict), and register it."""
         self._submit({"op": "generator", "path": str(checkpoint), "registered_name": registered_name})
 
     def end_if_running(self, run_id: str, status: str = "KILLED") -> None:
@@ -216,7 +216,10 @@ class Tracker:
                 self.client.set_terminated(run_id, status)
                 print(f"tracking: earlier run {run_id} of a dead process marked {status}", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - the store may be down or the run gone
-            print(f"WARNING tracking: could not check earlier run {run_id} ({type(e).__name__})", file=sys.stderr)
+            print(
+                f"WARNING tracking: could not check earlier run {run_id} ({type(e).__name__})",
+                file=sys.stderr,
+            )
 
     def max_logged_step(self) -> int:
         """The highest step this run has logged so far, by any process: the larger of the local
@@ -358,17 +361,13 @@ class Tracker:
             for p in files.iterdir():
                 if str(p) not in keep:
                     p.unlink(missing_ok=True)
-        tmp = self.ops_file.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(op) + "\n" for op in self.pending))
-        os.replace(tmp, self.ops_file)
+        atomic_write_text(self.ops_file, "".join(json.dumps(op) + "\n" for op in self.pending))
         self._save_state()
 
     def _save_state(self) -> None:
         self.outbox.mkdir(parents=True, exist_ok=True)
         state = {"uri": self.uri, "experiment": self.cfg.experiment, "run_id": self.run_id}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_file)
+        atomic_write_text(self.state_file, json.dumps(state))
 
     def _load(self) -> None:
         """Pick up an outbox left by an earlier process of this run (a crash during an outage)."""
@@ -475,7 +474,9 @@ def _str_map(d: Any, values=(str,)) -> bool:
 
 
 def _relative_name(name: Any) -> bool:
-    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+    return (
+        isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+    )
 
 
 def validate_op(op: Any, outbox: Path) -> str:
@@ -555,7 +556,7 @@ def _experiment_id(client, uri: str, name: str) -> str:
 
 
 def _log_generator_model(run_id: str, checkpoint: str, registered_name: str) -> None:
-    """The checkpoint's generator as an MLflow model, stored as data (``pipeline.model_store``)."""
+    """The checkpoint's generator as an MLflow model, stored as data (``pipeline.infra.model_store``)."""
     import mlflow
 
     payload = ckpt.load_checkpoint(checkpoint)

@@ -1,7 +1,7 @@
 """The registered generator as an MLflow pyfunc "model from code".
 
 MLflow executes this file when a user calls ``mlflow.pyfunc.load_model(uri)``; the project itself
-never imports it (it loads registered generators as data: ``pipeline.model_store``). The model's
+never imports it (it loads registered generators as data: ``pipeline.infra.model_store``). The model's
 artifacts are a JSON spec and the decoder's ``state_dict``, read with ``weights_only=True``: no
 pickle is involved anywhere.
 

@@ -4,13 +4,14 @@ Each measure changes how a training step is computed, never what it computes (te
 combination to the all-off losses, up to float rounding):
 
 * ``cache_allocations``: freed memory stays in the process (glibc ``mallopt``, :func:`engine.cache_cpu_allocations`);
-* ``gemm_convs``: few-channel convolutions as GEMMs (:mod:`networks.layers`);
-* ``fused_norm_act``: norm + (Leaky)ReLU as one C++ kernel (:mod:`networks.fused`);
+* ``gemm_convs``: few-channel convolutions as GEMMs (:mod:`networks.layers`, ``VAEGAN.use_gemm_convs``);
+* ``fused_norm_act``: norm + (Leaky)ReLU as one C++ kernel (:mod:`networks.fused`, ``VAEGAN.fuse_norm_act``);
 * ``channels_last``: NHWC activations (oneDNN's preferred layout);
 * ``split_discriminator``: three discriminator calls instead of one (:mod:`networks.objective`).
 
 What helps depends on the CPU: on an AVX-512 EPYC every measure paid; on an AVX2 EPYC the fused
-kernel made the step 1.37x slower and channels_last 1.1x slower (docs/benchmarks.md). So
+kernel (before it was built with -fno-trapping-math) and channels_last made the step slower
+(docs/benchmarks.md). So
 ``speed.mode=auto`` (the default) times each measure on and off for a few steps of the real model
 at the run's image size and batch, keeps the fastest set, and caches it in a JSON file keyed by
 CPU model, ISA, thread count, torch version, size and batch: the next run on that machine reads
@@ -32,9 +33,8 @@ from typing import Any
 
 import torch
 
-from networks import fused, layers
-from pipeline import engine
-from pipeline.stage_configs import MEASURES, SpeedConfig
+from pipeline.infra import engine
+from pipeline.infra.stage_configs import MEASURES, SpeedConfig
 from transforms.manifest import atomic_write_text
 
 CACHE_ENV = "CXR_VAEGAN_SPEED_CACHE"
@@ -111,10 +111,9 @@ def store_choice(path: Path, key: dict, measures: dict[str, bool], timings: dict
 
 
 def apply_process_measures(measures: dict[str, bool], device: torch.device) -> None:
-    """The process-wide measures; ``channels_last`` and ``split_discriminator`` are the model's
-    (``VAEGAN.to_channels_last``, ``VAEGAN(disc_calls=...)``)."""
-    layers.set_cpu_gemm(measures["gemm_convs"])
-    fused.set_fused(measures["fused_norm_act"])
+    """The one process-wide measure, ``cache_allocations`` (how glibc hands memory back); the
+    others are the model's (``pipeline.train.build_model``: ``VAEGAN.use_gemm_convs``,
+    ``fuse_norm_act``, ``to_channels_last``, ``VAEGAN(disc_calls=...)``)."""
     if device.type == "cpu":
         engine.cache_cpu_allocations(measures["cache_allocations"])
 

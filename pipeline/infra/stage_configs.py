@@ -18,7 +18,7 @@ from networks.config import PRIORS, ClassifierConfig, LossConfig, ModelConfig  #
 from transforms.config import MAX_PIXELS, TransformConfig
 
 
-# --------------------------------------------------------------------- tracking (pipeline.tracking)
+# --------------------------------------------------------------------- tracking (pipeline.infra.tracking)
 @dataclass
 class TrackingConfig:
     uri: str = ""  # empty: MLFLOW_TRACKING_URI, else the embedded sqlite store
@@ -37,7 +37,7 @@ class TrackingConfig:
             raise ValueError(f"retry_s must be > 0, got {self.retry_s}")
 
 
-# ----------------------------------------------------------------------------- data (pipeline.data)
+# ----------------------------------------------------------------------------- data (pipeline.infra.data)
 @dataclass
 class DataConfig(TransformConfig):
     """The ``data`` section: which manifest and split, batching, caching, plus preprocessing."""
@@ -103,13 +103,13 @@ class GuardConfig:
             raise ValueError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
 
 
-# the CPU speed measures (pipeline/speed.py); none changes what a step computes
+# the CPU speed measures (pipeline/infra/speed.py); none changes what a step computes
 MEASURES = ("cache_allocations", "gemm_convs", "fused_norm_act", "channels_last", "split_discriminator")
 
 
 @dataclass
 class SpeedConfig:
-    """How a training step is computed on this machine (pipeline/speed.py), never what it computes."""
+    """How a training step is computed on this machine (pipeline/infra/speed.py), never what it computes."""
 
     # auto: time each measure on and off for a few steps of the real model once per machine, size
     # and batch (cached), keep the fastest set; on: every measure on; off: plain PyTorch
@@ -153,8 +153,8 @@ class TrainConfig:
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
     grid_size: int = 64  # prior samples in the per-epoch grid
     deterministic: bool = True  # seed everything (monai.utils.set_determinism)
-    # torch.compile the three networks. Off by default: measured slower at 64 px on CPU (0.80 s
-    # -> 1.00 s a step) and on an H100 (13.2 -> 15.0 ms), see benchmarks/bench_train.py --compile
+    # torch.compile the three networks. Off by default: measured slower at 64 px on CPU and on an
+    # H100 (docs/benchmarks.md; benchmarks/bench_train.py --compile)
     compile: bool = False
 
     def __post_init__(self) -> None:

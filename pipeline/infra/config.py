@@ -284,7 +284,7 @@ def _set_nested(d: dict[str, Any], path: list[str], value: Any) -> None:
 
 # the shipped configs travel inside the package (the repository's configs/ links here), so an
 # installed copy finds `configs/kermany64.yaml` from any working directory
-PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def resolve_config_path(yaml_path: str | Path) -> Path:

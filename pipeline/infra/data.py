@@ -14,37 +14,19 @@ from pathlib import Path
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
-from pipeline.stage_configs import DataConfig  # also re-exported; it lives in pipeline.stage_configs
-from transforms.manifest import ManifestError, read_manifest
+from pipeline.infra.stage_configs import (
+    DataConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+)
+from transforms.batch import BatchAugment
+from transforms.manifest import (
+    COLUMNS,
+    ManifestError,
+    read_manifest,
+    resolve_data_root,
+    sidecar_path,
+    write_manifest,
+)
 from transforms.presets import TransformConfig, eval_transforms, train_transforms
-
-PHANTOM_MANIFEST = "data_manifests/phantoms.csv"
-
-
-def default_manifest() -> Path:
-    """Generate (once) and ingest the embedded phantom data set; return its manifest."""
-    from pipeline.ingest import IngestConfig, ingest
-    from transforms.phantoms import ensure_phantom_dataset
-
-    manifest = Path(PHANTOM_MANIFEST)
-    root = ensure_phantom_dataset()
-    stamp = (root / "phantoms.json").read_text()
-    side = manifest.with_suffix(".phantoms-stamp")
-    if not manifest.is_file() or not side.is_file() or side.read_text() != stamp:
-        ingest(IngestConfig(source=str(root), out=str(manifest), val_fraction=0.1))
-        side.write_text(stamp)
-    return manifest
-
-
-def resolve_manifest(cfg: DataConfig) -> Path:
-    if not cfg.manifest:
-        return default_manifest()
-    p = Path(cfg.manifest)
-    if not p.is_file():
-        raise ManifestError(
-            f"data.manifest {p} does not exist (run `python -m pipeline.run ingest SOURCE` first)"
-        )
-    return p
 
 
 def records(manifest: str | Path, split: str, limit: int = 0, labels: list[int] | None = None) -> list[dict]:
@@ -84,7 +66,6 @@ def build_dataset(
 def device_augment(cfg: DataConfig, device: torch.device):
     """A :class:`transforms.batch.BatchAugment` when the train augmentation runs on the device
     (``augment_on=device``, or ``auto`` on CUDA), else None (the loader augments)."""
-    from transforms.batch import BatchAugment
 
     if not cfg.augment or cfg.augment_on == "loader" or (cfg.augment_on == "auto" and device.type != "cuda"):
         return None
@@ -164,8 +145,6 @@ def write_subset_manifest(manifest: str | Path, fraction: float, seed: int, out:
     The copy points at the same data root, so the images are not duplicated.
     """
     import json
-
-    from transforms.manifest import COLUMNS, resolve_data_root, sidecar_path, write_manifest
 
     df, _ = read_manifest(manifest)
     df = df.drop(columns=["abs_path"])

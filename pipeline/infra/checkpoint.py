@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import flatten
+from pipeline.infra.config import flatten
 
 # the file in which a run folder names its MLflow run (written by tracking.Tracker as soon as the
 # run exists, read by engine.previous_run_id)

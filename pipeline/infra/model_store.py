@@ -9,7 +9,7 @@ can register a version in a shared registry can give us wrong weights, never run
 machines. A model logged with pickle (``mlflow.pytorch`` and older versions of this project) is
 refused unless the user sets ``CXR_VAEGAN_TRUST_PICKLED_MODELS=1``: unpickling runs whatever code
 the file holds. ``mlflow.pyfunc.load_model(uri)`` works on our models too (see
-``pipeline/mlflow_generator_model.py``).
+``pipeline/infra/mlflow_generator_model.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 import yaml
 
 from networks.vaegan import Decoder, Generator, ModelConfig, autoencoder_kwargs
-from pipeline import checkpoint as ckpt
-from pipeline.config import from_dict
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra.config import from_dict
 
 TRUST_ENV = "CXR_VAEGAN_TRUST_PICKLED_MODELS"
 PYFUNC_CODE = Path(__file__).resolve().parent / "mlflow_generator_model.py"
-NETWORKS_DIR = Path(__file__).resolve().parent.parent / "networks"
+NETWORKS_DIR = Path(__file__).resolve().parents[2] / "networks"
 
 
 class UnsafeModelError(ValueError):

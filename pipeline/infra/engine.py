@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint as ckpt
+from pipeline.infra import checkpoint as ckpt
 
 StepFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 
@@ -59,8 +59,8 @@ def cache_cpu_allocations(enabled: bool = True) -> bool:
 
 
 # Below this image size "auto" keeps a GPU VAE-GAN step in float32: it is bound by kernel launches
-# there, and autocast's cast kernels cost more than bf16 saves (H200, 64 px, batch 128: 8,062
-# images/s in float32 against 6,968 in bf16; at 128 px bf16 is 1.10x faster; bench_train --ablate).
+# there, and autocast's cast kernels cost more than bf16 saves (docs/benchmarks.md, "GPU";
+# bench_train --ablate).
 AUTO_BF16_MIN_SIZE = 128
 
 
@@ -212,7 +212,9 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise PermissionError(f"output folder {self.path.parent} cannot be created or written: {e}") from e
+            raise PermissionError(
+                f"output folder {self.path.parent} cannot be created or written: {e}"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

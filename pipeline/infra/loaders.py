@@ -1,11 +1,12 @@
 """Loading what the stages share, as data: generators (train checkpoints and MLflow models, never
-unpickled: :mod:`pipeline.model_store`), classifier checkpoints, evaluation images, and the
+unpickled: :mod:`pipeline.infra.model_store`), classifier checkpoints, evaluation images, and the
 synthetic sources ``classify synthetic=`` draws from. Stages import these; none of them imports
 a stage, so no stage needs another to load its inputs.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,12 @@ from monai.data import DataLoader
 
 from networks.classifier import ClassifierConfig, CXRClassifier
 from networks.vaegan import Generator
-from pipeline import checkpoint as ckpt
-from pipeline import model_store
-from pipeline.config import from_dict
-from pipeline.data import DataConfig, build_dataset, records
-from pipeline.tracking import TrackingConfig, resolve_uri
+from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import model_store
+from pipeline.infra.config import from_dict
+from pipeline.infra.data import DataConfig, build_dataset, records
+from pipeline.infra.stage_configs import TrainConfig
+from pipeline.infra.tracking import TrackingConfig, resolve_uri
 from transforms.synthetic import GeneratorSource, ManifestSource
 
 
@@ -64,7 +66,7 @@ def load_generator(
     source: str | Path, device: str | torch.device = "cpu", tracking_uri: str = ""
 ) -> LoadedGenerator:
     """A generator from a train checkpoint or an MLflow model URI, loaded as data (weights only,
-    never unpickled: ``pipeline.model_store``). ``tracking_uri``: where ``models:/``/``runs:/``
+    never unpickled: ``pipeline.infra.model_store``). ``tracking_uri``: where ``models:/``/``runs:/``
     addresses are looked up (default: ``MLFLOW_TRACKING_URI``, else the embedded store)."""
     src = str(source)
     if model_store.is_model_uri(src):
@@ -147,3 +149,10 @@ def load_items(items: list[dict], image_size: int) -> tuple[torch.Tensor, np.nda
         xs.append(b["image"].float())
         ys.append(torch.as_tensor(b["label"]))
     return torch.cat(xs), torch.cat(ys).numpy().astype(int)
+
+
+def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
+    cfg = copy.deepcopy(payload["config"])
+    # checkpoints from before decoder heads existed were all "deconv"
+    cfg.setdefault("model", {}).setdefault("decoder_head", "deconv")
+    return from_dict(TrainConfig, cfg)
