@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 HEADS = ("deconv", "subpixel")  # the VAE-GAN decoder's output heads
 PRIORS = ("fitted", "normal")  # ModelConfig.prior, generate's prior= (networks.prior)
+DIFFAUG_POLICIES = ("color", "translation", "cutout")  # LossConfig.diffaug (networks.diffaug)
 ARCHS = ("resnet10", "resnet18", "densenet121")  # the classifier's architectures
 
 
@@ -67,6 +68,17 @@ class LossConfig:
     pixel_l1: float = 1.0  # pixel L1 added to the feature reconstruction (0: Larsen's pure Dis_l)
     adversarial: float = 0.1  # decoder weight of the adversarial term
     feature: float = 1.0  # weight of the feature-wise reconstruction term
+    # DiffAugment of every discriminator input (real, reconstructed, prior; one draw shared by the
+    # three): a comma-separated subset of color, translation, cutout; "" = off (networks.diffaug)
+    diffaug: str = ""
+
+    def __post_init__(self) -> None:
+        parts = [p.strip() for p in self.diffaug.split(",") if p.strip()]
+        bad = [p for p in parts if p not in DIFFAUG_POLICIES]
+        if bad:
+            raise ValueError(
+                f"loss.diffaug: {bad} unknown; use a comma-separated subset of {DIFFAUG_POLICIES} or ''"
+            )
 
 
 @dataclass

@@ -7,6 +7,9 @@ own network's parameters.
   prior samples);
 * discriminator <- the adversarial loss only.
 
+With ``loss.diffaug`` the discriminator sees real, reconstructed and prior images through the same
+differentiable augmentation (:mod:`networks.diffaug`); the pixel terms see them unaugmented.
+
 The plain VAE (``model.kind == "vae"``, no discriminator) trains encoder and decoder together on
 pixel L1 + KL. The terms themselves are pure functions in :mod:`networks.losses`; the model calls
 this file through :meth:`networks.vaegan.VAEGAN.objective`.
@@ -21,6 +24,7 @@ from torch import nn
 
 from networks import losses as L
 from networks.config import LossConfig
+from networks.diffaug import diff_augment, parse_policy
 
 DISC_CALLS = ("auto", "split", "joint")  # how real, reconstructed and prior images meet the discriminator
 GROUP_LOSSES = ("encoder", "decoder", "discriminator")  # the per-network totals; the rest are terms
@@ -70,15 +74,21 @@ def vaegan_losses(
         z_p = torch.randn_like(z) if noise is None else noise[1]
         out = model.decoder(torch.cat([z, z_p]), None if cond is None else torch.cat([cond, cond]))
         recon = out[:b]  # out[b:] are the prior samples
+        policy = parse_policy(lcfg.diffaug)
+        if policy:  # what the discriminator sees, augmented alike (DiffAugment)
+            d_in = diff_augment([x, recon, out[b:]], policy)
+            x_d, out_d = d_in[0], torch.cat(d_in[1:])
+        else:
+            x_d, out_d = x, out
         if split_discriminator(model, x):
             (l_real, f_real), (l_rec, f_rec), (l_prior, _) = (
-                model.discriminator(t) for t in (x, recon, out[b:])
+                model.discriminator(t) for t in (x_d, out_d[:b], out_d[b:])
             )
             l_real, l_rec, l_prior = l_real.float(), l_rec.float(), l_prior.float()
             fl = model.cfg.feature_layer
             feat = L.feature_reconstruction(f_rec[fl].float(), f_real[fl].float())
         else:
-            logits, feats = model.discriminator(torch.cat([x, out]))
+            logits, feats = model.discriminator(torch.cat([x_d, out_d]))
             logits = logits.float()
             l_real, l_rec, l_prior = logits[:b], logits[b : 2 * b], logits[2 * b :]
             f = feats[model.cfg.feature_layer].float()

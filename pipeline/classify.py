@@ -6,7 +6,9 @@ Arms (``arm=``):
 * ``classical``: the real split with the classical augmentation of ``train_transforms``;
 * ``synthetic``: the real split plus ``ratio x`` as many synthetic images of the real labels;
 * ``classical+synthetic``: both;
-* ``synthetic_only``: as many synthetic images as real ones, with the real labels, and no real image.
+* ``synthetic_only``: as many synthetic images as real ones, with the real labels, and no real image;
+* ``real_dup``: the count-matched control of ``synthetic``: the real split plus ``ratio x`` as many
+  extra draws of real images (the same labels the synthetic arm adds) with classical augmentation.
 
 The model is picked on the validation split (best AUROC over epochs) and the operating threshold
 is set on it (Youden's J); the held-out test split (Kermany's official one) is touched once, at
@@ -51,7 +53,7 @@ from pipeline.infra.viz import plot_curves, plot_roc
 from pipeline.ingest import resolve_manifest
 from transforms.manifest import atomic_write_text, label_names, read_manifest
 from transforms.presets import tensor_augment_transforms
-from transforms.synthetic import SyntheticMixDataset
+from transforms.synthetic import RealDuplicatesDataset, SyntheticMixDataset
 
 
 @torch.no_grad()
@@ -98,6 +100,9 @@ def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device)
 
     classical = cfg.arm in ("classical", "classical+synthetic")
     real = build_dataset(items, cfg.data, train=classical)
+    if cfg.arm == "real_dup":  # the synthetic arm's count-matched control: augmented real draws
+        dup_tf = tensor_augment_transforms(cfg.data)
+        return RealDuplicatesDataset(real, cfg.ratio, dup_tf), (real, dup_tf)
     if "synthetic" not in cfg.arm:
         return real, (real, None)
     labels = [int(it["label"]) for it in items]

@@ -6,7 +6,13 @@ import torch
 
 from pipeline.infra.data import DataConfig, build_dataset, records
 from pipeline.infra.loaders import load_generator, synthetic_source
-from transforms.synthetic import GeneratorSource, ManifestSource, RandSyntheticSwapd, SyntheticMixDataset
+from transforms.synthetic import (
+    GeneratorSource,
+    ManifestSource,
+    RandSyntheticSwapd,
+    RealDuplicatesDataset,
+    SyntheticMixDataset,
+)
 
 
 def _source(checkpoint) -> GeneratorSource:
@@ -121,3 +127,23 @@ def test_validation_rules(phantom_generator):
     # the data layer takes a loaded generator; loading (and refusing pickles) is the stages' job
     with pytest.raises(TypeError, match="load one with pipeline.infra.loaders.load_generator"):
         GeneratorSource(phantom_generator["checkpoint"])
+
+
+def test_real_duplicates_match_the_synthetic_arms_counts_and_labels():
+    """real_dup's extra item j is an augmented draw of real item j % N: the synthetic arm's extra
+    item j takes that item's label, so both arms add the same images per class."""
+    real = [{"image": torch.full((1, 8, 8), float(i) / 10), "label": i % 2} for i in range(5)]
+    seen = []
+
+    def tf(item):
+        seen.append(float(item["image"].mean()))
+        return {**item, "image": item["image"] * 0 + 0.5}  # stands in for the classical augmentation
+
+    ds = RealDuplicatesDataset(real, ratio=2.0, transform=tf)
+    assert len(ds) == 5 + 10
+    assert [int(ds[i]["label"]) for i in range(len(ds))] == [i % 5 % 2 for i in range(15)]
+    # the first N are the real items untouched; the rest went through the transform
+    assert torch.equal(ds[3]["image"], real[3]["image"]) and float(ds[5 + 3]["image"].mean()) == 0.5
+    assert seen and all(ds[i]["synthetic"] == 0 for i in range(len(ds)))
+    with pytest.raises(ValueError, match="ratio"):
+        RealDuplicatesDataset(real, ratio=-1.0, transform=tf)

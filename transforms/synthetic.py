@@ -161,6 +161,42 @@ class SyntheticMixDataset(Dataset):
         return item
 
 
+class RealDuplicatesDataset(Dataset):
+    """The count-matched control of :class:`SyntheticMixDataset`: the real dataset plus
+    ``round(ratio * len(real))`` extra draws of *real* images, each passed through ``transform``
+    (the classical augmentation). Extra item ``len(real) + j`` is real item ``j % len(real)``,
+    the item whose label synthetic item ``j`` takes, so both arms add the same number of images
+    per class and the same number of optimiser steps. Without this arm a "gain" from synthetic
+    images may be more steps and more augmented views of the same real images (Pink & Sykes 2026).
+    """
+
+    def __init__(self, real: Dataset, ratio: float, transform: Callable[[dict], dict]) -> None:
+        if ratio < 0:
+            raise ValueError(f"ratio must be >= 0, got {ratio}")
+        self.real, self.transform = real, transform
+        self.n_real = len(real)  # type: ignore[arg-type]
+        self.n_extra = int(round(ratio * self.n_real))
+
+    def set_epoch(self, epoch: int) -> None:
+        """No per-epoch state: the transform's random state is seeded by the stage each epoch."""
+
+    def __len__(self) -> int:
+        return self.n_real + self.n_extra
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        item = dict(self.real[i % self.n_real])
+        if i >= self.n_real:
+            item = dict(self.transform(item))
+            item["image"] = torch.as_tensor(item["image"]).float()
+        item["label"] = torch.as_tensor(int(item["label"]), dtype=torch.long)
+        item["synthetic"] = 0
+        return item
+
+
 class RandSyntheticSwapd(RandomizableTransform, MapTransform):
     """With probability ``prob``, replace ``d[image_key]`` by a synthetic image of label ``d[label_key]``.
 

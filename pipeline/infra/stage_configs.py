@@ -216,7 +216,7 @@ class GenerateConfig:
 
 
 # --------------------------------------------------------------------- classify (pipeline.classify)
-ARMS = ("real", "classical", "synthetic", "classical+synthetic", "synthetic_only")
+ARMS = ("real", "classical", "synthetic", "classical+synthetic", "synthetic_only", "real_dup")
 
 
 @dataclass
@@ -230,7 +230,7 @@ class ClassifyConfig:
     )
     arm: str = "real"
     synthetic: str = ""  # generator checkpoint / MLflow model URI, or a generated manifest (.csv)
-    ratio: float = 1.0  # synthetic images per real image (synthetic arms)
+    ratio: float = 1.0  # synthetic images per real image (synthetic arms); extra real draws (real_dup)
     fraction: float = 1.0  # fraction of the real train (and val) patients used, stratified by label
     epochs: int = 10
     lr: float = 1e-3
@@ -253,7 +253,7 @@ class ClassifyConfig:
             raise ValueError(
                 f"arm={self.arm} needs synthetic=<generator checkpoint | MLflow URI | manifest.csv>"
             )
-        if self.ratio <= 0 and self.arm in ("synthetic", "classical+synthetic"):
+        if self.ratio <= 0 and self.arm in ("synthetic", "classical+synthetic", "real_dup"):
             raise ValueError(f"ratio must be > 0 for arm={self.arm}, got {self.ratio}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
