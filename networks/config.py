@@ -46,6 +46,10 @@ class ModelConfig:
     # (N(0, I), the textbook VAE prior). Measured on the default job: class fidelity 0.87 vs 0.79
     # (docs/benchmarks.md)
     prior: str = "fitted"
+    # > 0 (e.g. 0.999): keep an exponential moving average of the encoder's and decoder's weights
+    # and use it for grids, validation, the fitted prior, the exported generator and evaluation
+    # (networks/ema.py); 0: off, the last step's weights
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("vaegan", "vae"):
@@ -54,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"model.decoder_head must be one of {HEADS}, got {self.decoder_head!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"model.prior must be one of {PRIORS}, got {self.prior!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
 
 
 @dataclass

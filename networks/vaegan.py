@@ -25,6 +25,7 @@ from networks.config import (  # also re-exported; the config lives in networks.
     LossConfig,
     ModelConfig,
 )
+from networks.ema import EMA
 from networks.fused import extension, fuse_adn
 from networks.layers import FewInputConv2d, FewOutputConv2d, adopt, set_gemm
 from networks.objective import DISC_CALLS, vaegan_losses
@@ -407,6 +408,12 @@ class VAEGAN(nn.Module):
         self.encoder = Encoder(**autoencoder_kwargs(cfg))
         self.decoder = Decoder(**autoencoder_kwargs(cfg), head=cfg.decoder_head)
         self.prior = LatentPrior(cfg.latent_dim, cfg.num_classes)
+        # averaged copies of encoder and decoder (model.ema_decay > 0): what inference uses
+        self.ema = (
+            EMA({"encoder": self.encoder, "decoder": self.decoder}, cfg.ema_decay)
+            if cfg.ema_decay > 0
+            else None
+        )
         self.discriminator = (
             Discriminator(cfg.image_size, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
             if cfg.kind == "vaegan"
@@ -430,6 +437,15 @@ class VAEGAN(nn.Module):
                     fuse_adn(m)
         return self
 
+    def update_ema(self) -> None:
+        """Move the averaged encoder and decoder towards the live ones (after an optimiser step)."""
+        if self.ema is not None:
+            self.ema.update({"encoder": self.encoder, "decoder": self.decoder})
+
+    def averaged(self, name: str) -> nn.Module:
+        """The network inference uses: the averaged ``encoder``/``decoder`` when there is one."""
+        return self.ema.nets[name] if self.ema is not None else getattr(self, name)
+
     def use_gemm_convs(self, enabled: bool) -> VAEGAN:
         """Run the few-channel convolutions as GEMMs on CPU, or as ``nn.Conv2d`` does (the speed
         measure ``gemm_convs``; networks/layers.py); the same values either way."""
@@ -444,6 +460,8 @@ class VAEGAN(nn.Module):
         self.channels_last = True
         self.encoder.to(memory_format=torch.channels_last)
         self.decoder.to(memory_format=torch.channels_last)
+        if self.ema is not None:
+            self.ema.to(memory_format=torch.channels_last)
         if self.discriminator is not None:
             on_cpu = next(self.discriminator.parameters()).device.type == "cpu"
             # eager instance norm: the kernel is off or missing, or fuse_norm_act() was not called
@@ -462,8 +480,9 @@ class VAEGAN(nn.Module):
         return mu + (torch.randn_like(mu) if eps is None else eps) * torch.exp(0.5 * logvar)
 
     def generator(self, label_names: dict[int, str] | None = None) -> Generator:
-        """The decoder and prior (shared, not copied) as an exportable :class:`Generator`."""
-        return Generator(self.decoder, label_names, self.prior)
+        """The decoder (averaged, when there is an average) and prior, shared, not copied, as an
+        exportable :class:`Generator`."""
+        return Generator(self.averaged("decoder"), label_names, self.prior)
 
     @torch.no_grad()
     def fit_prior(self, batches, device: torch.device | str = "cpu") -> bool:
@@ -471,34 +490,42 @@ class VAEGAN(nn.Module):
         the unaugmented training set) when ``cfg.prior == "fitted"``; returns whether it did."""
         if self.cfg.prior != "fitted":
             return False
-        was_training = self.encoder.training
-        self.encoder.eval()
+        encoder = self.averaged("encoder")  # the codes the exported generator's decoder expects
+        was_training = encoder.training
+        encoder.eval()
         mus, logvars, ys = [], [], []
         for b in batches:
             y = torch.as_tensor(b["label"]).long().clamp_min(0)
-            mu, logvar = self.encoder(
+            mu, logvar = encoder(
                 b["image"].to(device).float(), y.to(device) if self.cfg.num_classes else None
             )
             mus.append(mu.float().cpu())
             logvars.append(logvar.float().cpu())
             ys.append(y)
-        self.encoder.train(was_training)
+        encoder.train(was_training)
         self.prior.fit(torch.cat(mus), torch.cat(ys), torch.cat(logvars))
         return True
 
     def encode(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, averaged: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mu, logvar)`` of the posterior, each ``[B, latent_dim]``."""
-        return self.encoder(x, labels if self.cfg.num_classes else None)
+        """``(mu, logvar)`` of the posterior, each ``[B, latent_dim]`` (``averaged``: by the
+        averaged encoder when there is one)."""
+        enc = self.averaged("encoder") if averaged else self.encoder
+        return enc(x, labels if self.cfg.num_classes else None)
 
-    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Images in ``[-1, 1]`` from codes ``[B, latent_dim]``."""
-        return self.decoder(z, labels if self.cfg.num_classes else None)
+    def decode(
+        self, z: torch.Tensor, labels: torch.Tensor | None = None, averaged: bool = False
+    ) -> torch.Tensor:
+        """Images in ``[-1, 1]`` from codes ``[B, latent_dim]`` (``averaged``: as for :meth:`encode`)."""
+        dec = self.averaged("decoder") if averaged else self.decoder
+        return dec(z, labels if self.cfg.num_classes else None)
 
-    def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def reconstruct(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, averaged: bool = False
+    ) -> torch.Tensor:
         """The posterior-mean reconstruction of ``x``."""
-        return self.decode(self.encode(x, labels)[0], labels)
+        return self.decode(self.encode(x, labels, averaged)[0], labels, averaged)
 
     def sample(self, labels: torch.Tensor | None, n: int | None = None, seed: int = 0, prior: str = "fitted"):
         """``n`` images drawn from the prior (fitted, when it is), see :meth:`Generator.sample`."""

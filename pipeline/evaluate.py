@@ -65,9 +65,10 @@ def load_vaegan(path: str | Path, device: str | torch.device = "cpu"):
     payload = ckpt.load_checkpoint(path)
     tcfg = config_from_checkpoint(payload)
     # the discriminator is not needed here; tcfg keeps the trained kind for the report
-    model = VAEGAN(dataclasses.replace(tcfg.model, kind="vae"))
-    ckpt.load_module_state(model.encoder, payload["models"]["encoder"], "encoder", path)
-    ckpt.load_module_state(model.decoder, payload["models"]["decoder"], "decoder", path)
+    # the averaged weights, when the run kept them, are loaded as the model's own
+    model = VAEGAN(dataclasses.replace(tcfg.model, kind="vae", ema_decay=0.0))
+    ckpt.load_module_state(model.encoder, ckpt.inference_state(payload, "encoder"), "encoder", path)
+    ckpt.load_module_state(model.decoder, ckpt.inference_state(payload, "decoder"), "decoder", path)
     if payload.get("prior"):  # checkpoints from before the fitted prior have none: N(0, I)
         ckpt.load_module_state(model.prior, payload["prior"], "prior", path)
     return model.to(device).eval(), tcfg, payload
@@ -582,6 +583,7 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
     figure already has) is copied beside the report and ``figs`` updated to the copy, so that the
     copy is what gets logged. Names are percent-encoded, so a space or parenthesis stays one link.
     """
+
     def row(name: str, label: str) -> str:
         if name not in res:
             return ""
@@ -634,6 +636,7 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
     path.write_text("".join(lines))
     return path
 
+
 FIGURE_CAPTIONS = {
     "samples": "Synthetic samples (one class per column)",
     "nn_distances": "Nearest-neighbour distance to the training set: synthetic vs real test images",
@@ -674,4 +677,3 @@ def _embed_figures(figs: dict[str, Path], run_dir: Path) -> list[str]:
         alt = k.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
         lines.append(f"**{caption}**\n\n![{alt}]({quote(name)})\n\n")
     return lines
-

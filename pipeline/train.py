@@ -124,6 +124,7 @@ def make_step_fn(
                 opt.step()
         if scaler is not None:
             scaler.update()
+        model.update_ema()
         # per-group totals are sums of the logged parts
         return {k: v.detach() for k, v in losses.items() if k not in GROUP_LOSSES}
 
@@ -172,6 +173,8 @@ class TrainRun:
         return {
             "models": {k: m.state_dict() for k, m in self.groups.modules.items()},
             "prior": self.model.prior.state_dict(),
+            # the averaged encoder and decoder (model.ema_decay > 0): what inference loads
+            "ema": {k: m.state_dict() for k, m in self.model.ema.nets.items()} if self.model.ema else {},
             "optimizers": {k: o.state_dict() for k, o in self.groups.opts.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "step": step,
@@ -251,8 +254,8 @@ def evaluate(model: VAEGAN, loader, device: torch.device, lcfg: LossConfig) -> d
     for batch in loader:
         x = batch["image"].to(device)
         y = batch["label"].to(device).clamp_min(0)
-        mu, logvar = model.encode(x, y)
-        recon = model.decode(mu, y)  # the posterior mean's reconstruction
+        mu, logvar = model.encode(x, y, averaged=True)
+        recon = model.decode(mu, y, averaged=True)  # the posterior mean's reconstruction
         a, b = (recon.float() + 1) / 2, (x + 1) / 2
         ssim(a, b)
         psnr(a, b)
@@ -517,6 +520,7 @@ def _load_resumed(run: TrainRun, resumed: dict[str, Any], path: Path) -> None:
         )
     if resumed.get("prior"):
         ckpt.load_module_state(run.model.prior, resumed["prior"], "prior", path)
+    _load_ema(run.model, resumed, path)
     if run.scaler is not None and resumed.get("scaler"):
         run.scaler.load_state_dict(resumed["scaler"])
     run.step, run.start_epoch = int(resumed["step"]), int(resumed["epoch"])
@@ -524,6 +528,16 @@ def _load_resumed(run: TrainRun, resumed: dict[str, Any], path: Path) -> None:
     run.restore_rng = resumed["rng"] if run.skip > 0 else None
     run.run_id = resumed.get("mlflow_run_id") or None
     print(f"resuming from {path}: epoch {run.start_epoch + 1}, step {run.step}", flush=True)
+
+
+def _load_ema(model: VAEGAN, payload: dict[str, Any], path: Path) -> None:
+    """The averaged encoder and decoder of a checkpoint (resume, rollback)."""
+    if model.ema is None:
+        return
+    if not payload.get("ema"):
+        raise ckpt.CheckpointError(f"{path} holds no averaged weights, but model.ema_decay > 0")
+    for name, net in model.ema.nets.items():
+        ckpt.load_module_state(net, payload["ema"][name], f"ema.{name}", path)
 
 
 def _tags(run: TrainRun) -> dict[str, str]:
@@ -565,6 +579,7 @@ def _roll_back(run: TrainRun, e: engine.RollbackNeeded) -> int:
     good, _ = ckpt.load_resumable(run.last_checkpoint)
     for name, module in run.groups.modules.items():
         module.load_state_dict(good["models"][name])
+    _load_ema(run.model, good, run.last_checkpoint)
     for name, opt in run.groups.opts.items():
         opt.load_state_dict(good["optimizers"][name])
         for g, lr0 in zip(opt.param_groups, run.base_lrs[name], strict=True):
@@ -662,10 +677,10 @@ def _save_grids(
     model.eval()
     with torch.no_grad():
         cond = y.to(device) if model.cfg.num_classes > 0 else None
-        samples = model.decoder(model.prior(z.to(device), cond), cond).float().cpu()
+        # the averaged networks when model.ema_decay > 0: what generate and evaluate will use
+        samples = model.decode(model.prior(z.to(device), cond), cond, averaged=True).float().cpu()
         vcond = vy.to(device) if model.cfg.num_classes > 0 else None
-        mu, _ = model.encoder(vx.to(device), vcond)
-        rec = model.decoder(mu, vcond).float().cpu()
+        rec = model.reconstruct(vx.to(device), vcond, averaged=True).float().cpu()
     up = max(1, 256 // model.cfg.image_size)
     heads = [(names or {}).get(int(c), str(int(c))) for c in y[:8]] if model.cfg.num_classes > 0 else None
     gp = save_grid(

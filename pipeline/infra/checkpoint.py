@@ -170,6 +170,12 @@ def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, .
     ]
 
 
+def inference_state(payload: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """The ``encoder``/``decoder`` weights inference uses: the averaged ones when the run kept an
+    average (``model.ema_decay > 0``), else the last step's."""
+    return (payload.get("ema") or {}).get(name) or payload["models"][name]
+
+
 def load_module_state(
     module: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: str | Path
 ) -> None:

@@ -104,7 +104,7 @@ def generator_from_checkpoint(path: str | Path, payload: dict | None = None) -> 
     model.setdefault("decoder_head", "deconv")
     mcfg = from_dict(ModelConfig, model)
     dec = Decoder(**autoencoder_kwargs(mcfg), head=mcfg.decoder_head)
-    ckpt.load_module_state(dec, payload["models"]["decoder"], "decoder", path)
+    ckpt.load_module_state(dec, ckpt.inference_state(payload, "decoder"), "decoder", path)
     names = {int(k): str(v) for k, v in payload.get("label_names", {}).items()}
     gen = Generator(dec, names)
     if payload.get("prior"):  # checkpoints from before the fitted prior have none: N(0, I)
