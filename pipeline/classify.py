@@ -35,6 +35,7 @@ from pipeline.infra import distributed, engine, tracking
 from pipeline.infra import metrics as M
 from pipeline.infra.config import flatten, to_dict
 from pipeline.infra.data import (
+    batches_per_epoch,
     build_dataset,
     make_loader,
     make_train_loader,
@@ -317,7 +318,11 @@ def _fit(run: ClassifyRun) -> None:
     """The epochs; keeps the weights of the epoch with the best validation AUROC in ``run.best``."""
     cfg, d, tracker = run.cfg, run.data, run.tracker
     opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * len(d["train_loader"])
+    per_epoch = len(d["train_loader"])
+    if cfg.step_budget == "real":  # the real arm's steps, whatever images this arm adds
+        per_epoch = min(per_epoch, batches_per_epoch(len(run.items["train"]), cfg.data, run.dinfo))
+    total_steps = cfg.epochs * per_epoch
+    tracker.log_params({"optimizer_steps": total_steps, "steps_per_epoch": per_epoch})
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
     )
@@ -337,6 +342,7 @@ def _fit(run: ClassifyRun) -> None:
             desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
             log_every=cfg.tracking.log_every,
             log_fn=lambda m, s: tracker.log_metrics(m, step=s),
+            max_batches=per_epoch,
         )
         val = {f"val/{k}": v for k, v in evaluate(run.net, d["val_loader"], run.device).items()}
         val["epoch"] = epoch + 1
@@ -368,7 +374,12 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
     test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
     results = {f"test/{k}": v for k, v in test.items()}
     results.update(
-        {"best_epoch": run.best["epoch"], "threshold": threshold, "val/best_auroc": run.best["auroc"]}
+        {
+            "best_epoch": run.best["epoch"],
+            "threshold": threshold,
+            "val/best_auroc": run.best["auroc"],
+            "optimizer_steps": run.step,  # what the arm trained, for tables that compare arms
+        }
     )
     tracker.log_metrics(results, step=run.step)
     scores = pd.DataFrame({"path": [it["image"] for it in run.items["test"]], "label": yt, "score": pt})

@@ -4,7 +4,7 @@ Classifier runs (the augmentation study) are grouped by their configuration with
 two runs are pooled only when every logged param other than ``seed`` is the same, apart from the
 settings that cannot change a result (``tracking.*``, ``out_dir``, ``device``, ``threads``, data
 caching and loader workers) and the counts derived from the config and the seed's subset
-(``n_train_real``, ``n_train_total``). A path that names the run's own seed (``..._s3.csv``,
+(``n_train_real``, ``n_train_total``, ``optimizer_steps``, ``steps_per_epoch``). A path that names the run's own seed (``..._s3.csv``,
 ``vaegan-f0.1-s3/``: the gain stage's per-seed subsets and generators) counts as the same path for
 every seed. Each group is one row with the params that set it apart from the other groups.
 
@@ -38,7 +38,15 @@ from pipeline.infra.viz import pyplot, save_figure
 METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")
 # params that do not define a configuration: the seed itself, where and how a run was executed
 # and logged, and counts derived from the config and the seed's subset draw
-NOT_CONFIG = EXECUTION_KEYS | {"seed", "device", "data.num_workers", "n_train_real", "n_train_total"}
+NOT_CONFIG = EXECUTION_KEYS | {
+    "seed",
+    "device",
+    "data.num_workers",
+    "n_train_real",
+    "n_train_total",
+    "optimizer_steps",
+    "steps_per_epoch",
+}
 NOT_CONFIG_PREFIXES = EXECUTION_PREFIXES
 UNSET = "<unset>"
 

@@ -662,6 +662,8 @@ def _run_children(
                         "balanced_accuracy": m["test/balanced_accuracy"],
                         "sensitivity": m["test/sensitivity"],
                         "specificity": m["test/specificity"],
+                        # children finished before step budgets were recorded: NaN
+                        "steps": m.get("optimizer_steps", float("nan")),
                         "run_id": res["run_id"],
                     }
                 )
@@ -762,6 +764,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                 "balanced_accuracy": g["balanced_accuracy"].mean(),
                 "sensitivity": g["sensitivity"].mean(),
                 "specificity": g["specificity"].mean(),
+                "steps": g["steps"].mean() if "steps" in g else float("nan"),
                 "delta_auroc": dm,
                 "delta_lo": dlo,
                 "delta_hi": dhi,
@@ -779,17 +782,18 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
 def to_markdown(table: pd.DataFrame) -> str:
     head = (
-        "| fraction | arm | seeds | AUROC (95% CI) | ΔAUROC vs real (95% CI) | bal. acc | sens | spec "
-        "| generator class fidelity (mean, min) |\n"
+        "| fraction | arm | seeds | optimiser steps | AUROC (95% CI) | ΔAUROC vs real (95% CI) | bal. acc "
+        "| sens | spec | generator class fidelity (mean, min) |\n"
     )
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+    head += "|---|---|---|---|---|---|---|---|---|---|\n"
     lines = []
     for r in table.itertuples():
         delta = "—" if r.arm == "real" else f"{r.delta_auroc:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]"
         fid, fid_min = r.generator_class_fidelity, r.generator_class_fidelity_min
         fid_s = "—" if not np.isfinite(fid) else f"{fid:.3f}, {fid_min:.3f}"
+        steps = "—" if not np.isfinite(r.steps) else f"{r.steps:,.0f}"
         lines.append(
-            f"| {r.fraction:g} | {r.arm} | {r.n_seeds} | {r.auroc:.4f} [{r.auroc_lo:.4f}, {r.auroc_hi:.4f}] | "
+            f"| {r.fraction:g} | {r.arm} | {r.n_seeds} | {steps} | {r.auroc:.4f} [{r.auroc_lo:.4f}, {r.auroc_hi:.4f}] | "
             f"{delta} | {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} | {fid_s} |"
         )
     return head + "\n".join(lines) + "\n"

@@ -186,6 +186,19 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")
     stages = [r.data.tags.get("stage") for r in children]
     assert stages.count("classify") == 8
+    # gain's step budget: within a (fraction, seed) every arm trains the real arm's optimiser steps,
+    # although the synthetic arm has twice the images
+    for fr in ("0.5", "1"):
+        for sd in ("0", "1"):
+            steps = {
+                r.data.params["optimizer_steps"]
+                for r in children
+                if r.data.tags.get("stage") == "classify"
+                and r.data.tags["fraction"] == fr
+                and r.data.tags["seed"] == sd
+            }
+            assert len(steps) == 1, (fr, sd, steps)
+    assert "optimiser steps" in (tmp_path / "gain" / "t" / "gain_table.md").read_text()
     # one generator per (fraction 0.5, seed) subset, one shared at fraction 1.0
     assert stages.count("train") == 3
     assert {a.path for a in client.list_artifacts(res["parent_run_id"], "gain")} >= {
@@ -224,6 +237,8 @@ def test_validation_rules():
         load_config(ClassifyConfig, None, ["arm=synthetic"])
     with pytest.raises(ConfigError, match=r"fraction must be in \(0, 1\]"):
         load_config(ClassifyConfig, None, ["fraction=0"])
+    with pytest.raises(ConfigError, match="step_budget must be 'epochs' or 'real'"):
+        load_config(ClassifyConfig, None, ["step_budget=steps"])
     with pytest.raises(ConfigError, match="must include 'real'"):
         load_config(GainConfig, None, ["arms=[classical]"])
     with pytest.raises(ConfigError, match="only a fraction-1.0 generator can be shared"):

@@ -46,3 +46,17 @@ def test_allocator_cache_keeps_freed_memory_in_the_process():
         assert _freed_bytes() < 8 * 2**20  # now it stays, ready for the next step
     finally:
         engine.cache_cpu_allocations(False)
+
+
+def test_run_epoch_stops_after_max_batches():
+    """A fixed step budget over a larger data set: the epoch ends after max_batches steps."""
+    seen = []
+    out, step = engine.run_epoch(
+        [{"x": i} for i in range(10)],
+        lambda b: seen.append(b["x"]) or {"loss": torch.tensor(1.0)},
+        step=5,
+        desc="t",
+        log_every=100,
+        max_batches=4,
+    )
+    assert seen == [0, 1, 2, 3] and step == 9 and out["loss"] == 1.0

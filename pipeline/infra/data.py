@@ -116,6 +116,16 @@ def make_train_loader(ds: Dataset, cfg: DataConfig, seed: int, dinfo):
     return loader, sampler, gen
 
 
+def batches_per_epoch(n_items: int, cfg: DataConfig, dinfo) -> int:
+    """How many batches :func:`make_train_loader` yields one replica per epoch over ``n_items``."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    share = len(
+        DistributedSampler(range(n_items), num_replicas=dinfo.world, rank=dinfo.rank, drop_last=dinfo.enabled)
+    )
+    return -(-share // (cfg.batch_size // dinfo.world))
+
+
 def sample_patients(df, fraction: float, seed: int):
     """Rows of ``fraction`` of the patients of ``df``, stratified by each patient's majority label.
 

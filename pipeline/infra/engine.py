@@ -101,16 +101,20 @@ def run_epoch(
     restore_rng: dict | None = None,
     prefix: str = "train/",
     hide_in_bar: tuple[str, ...] = (),
+    max_batches: int = 0,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader`` calling ``step_fn`` per batch; returns (epoch means, new global step).
 
     ``ckpt_fn(step, batch_in_epoch)`` is called every ``ckpt_every`` steps (not on the last batch:
-    the caller checkpoints the epoch end itself).
+    the caller checkpoints the epoch end itself). ``max_batches > 0`` ends the epoch after that many
+    batches (a fixed step budget over a larger data set).
     """
     sums: dict[str, torch.Tensor] = {}
     window: dict[str, torch.Tensor] = {}
     n_batches = n_window = 0
     total = len(loader)  # type: ignore[arg-type]
+    if max_batches > 0:
+        total = min(total, max_batches)
     # a live bar on a terminal; in a log file (no TTY) a line every 30 s instead of every redraw
     tty = sys.stderr.isatty()
     bar = tqdm(
@@ -124,6 +128,8 @@ def run_epoch(
         dynamic_ncols=tty,
     )
     for bi, batch in enumerate(loader):
+        if bi >= total:
+            break
         if bi < skip_batches:
             continue  # resumed mid-epoch: the loader and augmentations replay to here, no training
         if bi == skip_batches and restore_rng is not None:

@@ -233,6 +233,10 @@ class ClassifyConfig:
     ratio: float = 1.0  # synthetic images per real image (synthetic arms); extra real draws (real_dup)
     fraction: float = 1.0  # fraction of the real train (and val) patients used, stratified by label
     epochs: int = 10
+    # optimiser steps per epoch: "epochs" = one pass over the arm's own training set (an arm that
+    # adds images trains more steps); "real" = the batches of one pass over the real training set
+    # for every arm, so arms differ only in which images they see (gain's default)
+    step_budget: str = "epochs"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
@@ -259,6 +263,8 @@ class ClassifyConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.step_budget not in ("epochs", "real"):
+            raise ValueError(f"step_budget must be 'epochs' or 'real', got {self.step_budget!r}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
 
@@ -333,7 +339,8 @@ DEFAULT_ARMS = ["real", "classical", "synthetic", "synthetic_only"]
 
 @dataclass
 class GainConfig:
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # the base of every arm
+    # the base of every arm; every arm trains the real arm's number of optimiser steps
+    classify: ClassifyConfig = field(default_factory=lambda: ClassifyConfig(step_budget="real"))
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
