@@ -50,7 +50,7 @@ from pipeline.infra.config import ConfigError, flatten, from_dict, load_config, 
 from pipeline.infra.data import write_subset_manifest
 from pipeline.infra.engine import check_writable, pick_device
 from pipeline.infra.loaders import file_sha256
-from pipeline.infra.metrics import mean_ci
+from pipeline.infra.metrics import combine_seed_deltas, mean_ci, paired_auroc_deltas
 from pipeline.infra.model_store import is_model_uri
 from pipeline.infra.stage_configs import ARMS, DEFAULT_ARMS, EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig  # noqa: F401 - re-exported; they live in pipeline.infra.stage_configs
 from pipeline.infra.viz import plot_gain
@@ -664,6 +664,7 @@ def _run_children(
                         "specificity": m["test/specificity"],
                         # children finished before step budgets were recorded: NaN
                         "steps": m.get("optimizer_steps", float("nan")),
+                        "scores": res.get("scores", ""),  # per-image test scores, for paired deltas
                         "run_id": res["run_id"],
                     }
                 )
@@ -740,10 +741,43 @@ def _generator_fidelity(
     return auc
 
 
-def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (fraction, arm): mean AUROC with a t-interval over seeds and the AUROC difference to
-    real-only paired by seed, with its t-interval."""
+def paired_deltas(results: pd.DataFrame, ref: str, n_boot: int = 1000) -> dict[tuple[float, str], tuple]:
+    """(fraction, arm) -> (mean ΔAUROC against arm ``ref``, 95 % low, high): per seed, the paired
+    bootstrap of the two classifiers' AUROC difference on the same test images (their per-image
+    scores), combined over seeds by a two-level bootstrap (metrics.combine_seed_deltas). Arms
+    without per-image scores (children finished before they were kept) are left out."""
+    out: dict[tuple[float, str], tuple] = {}
+    if "scores" not in results or ref not in set(results["arm"]):
+        return out
+    for (frac, arm), g in results.groupby(["fraction", "arm"], sort=True):
+        if arm == ref:
+            continue
+        base = results[(results["fraction"] == frac) & (results["arm"] == ref)].set_index("seed")["scores"]
+        deltas, reps = [], []
+        for seed, mine in g.set_index("seed")["scores"].items():
+            theirs = base.get(seed)
+            if not mine or not theirs or not Path(mine).is_file() or not Path(theirs).is_file():
+                deltas = []
+                break
+            a = pd.read_csv(mine).set_index("path")
+            b = pd.read_csv(theirs).set_index("path").loc[a.index]  # the same test images, same order
+            d, r = paired_auroc_deltas(
+                a["label"].to_numpy(), a["score"].to_numpy(), b["score"].to_numpy(), n_boot, int(seed)
+            )
+            deltas.append(d)
+            reps.append(r)
+        if deltas:
+            out[(frac, arm)] = combine_seed_deltas(deltas, reps, seed=0)
+    return out
 
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (fraction, arm): mean AUROC with a t-interval over seeds; the AUROC difference to
+    real-only paired by seed, with its t-interval; and the paired-bootstrap differences to
+    ``real`` and ``real_dup`` (:func:`paired_deltas`)."""
+
+    vs_real, vs_dup = paired_deltas(results, "real"), paired_deltas(results, "real_dup")
+    nan3 = (float("nan"),) * 3
     rows = []
     for (frac, arm), g in results.groupby(["fraction", "arm"], sort=True):
         real = results[(results["fraction"] == frac) & (results["arm"] == "real")].set_index("seed")["auroc"]
@@ -768,6 +802,19 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                 "delta_auroc": dm,
                 "delta_lo": dlo,
                 "delta_hi": dhi,
+                # paired on the same test images, combined over seeds (two-level bootstrap)
+                **dict(
+                    zip(
+                        ("paired_delta", "paired_lo", "paired_hi"),
+                        vs_real.get((frac, arm), nan3),
+                        strict=True,
+                    )
+                ),
+                **dict(
+                    zip(
+                        ("vs_dup_delta", "vs_dup_lo", "vs_dup_hi"), vs_dup.get((frac, arm), nan3), strict=True
+                    )
+                ),
                 # mean over seeds of the generators' class fidelity (synthetic arms only)
                 "generator_class_fidelity": (
                     g["generator_class_fidelity"].mean() if "generator_class_fidelity" in g else float("nan")
@@ -780,12 +827,17 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _ci(m: float, lo: float, hi: float) -> str:
+    return "—" if not np.isfinite(m) else f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     head = (
-        "| fraction | arm | seeds | optimiser steps | AUROC (95% CI) | ΔAUROC vs real (95% CI) | bal. acc "
+        "| fraction | arm | seeds | optimiser steps | AUROC (95% CI) | ΔAUROC vs real (95% CI) "
+        "| ΔAUROC vs real, paired bootstrap | ΔAUROC vs real_dup, paired bootstrap | bal. acc "
         "| sens | spec | generator class fidelity (mean, min) |\n"
     )
-    head += "|---|---|---|---|---|---|---|---|---|---|\n"
+    head += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     lines = []
     for r in table.itertuples():
         delta = "—" if r.arm == "real" else f"{r.delta_auroc:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]"
@@ -794,7 +846,8 @@ def to_markdown(table: pd.DataFrame) -> str:
         steps = "—" if not np.isfinite(r.steps) else f"{r.steps:,.0f}"
         lines.append(
             f"| {r.fraction:g} | {r.arm} | {r.n_seeds} | {steps} | {r.auroc:.4f} [{r.auroc_lo:.4f}, {r.auroc_hi:.4f}] | "
-            f"{delta} | {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} | {fid_s} |"
+            f"{delta} | {_ci(r.paired_delta, r.paired_lo, r.paired_hi)} | {_ci(r.vs_dup_delta, r.vs_dup_lo, r.vs_dup_hi)} "
+            f"| {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} | {fid_s} |"
         )
     return head + "\n".join(lines) + "\n"
 

@@ -181,6 +181,9 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
     runs = res["runs"].set_index(["fraction", "arm", "seed"])["auroc"]
     d = [runs[(0.5, "synthetic", s)] - runs[(0.5, "real", s)] for s in (0, 1)]
     assert abs(float(syn[syn["fraction"] == 0.5]["delta_auroc"].iloc[0]) - sum(d) / 2) < 1e-9
+    # the paired bootstrap on the same test images agrees on the mean and brackets it
+    assert (abs(syn["paired_delta"] - syn["delta_auroc"]) < 1e-9).all()
+    assert ((syn["paired_lo"] <= syn["paired_delta"]) & (syn["paired_delta"] <= syn["paired_hi"])).all()
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("cxr-vaegan-gain")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")

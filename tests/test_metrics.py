@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.infra import metrics as M
 from pipeline.infra.metrics import auroc, binary_metrics, bootstrap_ci, mean_ci, youden_threshold
 
 
@@ -47,3 +48,20 @@ def test_bad_labels_are_rejected():
         auroc(np.array([0, 2]), np.array([0.1, 0.2]))
     with pytest.raises(ValueError, match="differ in length"):
         auroc(np.array([0, 1]), np.array([0.1]))
+
+
+def test_paired_deltas_cancel_shared_errors_and_find_a_real_difference():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    noise = rng.normal(size=400)
+    weak = y + 1.5 * noise
+    strong = y + 0.5 * noise  # the same images' errors, smaller
+    d0, r0 = M.paired_auroc_deltas(y, weak, weak.copy(), n_boot=200)
+    # one classifier against itself: no difference in any resample
+    assert d0 == 0 and np.all(r0 == 0)
+    d, r = M.paired_auroc_deltas(y, strong, weak, n_boot=200)
+    assert d > 0 and np.percentile(r, 2.5) > 0
+    m, lo, hi = M.combine_seed_deltas([d, d / 2], [r, r / 2], n_boot=500)
+    assert m == (d + d / 2) / 2 and 0 < lo <= m <= hi
+    # a seed without replicates gives no interval rather than a narrower one
+    assert np.isnan(M.combine_seed_deltas([d], [np.array([])])[0])

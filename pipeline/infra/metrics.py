@@ -103,3 +103,42 @@ def mean_ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float, floa
         return m, float("nan"), float("nan")
     half = float(stats.t.ppf(1 - alpha / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
     return m, m - half, m + half
+
+
+def paired_auroc_deltas(
+    y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, np.ndarray]:
+    """AUROC(a) - AUROC(b) on the same test images, and ``n_boot`` paired bootstrap replicates of
+    it (each resamples the images once and scores both classifiers on that resample): the
+    difference's test-set uncertainty, with the two classifiers' errors on shared images
+    cancelling as they should. Replicates whose resample holds one class only are dropped."""
+    y, p_a = _check(y, p_a)
+    _, p_b = _check(y, p_b)
+    delta = auroc(y, p_a) - auroc(y, p_b)
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if y[i].min() == y[i].max():
+            continue
+        reps.append(auroc(y[i], p_a[i]) - auroc(y[i], p_b[i]))
+    return delta, np.asarray(reps)
+
+
+def combine_seed_deltas(
+    deltas: list[float], replicates: list[np.ndarray], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The mean over seeds of per-seed paired deltas (``deltas[k]``, with ``replicates[k]`` from
+    :func:`paired_auroc_deltas`), with a 95 % interval from a two-level bootstrap: draw the seeds
+    with replacement (training randomness), then one of each drawn seed's paired test-set
+    replicates (test-set noise), and average."""
+    reps = [np.asarray(r, dtype=float) for r in replicates]
+    if not reps or any(len(r) == 0 for r in reps) or len(reps) != len(deltas):
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_boot)
+    for b in range(n_boot):
+        ks = rng.integers(0, len(reps), len(reps))
+        draws[b] = np.mean([reps[k][rng.integers(0, len(reps[k]))] for k in ks])
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(np.mean(deltas)), float(lo), float(hi)
