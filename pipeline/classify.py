@@ -7,6 +7,8 @@ Arms (``arm=``):
 * ``synthetic``: the real split plus ``ratio x`` as many synthetic images of the real labels;
 * ``classical+synthetic``: both;
 * ``synthetic_only``: as many synthetic images as real ones, with the real labels, and no real image;
+* ``balanced_synthetic``: the real split plus synthetic images of its minority class only, as many
+  as bring it to the majority's count (Kermany's train split: normal is the minority, ~1:3);
 * ``real_dup``: the count-matched control of ``synthetic``: the real split plus ``ratio x`` as many
   extra draws of real images (the same labels the synthetic arm adds) with classical augmentation.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,11 @@ def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device)
     syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment else None
     if cfg.arm == "synthetic_only":
         ds = SyntheticMixDataset.synthetic_only(real, labels, source, seed=cfg.seed)
+    elif cfg.arm == "balanced_synthetic":  # the minority class topped up to the majority's count
+        counts = Counter(labels)
+        minority = min(counts, key=lambda k: (counts[k], k))
+        extra = [minority] * (max(counts.values()) - counts[minority])
+        ds = SyntheticMixDataset(real, labels, source, seed=cfg.seed, syn_labels=extra)
     else:
         ds = SyntheticMixDataset(real, labels, source, ratio=cfg.ratio, transform=syn_tf, seed=cfg.seed)
     return ds, (real, syn_tf)

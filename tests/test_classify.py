@@ -93,7 +93,7 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     p = _cli("classify", *common, "arm=real", f"synthetic={manifest}", "tracking.run_name=real")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "test AUROC" in p.stdout and "MLflow run id:" in p.stdout
-    for arm in ("classical+synthetic", "synthetic_only", "real_dup"):
+    for arm in ("classical+synthetic", "synthetic_only", "real_dup", "balanced_synthetic"):
         rc, out, err = _main(
             capsys, "classify", *common, f"arm={arm}", f"synthetic={manifest}", f"tracking.run_name={arm}"
         )
@@ -104,7 +104,13 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("arms")
     runs = client.search_runs([exp.experiment_id])
-    assert {r.data.tags["arm"] for r in runs} == {"real", "classical+synthetic", "synthetic_only", "real_dup"}
+    assert {r.data.tags["arm"] for r in runs} == {
+        "real",
+        "classical+synthetic",
+        "synthetic_only",
+        "real_dup",
+        "balanced_synthetic",
+    }
     for r in runs:
         m = r.data.metrics
         assert 0.0 <= m["test/auroc_lo"] <= m["test/auroc"] <= m["test/auroc_hi"] <= 1.0
@@ -118,6 +124,11 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     # the count-matched control adds as many images (of real ones) as the synthetic arm does
     dup = next(r for r in runs if r.data.tags["arm"] == "real_dup")
     assert dup.data.params["n_train_total"] == mixed.data.params["n_train_total"]
+    # balanced_synthetic adds minority-class images only, up to the majority's count
+    labels = pd.read_csv(phantom_manifest).query("split == 'train'")["label"].value_counts()
+    bal = next(r for r in runs if r.data.tags["arm"] == "balanced_synthetic")
+    n_real = int(bal.data.params["n_train_real"])
+    assert int(bal.data.params["n_train_total"]) == n_real + int(labels.max() - labels.min())
 
     cmp = _cli("compare", "arms", f"uri={uri}", f"out={tmp_path / 'cmp'}")
     assert cmp.returncode == 0, cmp.stderr[-2000:]

@@ -147,3 +147,18 @@ def test_real_duplicates_match_the_synthetic_arms_counts_and_labels():
     assert seen and all(ds[i]["synthetic"] == 0 for i in range(len(ds)))
     with pytest.raises(ValueError, match="ratio"):
         RealDuplicatesDataset(real, ratio=-1.0, transform=tf)
+
+
+def test_given_synthetic_labels_replace_the_cycled_real_ones():
+    """balanced_synthetic tops up the minority class: synthetic items take the labels given."""
+
+    class Source:
+        image_size = 8
+
+        def draw(self, label, rng):
+            return np.full((1, 8, 8), float(label), np.float32)
+
+    real = [{"image": torch.zeros(1, 8, 8), "label": lab} for lab in (1, 1, 1, 0)]
+    ds = SyntheticMixDataset(real, [1, 1, 1, 0], Source(), ratio=5.0, syn_labels=[0, 0])
+    assert len(ds) == 4 + 2  # ratio is ignored when the labels are given
+    assert [int(ds[i]["label"]) for i in range(4, 6)] == [0, 0] and ds[5]["synthetic"] == 1

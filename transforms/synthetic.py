@@ -101,7 +101,7 @@ class SyntheticMixDataset(Dataset):
     """A real dataset plus ``round(ratio * len(real))`` synthetic items of the real labels.
 
     Item ``i < len(real)`` is ``real[i]`` with ``synthetic=0``; item ``len(real) + j`` has the label
-    of real item ``j % len(real)``, an image drawn from ``source`` with a random state seeded by
+    of real item ``j % len(real)`` (or ``syn_labels[j]`` when given), an image drawn from ``source`` with a random state seeded by
     ``(seed, epoch, j)`` (call :meth:`set_epoch` for fresh samples each epoch) passed through
     ``transform`` when given, and ``synthetic=1``. ``ratio=inf``-like use (synthetic only) is
     :meth:`synthetic_only`.
@@ -116,6 +116,7 @@ class SyntheticMixDataset(Dataset):
         transform: Callable[[dict], dict] | None = None,
         seed: int = 0,
         include_real: bool = True,
+        syn_labels: Sequence[int] | None = None,
     ) -> None:
         if ratio < 0:
             raise ValueError(f"ratio must be >= 0, got {ratio}")
@@ -125,7 +126,11 @@ class SyntheticMixDataset(Dataset):
         self.source, self.transform, self.seed = source, transform, seed
         self.include_real = include_real
         self.n_real = len(self.real_labels) if include_real else 0
-        self.n_syn = int(round(ratio * len(self.real_labels)))
+        # the synthetic items' labels: given (e.g. the minority class only), or the real ones cycled
+        self.syn_labels = None if syn_labels is None else [int(v) for v in syn_labels]
+        self.n_syn = (
+            len(self.syn_labels) if self.syn_labels is not None else int(round(ratio * len(self.real_labels)))
+        )
         self.epoch = 0
 
     @classmethod
@@ -149,7 +154,9 @@ class SyntheticMixDataset(Dataset):
             item["synthetic"] = 0
             return item
         j = i - self.n_real
-        label = self.real_labels[j % len(self.real_labels)]
+        label = (
+            self.syn_labels[j] if self.syn_labels is not None else self.real_labels[j % len(self.real_labels)]
+        )
         rng = np.random.RandomState(np.random.SeedSequence([self.seed, self.epoch, j]).generate_state(1))
         item = {"image": self.source.draw(label, rng), "label": label}
         if self.transform is not None:

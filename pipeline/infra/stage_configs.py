@@ -216,7 +216,15 @@ class GenerateConfig:
 
 
 # --------------------------------------------------------------------- classify (pipeline.classify)
-ARMS = ("real", "classical", "synthetic", "classical+synthetic", "synthetic_only", "real_dup")
+ARMS = (
+    "real",
+    "classical",
+    "synthetic",
+    "classical+synthetic",
+    "synthetic_only",
+    "real_dup",
+    "balanced_synthetic",
+)
 
 
 @dataclass
