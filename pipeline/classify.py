@@ -7,6 +7,9 @@ Arms (``arm=``):
 * ``synthetic``: the real split plus ``ratio x`` as many synthetic images of the real labels;
 * ``classical+synthetic``: both;
 * ``synthetic_only``: as many synthetic images as real ones, with the real labels, and no real image;
+* ``synthetic_pretrain``: the first half of the epochs on synthetic images only (as many as the real
+  ones, with their labels), the second half on the real split (RoentGen-v2's pre-train then
+  fine-tune); the model is picked among the real epochs;
 * ``balanced_synthetic``: the real split plus synthetic images of its minority class only, as many
   as bring it to the majority's count (Kermany's train split: normal is the minority, ~1:3);
 * ``real_dup``: the count-matched control of ``synthetic``: the real split plus ``ratio x`` as many
@@ -112,7 +115,7 @@ def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device)
     labels = [int(it["label"]) for it in items]
     source = synthetic_source(cfg.synthetic, cfg.data.image_size, device)
     syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment else None
-    if cfg.arm == "synthetic_only":
+    if cfg.arm in ("synthetic_only", "synthetic_pretrain"):  # pretrain: then real images, see _fit
         ds = SyntheticMixDataset.synthetic_only(real, labels, source, seed=cfg.seed)
     elif cfg.arm == "balanced_synthetic":  # the minority class topped up to the majority's count
         counts = Counter(labels)
@@ -233,6 +236,10 @@ def _build_run(
     val_ds = build_dataset(items["val"], cfg.data, train=False)
     test_ds = build_dataset(items["test"], cfg.data, train=False)
     train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
+    # synthetic_pretrain's second half: the real images alone
+    finetune = (
+        make_train_loader(real_ds, cfg.data, cfg.seed, dinfo) if cfg.arm == "synthetic_pretrain" else None
+    )
     data = {
         "train_ds": train_ds,
         "real_ds": real_ds,
@@ -240,6 +247,7 @@ def _build_run(
         "train_loader": train_loader,
         "sampler": sampler,
         "gen": gen,
+        "finetune": finetune,  # (loader, sampler, generator) or None
         "val_loader": make_loader(val_ds, cfg.data, shuffle=False),
         "test_loader": make_loader(test_ds, cfg.data, shuffle=False),
     }
@@ -335,16 +343,21 @@ def _fit(run: ClassifyRun) -> None:
         opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
     )
     step_fn = make_step_fn(run, opt, sched)
+    # synthetic_pretrain: the first half of the epochs on synthetic images only, then the real ones
+    # (one learning-rate schedule over both); the model is picked among the real epochs only
+    pretrain = cfg.epochs // 2 if d["finetune"] is not None else 0
     for epoch in range(cfg.epochs):
-        engine.seed_epoch(cfg.seed, epoch, d["gen"], d["real_ds"])
-        d["sampler"].set_epoch(epoch)
+        on_real = d["finetune"] is not None and epoch >= pretrain
+        loader, sampler, gen = d["finetune"] if on_real else (d["train_loader"], d["sampler"], d["gen"])
+        engine.seed_epoch(cfg.seed, epoch, gen, d["real_ds"])
+        sampler.set_epoch(epoch)
         if d["train_ds"] is not d["real_ds"]:
             d["train_ds"].set_epoch(epoch)  # fresh synthetic draws each epoch, reproducibly
         if d["syn_tf"] is not None:
             d["syn_tf"].set_random_state(seed=cfg.seed * 1000 + epoch + 7)
         run.model.train()
         tr, run.step = engine.run_epoch(
-            d["train_loader"],
+            loader,
             step_fn,
             step=run.step,
             desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
@@ -355,7 +368,7 @@ def _fit(run: ClassifyRun) -> None:
         val = {f"val/{k}": v for k, v in evaluate(run.net, d["val_loader"], run.device).items()}
         val["epoch"] = epoch + 1
         tracker.log_metrics(val, step=run.step)
-        if val["val/auroc"] > run.best["auroc"]:
+        if epoch >= pretrain and val["val/auroc"] > run.best["auroc"]:
             run.best = {
                 "auroc": val["val/auroc"],
                 "state": copy.deepcopy(run.net.state_dict()),

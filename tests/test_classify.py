@@ -93,7 +93,13 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     p = _cli("classify", *common, "arm=real", f"synthetic={manifest}", "tracking.run_name=real")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "test AUROC" in p.stdout and "MLflow run id:" in p.stdout
-    for arm in ("classical+synthetic", "synthetic_only", "real_dup", "balanced_synthetic"):
+    for arm in (
+        "classical+synthetic",
+        "synthetic_only",
+        "real_dup",
+        "balanced_synthetic",
+        "synthetic_pretrain",
+    ):
         rc, out, err = _main(
             capsys, "classify", *common, f"arm={arm}", f"synthetic={manifest}", f"tracking.run_name={arm}"
         )
@@ -110,6 +116,7 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
         "synthetic_only",
         "real_dup",
         "balanced_synthetic",
+        "synthetic_pretrain",
     }
     for r in runs:
         m = r.data.metrics
@@ -129,6 +136,10 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     bal = next(r for r in runs if r.data.tags["arm"] == "balanced_synthetic")
     n_real = int(bal.data.params["n_train_real"])
     assert int(bal.data.params["n_train_total"]) == n_real + int(labels.max() - labels.min())
+    # synthetic_pretrain: epoch 1 on synthetic images only, epoch 2 on the real ones; the model is
+    # picked among the real epochs, whatever the synthetic epoch scored
+    pre = next(r for r in runs if r.data.tags["arm"] == "synthetic_pretrain")
+    assert pre.data.metrics["best_epoch"] == 2
 
     cmp = _cli("compare", "arms", f"uri={uri}", f"out={tmp_path / 'cmp'}")
     assert cmp.returncode == 0, cmp.stderr[-2000:]
@@ -253,6 +264,8 @@ def test_validation_rules():
         load_config(ClassifyConfig, None, ["fraction=0"])
     with pytest.raises(ConfigError, match="step_budget must be 'epochs' or 'real'"):
         load_config(ClassifyConfig, None, ["step_budget=steps"])
+    with pytest.raises(ConfigError, match="synthetic_pretrain needs epochs >= 2"):
+        load_config(ClassifyConfig, None, ["arm=synthetic_pretrain", "synthetic=x.csv", "epochs=1"])
     with pytest.raises(ConfigError, match="must include 'real'"):
         load_config(GainConfig, None, ["arms=[classical]"])
     with pytest.raises(ConfigError, match="only a fraction-1.0 generator can be shared"):

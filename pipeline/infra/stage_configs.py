@@ -224,6 +224,7 @@ ARMS = (
     "synthetic_only",
     "real_dup",
     "balanced_synthetic",
+    "synthetic_pretrain",
 )
 
 
@@ -271,6 +272,10 @@ class ClassifyConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.arm == "synthetic_pretrain" and self.epochs < 2:
+            raise ValueError(
+                f"arm=synthetic_pretrain needs epochs >= 2 (half pre-training, half real), got {self.epochs}"
+            )
         if self.step_budget not in ("epochs", "real"):
             raise ValueError(f"step_budget must be 'epochs' or 'real', got {self.step_budget!r}")
         if self.bootstrap < 0:
