@@ -41,8 +41,11 @@ from pipeline.infra import model_store, tracking
 from pipeline.infra import quality as Q
 from pipeline.infra.config import flatten, to_dict
 from pipeline.infra.engine import check_writable, pick_device
-from pipeline.infra.loaders import (
+from pipeline.infra.loaders import (  # noqa: F401 - REAL_ONLY_ARMS re-exported
+    REAL_ONLY_ARMS,
     LoadedGenerator,
+    check_extractor,
+    classifier_features,
     config_from_checkpoint,
     file_sha256,
     load_classifier,
@@ -211,77 +214,6 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
 
 
 @torch.no_grad()
-def _features(model, x: torch.Tensor, device, bs: int = 256) -> tuple[torch.Tensor, np.ndarray]:
-    feats, probs = [], []
-    for i in range(0, len(x), bs):
-        xb = x[i : i + bs].to(device)
-        f = model.features(xb)
-        feats.append(f.float().cpu())
-        probs.append(torch.sigmoid(model.head(f).float()[:, 0]).cpu())
-    return torch.cat(feats), torch.cat(probs).numpy()
-
-
-# classify arms whose model has seen only real images (classical augmentation transforms them)
-REAL_ONLY_ARMS = ("real", "classical")
-
-
-def check_extractor(
-    path: str | Path,
-    payload: dict[str, Any],
-    reference: str | Path | None = None,
-    allow_foreign: bool = False,
-) -> str:
-    """Is the classifier checkpoint ``path`` (its loaded ``payload``) a fair judge of synthetic
-    images? It must record its arm, that arm must be real-only (an extractor that has seen a
-    generator's images scores them as real: class fidelity 1.000 for a 1-epoch generator), and,
-    when ``reference`` is given, it must have been trained on that manifest (the same content,
-    or the manifest its fraction subset was drawn from), so it has not seen the reference images.
-
-    Returns "" when it is; otherwise raises ``ValueError`` naming the extractor, what it was
-    trained on and the override, or with ``allow_foreign`` returns that reason."""
-
-    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-    arms = {a for a in (payload.get("arm"), config.get("arm")) if a is not None}
-    record = payload.get("train_manifest") if isinstance(payload.get("train_manifest"), dict) else None
-    trained_on = f"arm={'/'.join(sorted(map(str, arms))) or 'unrecorded'}, manifest " + (
-        f"{record.get('path')} (sha256 {str(record.get('sha256'))[:12]})" if record else "unrecorded"
-    )
-    reason = ""
-    if not arms:
-        reason = (
-            f"extractor {path} records no training arm (a classifier checkpoint from before classify "
-            "recorded its arm and training manifest), so it may have seen synthetic images"
-        )
-    elif not arms <= set(REAL_ONLY_ARMS):
-        reason = (
-            f"extractor {path} was trained with {trained_on}: an arm with synthetic images, so it has "
-            f"seen a generator's output and cannot judge synthetic images (use one trained with arm "
-            f"in {REAL_ONLY_ARMS})"
-        )
-    elif reference is not None and record is None:
-        reason = (
-            f"extractor {path} records no training manifest (a classifier checkpoint from before "
-            f"classify recorded it; {trained_on}), so it cannot be checked against the reference "
-            f"manifest {reference}"
-        )
-    elif reference is not None:
-        if not Path(reference).is_file():
-            raise FileNotFoundError(f"reference manifest {reference} does not exist")
-        ref_sha = file_sha256(reference)
-        if ref_sha not in (record.get("sha256"), record.get("source_sha256")):
-            reason = (
-                f"extractor {path} was trained with {trained_on}, not on the reference manifest "
-                f"{reference} (sha256 {ref_sha[:12]}): it may have seen the reference images, or "
-                "other ones than real images of this data set"
-            )
-    if not reason:
-        return ""
-    if allow_foreign:
-        print(f"WARNING: allow_foreign_extractor=true: {reason}", flush=True)
-        return reason
-    raise ValueError(f"{reason}; set allow_foreign_extractor=true to use it anyway (the report will say so)")
-
-
 def class_fidelity(
     generator: str | Path,
     classifier: str | Path,
@@ -312,7 +244,7 @@ def class_fidelity(
     clf, cpay = load_classifier(classifier, device)
     foreign = check_extractor(classifier, cpay, reference, allow_foreign_extractor)
     y = resolve_labels("balanced", n, lg)
-    _, p = _features(clf, sample_images(lg, y, seed, batch_size, prior), device, batch_size)
+    _, p = classifier_features(clf, sample_images(lg, y, seed, batch_size, prior), device, batch_size)
     ci = bootstrap_ci(y, p, 0.5, n_boot=n_boot, seed=seed)
     out: dict = {"auroc": ci["auroc"], "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"], "n": float(n)}
     if foreign:
@@ -427,8 +359,8 @@ def _panel(
     """FD, MMD, KID, precision/recall/density/coverage in the extractor's feature space, MS-SSIM
     diversity, and (two classes) class fidelity: the extractor's AUROC on the samples' labels."""
     real_x, fake_x = images["real"], images["fake"]
-    f_real, p_real = _features(extractor, real_x, device)
-    f_fake, p_fake = _features(extractor, fake_x, device)
+    f_real, p_real = classifier_features(extractor, real_x, device)
+    f_fake, p_fake = classifier_features(extractor, fake_x, device)
     B = cfg.bootstrap
     res: dict[str, float] = {"n_fake": len(fake_x), "n_real": len(real_x), "n_train": len(images["train"])}
     ft, rt = f_fake.double(), f_real.double()

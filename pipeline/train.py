@@ -30,6 +30,9 @@ from pipeline.infra.data import (
     make_train_loader,
     records,
 )
+from pipeline.infra.loaders import check_extractor, classifier_features, load_classifier
+from pipeline.infra.metrics import auroc
+from pipeline.infra.quality import frechet_distance
 from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     MEASURES,
     DataConfig,
@@ -152,6 +155,11 @@ class TrainRun:
     tracker: tracking.Tracker | None = None  # made once the checkpoint folder is known writable
     code_version: str = "unknown"
     base_lrs: dict[str, list[float]] = field(default_factory=dict)  # what a rollback scales
+    gate_judge: Any = None  # the validation gate's classifier (gate.every > 0)
+    # the gate's best epoch so far (saved in checkpoints, so a resumed run keeps comparing)
+    gate_best: dict[str, float] = field(
+        default_factory=lambda: {"fd": math.inf, "epoch": 0, "class_fidelity": math.nan}
+    )
     # where the epoch loop starts (a resume or a rollback moves it)
     step: int = 0
     start_epoch: int = 0
@@ -185,6 +193,7 @@ class TrainRun:
             "code_version": self.code_version,
             "mlflow_run_id": self.tracker.run_id,  # None while the server has not been reached yet
             "label_names": {int(k): v for k, v in self.names.items()},
+            "gate": dict(self.gate_best),
         }
 
     def save(self, step: int, epoch: int, batch_in_epoch: int) -> None:
@@ -361,6 +370,9 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
     if dinfo.is_main:
         ckpt.remove_stale_temps(run_dir / "checkpoints")
     run = _build_run(cfg, dinfo, run_dir, manifest)
+    if cfg.gate.every and dinfo.is_main:  # refused here, before training, if it is no fair judge
+        run.gate_judge, judge_payload = load_classifier(cfg.gate.extractor, run.device)
+        check_extractor(cfg.gate.extractor, judge_payload, manifest)
     if resumed is not None:
         _load_resumed(run, resumed, resume_path)
     if dinfo.is_main:
@@ -526,6 +538,7 @@ def _load_resumed(run: TrainRun, resumed: dict[str, Any], path: Path) -> None:
     run.step, run.start_epoch = int(resumed["step"]), int(resumed["epoch"])
     run.skip = int(resumed["batch_in_epoch"])
     run.restore_rng = resumed["rng"] if run.skip > 0 else None
+    run.gate_best.update(resumed.get("gate") or {})
     run.run_id = resumed.get("mlflow_run_id") or None
     print(f"resuming from {path}: epoch {run.start_epoch + 1}, step {run.step}", flush=True)
 
@@ -622,11 +635,49 @@ def _end_epoch(
         for path in grids:
             if path is not None:
                 run.tracker.log_artifact(path, "grids")
+    # the gate before the save: last.pt then records the gate's best so far, this epoch included
+    gate_due = cfg.gate.every and ((epoch + 1) % cfg.gate.every == 0 or epoch + 1 == cfg.epochs)
+    if run.dinfo.is_main and gate_due:
+        metrics.update(_gate(run, epoch, d["val_ds"]))
     run.save(run.step, epoch + 1, 0)
     if run.dinfo.is_main:
         losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/")))
         print(f"epoch {epoch + 1}/{cfg.epochs} step {run.step} {epoch_s:.1f}s {losses}", flush=True)
     return metrics, grids
+
+
+@torch.no_grad()
+def _gate(run: TrainRun, epoch: int, val_ds) -> dict[str, float]:
+    """Score ``gate.n`` samples of the averaged generator (balanced labels, a fixed seed) against
+    the validation images in the gate classifier's feature space: FD and, for two classes, class
+    fidelity (its AUROC on the samples' intended labels). The epoch with the lowest FD among those
+    with class fidelity >= ``gate.min_fidelity`` is copied to ``best.pt`` beside ``last.pt``."""
+    cfg, gate = run.cfg, run.cfg.gate
+    run.model.eval()  # batch norm from its running statistics, which sampling must not move
+    k = max(cfg.model.num_classes, 1)
+    labels = torch.arange(gate.n) % k if cfg.model.num_classes else None
+    fake = run.model.sample(labels, n=gate.n, seed=cfg.seed + 7919)
+    real = torch.stack([val_ds[i]["image"] for i in range(min(gate.n, len(val_ds)))])
+    f_fake, p_fake = classifier_features(run.gate_judge, fake, run.device)
+    f_real, _ = classifier_features(run.gate_judge, real, run.device)
+    out = {"gate/fd": float(frechet_distance(f_fake.double(), f_real.double()))}
+    if cfg.model.num_classes == 2:
+        out["gate/class_fidelity"] = auroc(labels.numpy(), p_fake)
+    fid = out.get("gate/class_fidelity", math.nan)
+    if fid < gate.min_fidelity:  # NaN (not two classes) compares False: no fidelity to fail
+        print(
+            f"WARNING: validation gate, epoch {epoch + 1}: class fidelity {fid:.3f} < {gate.min_fidelity}: "
+            "the generator draws images that do not show their label; this epoch cannot become best.pt",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif out["gate/fd"] < run.gate_best["fd"]:
+        run.gate_best = {"fd": out["gate/fd"], "epoch": epoch + 1, "class_fidelity": fid}
+        ckpt.save_checkpoint(run.run_dir / "checkpoints" / "best.pt", run.payload(run.step, epoch + 1, 0))
+        run.tracker.log_artifact(run.run_dir / "checkpoints" / "best.pt", "checkpoints")
+    out["gate/best_epoch"] = run.gate_best["epoch"]
+    run.log(out, run.step)
+    return out
 
 
 def _summary(

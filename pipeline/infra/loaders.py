@@ -156,3 +156,77 @@ def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
     # checkpoints from before decoder heads existed were all "deconv"
     cfg.setdefault("model", {}).setdefault("decoder_head", "deconv")
     return from_dict(TrainConfig, cfg)
+
+
+@torch.no_grad()
+def classifier_features(model, x: torch.Tensor, device, bs: int = 256) -> tuple[torch.Tensor, np.ndarray]:
+    """A classifier's penultimate features (the space FD and precision/recall are measured in) and
+    its P(positive) for images ``x``, in batches of ``bs``."""
+    feats, probs = [], []
+    for i in range(0, len(x), bs):
+        xb = x[i : i + bs].to(device)
+        f = model.features(xb)
+        feats.append(f.float().cpu())
+        probs.append(torch.sigmoid(model.head(f).float()[:, 0]).cpu())
+    return torch.cat(feats), torch.cat(probs).numpy()
+
+
+# classify arms whose model has seen only real images (classical augmentation transforms them)
+REAL_ONLY_ARMS = ("real", "classical")
+
+
+def check_extractor(
+    path: str | Path,
+    payload: dict[str, Any],
+    reference: str | Path | None = None,
+    allow_foreign: bool = False,
+) -> str:
+    """Is the classifier checkpoint ``path`` (its loaded ``payload``) a fair judge of synthetic
+    images? It must record its arm, that arm must be real-only (an extractor that has seen a
+    generator's images scores them as real: class fidelity 1.000 for a 1-epoch generator), and,
+    when ``reference`` is given, it must have been trained on that manifest (the same content,
+    or the manifest its fraction subset was drawn from), so it has not seen the reference images.
+
+    Returns "" when it is; otherwise raises ``ValueError`` naming the extractor, what it was
+    trained on and the override, or with ``allow_foreign`` returns that reason."""
+
+    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    arms = {a for a in (payload.get("arm"), config.get("arm")) if a is not None}
+    record = payload.get("train_manifest") if isinstance(payload.get("train_manifest"), dict) else None
+    trained_on = f"arm={'/'.join(sorted(map(str, arms))) or 'unrecorded'}, manifest " + (
+        f"{record.get('path')} (sha256 {str(record.get('sha256'))[:12]})" if record else "unrecorded"
+    )
+    reason = ""
+    if not arms:
+        reason = (
+            f"extractor {path} records no training arm (a classifier checkpoint from before classify "
+            "recorded its arm and training manifest), so it may have seen synthetic images"
+        )
+    elif not arms <= set(REAL_ONLY_ARMS):
+        reason = (
+            f"extractor {path} was trained with {trained_on}: an arm with synthetic images, so it has "
+            f"seen a generator's output and cannot judge synthetic images (use one trained with arm "
+            f"in {REAL_ONLY_ARMS})"
+        )
+    elif reference is not None and record is None:
+        reason = (
+            f"extractor {path} records no training manifest (a classifier checkpoint from before "
+            f"classify recorded it; {trained_on}), so it cannot be checked against the reference "
+            f"manifest {reference}"
+        )
+    elif reference is not None:
+        if not Path(reference).is_file():
+            raise FileNotFoundError(f"reference manifest {reference} does not exist")
+        ref_sha = file_sha256(reference)
+        if ref_sha not in (record.get("sha256"), record.get("source_sha256")):
+            reason = (
+                f"extractor {path} was trained with {trained_on}, not on the reference manifest "
+                f"{reference} (sha256 {ref_sha[:12]}): it may have seen the reference images, or "
+                "other ones than real images of this data set"
+            )
+    if not reason:
+        return ""
+    if allow_foreign:
+        print(f"WARNING: allow_foreign_extractor=true: {reason}", flush=True)
+        return reason
+    raise ValueError(f"{reason}; set allow_foreign_extractor=true to use it anyway (the report will say so)")

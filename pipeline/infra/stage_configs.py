@@ -103,6 +103,27 @@ class GuardConfig:
             raise ValueError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
 
 
+@dataclass
+class GateConfig:
+    """Validation gate: score the generator's samples against the validation images every few
+    epochs and keep the best epoch's checkpoint as best.pt beside last.pt."""
+
+    every: int = 0  # score every N epochs and at the last; 0: off
+    # a classify checkpoint trained (arm real or classical) on this run's manifest: the judge of
+    # the samples' FD (its feature space) and class fidelity (its AUROC on their labels)
+    extractor: str = ""
+    n: int = 512  # samples scored, balanced over the classes (prior codes, averaged weights)
+    min_fidelity: float = 0.7  # below: a loud warning, and the epoch cannot become best.pt
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"gate.every must be >= 0 (0: off), got {self.every}")
+        if self.every > 0 and not self.extractor:
+            raise ValueError("gate.every > 0 needs gate.extractor=<classify checkpoint of a real-only arm>")
+        if self.n < 8:
+            raise ValueError(f"gate.n must be >= 8, got {self.n}")
+
+
 # the CPU speed measures (pipeline/infra/speed.py); none changes what a step computes
 MEASURES = ("cache_allocations", "gemm_convs", "fused_norm_act", "channels_last", "split_discriminator")
 
@@ -140,6 +161,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     seed: int = 0
     epochs: int = 12
