@@ -10,6 +10,8 @@ Arms (``arm=``):
 * ``synthetic_pretrain``: the first half of the epochs on synthetic images only (as many as the real
   ones, with their labels), the second half on the real split (RoentGen-v2's pre-train then
   fine-tune); the model is picked among the real epochs;
+* ``synthetic_filtered``: as ``synthetic``, keeping only synthetic images that ``filter_classifier``
+  (a real-only arm's checkpoint) classifies as their intended label at its validation threshold;
 * ``balanced_synthetic``: the real split plus synthetic images of its minority class only, as many
   as bring it to the majority's count (Kermany's train split: normal is the minority, ~1:3);
 * ``real_dup``: the count-matched control of ``synthetic``: the real split plus ``ratio x`` as many
@@ -48,7 +50,7 @@ from pipeline.infra.data import (
     records,
     write_subset_manifest,
 )
-from pipeline.infra.loaders import file_sha256, synthetic_source
+from pipeline.infra.loaders import check_extractor, file_sha256, load_classifier, synthetic_source
 from pipeline.infra.metrics import auroc
 from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     ARMS,
@@ -60,7 +62,7 @@ from pipeline.infra.viz import plot_curves, plot_roc
 from pipeline.ingest import resolve_manifest
 from transforms.manifest import atomic_write_text, label_names, read_manifest
 from transforms.presets import tensor_augment_transforms
-from transforms.synthetic import RealDuplicatesDataset, SyntheticMixDataset
+from transforms.synthetic import FilteredSource, RealDuplicatesDataset, SyntheticMixDataset
 
 
 @torch.no_grad()
@@ -102,6 +104,29 @@ def training_provenance(arm: str, manifest: str | Path, source: str | Path) -> d
     }
 
 
+def _label_judge(cfg: ClassifyConfig, device: torch.device):
+    """``accept(image, label)``: does the filter classifier (a real-only arm, at this image size)
+    call ``image`` ``label`` at its own validation-chosen threshold?"""
+    judge, payload = load_classifier(cfg.filter_classifier, device)
+    check_extractor(cfg.filter_classifier, payload)  # it must never have seen synthetic images
+    size = int(payload["config"]["data"]["image_size"])
+    if size != cfg.data.image_size:
+        raise ValueError(
+            f"filter_classifier {cfg.filter_classifier} was trained at {size} px, this run is "
+            f"{cfg.data.image_size} px: use a classifier trained at this size"
+        )
+    threshold = float(payload["threshold"])
+    judge.eval()
+
+    @torch.no_grad()
+    def accept(image: np.ndarray, label: int) -> bool:
+        x = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
+        p = float(torch.sigmoid(judge(x).float()).reshape(-1)[0])
+        return (p >= threshold) == (int(label) == 1)
+
+    return accept
+
+
 def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device):
     """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
 
@@ -114,6 +139,8 @@ def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device)
         return real, (real, None)
     labels = [int(it["label"]) for it in items]
     source = synthetic_source(cfg.synthetic, cfg.data.image_size, device)
+    if cfg.arm == "synthetic_filtered":
+        source = FilteredSource(source, _label_judge(cfg, device))
     syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment else None
     if cfg.arm in ("synthetic_only", "synthetic_pretrain"):  # pretrain: then real images, see _fit
         ds = SyntheticMixDataset.synthetic_only(real, labels, source, seed=cfg.seed)
@@ -378,6 +405,14 @@ def _fit(run: ClassifyRun) -> None:
             ("" if run.dinfo.is_main else f"[rank {run.dinfo.rank}] ")
             + f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs} train/loss={tr.get('loss', float('nan')):.4f} "
             f"val/auroc={val['val/auroc']:.4f} val/loss={val['val/loss']:.4f}",
+            flush=True,
+        )
+    source = getattr(d["train_ds"], "source", None)
+    if isinstance(source, FilteredSource):  # how many drawn images the filter classifier confirmed
+        rate, forced = source.accept_rate(), source.stats["forced"]
+        tracker.log_metrics({"filter/accept_rate": rate, "filter/forced": float(forced)}, step=run.step)
+        print(
+            f"synthetic_filtered: {rate:.1%} of drawn images kept, {forced} kept after 20 rejections",
             flush=True,
         )
 

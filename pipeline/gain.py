@@ -248,6 +248,8 @@ def _child_config(
     c.tracking.experiment = cfg.experiment
     c.tracking.run_name = f"{arm}-f{fraction:g}-s{seed}"
     c.tracking.parent_run_id = parent_id
+    if arm == "synthetic_filtered":  # the same subset's real-only classifier judges the images
+        c.filter_classifier = str(out / "children" / f"real-f{fraction:g}-s{seed}" / "classifier.pt")
     return c
 
 
@@ -528,6 +530,11 @@ def _plan_children(
                     audit.bad.append(f"child {name}: {e}")
                     continue
                 new = _child_keyed(c, manifest_sha, fraction, plan.generators[gname] if gname else None)
+                if arm == "synthetic_filtered":  # retrained when its judge, the real child, is
+                    judge = plan.children.get(f"real-f{fraction:g}-s{seed}")
+                    if judge is None:
+                        continue  # the real child's config is broken: reported above
+                    new = _canonical({**new, "filter.real_child_key": config_key(judge)})
                 plan.children[name] = new
                 folder = out / "children" / name
                 if (folder / "result.json").is_file():

@@ -99,9 +99,22 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
         "real_dup",
         "balanced_synthetic",
         "synthetic_pretrain",
+        "synthetic_filtered",
     ):
+        # synthetic_filtered's judge: the real arm's classifier, trained above
+        judge = (
+            [f"filter_classifier={tmp_path / 'cls' / 'real' / 'classifier.pt'}"]
+            if arm == "synthetic_filtered"
+            else []
+        )
         rc, out, err = _main(
-            capsys, "classify", *common, f"arm={arm}", f"synthetic={manifest}", f"tracking.run_name={arm}"
+            capsys,
+            "classify",
+            *common,
+            f"arm={arm}",
+            f"synthetic={manifest}",
+            f"tracking.run_name={arm}",
+            *judge,
         )
         assert rc == 0, err[-2000:]
         assert "test AUROC" in out and "MLflow run id:" in out
@@ -117,6 +130,7 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
         "real_dup",
         "balanced_synthetic",
         "synthetic_pretrain",
+        "synthetic_filtered",
     }
     for r in runs:
         m = r.data.metrics
@@ -140,6 +154,9 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     # picked among the real epochs, whatever the synthetic epoch scored
     pre = next(r for r in runs if r.data.tags["arm"] == "synthetic_pretrain")
     assert pre.data.metrics["best_epoch"] == 2
+    # synthetic_filtered: the share of drawn images the real arm's classifier confirmed
+    filt = next(r for r in runs if r.data.tags["arm"] == "synthetic_filtered")
+    assert 0.0 <= filt.data.metrics["filter/accept_rate"] <= 1.0
 
     cmp = _cli("compare", "arms", f"uri={uri}", f"out={tmp_path / 'cmp'}")
     assert cmp.returncode == 0, cmp.stderr[-2000:]
@@ -185,7 +202,7 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
             f"classify.data.manifest={phantom_manifest}",
             *TINY_GAIN_CLASSIFY,
             f"classify.tracking.uri={uri}",
-            "arms=[real,synthetic]",
+            "arms=[real,synthetic,synthetic_filtered]",
             "fractions=[0.5,1.0]",
             "seeds=[0,1]",
             "vaegan_overrides=[epochs=1,data.batch_size=16,model.base_channels=8,model.latent_dim=8,"
@@ -196,7 +213,10 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
     )
     res = gain(cfg)
     table = res["table"]
-    assert set(table["arm"]) == {"real", "synthetic"} and set(table["fraction"]) == {0.5, 1.0}
+    assert set(table["arm"]) == {"real", "synthetic", "synthetic_filtered"} and set(table["fraction"]) == {
+        0.5,
+        1.0,
+    }
     syn = table[table["arm"] == "synthetic"]
     assert syn["delta_auroc"].notna().all() and (syn["n_seeds"] == 2).all()
     # the delta is the paired-by-seed difference of the children's test AUROCs
@@ -210,7 +230,12 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
     exp = client.get_experiment_by_name("cxr-vaegan-gain")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")
     stages = [r.data.tags.get("stage") for r in children]
-    assert stages.count("classify") == 8
+    assert stages.count("classify") == 12
+    # each synthetic_filtered child is judged by its own subset's real-only classifier
+    for r in children:
+        if r.data.tags.get("arm") == "synthetic_filtered":
+            fr, sd = r.data.tags["fraction"], r.data.tags["seed"]
+            assert r.data.params["filter_classifier"].endswith(f"real-f{fr}-s{sd}/classifier.pt")
     # gain's step budget: within a (fraction, seed) every arm trains the real arm's optimiser steps,
     # although the synthetic arm has twice the images
     for fr in ("0.5", "1"):
@@ -264,6 +289,10 @@ def test_validation_rules():
         load_config(ClassifyConfig, None, ["fraction=0"])
     with pytest.raises(ConfigError, match="step_budget must be 'epochs' or 'real'"):
         load_config(ClassifyConfig, None, ["step_budget=steps"])
+    with pytest.raises(ConfigError, match="needs filter_classifier="):
+        load_config(ClassifyConfig, None, ["arm=synthetic_filtered", "synthetic=x.csv"])
+    with pytest.raises(ConfigError, match="'real' must come before 'synthetic_filtered'"):
+        load_config(GainConfig, None, ["arms=[synthetic_filtered,real]"])
     with pytest.raises(ConfigError, match="synthetic_pretrain needs epochs >= 2"):
         load_config(ClassifyConfig, None, ["arm=synthetic_pretrain", "synthetic=x.csv", "epochs=1"])
     with pytest.raises(ConfigError, match="must include 'real'"):

@@ -7,6 +7,7 @@ import torch
 from pipeline.infra.data import DataConfig, build_dataset, records
 from pipeline.infra.loaders import load_generator, synthetic_source
 from transforms.synthetic import (
+    FilteredSource,
     GeneratorSource,
     ManifestSource,
     RandSyntheticSwapd,
@@ -162,3 +163,21 @@ def test_given_synthetic_labels_replace_the_cycled_real_ones():
     ds = SyntheticMixDataset(real, [1, 1, 1, 0], Source(), ratio=5.0, syn_labels=[0, 0])
     assert len(ds) == 4 + 2  # ratio is ignored when the labels are given
     assert [int(ds[i]["label"]) for i in range(4, 6)] == [0, 0] and ds[5]["synthetic"] == 1
+
+
+def test_filtered_source_keeps_what_the_judge_confirms_and_counts_the_rest():
+    class Source:
+        image_size = 8
+
+        def draw(self, label, rng):
+            return np.full((1, 8, 8), rng.rand(), np.float32)
+
+    # the judge confirms label 1 for bright images and label 0 for dark ones
+    src = FilteredSource(Source(), lambda img, lab: (img.mean() > 0.5) == (lab == 1))
+    rng = np.random.RandomState(0)
+    assert all(src.draw(1, rng).mean() > 0.5 for _ in range(20))
+    assert all(src.draw(0, rng).mean() <= 0.5 for _ in range(20))
+    assert src.stats["accepted"] == 40 and src.stats["rejected"] > 0 and 0 < src.accept_rate() < 1
+    never = FilteredSource(Source(), lambda img, lab: False, max_tries=3)
+    never.draw(1, rng)  # after max_tries the last draw is kept, and said to be
+    assert never.stats == {"accepted": 0, "rejected": 3, "forced": 1}

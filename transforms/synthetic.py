@@ -97,6 +97,36 @@ class ManifestSource:
         return pool[rng.randint(len(pool))].clone()
 
 
+class FilteredSource:
+    """A synthetic source that keeps only images a judge accepts for their label (Xue et al. 2019:
+    keep the samples whose intended label a real-trained classifier confirms). ``accept(image,
+    label)`` decides; a rejected draw is drawn again from the same random stream, up to
+    ``max_tries``, after which the last draw is kept and counted as forced."""
+
+    def __init__(
+        self, source: SyntheticSource, accept: Callable[[np.ndarray, int], bool], max_tries: int = 20
+    ) -> None:
+        if max_tries < 1:
+            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        self.source, self.accept, self.max_tries = source, accept, max_tries
+        self.image_size = getattr(source, "image_size", None)
+        self.stats = {"accepted": 0, "rejected": 0, "forced": 0}
+
+    def draw(self, label: int, rng: np.random.RandomState) -> np.ndarray:
+        for _ in range(self.max_tries):
+            img = self.source.draw(label, rng)
+            if self.accept(img, label):
+                self.stats["accepted"] += 1
+                return img
+            self.stats["rejected"] += 1
+        self.stats["forced"] += 1
+        return img
+
+    def accept_rate(self) -> float:
+        n = self.stats["accepted"] + self.stats["rejected"]
+        return self.stats["accepted"] / n if n else float("nan")
+
+
 class SyntheticMixDataset(Dataset):
     """A real dataset plus ``round(ratio * len(real))`` synthetic items of the real labels.
 

@@ -247,6 +247,7 @@ ARMS = (
     "real_dup",
     "balanced_synthetic",
     "synthetic_pretrain",
+    "synthetic_filtered",
 )
 
 
@@ -262,6 +263,9 @@ class ClassifyConfig:
     arm: str = "real"
     synthetic: str = ""  # generator checkpoint / MLflow model URI, or a generated manifest (.csv)
     ratio: float = 1.0  # synthetic images per real image (synthetic arms); extra real draws (real_dup)
+    # synthetic_filtered: a classify checkpoint of a real-only arm on the same data; a synthetic image
+    # is kept only when it classifies it as its intended label at its validation-chosen threshold
+    filter_classifier: str = ""
     fraction: float = 1.0  # fraction of the real train (and val) patients used, stratified by label
     epochs: int = 10
     # optimiser steps per epoch: "epochs" = one pass over the arm's own training set (an arm that
@@ -288,12 +292,21 @@ class ClassifyConfig:
             raise ValueError(
                 f"arm={self.arm} needs synthetic=<generator checkpoint | MLflow URI | manifest.csv>"
             )
-        if self.ratio <= 0 and self.arm in ("synthetic", "classical+synthetic", "real_dup"):
+        if self.ratio <= 0 and self.arm in (
+            "synthetic",
+            "classical+synthetic",
+            "real_dup",
+            "synthetic_filtered",
+        ):
             raise ValueError(f"ratio must be > 0 for arm={self.arm}, got {self.ratio}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.arm == "synthetic_filtered" and not self.filter_classifier:
+            raise ValueError(
+                "arm=synthetic_filtered needs filter_classifier=<classifier.pt of a real-only arm>"
+            )
         if self.arm == "synthetic_pretrain" and self.epochs < 2:
             raise ValueError(
                 f"arm=synthetic_pretrain needs epochs >= 2 (half pre-training, half real), got {self.epochs}"
@@ -394,6 +407,12 @@ class GainConfig:
             raise ValueError(f"unknown arm(s) {bad}; choose from {ARMS}")
         if "real" not in self.arms:
             raise ValueError("arms must include 'real': every gain is measured against real-only")
+        if "synthetic_filtered" in self.arms and self.arms.index("synthetic_filtered") < self.arms.index(
+            "real"
+        ):
+            raise ValueError(
+                "arms: 'real' must come before 'synthetic_filtered' (its classifier filters the images)"
+            )
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
         if not self.seeds:
