@@ -12,6 +12,7 @@ from cxr_factory import REPO, TINY_GAIN_CLASSIFY
 from networks.classifier import ClassifierConfig, CXRClassifier
 from pipeline import run
 from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.stage_configs import ARMS
 
 
 def _cli(*args, timeout=300):
@@ -93,14 +94,9 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     p = _cli("classify", *common, "arm=real", f"synthetic={manifest}", "tracking.run_name=real")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "test AUROC" in p.stdout and "MLflow run id:" in p.stdout
-    for arm in (
-        "classical+synthetic",
-        "synthetic_only",
-        "real_dup",
-        "balanced_synthetic",
-        "synthetic_pretrain",
-        "synthetic_filtered",
-    ):
+    # every other arm of pipeline/infra/stage_configs.py ARMS (real ran above, through the CLI)
+    others = [a for a in ARMS if a != "real"]
+    for arm in others:
         # synthetic_filtered's judge: the real arm's classifier, trained above
         judge = (
             [f"filter_classifier={tmp_path / 'cls' / 'real' / 'classifier.pt'}"]
@@ -123,15 +119,7 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("arms")
     runs = client.search_runs([exp.experiment_id])
-    assert {r.data.tags["arm"] for r in runs} == {
-        "real",
-        "classical+synthetic",
-        "synthetic_only",
-        "real_dup",
-        "balanced_synthetic",
-        "synthetic_pretrain",
-        "synthetic_filtered",
-    }
+    assert {r.data.tags["arm"] for r in runs} == {"real", *others}
     for r in runs:
         m = r.data.metrics
         assert 0.0 <= m["test/auroc_lo"] <= m["test/auroc"] <= m["test/auroc_hi"] <= 1.0
