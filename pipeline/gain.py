@@ -766,8 +766,13 @@ def paired_deltas(results: pd.DataFrame, ref: str, n_boot: int = 1000) -> dict[t
             if not mine or not theirs or not Path(mine).is_file() or not Path(theirs).is_file():
                 deltas = []
                 break
-            a = pd.read_csv(mine).set_index("path")
-            b = pd.read_csv(theirs).set_index("path").loc[a.index]  # the same test images, same order
+            a, b = pd.read_csv(mine), pd.read_csv(theirs)
+            # pairing needs the same test images in the same order, each with the same label
+            if list(a["path"]) != list(b["path"]) or list(a["label"]) != list(b["label"]):
+                raise ValueError(
+                    f"{mine} and {theirs} score different test images: arms of one (fraction, seed) "
+                    "must share the test split; re-run the study with one manifest"
+                )
             d, r = paired_auroc_deltas(
                 a["label"].to_numpy(), a["score"].to_numpy(), b["score"].to_numpy(), n_boot, int(seed)
             )

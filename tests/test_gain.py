@@ -206,3 +206,30 @@ def test_progress_counts_children_and_estimates_the_time_left(
     # from the second child on, an estimate from the mean duration of those trained so far
     assert "unknown" in lines[0]
     assert all(re.search(r"about \d+s left", ln) for ln in lines[1:])
+
+
+def test_paired_deltas_pair_the_same_test_images_and_refuse_others(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.gain import paired_deltas
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    paths = [f"img{i}.png" for i in range(60)]
+    rows = []
+    for arm, noise in (("real", 1.0), ("synthetic", 0.5)):
+        for seed in (0, 1):
+            f = tmp_path / f"{arm}{seed}.csv"
+            pd.DataFrame({"path": paths, "label": y, "score": y + noise * rng.normal(size=60)}).to_csv(
+                f, index=False
+            )
+            rows.append({"fraction": 1.0, "arm": arm, "seed": seed, "scores": str(f)})
+    m, lo, hi = paired_deltas(pd.DataFrame(rows), "real", n_boot=100)[(1.0, "synthetic")]
+    assert lo <= m <= hi and m > 0
+    # a child that scored other images (another manifest's test split) cannot be paired
+    pd.DataFrame({"path": paths[::-1], "label": y[::-1], "score": y[::-1]}).to_csv(
+        tmp_path / "real0.csv", index=False
+    )
+    with pytest.raises(ValueError, match="score different test images"):
+        paired_deltas(pd.DataFrame(rows), "real", n_boot=10)
