@@ -50,6 +50,9 @@ class ModelConfig:
     # and use it for grids, validation, the fitted prior, the exported generator and evaluation
     # (networks/ema.py); 0: off, the last step's weights
     ema_decay: float = 0.0
+    # class conditioning of the discriminator: "none" (only encoder and decoder see the label) or
+    # "projection" (Miyato & Koyama 2018; needs num_classes > 0; networks.vaegan.Discriminator)
+    disc_conditioning: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in ("vaegan", "vae"):
@@ -58,6 +61,14 @@ class ModelConfig:
             raise ValueError(f"model.decoder_head must be one of {HEADS}, got {self.decoder_head!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"model.prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.disc_conditioning not in ("none", "projection"):
+            raise ValueError(
+                f"model.disc_conditioning must be 'none' or 'projection', got {self.disc_conditioning!r}"
+            )
+        if self.disc_conditioning == "projection" and self.num_classes < 1:
+            raise ValueError(
+                "model.disc_conditioning=projection needs model.num_classes > 0 (labels to project)"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
 

@@ -82,13 +82,15 @@ def vaegan_losses(
             x_d, out_d = x, out
         if split_discriminator(model, x):
             (l_real, f_real), (l_rec, f_rec), (l_prior, _) = (
-                model.discriminator(t) for t in (x_d, out_d[:b], out_d[b:])
+                model.discriminator(t, cond) for t in (x_d, out_d[:b], out_d[b:])
             )
             l_real, l_rec, l_prior = l_real.float(), l_rec.float(), l_prior.float()
             fl = model.cfg.feature_layer
             feat = L.feature_reconstruction(f_rec[fl].float(), f_real[fl].float())
         else:
-            logits, feats = model.discriminator(torch.cat([x_d, out_d]))
+            logits, feats = model.discriminator(
+                torch.cat([x_d, out_d]), None if cond is None else torch.cat([cond, cond, cond])
+            )
             logits = logits.float()
             l_real, l_rec, l_prior = logits[:b], logits[b : 2 * b], logits[2 * b :]
             f = feats[model.cfg.feature_layer].float()

@@ -264,11 +264,18 @@ class Discriminator(nn.Module):
         num_layers: int = 0,
         norm: str = "INSTANCE",
         in_channels: int = 1,
+        num_classes: int = 0,
     ) -> None:
+        """``num_classes > 0``: projection-style class conditioning (Miyato & Koyama, ICLR 2018):
+        each patch logit gains ``<embed(y), mean-pooled last features>``, so the discriminator
+        judges "a real image of class y" rather than "a real image" (an auxiliary classifier
+        instead loses within-class diversity when classes overlap, as normal and pneumonia do)."""
         super().__init__()
         _check_size(image_size)
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if num_layers == 0:
             num_layers = {16: 1, 32: 2, 64: 3, 128: 4, 256: 5}[image_size]
         # each layer but the last halves the size, after the initial stride-2 conv: keep >= 4 px
@@ -289,10 +296,22 @@ class Discriminator(nn.Module):
         self.net.initial_conv.conv = adopt(self.net.initial_conv.conv, FewInputConv2d)
         self.net.final_conv.conv = adopt(self.net.final_conv.conv, FewOutputConv2d)
         self.num_features = num_layers + 1
+        self.embed = None
+        if num_classes > 0:
+            # the last hidden layer's width is what the final conv reads
+            width = self.net.final_conv.conv.in_channels
+            self.embed = nn.Embedding(num_classes, width)
+            nn.init.zeros_(self.embed.weight)  # starts unconditional; learns what each class adds
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         outs = self.net(x)
-        return outs[-1], outs[:-1]
+        logits, feats = outs[-1], outs[:-1]
+        if self.embed is not None and labels is not None:
+            proj = (self.embed(labels) * feats[-1].float().mean(dim=(2, 3))).sum(dim=1)
+            logits = logits + proj.to(logits.dtype)[:, None, None, None]
+        return logits, feats
 
 
 class Generator(nn.Module):
@@ -415,7 +434,13 @@ class VAEGAN(nn.Module):
             else None
         )
         self.discriminator = (
-            Discriminator(cfg.image_size, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
+            Discriminator(
+                cfg.image_size,
+                cfg.disc_channels,
+                cfg.disc_layers,
+                cfg.disc_norm,
+                num_classes=cfg.num_classes if cfg.disc_conditioning == "projection" else 0,
+            )
             if cfg.kind == "vaegan"
             else None
         )

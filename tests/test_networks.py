@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from networks import VAEGAN, Decoder, Discriminator, Encoder, Generator, ModelConfig
+from networks.config import LossConfig
+from networks.objective import route_gradients, vaegan_losses
 from networks.prior import LatentPrior
 
 
@@ -291,3 +293,45 @@ def test_the_model_owns_encode_decode_reconstruct_sample_and_its_objective():
     torch.testing.assert_close(losses["encoder"], expect)
     with pytest.raises(ValueError, match="disc_calls must be one of"):
         VAEGAN(ModelConfig(image_size=32, latent_dim=8, base_channels=8), disc_calls="three")
+
+
+def test_projection_discriminator_adds_the_class_term_and_starts_unconditional():
+    torch.manual_seed(0)
+    d = Discriminator(32, 8, 0, "INSTANCE", num_classes=2)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
+    plain, feats = d(x)
+    # zero-initialised embedding: at the start the labels change nothing
+    assert torch.equal(d(x, y)[0], plain)
+    with torch.no_grad():
+        d.embed.weight.normal_()
+    cond, _ = d(x, y)
+    expected = (d.embed(y) * feats[-1].mean(dim=(2, 3))).sum(dim=1)
+    torch.testing.assert_close(cond - plain, expected[:, None, None, None].expand_as(plain))
+
+
+def test_projection_needs_labels_to_project():
+    with pytest.raises(ValueError, match="disc_conditioning=projection needs model.num_classes"):
+        ModelConfig(disc_conditioning="projection")
+
+
+def test_the_adversarial_loss_trains_the_class_embedding():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        image_size=32,
+        latent_dim=8,
+        base_channels=8,
+        max_channels=16,
+        disc_channels=8,
+        num_classes=2,
+        disc_conditioning="projection",
+    )
+    model = VAEGAN(cfg)
+    losses = vaegan_losses(model, torch.rand(4, 1, 32, 32) * 2 - 1, torch.tensor([0, 1, 0, 1]), LossConfig())
+    params = {
+        "encoder": list(model.encoder.parameters()),
+        "decoder": list(model.decoder.parameters()),
+        "discriminator": list(model.discriminator.parameters()),
+    }
+    route_gradients(losses, params)
+    assert model.discriminator.embed.weight.grad is not None
+    assert model.discriminator.embed.weight.grad.abs().sum() > 0
