@@ -13,6 +13,20 @@ from dataclasses import dataclass, field
 HEADS = ("deconv", "subpixel")  # the VAE-GAN decoder's output heads
 PRIORS = ("fitted", "normal")  # ModelConfig.prior, generate's prior= (networks.prior)
 DIFFAUG_POLICIES = ("color", "translation", "cutout")  # LossConfig.diffaug (networks.diffaug)
+
+
+def diffaug_policy(text: str) -> tuple[str, ...]:
+    """``"color,translation"`` -> ``("color", "translation")``; ``""`` -> ``()``. Refuses names
+    outside :data:`DIFFAUG_POLICIES` (LossConfig checks its ``diffaug`` with it)."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in DIFFAUG_POLICIES]
+    if bad:
+        raise ValueError(
+            f"loss.diffaug: {bad} unknown; use a comma-separated subset of {DIFFAUG_POLICIES} or ''"
+        )
+    return parts
+
+
 ARCHS = ("resnet10", "resnet18", "densenet121")  # the classifier's architectures
 
 
@@ -90,12 +104,7 @@ class LossConfig:
     diffaug: str = ""
 
     def __post_init__(self) -> None:
-        parts = [p.strip() for p in self.diffaug.split(",") if p.strip()]
-        bad = [p for p in parts if p not in DIFFAUG_POLICIES]
-        if bad:
-            raise ValueError(
-                f"loss.diffaug: {bad} unknown; use a comma-separated subset of {DIFFAUG_POLICIES} or ''"
-            )
+        diffaug_policy(self.diffaug)
 
 
 @dataclass

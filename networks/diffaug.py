@@ -20,16 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from networks.config import DIFFAUG_POLICIES as POLICIES
-
-
-def parse_policy(policy: str) -> tuple[str, ...]:
-    """``"color,translation"`` -> ``("color", "translation")``; ``""`` -> ``()``."""
-    parts = tuple(p.strip() for p in policy.split(",") if p.strip())
-    bad = [p for p in parts if p not in POLICIES]
-    if bad:
-        raise ValueError(f"DiffAugment policy {bad} unknown: use a comma-separated subset of {POLICIES}")
-    return parts
+from networks.config import diffaug_policy as parse_policy  # noqa: F401 - the one parser, re-exported
 
 
 def draw_params(policy: tuple[str, ...], n: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:

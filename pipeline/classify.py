@@ -185,11 +185,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     dinfo = distributed.init()
     if cfg.data.batch_size % dinfo.world:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes")
-    device = engine.pick_device(cfg.device)
-    if dinfo.enabled and device.type == "cuda":
-        device = torch.device("cuda", dinfo.local_rank)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    device = engine.training_device(cfg.device, cfg.threads, dinfo)
     if device.type == "cpu" and cfg.cache_allocations:
         engine.cache_cpu_allocations()
     set_determinism(seed=cfg.seed)

@@ -367,6 +367,8 @@ class _Audit:
 
     plan: _Plan
     state_file: Path
+    given: dict[float, str]  # fraction -> generator the user gave (gain's generators=)
+    train_defaults: dict[str, Any]  # the generators' TrainConfig defaults, keyed like their records
     bad: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
 
@@ -411,7 +413,10 @@ def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _
     a parent whose recorded gain config differs, refuse the whole study here."""
     state_file = out / "parent_run_id"
     audit = _Audit(
-        _Plan(parent_id=state_file.read_text().strip() if state_file.is_file() else None), state_file
+        _Plan(parent_id=state_file.read_text().strip() if state_file.is_file() else None),
+        state_file,
+        _given_generators(cfg),
+        keyed_config(to_dict(TrainConfig()), "generator.train."),
     )
     record = _read_json(out / PARENT_FILE)
     if audit.plan.parent_id and record is not None:
@@ -450,11 +455,10 @@ def _plan_generators(
     cfg: GainConfig, audit: _Audit, manifest: Path, manifest_sha: str, out: Path
 ) -> dict[tuple[float, int], str]:
     """The generators of the synthetic arms, given or to train; returns (fraction, seed) -> name."""
-    plan, given = audit.plan, _given_generators(cfg)
+    plan, given = audit.plan, audit.given
     gen_of: dict[tuple[float, int], str] = {}
     if not any("synthetic" in a for a in cfg.arms):
         return gen_of
-    train_defaults = keyed_config(to_dict(TrainConfig()), "generator.train.")
     for fraction in cfg.fractions:
         for seed in cfg.seeds:
             if fraction in given:
@@ -488,7 +492,7 @@ def _plan_generators(
                     run_dir,
                     plan.generators[name],
                     lambda last=last: keyed_config(ckpt.load_checkpoint(last)["config"], "generator.train."),
-                    train_defaults,
+                    audit.train_defaults,
                 )
             else:
                 plan.generators_to_train.append(name)
@@ -505,11 +509,8 @@ def _plan_children(
     out: Path,
 ) -> None:
     """The classifier children: each one's checked config and key, to train or finished."""
-    plan, given = audit.plan, _given_generators(cfg)
-    child_defaults = {
-        **keyed_config(to_dict(ClassifyConfig()), "classify."),
-        **keyed_config(to_dict(TrainConfig()), "generator.train."),
-    }
+    plan, given = audit.plan, audit.given
+    child_defaults = {**keyed_config(to_dict(ClassifyConfig()), "classify."), **audit.train_defaults}
     for fraction in cfg.fractions:
         for seed in cfg.seeds:
             sub = _subset_path(manifest, out, fraction, seed)

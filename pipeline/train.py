@@ -156,6 +156,7 @@ class TrainRun:
     code_version: str = "unknown"
     base_lrs: dict[str, list[float]] = field(default_factory=dict)  # what a rollback scales
     gate_judge: Any = None  # the validation gate's classifier (gate.every > 0)
+    gate_reference: torch.Tensor | None = None  # its features of the validation images (fixed)
     # the gate's best epoch so far (saved in checkpoints, so a resumed run keeps comparing)
     gate_best: dict[str, float] = field(
         default_factory=lambda: {"fd": math.inf, "epoch": 0, "class_fidelity": math.nan}
@@ -430,11 +431,7 @@ def _build_run(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path, man
     """Device, speed measures, seed, data and model, in the order a seeded run depends on."""
     from monai.utils import set_determinism
 
-    device = engine.pick_device(cfg.device)
-    if dinfo.enabled and device.type == "cuda":
-        device = torch.device("cuda", dinfo.local_rank)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    device = engine.training_device(cfg.device, cfg.threads, dinfo)
     amp = engine.amp_dtype(cfg.amp, device, cfg.data.image_size)
     measures, speed_line = speed.resolve(
         cfg.speed,
@@ -637,9 +634,13 @@ def _end_epoch(
                 run.tracker.log_artifact(path, "grids")
     # the gate before the save: last.pt then records the gate's best so far, this epoch included
     gate_due = cfg.gate.every and ((epoch + 1) % cfg.gate.every == 0 or epoch + 1 == cfg.epochs)
+    best = False
     if run.dinfo.is_main and gate_due:
-        metrics.update(_gate(run, epoch, d["val_ds"]))
+        best = _gate(run, epoch, d["val_ds"], metrics)
     run.save(run.step, epoch + 1, 0)
+    if best:  # this epoch's checkpoint, kept beside last.pt (a hard link where the disk allows)
+        ckpt.keep_copy(run.last_checkpoint, run.last_checkpoint.with_name("best.pt"))
+        run.tracker.log_artifact(run.last_checkpoint.with_name("best.pt"), "checkpoints")
     if run.dinfo.is_main:
         losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/")))
         print(f"epoch {epoch + 1}/{cfg.epochs} step {run.step} {epoch_s:.1f}s {losses}", flush=True)
@@ -647,37 +648,40 @@ def _end_epoch(
 
 
 @torch.no_grad()
-def _gate(run: TrainRun, epoch: int, val_ds) -> dict[str, float]:
+def _gate(run: TrainRun, epoch: int, val_ds, metrics: dict[str, float]) -> bool:
     """Score ``gate.n`` samples of the averaged generator (balanced labels, a fixed seed) against
     the validation images in the gate classifier's feature space: FD and, for two classes, class
-    fidelity (its AUROC on the samples' intended labels). The epoch with the lowest FD among those
-    with class fidelity >= ``gate.min_fidelity`` is copied to ``best.pt`` beside ``last.pt``."""
+    fidelity (its AUROC on the samples' intended labels); adds them to ``metrics`` and logs them.
+    Returns whether this epoch is the best so far: the lowest FD among epochs with class fidelity
+    >= ``gate.min_fidelity`` (its checkpoint becomes ``best.pt``)."""
     cfg, gate = run.cfg, run.cfg.gate
     run.model.eval()  # batch norm from its running statistics, which sampling must not move
     k = max(cfg.model.num_classes, 1)
     labels = torch.arange(gate.n) % k if cfg.model.num_classes else None
     fake = run.model.sample(labels, n=gate.n, seed=cfg.seed + 7919)
-    real = torch.stack([val_ds[i]["image"] for i in range(min(gate.n, len(val_ds)))])
+    if run.gate_reference is None:  # the same images and judge every time: their features once
+        real = torch.stack([val_ds[i]["image"] for i in range(min(gate.n, len(val_ds)))])
+        run.gate_reference = classifier_features(run.gate_judge, real, run.device)[0].double()
     f_fake, p_fake = classifier_features(run.gate_judge, fake, run.device)
-    f_real, _ = classifier_features(run.gate_judge, real, run.device)
-    out = {"gate/fd": float(frechet_distance(f_fake.double(), f_real.double()))}
+    out = {"gate/fd": float(frechet_distance(f_fake.double(), run.gate_reference))}
     if cfg.model.num_classes == 2:
         out["gate/class_fidelity"] = auroc(labels.numpy(), p_fake)
     fid = out.get("gate/class_fidelity", math.nan)
-    if fid < gate.min_fidelity:  # NaN (not two classes) compares False: no fidelity to fail
+    faithful = not fid < gate.min_fidelity  # NaN (not two classes): no fidelity to fail
+    if not faithful:
         print(
             f"WARNING: validation gate, epoch {epoch + 1}: class fidelity {fid:.3f} < {gate.min_fidelity}: "
             "the generator draws images that do not show their label; this epoch cannot become best.pt",
             file=sys.stderr,
             flush=True,
         )
-    elif out["gate/fd"] < run.gate_best["fd"]:
+    best = faithful and out["gate/fd"] < run.gate_best["fd"]
+    if best:
         run.gate_best = {"fd": out["gate/fd"], "epoch": epoch + 1, "class_fidelity": fid}
-        ckpt.save_checkpoint(run.run_dir / "checkpoints" / "best.pt", run.payload(run.step, epoch + 1, 0))
-        run.tracker.log_artifact(run.run_dir / "checkpoints" / "best.pt", "checkpoints")
     out["gate/best_epoch"] = run.gate_best["epoch"]
     run.log(out, run.step)
-    return out
+    metrics.update(out)
+    return best
 
 
 def _summary(

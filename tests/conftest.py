@@ -11,7 +11,7 @@ def _speed_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _quiet_tqdm(monkeypatch, _speed_cache):
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    # speed.mode=auto's per-machine choices go to a cache of this session, not the user's ~/.cache
+    # speed.mode=auto's per-machine choices go to a cache of this pytest run, not the user's ~/.cache
     # (and a stage run by a test times its measures once per size and batch, then reads them)
     monkeypatch.setenv("CXR_VAEGAN_SPEED_CACHE", _speed_cache)
     # mlflow.set_tracking_uri / set_registry_uri also write these variables: without this, one

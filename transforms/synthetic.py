@@ -31,6 +31,13 @@ from transforms.manifest import ManifestError, read_manifest
 from transforms.presets import TransformConfig, eval_transforms
 
 
+def _index(i: int, n: int) -> int:
+    """A sequence index: negative ones count from the end; outside ``[-n, n)`` an IndexError."""
+    if not -n <= i < n:
+        raise IndexError(i)
+    return i % n if i < 0 else i
+
+
 class SyntheticSource(Protocol):
     image_size: int
 
@@ -175,10 +182,7 @@ class SyntheticMixDataset(Dataset):
         return self.n_real + self.n_syn
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+        i = _index(i, len(self))
         if i < self.n_real:
             item = dict(self.real[i])
             item["synthetic"] = 0
@@ -221,10 +225,7 @@ class RealDuplicatesDataset(Dataset):
         return self.n_real + self.n_extra
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+        i = _index(i, len(self))
         item = dict(self.real[i % self.n_real])
         if i >= self.n_real:
             item = dict(self.transform(item))

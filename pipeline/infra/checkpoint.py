@@ -87,7 +87,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.is_file():
-            _keep_copy(path, previous_path(path))
+            keep_copy(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -101,7 +101,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
     return path
 
 
-def _keep_copy(src: Path, dst: Path) -> None:
+def keep_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes a copy of ``src`` (a hard link where the file system has them), swapped in
     atomically; ``src`` is not touched."""
     fd, tmp = tempfile.mkstemp(dir=src.parent, prefix=f".{dst.name}.", suffix=".tmp")

@@ -29,6 +29,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_device(name: str, threads: int, dinfo) -> torch.device:
+    """The device a training stage runs on: :func:`pick_device`, a replica's own GPU under
+    torchrun (``dinfo``: :class:`pipeline.infra.distributed.DistInfo`), and torch's CPU threads
+    set when ``threads > 0``."""
+    device = pick_device(name)
+    if dinfo.enabled and device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return device
+
+
 # glibc mallopt parameters (malloc.h); defaults restored by cache_cpu_allocations(False)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024}
