@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from pipeline.infra import engine
+from pipeline.infra.data import DataConfig, batches_per_epoch, make_train_loader
+from pipeline.infra.distributed import DistInfo
 
 
 def test_amp_auto_is_bf16_on_cuda_from_128_px_only():
@@ -60,3 +62,13 @@ def test_run_epoch_stops_after_max_batches():
         max_batches=4,
     )
     assert seen == [0, 1, 2, 3] and step == 9 and out["loss"] == 1.0
+
+
+@pytest.mark.parametrize("n", [5, 16, 17, 33, 48, 50])
+def test_batches_per_epoch_is_the_training_loaders_length(n):
+    """gain's equal step budgets count the real arm's batches without building its loader: the
+    count must be exactly what make_train_loader yields (it drops a trailing partial batch)."""
+    cfg = DataConfig(batch_size=16)
+    one = DistInfo()  # one process
+    loader, _, _ = make_train_loader(list(range(n)), cfg, 0, one)
+    assert batches_per_epoch(n, cfg, one) == len(loader)

@@ -72,6 +72,11 @@ def device_augment(cfg: DataConfig, device: torch.device):
     return BatchAugment(cfg)
 
 
+def _drop_last(shuffle: bool, n: int, batch_size: int) -> bool:
+    """A shuffled (training) loader drops a trailing partial batch, unless it is the only batch."""
+    return shuffle and n > batch_size
+
+
 def make_loader(
     ds: Dataset,
     cfg: DataConfig,
@@ -89,8 +94,9 @@ def make_loader(
         sampler=sampler,
         num_workers=cfg.num_workers,
         generator=generator,
-        drop_last=shuffle
-        and (len(sampler) if sampler is not None else len(ds)) > (batch_size or cfg.batch_size),
+        drop_last=_drop_last(
+            shuffle, len(sampler) if sampler is not None else len(ds), batch_size or cfg.batch_size
+        ),
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
@@ -123,7 +129,8 @@ def batches_per_epoch(n_items: int, cfg: DataConfig, dinfo) -> int:
     share = len(
         DistributedSampler(range(n_items), num_replicas=dinfo.world, rank=dinfo.rank, drop_last=dinfo.enabled)
     )
-    return -(-share // (cfg.batch_size // dinfo.world))
+    bs = cfg.batch_size // dinfo.world
+    return share // bs if _drop_last(True, share, bs) else -(-share // bs)
 
 
 def sample_patients(df, fraction: float, seed: int):
