@@ -172,6 +172,7 @@ class ClassifyRun:
     tracker: tracking.Tracker | None = None
     best: dict[str, Any] = field(default_factory=lambda: {"auroc": -1.0, "state": None, "epoch": 0})
     step: int = 0
+    code_version: str = "unknown"  # the git commit, tagged on the run and saved in the checkpoint
 
 
 def classify(cfg: ClassifyConfig) -> dict[str, Any]:
@@ -205,6 +206,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         t0 = time.time()
         # rank 0 alone logs; an unreachable tracking server does not stop the run (see Tracker)
         run.tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
+        run.code_version = tracking.git_commit()
         run.tracker.start(None, run_dir.name, _tags(run))
         if old_run_id:
             run.tracker.end_if_running(old_run_id, "KILLED")
@@ -313,7 +315,7 @@ def _tags(run: ClassifyRun) -> dict[str, str]:
         "arm": cfg.arm,
         "fraction": f"{cfg.fraction:g}",
         "seed": str(cfg.seed),
-        "git_commit": tracking.git_commit(),
+        "git_commit": run.code_version,
         "data.manifest": str(run.manifest),
     }
     if cfg.tracking.parent_run_id:
@@ -448,7 +450,7 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
             "label_names": {int(k): v for k, v in run.names.items()},
             "threshold": threshold,
             "epoch": run.best["epoch"],
-            "code_version": tracking.git_commit(),
+            "code_version": run.code_version,
             "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
             # provenance, checked by pipeline.evaluate before it uses this model as a feature
             # extractor: which images it has seen (an arm with synthetic images has seen a
