@@ -45,12 +45,14 @@ from pipeline.infra.config import flatten, to_dict
 from pipeline.infra.data import (
     batches_per_epoch,
     build_dataset,
+    device_augment,
     make_loader,
     make_train_loader,
     records,
     write_subset_manifest,
 )
 from pipeline.infra.loaders import check_extractor, file_sha256, load_classifier, synthetic_source
+from pipeline.infra.locks import RunLock
 from pipeline.infra.metrics import auroc
 from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     ARMS,
@@ -131,17 +133,19 @@ def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device)
     """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
 
     classical = cfg.arm in ("classical", "classical+synthetic")
-    real = build_dataset(items, cfg.data, train=classical)
+    # with the augmentation on whole batches (data.augment_on=device) the loader only decodes
+    batched = device_augment(cfg.data, device) is not None
+    real = build_dataset(items, cfg.data, train=classical and not batched)
     if cfg.arm == "real_dup":  # the synthetic arm's count-matched control: augmented real draws
         dup_tf = tensor_augment_transforms(cfg.data)
         return RealDuplicatesDataset(real, cfg.ratio, dup_tf), (real, dup_tf)
     if "synthetic" not in cfg.arm:
         return real, (real, None)
     labels = [int(it["label"]) for it in items]
-    source = synthetic_source(cfg.synthetic, cfg.data.image_size, device)
+    source = synthetic_source(cfg.synthetic, cfg.data.image_size, device, cfg.synthetic_temperature)
     if cfg.arm == "synthetic_filtered":
         source = FilteredSource(source, _label_judge(cfg, device))
-    syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment else None
+    syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment and not batched else None
     if cfg.arm in ("synthetic_only", "synthetic_pretrain"):  # pretrain: then real images, see _fit
         ds = SyntheticMixDataset.synthetic_only(real, labels, source, seed=cfg.seed)
     elif cfg.arm == "balanced_synthetic":  # the minority class topped up to the majority's count
@@ -195,7 +199,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         cfg.tracking.run_name or f"{cfg.arm}-f{cfg.fraction:g}-s{cfg.seed}-{stamp}"
     )
     # one process per run folder; a fresh run never mixes an earlier run's files (moved aside)
-    with engine.RunLock(run_dir, enabled=dinfo.is_main):
+    with RunLock(run_dir, enabled=dinfo.is_main):
         old_run_id = engine.previous_run_id(run_dir) if dinfo.is_main else None
         if dinfo.is_main:
             engine.set_aside(run_dir)
@@ -256,10 +260,14 @@ def _build_run(
         "train": records(manifest, cfg.data.train_split, cfg.data.max_train),
         "val": records(manifest, cfg.data.val_split, cfg.data.max_val),
         "test": records(manifest, cfg.test_split),
+        **{split: records(manifest, split) for split in cfg.extra_test_splits},
     }
     train_ds, (real_ds, syn_tf) = _train_dataset(cfg, items["train"], device)
     val_ds = build_dataset(items["val"], cfg.data, train=False)
-    test_ds = build_dataset(items["test"], cfg.data, train=False)
+    tests = {
+        split: make_loader(build_dataset(items[k], cfg.data, train=False), cfg.data, shuffle=False)
+        for split, k in ((cfg.test_split, "test"), *((x, x) for x in cfg.extra_test_splits))
+    }
     train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
     # synthetic_pretrain's second half: the real images alone
     finetune = (
@@ -274,7 +282,11 @@ def _build_run(
         "gen": gen,
         "finetune": finetune,  # (loader, sampler, generator) or None
         "val_loader": make_loader(val_ds, cfg.data, shuffle=False),
-        "test_loader": make_loader(test_ds, cfg.data, shuffle=False),
+        "test_loaders": tests,  # split -> loader: test_split first, then extra_test_splits
+        # classical arms with data.augment_on=device: the whole batch is augmented in the step
+        "batch_aug": device_augment(cfg.data, device)
+        if cfg.arm in ("classical", "classical+synthetic")
+        else None,
     }
     print(
         f"classify arm={cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: train={len(items['train'])} "
@@ -330,8 +342,12 @@ def make_step_fn(run: ClassifyRun, opt: torch.optim.Optimizer, sched) -> Any:
     # class balance by loss weight: Kermany's train split is ~3:1 pneumonia:normal
     pos_weight = torch.tensor((len(run.items["train"]) - n_pos) / max(n_pos, 1), device=device)
 
+    batch_aug = run.data["batch_aug"]
+
     def step_fn(batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
+        if batch_aug is not None:
+            x = batch_aug(x)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device).float()
@@ -424,9 +440,18 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
     run.net.load_state_dict(run.best["state"])
     yv, pv = predict(run.net, d["val_loader"], run.device)
     threshold = M.youden_threshold(yv, pv)
-    yt, pt = predict(run.net, d["test_loader"], run.device)
-    test = M.bootstrap_ci(yt, pt, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
-    results = {f"test/{k}": v for k, v in test.items()}
+    results: dict[str, Any] = {}
+    scored: dict[str, tuple[np.ndarray, np.ndarray, Path]] = {}
+    for i, (split, loader) in enumerate(d["test_loaders"].items()):
+        y, p = predict(run.net, loader, run.device)
+        # test_split's metrics and records keep their names (test/...), extra splits go under theirs
+        name = "test" if i == 0 else split
+        test = M.bootstrap_ci(y, p, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+        results.update({f"{name}/{k}": v for k, v in test.items()})
+        path = run_dir / ("test_scores.csv" if i == 0 else f"scores_{split}.csv")
+        paths = [it["image"] for it in run.items[name]]
+        pd.DataFrame({"path": paths, "label": y, "score": p}).to_csv(path, index=False)
+        scored[split] = (y, p, path)
     results.update(
         {
             "best_epoch": run.best["epoch"],
@@ -436,10 +461,9 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
         }
     )
     tracker.log_metrics(results, step=run.step)
-    scores = pd.DataFrame({"path": [it["image"] for it in run.items["test"]], "label": yt, "score": pt})
-    scores_path = run_dir / "test_scores.csv"
-    scores.to_csv(scores_path, index=False)
-    roc = plot_roc({f"{cfg.arm} (test)": (yt, pt), "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name)
+    yt, pt, scores_path = scored[cfg.test_split]
+    curves_roc = {f"{cfg.arm} ({split})": (y, p) for split, (y, p, _) in scored.items()}
+    roc = plot_roc({**curves_roc, "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name)
     hist = {k: v for k, v in tracker.history().items() if k in ("train/loss", "val/auroc", "val/loss")}
     curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
     ck = ckpt.save_checkpoint(
@@ -458,7 +482,7 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
             **training_provenance(cfg.arm, run.manifest, source_manifest),
         },
     )
-    for p in (scores_path, roc, curves):
+    for p in (*(v[2] for v in scored.values()), roc, curves):
         tracker.log_artifact(p, "eval")
     tracker.log_artifact(ck, "checkpoints")
     return {
@@ -467,5 +491,6 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
         "metrics": results,
         "checkpoint": str(ck),
         "scores": str(scores_path),
+        "extra_scores": {split: str(v[2]) for split, v in scored.items() if split != cfg.test_split},
         "roc": str(roc),
     }

@@ -1,38 +1,46 @@
 """``python -m pipeline.run gain [CONFIG.yaml] [key=value ...]``: does synthetic augmentation help?
 
-Arms x real-training fractions x seeds, each a child MLflow run of one parent run:
+A :class:`GainStudy` is a grid of :class:`Cell` values (real-data fraction x seed x arm), each a
+classifier child of one MLflow parent run, plus one VAE-GAN per (fraction, seed) that feeds its
+synthetic arms:
 
+* with ``holdout_fraction`` > 0, a test set is first carved by patient from the training pool (the
+  split ``holdout``: in distribution, unlike Kermany's shifted official test split); every child is
+  scored on both;
 * for each fraction f and seed s, a subset of the real train (and val) split is drawn by patient,
-  stratified by label (``pipeline.infra.data.write_subset_manifest``); the test split is never reduced;
-* the VAE-GAN that feeds the synthetic arms of (f, s) is trained on that subset only, so no real
-  image outside it reaches the classifier through the generator. At f = 1 every seed has the same
-  subset, so one generator (seeded with the first seed) serves all seeds (``generators=['1.0=PATH']``
-  reuses one trained before);
-* every arm is trained by the classify stage with the same seed, so arms can be paired by seed.
+  stratified by label; the test splits are never reduced. The real child of (f, s) trains first:
+  it is the judge of that subset's generator (validation gate, class fidelity) and of the
+  synthetic_filtered arm;
+* the generator of (f, s) is trained on that subset only, sized in optimiser steps
+  (``generator_steps``; the gate keeps the epoch with the best validation FD among label-faithful
+  ones as best.pt). At f = 1 every seed shares one generator (seeded with the first seed).
 
-Output on the parent run: per fraction and arm, the mean AUROC difference to real-only over seeds
-(paired by seed) with a 95 % t-interval, as a CSV, a Markdown table and a plot.
+**Records** (:mod:`pipeline.infra.records`, ``records=``; default ``OUT/records``): each finished
+child and generator writes a small JSON record (its config key, metrics, per-image test scores,
+steps, wall time; no weights, no absolute paths) meant to be committed. A study continues from
+them anywhere: a child or generator whose record holds the same key is done and is not trained
+again; one whose recorded key differs refuses the whole study before anything trains, naming the
+keys that changed. Weights live in ``OUT`` only: where a pending synthetic child needs a generator
+(or a judge) that was recorded on another machine, it is trained again there.
 
-Every input (manifest and its splits, generator checkpoints or MLflow URIs, the VAE-GAN config and
-overrides, each child's config) is checked before the parent run is created. The parent run ends
-FINISHED, FAILED (any error) or KILLED (Ctrl-C).
+**Budget**: with ``max_minutes``, the study stops before an item that its measured cost (from the
+records, else a prior) says would not fit, prints what is done and what is left with an estimate
+and exits with status 3 (:data:`pipeline.infra.config.EXIT_BUDGET`); the same command continues.
+A kill (SIGTERM, SIGKILL) mid-item loses that item only. The records folder and ``OUT`` are
+locked for the whole study: a second process on either is refused at once, naming the holder.
 
-Re-runs continue the study in ``out_dir/run_name``. Each finished child (classifier or generator)
-records the SHA-256 of its resolved config in ``gain_key.json`` in its folder: the child's whole
-config less where and how it logs (``COSMETIC_KEYS``), plus the content hash of the source manifest
-and of a given generator checkpoint. A finished child is reused only when its recorded hash is the
-new one. When any finished child, or the parent run's recorded gain config (``gain_config.json``),
-differs, the whole study is refused before anything trains, with each child and the keys that
-changed: another ``run_name`` (or ``out_dir``) starts a new study; removing a child's folder
-retrains that child.
+The table, the paired statistics and the plots come from the records alone
+(:mod:`pipeline.infra.study_report`; ``python -m pipeline.run report`` renders docs from them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
-import re
+import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,34 +52,38 @@ import pandas as pd
 
 from pipeline.classify import ClassifyConfig, classify
 from pipeline.evaluate import class_fidelity
-from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import distributed, tracking
-from pipeline.infra.config import ConfigError, flatten, from_dict, load_config, to_dict
-from pipeline.infra.data import write_subset_manifest
+from pipeline.infra.config import BudgetReached, ConfigError, flatten, from_dict, load_config, to_dict
+from pipeline.infra.data import batches_per_epoch, carve_split, write_subset_manifest
 from pipeline.infra.engine import check_writable, pick_device
 from pipeline.infra.loaders import file_sha256
-from pipeline.infra.metrics import combine_seed_deltas, mean_ci, paired_auroc_deltas
+from pipeline.infra.locks import RunLock
 from pipeline.infra.model_store import is_model_uri
-from pipeline.infra.stage_configs import ARMS, DEFAULT_ARMS, EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig  # noqa: F401 - re-exported; they live in pipeline.infra.stage_configs
+from pipeline.infra.records import StudyRecords
+from pipeline.infra.stage_configs import EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig
+from pipeline.infra.study_report import child_rows, summarise, to_markdown
 from pipeline.infra.viz import plot_gain
 from pipeline.ingest import resolve_manifest
 from pipeline.train import TrainConfig, train
-from transforms.manifest import ManifestError, atomic_write_text, read_manifest
+from transforms.manifest import ManifestError, read_manifest
 
-# ------------------------------------------------------------------------------ config keys
-KEY_FILE = "gain_key.json"  # in each finished child's folder: the hash of its resolved config
-PARENT_FILE = "gain_config.json"  # in the study folder: the parent run's gain config and its hash
-# where and how a run logs, how fast it goes, where it caches: left out of a child's key (the
-# folder a child lives in already fixes its out_dir and run name)
+# ------------------------------------------------------------------------------ what identifies a computation
+# where and how a run logs, how fast it goes, where it caches: left out of a key
 COSMETIC_KEYS = EXECUTION_KEYS | {"resume", "ckpt_every"}
 COSMETIC_PREFIXES = EXECUTION_PREFIXES
-# the parent's gain config: the base classify values the stage replaces in every child count for
-# nothing, nor does how the children log (the tracking store is checked by finding the parent in it)
-PARENT_COSMETIC_KEYS = frozenset(
-    {f"classify.{k}" for k in COSMETIC_KEYS}
-    | {f"classify.{k}" for k in ("arm", "seed", "fraction", "synthetic")}
+# paths whose content is keyed otherwise (the source manifest's hash, fraction and seed; the
+# generator's key; the judge's key), so a study continued from another folder keeps its keys
+CHILD_PATH_KEYS = frozenset({"data.manifest", "synthetic", "filter_classifier"})
+GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})
+# the study's own config: what the children are (not where the study writes, its budget, or the
+# base classify values each child replaces)
+STUDY_COSMETIC = frozenset(
+    {f"classify.{k}" for k in (*COSMETIC_KEYS, *CHILD_PATH_KEYS, "arm", "seed", "fraction")}
+    | {"out_dir", "run_name", "records", "max_minutes", "experiment"}
 )
-PARENT_COSMETIC_PREFIXES = ("classify.tracking.",)
+STUDY_COSMETIC_PREFIXES = ("classify.tracking.",)
+HOLDOUT = "holdout"  # the in-distribution test split carved from the training pool
+FIDELITY_WARN = 0.7  # below this class-fidelity AUROC a generator's labels are unreliable
 
 
 def _canonical(d: dict[str, Any]) -> dict[str, Any]:
@@ -79,25 +91,23 @@ def _canonical(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
-def keyed_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A stage config dict, flattened, less its cosmetic keys, each key under ``prefix``."""
-    flat = flatten(cfg)
+def keyed_config(cfg: dict[str, Any], prefix: str, paths: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A stage config dict, flattened, less its cosmetic and path keys, each key under ``prefix``."""
     return _canonical(
         {
             f"{prefix}{k}": v
-            for k, v in flat.items()
-            if k not in COSMETIC_KEYS and not k.startswith(COSMETIC_PREFIXES)
+            for k, v in flatten(cfg).items()
+            if k not in COSMETIC_KEYS and k not in paths and not k.startswith(COSMETIC_PREFIXES)
         }
     )
 
 
-def parent_config(cfg: GainConfig) -> dict[str, Any]:
-    flat = flatten(to_dict(cfg))
+def study_config(cfg: GainConfig) -> dict[str, Any]:
     return _canonical(
         {
             k: v
-            for k, v in flat.items()
-            if k not in PARENT_COSMETIC_KEYS and not k.startswith(PARENT_COSMETIC_PREFIXES)
+            for k, v in flatten(to_dict(cfg)).items()
+            if k not in STUDY_COSMETIC and not k.startswith(STUDY_COSMETIC_PREFIXES)
         }
     )
 
@@ -108,18 +118,11 @@ def config_key(flat: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_changes(
-    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
-) -> list[str]:
-    """``key: OLD -> NEW`` for every key that differs. A key the old record lacks whose new value is
-    its default is no change: a config field added to the code since, at the value that keeps the
-    old behaviour."""
-    defaults = defaults or {}
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: OLD -> NEW`` for every key that differs."""
     out = []
     for k in sorted(set(old) | set(new)):
         if k not in old:
-            if k in defaults and defaults[k] == new[k]:
-                continue
             out.append(f"{k}: (not recorded) -> {new[k]!r}")
         elif k not in new:
             out.append(f"{k}: {old[k]!r} -> (no such key now)")
@@ -128,182 +131,712 @@ def config_changes(
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+# ------------------------------------------------------------------------------ the study's values
+@dataclass(frozen=True)
+class Cell:
+    """One classifier child: an arm trained on a fraction of the real data with a seed."""
+
+    fraction: float
+    seed: int
+    arm: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-f{self.fraction:g}-s{self.seed}"
+
+    @property
+    def synthetic(self) -> bool:
+        return "synthetic" in self.arm
+
+    def real(self) -> Cell:
+        """The same subset's real-only child: the judge of its generator and filter."""
+        return Cell(self.fraction, self.seed, "real")
 
 
-def _write_record(folder: Path, flat: dict[str, Any], parent_id: str | None, run_id: str | None) -> None:
-
-    record = {"key": config_key(flat), "parent_run_id": parent_id, "run_id": run_id, "config": flat}
-    atomic_write_text(folder / KEY_FILE, json.dumps(record, indent=1, sort_keys=True))
-
-
-# ------------------------------------------------------------------------------ generators
-def _given_generators(cfg: GainConfig) -> dict[float, str]:
-    return {float(g.partition("=")[0]): g.partition("=")[2] for g in cfg.generators}
-
-
-def _generator_seed(cfg: GainConfig, fraction: float, seed: int) -> int:
-    """At fraction 1.0 every seed shares one generator, trained with the first seed."""
-    return cfg.seeds[0] if fraction == 1.0 else seed
-
-
-def _generator_name(fraction: float, seed: int) -> str:
+def generator_name(fraction: float, seed: int) -> str:
     return f"vaegan-f{fraction:g}" + ("" if fraction == 1.0 else f"-s{seed}")
 
 
-def _subset_path(manifest: Path, out: Path, fraction: float, seed: int) -> Path:
-    return manifest if fraction == 1.0 else out / "subsets" / f"f{fraction:g}_s{seed}.csv"
+@dataclass
+class Item:
+    """A child or a generator of the plan: its config, key, and whether a record says it is done."""
+
+    kind: str  # "children" | "generators"
+    name: str
+    config: Any  # ClassifyConfig | TrainConfig
+    keyed: dict[str, Any]
+    steps: int  # optimiser steps it will train
+    record: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return config_key(self.keyed)
 
 
-def _generator_config(cfg: GainConfig, fraction: float, seed: int, sub: Path, out: Path, parent_id: str):
-    """The TrainConfig of the (fraction, seed) VAE-GAN (``seed``: the generator's own seed)."""
+@dataclass
+class CostModel:
+    """Seconds an item will take: fitted on the recorded items (wall time against optimiser
+    steps), else a prior measured on a 2-core AVX2 EPYC (docs/gain.md, "What the study costs")."""
 
-    overrides = [
-        f"data.manifest={sub}",
-        # the generator must make images of the classifier's size
-        f"data.image_size={cfg.classify.data.image_size}",
-        "model.image_size=0",
-        f"seed={seed}",
-        f"out_dir={out / 'generators'}",
-        f"tracking.run_name={_generator_name(fraction, seed)}",
-        f"tracking.experiment={cfg.experiment}",
-        f"tracking.uri={cfg.classify.tracking.uri}",
-        f"tracking.parent_run_id={parent_id}",
-        "tracking.register_model=''",
-        *cfg.vaegan_overrides,
-    ]
-    return load_config(TrainConfig, cfg.vaegan_config or None, overrides)
-
-
-def _generator_for(
-    cfg: GainConfig,
-    fraction: float,
-    seed: int,
-    manifest: Path,
-    out: Path,
-    parent_id: str,
-    cache: dict,
-    dinfo: distributed.DistInfo,
-    plan: _Plan,
-    progress: _Progress,
-) -> str:
-    """A generator checkpoint trained on exactly this subset (trained, resumed or reused)."""
-
-    given = _given_generators(cfg)
-    if fraction in given:
-        return given[fraction]
-    gseed = _generator_seed(cfg, fraction, seed)
-    name = _generator_name(fraction, gseed)
-    if name in cache:
-        return cache[name]
-    run_dir = out / "generators" / name
-    last = run_dir / "checkpoints" / "last.pt"
-    tcfg = _generator_config(
-        cfg, fraction, gseed, _subset_path(manifest, out, fraction, seed), out, parent_id
+    child_fit: dict[bool, tuple[float, float]] = field(default_factory=dict)  # synthetic? -> (a, b)
+    generator_s_per_step: float = 0.45
+    priors: dict[bool, tuple[float, float]] = field(
+        default_factory=lambda: {False: (8.0, 0.12), True: (25.0, 0.16)}
     )
-    # under torchrun every replica must take the same branch: rank 0 reads the files
-    if distributed.agree((run_dir / "done").is_file() and last.is_file(), dinfo):
-        if dinfo.is_main and name in plan.adopt:  # finished before keys were recorded: record it now
-            _write_record(run_dir, plan.generators[name], parent_id, None)
-        cache[name] = str(last)
-        return cache[name]
-    if distributed.agree(last.is_file(), dinfo):
-        tcfg.resume = str(last)  # an interrupted generator continues where it stopped
-    if dinfo.is_main:
+
+    @classmethod
+    def from_records(cls, children: list[dict], generators: list[dict]) -> CostModel:
+        model = cls()
+        for syn in (False, True):
+            pts = [
+                (float(r["optimizer_steps"]), float(r["wall_s"]))
+                for r in children
+                if ("synthetic" in r["arm"]) == syn and r.get("wall_s")
+            ]
+            steps = np.array([p[0] for p in pts])
+            wall = np.array([p[1] for p in pts])
+            if len(set(steps.tolist())) >= 2:
+                b, a = np.polyfit(steps, wall, 1)
+                model.child_fit[syn] = (max(float(a), 0.0), max(float(b), 1e-4))
+            elif len(pts):
+                model.child_fit[syn] = (0.0, float(wall.mean() / max(steps.mean(), 1)))
+        rates = [g["wall_s"] / g["steps"] for g in generators if g.get("steps") and g.get("wall_s")]
+        if rates:
+            model.generator_s_per_step = float(np.mean(rates))
+        return model
+
+    def seconds(self, item: Item) -> float:
+        if item.kind == "generators":
+            return self.generator_s_per_step * item.steps
+        syn = "synthetic" in item.name.split("-f")[0]
+        a, b = self.child_fit.get(syn) or self.child_fit.get(not syn) or self.priors[syn]
+        return a + b * item.steps
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ------------------------------------------------------------------------------ the study
+class GainStudy:
+    """The plan of a study (every cell's config and key, checked against the records before
+    anything trains), its run (cells in order under a budget), and its table."""
+
+    def __init__(self, cfg: GainConfig) -> None:
+        self.cfg, self.base = cfg, copy.deepcopy(cfg.classify)
+        self.out = Path(cfg.out_dir) / (cfg.run_name or "gain")
+        self.records = StudyRecords(cfg.records or self.out / "records")
+        self.dinfo = distributed.init()
+        self.t0 = time.time()
+        self.deadline = self.t0 + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+        self.given = {float(g.partition("=")[0]): g.partition("=")[2] for g in cfg.generators}
+        self.source: Path | None = None  # the manifest the user named
+        self.manifest: Path | None = None  # the study's manifest (with the holdout split, if carved)
+        self.children: dict[str, Item] = {}
+        self.generators: dict[str, Item] = {}
+        self.paths: dict[str, str] = {}  # generator name -> checkpoint this process can use
+        self.cost = CostModel()
+        self.client = None
+        self.parent_id: str | None = None
+        self.trained = 0
+
+    # ---------------------------------------------------------------- cells and their files
+    def cells(self) -> list[Cell]:
+        """Every child, in the order they train: per fraction and seed, real first (the judge)."""
+        arms = ["real", *(a for a in self.cfg.arms if a != "real")]
+        return [Cell(f, s, a) for f in self.cfg.fractions for s in self.cfg.seeds for a in arms]
+
+    def subset(self, fraction: float, seed: int) -> Path:
+        return self.manifest if fraction == 1.0 else self.out / "subsets" / f"f{fraction:g}_s{seed}.csv"
+
+    def child_dir(self, cell: Cell) -> Path:
+        return self.out / "children" / cell.name
+
+    def generator_of(self, cell: Cell) -> str | None:
+        if not cell.synthetic:
+            return None
+        if cell.fraction in self.given:
+            return f"given-f{cell.fraction:g}"
+        return generator_name(cell.fraction, self.cfg.seeds[0] if cell.fraction == 1.0 else cell.seed)
+
+    def judge_cell(self, gname: str) -> Cell:
+        """The real child whose classifier gates the generator ``gname`` (the first seed's at f = 1)."""
+        fraction, _, seed = gname.removeprefix("vaegan-f").partition("-s")
+        f = float(fraction)
+        return Cell(f, int(seed) if seed else self.cfg.seeds[0], "real")
+
+    # ---------------------------------------------------------------- planning
+    def check_inputs(self) -> None:
+        """Every input the study reads, checked before a run is created; one ConfigError lists
+        every problem, each naming its key."""
+        cfg, base, problems = self.cfg, self.base, []
+        if base.data.manifest and not Path(base.data.manifest).is_file():
+            problems.append(
+                f"classify.data.manifest: {base.data.manifest} does not exist (run the ingest stage first)"
+            )
+        else:
+            try:
+                self.source = resolve_manifest(base.data)
+                splits = set(read_manifest(self.source)[0]["split"])
+            except ManifestError as e:
+                problems.append(f"classify.data.manifest: {e}")
+            else:
+                for key, split in (
+                    ("classify.data.train_split", base.data.train_split),
+                    ("classify.data.val_split", base.data.val_split),
+                    ("classify.test_split", base.test_split),
+                ):
+                    if split not in splits:
+                        problems.append(
+                            f"{key}={split!r}: {self.source} has no such split (it has {sorted(splits)})"
+                        )
+                if cfg.holdout_fraction > 0 and HOLDOUT in splits:
+                    problems.append(f"holdout_fraction: {self.source} already has a split {HOLDOUT!r}")
+        if any("synthetic" in a for a in cfg.arms):
+            if cfg.vaegan_config and not Path(cfg.vaegan_config).is_file():
+                problems.append(f"vaegan_config: {cfg.vaegan_config} does not exist")
+            for entry in cfg.generators:
+                why = _generator_problem(entry.partition("=")[2], base.data.image_size)
+                if why:
+                    problems.append(f"generators entry {entry!r}: {why}")
+        if problems:
+            raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(problems))
+
+    def prepare_data(self) -> None:
+        """The study's manifest (the holdout carved first) and each (fraction, seed) subset."""
+        cfg = self.cfg
+        self.manifest = self.source
+        if cfg.holdout_fraction > 0:
+            self.manifest = carve_split(
+                self.source, cfg.holdout_fraction, cfg.holdout_seed, HOLDOUT, self.out / "study_manifest.csv"
+            )
+        for f in cfg.fractions:
+            for s in cfg.seeds:
+                if f != 1.0:
+                    write_subset_manifest(self.manifest, f, s, self.subset(f, s))
+
+    def plan(self) -> None:
+        """Every child's and generator's config (checked) and key, each matched with its record:
+        a record with another key refuses the study here, before anything trains."""
+        self.sha = file_sha256(self.source)
+        self.data_key = {"source_manifest_sha256": self.sha}
+        if self.cfg.holdout_fraction > 0:
+            self.data_key["holdout"] = [self.cfg.holdout_fraction, self.cfg.holdout_seed]
+        bad, changed = [], []
+        study = self.records.study()
+        now = study_config(self.cfg)
+        if study is not None and study.get("key") != config_key(now):
+            changed.append(
+                f"study ({self.records.folder / 'study.json'}): "
+                + "; ".join(config_changes(study["config"], now))
+            )
+        for cell in self.cells():
+            try:
+                self._plan_cell(cell)
+            except ConfigError as e:
+                bad.append(str(e))
+        for item in [*self.generators.values(), *self.children.values()]:
+            rec = self.records.read(item.kind, item.name)
+            if rec is None:
+                continue
+            if rec.get("key") == item.key:
+                item.record = rec
+            else:
+                diff = config_changes(rec.get("config") or {}, item.keyed)
+                shown = diff[:8] + ([f"+{len(diff) - 8} more"] if len(diff) > 8 else [])
+                changed.append(f"{item.kind[:-1]} {item.name}: " + "; ".join(shown or ["(key differs)"]))
+        if bad:
+            raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(bad))
+        if changed:
+            raise ConfigError(
+                f"gain: the study recorded in {self.records.folder} was run with another config; nothing "
+                "was trained.\n  "
+                + "\n  ".join(changed)
+                + "\nA recorded item is reused only with the config "
+                "it was trained with: remove its record to retrain it with this config, or start a new "
+                "study with another records= (and run_name=)."
+            )
+        recorded = [i.record for i in self.children.values() if i.record]
+        self.cost = CostModel.from_records(recorded, [i.record for i in self.generators.values() if i.record])
+
+    def _plan_cell(self, cell: Cell) -> None:
+        gname = self.generator_of(cell)
+        if gname is not None and gname not in self.generators:
+            self._plan_generator(gname)
+        c = self.child_config(cell, gname)
+        try:
+            from_dict(ClassifyConfig, to_dict(c))  # the checks of ClassifyConfig.__post_init__
+        except ConfigError as e:
+            raise ConfigError(f"child {cell.name}: {e}") from None
+        keyed = keyed_config(to_dict(c), "classify.", CHILD_PATH_KEYS)
+        keyed.update({**self.data_key, "fraction": cell.fraction, "subset_seed": cell.seed})
+        if gname is not None:
+            keyed["generator_key"] = self.generators[gname].key
+        if cell.arm == "synthetic_filtered":  # retrained when its judge, the real child, is
+            keyed["judge_key"] = self.children[cell.real().name].key
+        n_real = self._n_train(cell.fraction, cell.seed)
+        steps = c.epochs * batches_per_epoch(n_real, c.data, self.dinfo)
+        self.children[cell.name] = Item("children", cell.name, c, _canonical(keyed), steps)
+
+    def _plan_generator(self, gname: str) -> None:
+        if gname.startswith("given-"):
+            path = self.given[float(gname.removeprefix("given-f"))]
+            local = not is_model_uri(path) or Path(path).exists()
+            keyed = {"generator.path": path, "generator.sha256": file_sha256(path) if local else None}
+            self.generators[gname] = Item("generators", gname, None, keyed, 0)
+            self.paths[gname] = path
+            return
+        judge = self.judge_cell(gname)
+        try:
+            tcfg = self.generator_config(gname, judge)
+        except ConfigError as e:
+            raise ConfigError(f"vaegan_config / vaegan_overrides (generator {gname}): {e}") from None
+        keyed = keyed_config(to_dict(tcfg), "generator.train.", GENERATOR_PATH_KEYS)
+        keyed.update(
+            {**{f"generator.{k}": v for k, v in self.data_key.items()}, "generator.fraction": judge.fraction}
+        )
+        if tcfg.gate.every:  # the gate's judge: the real child of its subset
+            keyed["generator.judge_key"] = self.children[judge.name].key
+        steps = tcfg.epochs * batches_per_epoch(
+            self._n_train(judge.fraction, judge.seed), tcfg.data, self.dinfo
+        )
+        self.generators[gname] = Item("generators", gname, tcfg, _canonical(keyed), steps)
+
+    def _n_train(self, fraction: float, seed: int) -> int:
+        df, _ = read_manifest(self.subset(fraction, seed), self.base.data.train_split)
+        return len(df)
+
+    def child_config(self, cell: Cell, gname: str | None) -> ClassifyConfig:
+        c = copy.deepcopy(self.base)
+        c.data.manifest = str(self.subset(cell.fraction, cell.seed))
+        c.arm, c.seed, c.fraction = cell.arm, cell.seed, 1.0  # the subset manifest is the fraction
+        c.synthetic = self.generator_path(gname) if gname else ""
+        c.out_dir = str(self.out / "children")
+        c.tracking.experiment = self.cfg.experiment
+        c.tracking.run_name = cell.name
+        c.tracking.parent_run_id = self.parent_id or ""
+        if self.cfg.holdout_fraction > 0 and HOLDOUT not in c.extra_test_splits:
+            c.extra_test_splits = [*c.extra_test_splits, HOLDOUT]
+        if cell.arm == "synthetic_filtered":  # the same subset's real-only classifier judges the images
+            c.filter_classifier = str(self.child_dir(cell.real()) / "classifier.pt")
+        return c
+
+    def generator_path(self, gname: str) -> str:
+        """The checkpoint the synthetic arms load: the gate's best.pt when it kept one, else last.pt."""
+        if gname in self.paths:
+            return self.paths[gname]
+        ckpts = self.out / "generators" / gname / "checkpoints"
+        return str(ckpts / "best.pt") if (ckpts / "best.pt").is_file() else str(ckpts / "last.pt")
+
+    def generator_config(self, gname: str, judge: Cell) -> TrainConfig:
+        """The VAE-GAN of a subset: the classifier's image size, sized in optimiser steps
+        (``generator_steps``) with the validation gate judged by the subset's real child."""
+        cfg = self.cfg
+        overrides = [
+            f"data.manifest={self.subset(judge.fraction, judge.seed)}",
+            f"data.image_size={self.base.data.image_size}",  # the classifier's size
+            "model.image_size=0",
+            f"data.cache={self.base.data.cache}",
+            f"data.cache_dir={self.base.data.cache_dir}",
+            f"seed={judge.seed}",
+            f"out_dir={self.out / 'generators'}",
+            f"tracking.run_name={gname}",
+            f"tracking.experiment={cfg.experiment}",
+            f"tracking.uri={self.base.tracking.uri}",
+            f"tracking.parent_run_id={self.parent_id or ''}",
+            "tracking.register_model=''",
+            *cfg.vaegan_overrides,
+        ]
+        tcfg = load_config(TrainConfig, cfg.vaegan_config or None, overrides)
+        if cfg.generator_steps > 0:
+            per_epoch = batches_per_epoch(self._n_train(judge.fraction, judge.seed), tcfg.data, self.dinfo)
+            tcfg.epochs = max(1, math.ceil(cfg.generator_steps / per_epoch))
+            if cfg.gate_checks > 0:
+                tcfg.gate.every = max(1, tcfg.epochs // cfg.gate_checks)
+                tcfg.gate.extractor = str(self.child_dir(judge) / "classifier.pt")
+        return tcfg
+
+    # ---------------------------------------------------------------- running
+    def pending(self) -> list[Item]:
+        return [i for i in (*self.generators.values(), *self.children.values()) if i.record is None]
+
+    def eta(self) -> float:
+        return sum(self.cost.seconds(i) for i in self.pending())
+
+    def check_budget(self, item: Item, extra: float = 0.0) -> None:
+        """Stop (BudgetReached) before ``item`` when its estimated cost does not fit the budget."""
+        need = self.cost.seconds(item) + extra
+        stop = self.dinfo.is_main and time.time() + need > self.deadline
+        if not distributed.agree(stop, self.dinfo):
+            return
+        left = self.pending()
+        done = len(self.children) + len(self.generators) - len(left)
+        msg = (
+            f"gain: stopped at the time budget (max_minutes={self.cfg.max_minutes:g}) before {item.name} "
+            f"(~{_duration(need)}): {done} item(s) recorded in {self.records.folder}, {len(left)} left "
+            f"(~{_duration(self.eta())} of this machine). Run the same command again to continue."
+        )
+        raise BudgetReached(msg, done, len(left), self.eta())
+
+    def run(self) -> pd.DataFrame:
+        """Every cell in order (a recorded one is skipped), then the class fidelity of each generator."""
+        total = len(self.children)
+        for k, cell in enumerate(self.cells(), 1):
+            item = self.children[cell.name]
+            if self.dinfo.is_main:
+                what = "recorded, reused" if item.record else f"training; about {_duration(self.eta())} left"
+                print(
+                    f"gain: [{k}/{total}] arm={cell.arm} fraction={cell.fraction:g} seed={cell.seed}: {what}",
+                    flush=True,
+                )
+            if item.record is None:
+                self.train_child(cell, item)
+            if cell.synthetic:
+                self.score_generator(cell)
+        return child_rows(self.records.all("children"), self.records.all("generators"), set(self.children))
+
+    def ensure_judge(self, real: Cell) -> None:
+        """The real child's weights in this folder (a child recorded elsewhere is trained again)."""
+        if distributed.agree((self.child_dir(real) / "classifier.pt").is_file(), self.dinfo):
+            return
+        if self.dinfo.is_main:
+            print(
+                f"gain: {real.name} is recorded but its weights are not here (they are not committed): training it again as a judge",
+                flush=True,
+            )
+        classify(self.child_config(real, None))
+
+    def ensure_generator(self, gname: str) -> str:
+        """A checkpoint of the generator ``gname`` (trained, resumed, or trained again where only its
+        record travelled); returns its path."""
+        item = self.generators[gname]
+        if gname.startswith("given-"):
+            return self.paths[gname]
+        if distributed.agree(
+            Path(self.generator_path(gname)).is_file()
+            and (self.out / "generators" / gname / "done").is_file(),
+            self.dinfo,
+        ):
+            return self.generator_path(gname)
+        judge = self.judge_cell(gname)
+        if item.config.gate.every:
+            self.ensure_judge(judge)
+        self.check_budget(item)
+        tcfg = copy.deepcopy(item.config)
+        tcfg.tracking.parent_run_id = self.parent_id or ""
+        last = self.out / "generators" / gname / "checkpoints" / "last.pt"
+        if distributed.agree(last.is_file(), self.dinfo):
+            tcfg.resume = str(last)  # an interrupted generator continues where it stopped
+        if self.dinfo.is_main:
+            again = " again (recorded elsewhere; weights are not committed)" if item.record else ""
+            print(
+                f"gain: training the generator {gname}{again} for {item.steps} steps on {tcfg.data.manifest}",
+                flush=True,
+            )
+        t0 = time.time()
+        res = train(tcfg)
+        wall = time.time() - t0
+        if self.dinfo.is_main:
+            (self.out / "generators" / gname / "done").write_text(str(res["run_id"]))
+            if item.record is None:
+                gate = res.get("gate") or {}
+                best = gate.get("best") or {}
+                self.records.write(
+                    "generators",
+                    gname,
+                    {
+                        "key": item.key,
+                        "config": item.keyed,
+                        "fraction": judge.fraction,
+                        "seed": judge.seed,
+                        "steps": int(res.get("steps", item.steps)),
+                        "epochs": tcfg.epochs,
+                        "wall_s": round(wall, 1),
+                        "run_id": res["run_id"],
+                        "parent_run_id": self.parent_id,
+                        "gate": {
+                            "checks": gate.get("checks", []),
+                            "best": {
+                                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in best.items()
+                            },
+                            "kept": "best.pt" if gate.get("best_checkpoint") else "last.pt",
+                        },
+                        "code_version": tracking.git_commit(),
+                    },
+                )
+                item.record = self.records.read("generators", gname)
+                self.cost = CostModel.from_records(
+                    [i.record for i in self.children.values() if i.record],
+                    [i.record for i in self.generators.values() if i.record],
+                )
+        return self.generator_path(gname)
+
+    def train_child(self, cell: Cell, item: Item) -> None:
+        gname = self.generator_of(cell)
+        extra = 0.0
+        if gname is not None and not Path(self.generator_path(gname)).is_file():
+            extra = self.cost.seconds(self.generators[gname])
+        self.check_budget(item, extra)
+        if gname is not None:
+            self.ensure_generator(gname)
+        if cell.arm == "synthetic_filtered":
+            self.ensure_judge(cell.real())
+        c = self.child_config(cell, gname)  # now with the parent run and the generator's checkpoint
+        t0 = time.time()
+        res = classify(c)
+        wall = time.time() - t0
+        self.trained += 1
+        if not self.dinfo.is_main:
+            return
+        self.records.write("children", cell.name, self.child_record(cell, item, res, wall, gname))
+        item.record = self.records.read("children", cell.name)
+        if res["run_id"] and self.client is not None:  # None: the child's tracking is buffered in its outbox
+            self.client.set_tag(
+                res["run_id"], "fraction", f"{cell.fraction:g}"
+            )  # the child sees its subset as 1.0
+            self.client.set_tag(res["run_id"], "gain_key", item.key)
+        self.cost = CostModel.from_records(
+            [i.record for i in self.children.values() if i.record],
+            [i.record for i in self.generators.values() if i.record],
+        )
+
+    def child_record(self, cell: Cell, item: Item, res: dict, wall: float, gname: str | None) -> dict:
+        root = Path(self.source).resolve().parent
+        scores = {item.config.test_split: _scores(res["scores"], root)}
+        for split, path in (res.get("extra_scores") or {}).items():
+            scores[split] = _scores(path, root)
+        m = res["metrics"]
+        return {
+            "key": item.key,
+            "config": item.keyed,
+            "fraction": cell.fraction,
+            "seed": cell.seed,
+            "arm": cell.arm,
+            "generator": gname,
+            "test_split": item.config.test_split,
+            "metrics": {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()
+            },
+            "optimizer_steps": int(m.get("optimizer_steps", 0)),
+            "wall_s": round(wall, 1),
+            "run_id": res["run_id"],
+            "parent_run_id": self.parent_id,
+            "scores": scores,
+            "code_version": tracking.git_commit(),
+        }
+
+    def score_generator(self, cell: Cell) -> None:
+        """Class fidelity of the cell's generator, judged by that seed's real-only classifier: a
+        generator can lose its class conditioning with nothing odd in its losses, and its synthetic
+        arms then measure wrong labels. Kept in the generator's record (per seed), computed once."""
+        gname = self.generator_of(cell)
+        item = self.generators[gname]
+        real = self.children[cell.real().name]
+        if not self.dinfo.is_main or gname.startswith("given-") or item.record is None:
+            if gname.startswith("given-") and self.dinfo.is_main:
+                self._given_fidelity(cell, gname)
+            return
+        done = (item.record.get("class_fidelity") or {}).get(str(cell.seed)) or {}
+        if done.get("classifier_key") == real.key:
+            return
+        gen = self.ensure_generator(gname)
+        self.ensure_judge(cell.real())
+        fid = class_fidelity(
+            gen,
+            self.child_dir(cell.real()) / "classifier.pt",
+            seed=cell.seed,
+            device=pick_device(self.base.device),
+        )
+        entry = {k: fid.get(k) for k in ("auroc", "auroc_lo", "auroc_hi", "n")} | {"classifier_key": real.key}
+        rec = dict(item.record)
+        rec["class_fidelity"] = {**(rec.get("class_fidelity") or {}), str(cell.seed): entry}
+        self.records.write("generators", gname, rec)
+        item.record = self.records.read("generators", gname)
+        _warn_fidelity(gname, cell, entry.get("auroc"))
+
+    def _given_fidelity(self, cell: Cell, gname: str) -> None:
+        path = self.out / "children" / f"generator-fidelity-{gname}-s{cell.seed}.json"
+        if path.is_file():
+            return
+        clf = self.child_dir(cell.real()) / "classifier.pt"
+        if not clf.is_file():
+            return
+        fid = class_fidelity(self.paths[gname], clf, seed=cell.seed, device=pick_device(self.base.device))
+        path.write_text(json.dumps(fid, indent=1, default=str))
+        _warn_fidelity(gname, cell, fid.get("auroc"))
+
+    # ---------------------------------------------------------------- the parent run and the table
+    def open_parent(self) -> None:
+        """The MLflow run every child hangs under; a re-run in the same folder continues it."""
+        import mlflow
+        from mlflow.entities import Param
+
+        check_writable(self.out)
+        tcfg = copy.deepcopy(self.base.tracking)
+        tcfg.experiment = self.cfg.experiment
+        exp_id = tracking.setup(tcfg)
+        self.client = client = mlflow.tracking.MlflowClient()
+        state = self.out / "parent_run_id"
+        if state.is_file():
+            self.parent_id = state.read_text().strip()
+            try:
+                run = client.get_run(self.parent_id)
+            except Exception as e:  # noqa: BLE001 - MlflowException, or a store that cannot be read
+                raise ConfigError(
+                    f"gain: {state} names the parent run {self.parent_id}, which the tracking store "
+                    f"{tracking.resolve_uri(tcfg)} does not have ({type(e).__name__}): use the store the study "
+                    "was started in (classify.tracking.uri), or another run_name= (the records carry the study)"
+                ) from None
+            if run.info.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    f"gain: the parent run {self.parent_id} named in {state} was deleted: restore it, or use another run_name="
+                )
+            if run.info.status != "RUNNING":
+                client.update_run(self.parent_id, status="RUNNING")
+        else:
+            now = study_config(self.cfg)
+            parent = client.create_run(
+                exp_id,
+                run_name=self.cfg.run_name or f"gain-{time.strftime('%Y%m%d-%H%M%S')}",
+                tags={
+                    "stage": "gain",
+                    "git_commit": tracking.git_commit(),
+                    "data.manifest": str(self.source),
+                    "gain_config_key": config_key(now),
+                },
+            )
+            self.parent_id = parent.info.run_id
+            try:
+                params = [Param(k, str(v)[:500]) for k, v in flatten(to_dict(self.cfg)).items()]
+                for i in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+                    client.log_batch(self.parent_id, params=params[i : i + 100])
+                state.write_text(self.parent_id)
+            except BaseException as e:
+                self.end_parent(e)
+                raise
+        print(f"gain: parent MLflow run {self.parent_id} in experiment {self.cfg.experiment}", flush=True)
+
+    def end_parent(self, exc: BaseException) -> None:
+        """End the parent run FAILED (KILLED on Ctrl-C, SIGTERM or the budget); a tracking error
+        here is printed, never raised over ``exc``."""
+        if self.client is None or self.parent_id is None:
+            return
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, BudgetReached)) else "FAILED"
+        try:
+            self.client.set_tag(self.parent_id, "gain.error", f"{type(exc).__name__}: {exc}"[:500])
+            self.client.set_terminated(self.parent_id, status)
+        except Exception as e:  # noqa: BLE001 - the study's own error is the one to raise
+            print(
+                f"gain: could not mark the parent run {self.parent_id} {status}: {e}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         print(
-            f"gain: training the generator {name} for fraction {fraction:g} on {tcfg.data.manifest}",
+            f"gain: parent run {self.parent_id} ended {status} ({type(exc).__name__}: {exc})",
+            file=sys.stderr,
             flush=True,
         )
-    t0 = time.time()
-    res = train(tcfg)
-    progress.generator_done(time.time() - t0)
-    if dinfo.is_main:
-        (run_dir / "done").write_text(str(res["run_id"]))
-        _write_record(run_dir, plan.generators[name], parent_id, res["run_id"])
-    cache[name] = res["checkpoint"]
-    return cache[name]
+
+    def finish(self, rows: pd.DataFrame) -> dict[str, Any]:
+        """The table, the plots and the metrics on the parent run (ended FINISHED)."""
+        out, client, pid = self.out, self.client, self.parent_id
+        table = summarise(rows)
+        rows.drop(columns=["labels", "scores"]).to_csv(out / "gain_runs.csv", index=False)
+        table.to_csv(out / "gain_table.csv", index=False)
+        md = ""
+        for split, t in table.groupby("split", sort=False):
+            md += f"### {split}\n\n" + to_markdown(t) + "\n"
+        (out / "gain_table.md").write_text(md)
+        test = table[table["split"] == self.base.test_split]
+        plots = [
+            plot_gain(
+                test,
+                out / "gain.png",
+                title=f"AUROC gain over real-only, paired ({len(self.cfg.seeds)} seeds)",
+            )
+        ]
+        if "real_dup" in set(test["arm"]):
+            plots.append(
+                plot_gain(
+                    test,
+                    out / "gain_vs_real_dup.png",
+                    title="AUROC gain over real_dup, paired",
+                    ref="real_dup",
+                )
+            )
+        for p in ("gain_runs.csv", "gain_table.csv", "gain_table.md", *(Path(p).name for p in plots)):
+            client.log_artifact(pid, str(out / p), "gain")
+        for r in table.itertuples():
+            tag = "" if r.split == self.base.test_split else f"{r.split}/"
+            if r.arm != "real" and np.isfinite(r.paired_delta):
+                client.log_metric(pid, f"{tag}delta_auroc/{r.arm}/f{r.fraction:g}", float(r.paired_delta))
+            client.log_metric(pid, f"{tag}auroc/{r.arm}/f{r.fraction:g}", float(r.auroc))
+        client.set_terminated(pid, "FINISHED")
+        print(md)
+        print(f"gain: done in {time.time() - self.t0:.0f}s; table {out / 'gain_table.md'}, plot {plots[0]}")
+        print(f"MLflow parent run id: {pid}")
+        runs = (
+            rows[rows["split"] == self.base.test_split]
+            .drop(columns=["labels", "scores"])
+            .reset_index(drop=True)
+        )
+        return {
+            "parent_run_id": pid,
+            "table": table,
+            "runs": runs,
+            "plot": str(plots[0]),
+            "trained": self.trained,
+        }
 
 
-def _child_config(
-    cfg: GainConfig,
-    base: ClassifyConfig,
-    arm: str,
-    fraction: float,
-    seed: int,
-    sub: Path | str,
-    gen_path: str | None,
-    out: Path,
-    parent_id: str,
-) -> ClassifyConfig:
-    c = copy.deepcopy(base)
-    c.data.manifest = str(sub)
-    c.arm, c.seed, c.fraction = arm, seed, 1.0  # the subset manifest is the fraction
-    c.synthetic = gen_path or ""
-    c.out_dir = str(out / "children")
-    c.tracking.experiment = cfg.experiment
-    c.tracking.run_name = f"{arm}-f{fraction:g}-s{seed}"
-    c.tracking.parent_run_id = parent_id
-    if arm == "synthetic_filtered":  # the same subset's real-only classifier judges the images
-        c.filter_classifier = str(out / "children" / f"real-f{fraction:g}-s{seed}" / "classifier.pt")
-    return c
+def _scores(path: str | Path, root: Path) -> dict[str, Any]:
+    """Per-image scores of a child on one split, for its record: image ids relative to the data
+    (no absolute path), their digest (what pairing compares), labels and scores."""
+    df = pd.read_csv(path)
+    ids = [_relative(p, root) for p in df["path"]]
+    return {
+        "images_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "n": len(ids),
+        "labels": [int(v) for v in df["label"]],
+        "scores": [round(float(v), 7) for v in df["score"]],
+    }
 
 
-def _child_keyed(c: ClassifyConfig, manifest_sha: str, fraction: float, generator: dict | None) -> dict:
-    """What a classifier child's result depends on: its config, the data, its generator's key."""
-    flat = keyed_config(to_dict(c), "classify.")
-    flat.update({"source_manifest_sha256": manifest_sha, "fraction": fraction})
-    if generator is not None:
-        flat.update(generator)
-    return _canonical(flat)
+def _relative(path: str, root: Path) -> str:
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(root))
+    except ValueError:
+        return p.name
 
 
-# ------------------------------------------------------------------------------ before anything trains
-@dataclass
-class _Plan:
-    """What rank 0 found before the parent run was created: the key of every child, what is
-    already done, what will train."""
-
-    parent_id: str | None  # the study's existing parent run (None: a new one will be created)
-    generators: dict[str, dict] = field(default_factory=dict)  # generator name -> keyed config
-    children: dict[str, dict] = field(default_factory=dict)  # child name -> keyed config
-    to_train: list[str] = field(default_factory=list)  # children, in order
-    generators_to_train: list[str] = field(default_factory=list)
-    adopt: set[str] = field(default_factory=set)  # finished before keys were recorded (or other fields)
+def _warn_fidelity(gname: str, cell: Cell, auc: Any) -> None:
+    if auc is not None and float(auc) < FIDELITY_WARN:
+        print(
+            f"gain: WARNING the generator {gname} has class fidelity {float(auc):.3f} (< {FIDELITY_WARN}) by "
+            f"the seed-{cell.seed} judge: its labelled images are unreliable, so its synthetic arms test a "
+            "generator that lost its labels",
+            flush=True,
+        )
 
 
-def _uri_problem(uri: str) -> str | None:
-    """Why ``uri`` cannot be an MLflow model URI (None when it can)."""
-    if uri.startswith("models:"):
-        rest = uri[len("models:") :]
-        body = rest.lstrip("/")
-        name, sep, ver = body.partition("@") if "@" in body else body.partition("/")
-        logged_model = body.startswith("m-") and "/" not in body  # MLflow 3: models:/MODEL_ID
-        if not rest.startswith("/") or not (logged_model or (name and sep and ver and "/" not in ver)):
+def _generator_problem(path: str, image_size: int) -> str | None:
+    """Why ``path`` (a given generator: checkpoint, manifest or model URI) cannot feed the synthetic arms."""
+    from pipeline.infra import checkpoint as ckpt
+
+    if is_model_uri(path) and not Path(path).exists():
+        if path.startswith("models:") and not (path.startswith("models:/") and path.count("/") >= 2):
             return "expected models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS"
-    elif uri.startswith("runs:"):
-        parts = uri[len("runs:") :].lstrip("/").split("/", 1)
-        if not uri.startswith("runs:/") or len(parts) < 2 or not all(parts):
-            return "expected runs:/RUN_ID/ARTIFACT_PATH"
-    elif uri.startswith("file://"):
-        if not Path(uri[len("file://") :]).exists():
-            return f"{uri[len('file://') :]} does not exist"
-    elif not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://.+", uri):
-        return "expected SCHEME://LOCATION"
-    return None
-
-
-def _generator_file_problem(path: str, image_size: int) -> str | None:
-    """Why the local file ``path`` cannot feed the synthetic arms (None when it can)."""
-
+        return None
     p = Path(path)
     if not p.is_file():
         return f"{p} does not exist" + (" (a folder)" if p.is_dir() else "")
-    if p.suffix == ".csv":  # a generated manifest: its images are resized to the data's size
+    if p.suffix == ".csv":
         return None
     try:
         payload = ckpt.load_checkpoint(p)
@@ -318,709 +851,69 @@ def _generator_file_problem(path: str, image_size: int) -> str | None:
     return None
 
 
-def _check_inputs(cfg: GainConfig, base: ClassifyConfig) -> Path:
-    """Every input the study reads, checked before a run is created; returns the manifest.
-    Raises one ConfigError listing every problem, each naming its key."""
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a batch job's end) ends the study like Ctrl-C: the parent run KILLED, the item in
+    progress lost, every record kept."""
 
-    problems: list[str] = []
-    manifest = None
-    if base.data.manifest and not Path(base.data.manifest).is_file():
-        problems.append(
-            f"classify.data.manifest: {base.data.manifest} does not exist (run the ingest stage first)"
-        )
-    else:
-        try:
-            manifest = resolve_manifest(base.data)
-            splits = set(read_manifest(manifest)[0]["split"])
-        except ManifestError as e:
-            problems.append(f"classify.data.manifest: {e}")
-        else:
-            for key, split in (
-                ("classify.data.train_split", base.data.train_split),
-                ("classify.data.val_split", base.data.val_split),
-                ("classify.test_split", base.test_split),
-            ):
-                if split not in splits:
-                    problems.append(
-                        f"{key}={split!r}: {manifest} has no such split (it has {sorted(splits)})"
-                    )
-    if any("synthetic" in a for a in cfg.arms):
-        if cfg.vaegan_config and not Path(cfg.vaegan_config).is_file():
-            problems.append(f"vaegan_config: {cfg.vaegan_config} does not exist")
-        for entry in cfg.generators:
-            path = entry.partition("=")[2]
-            why = (
-                _uri_problem(path)
-                if is_model_uri(path) and not Path(path).exists()
-                else _generator_file_problem(path, base.data.image_size)
-            )
-            if why:
-                problems.append(f"generators entry {entry!r}: {why}")
-    if problems:
-        raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(problems))
-    return manifest
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
 
-
-@dataclass
-class _Audit:
-    """What planning found: inputs that cannot work and finished runs recorded with another config."""
-
-    plan: _Plan
-    state_file: Path
-    given: dict[float, str]  # fraction -> generator the user gave (gain's generators=)
-    train_defaults: dict[str, Any]  # the generators' TrainConfig defaults, keyed like their records
-    bad: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-
-    def check_done(self, what: str, folder: Path, new: dict, legacy, defaults: dict) -> None:
-        """Compare a finished child's record (or, recorded before keys existed, its checkpoint's
-        config) with ``new``; note a difference or a record to (re)write."""
-        plan = self.plan
-        rec = _read_json(folder / KEY_FILE)
-        if rec is not None and rec.get("key") == config_key(new):
-            old = new
-        elif rec is not None:
-            old = rec.get("config") or {}
-        else:
-            try:
-                old = {**new, **legacy()}  # what the checkpoint does not say is taken as unchanged
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: say so, refuse
-                self.changed.append(
-                    f"{what} ({folder}): finished, but no {KEY_FILE} records its config ({e})"
-                )
-                return
-            print(
-                f"gain: {what} was finished before config keys were recorded: checked against its checkpoint"
-            )
-        diff = config_changes(old, new, defaults)
-        recorded_parent = (rec or {}).get("parent_run_id")
-        if recorded_parent and recorded_parent != plan.parent_id:
-            now = (
-                f"{self.state_file} names {plan.parent_id}"
-                if plan.parent_id
-                else f"{self.state_file} is missing"
-            )
-            diff.append(f"logged under parent run {recorded_parent}, but {now}")
-        if diff:
-            shown = diff[:8] + ([f"+{len(diff) - 8} more"] if len(diff) > 8 else [])
-            self.changed.append(f"{what} ({folder}): " + "; ".join(shown))
-        elif rec is None or rec.get("key") != config_key(new):
-            plan.adopt.add(folder.name)
-
-
-def _plan(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path) -> _Plan:
-    """Every child's config (checked) and key; finished children whose recorded key differs, or
-    a parent whose recorded gain config differs, refuse the whole study here."""
-    state_file = out / "parent_run_id"
-    audit = _Audit(
-        _Plan(parent_id=state_file.read_text().strip() if state_file.is_file() else None),
-        state_file,
-        _given_generators(cfg),
-        keyed_config(to_dict(TrainConfig()), "generator.train."),
-    )
-    record = _read_json(out / PARENT_FILE)
-    if audit.plan.parent_id and record is not None:
-        diff = config_changes(record.get("config", {}), parent_config(cfg), parent_config(GainConfig()))
-        if diff:
-            audit.changed.append(
-                f"parent run {audit.plan.parent_id} ({out / PARENT_FILE}): " + "; ".join(diff)
-            )
-    manifest_sha = file_sha256(manifest)
-    gen_of = _plan_generators(cfg, audit, manifest, manifest_sha, out)
-    _plan_children(cfg, base, audit, gen_of, manifest, manifest_sha, out)
-    if audit.bad:
-        raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(audit.bad))
-    if audit.changed:
-        if audit.changed[0].startswith("parent run"):
-            fix = (
-                "The parent run's params must describe its children: to run this config, start a new "
-                f"study with another run_name= (or out_dir=), or remove {out} to redo this one."
-            )
-        else:
-            fix = (
-                "A finished child is reused only with the config it was trained with: remove the folder "
-                "of each child above to retrain it with this config, or start a new study with another "
-                "run_name= (or out_dir=)."
-            )
-        raise ConfigError(
-            f"gain: the study in {out} was run before with another config; nothing was trained.\n  "
-            + "\n  ".join(audit.changed)
-            + "\n"
-            + fix
-        )
-    return audit.plan
-
-
-def _plan_generators(
-    cfg: GainConfig, audit: _Audit, manifest: Path, manifest_sha: str, out: Path
-) -> dict[tuple[float, int], str]:
-    """The generators of the synthetic arms, given or to train; returns (fraction, seed) -> name."""
-    plan, given = audit.plan, audit.given
-    gen_of: dict[tuple[float, int], str] = {}
-    if not any("synthetic" in a for a in cfg.arms):
-        return gen_of
-    for fraction in cfg.fractions:
-        for seed in cfg.seeds:
-            if fraction in given:
-                path = given[fraction]
-                name = gen_of[(fraction, seed)] = f"given-f{fraction:g}"
-                if name not in plan.generators:  # a local file is keyed by its content too
-                    local = not is_model_uri(path) or Path(path).exists()
-                    plan.generators[name] = {
-                        "generator.path": path,
-                        "generator.sha256": file_sha256(path) if local else None,
-                    }
-                continue
-            gseed = _generator_seed(cfg, fraction, seed)
-            name = gen_of[(fraction, seed)] = _generator_name(fraction, gseed)
-            if name in plan.generators:
-                continue
-            sub = _subset_path(manifest, out, fraction, seed)
-            try:
-                tcfg = _generator_config(cfg, fraction, gseed, sub, out, "")
-            except ConfigError as e:
-                audit.bad.append(f"vaegan_config / vaegan_overrides (generator {name}): {e}")
-                continue
-            flat = keyed_config(to_dict(tcfg), "generator.train.")
-            flat.update({"generator.source_manifest_sha256": manifest_sha, "generator.fraction": fraction})
-            plan.generators[name] = _canonical(flat)
-            run_dir = out / "generators" / name
-            last = run_dir / "checkpoints" / "last.pt"
-            if (run_dir / "done").is_file() and last.is_file():
-                audit.check_done(
-                    f"generator {name}",
-                    run_dir,
-                    plan.generators[name],
-                    lambda last=last: keyed_config(ckpt.load_checkpoint(last)["config"], "generator.train."),
-                    audit.train_defaults,
-                )
-            else:
-                plan.generators_to_train.append(name)
-    return gen_of
-
-
-def _plan_children(
-    cfg: GainConfig,
-    base: ClassifyConfig,
-    audit: _Audit,
-    gen_of: dict[tuple[float, int], str],
-    manifest: Path,
-    manifest_sha: str,
-    out: Path,
-) -> None:
-    """The classifier children: each one's checked config and key, to train or finished."""
-    plan, given = audit.plan, audit.given
-    child_defaults = {**keyed_config(to_dict(ClassifyConfig()), "classify."), **audit.train_defaults}
-    for fraction in cfg.fractions:
-        for seed in cfg.seeds:
-            sub = _subset_path(manifest, out, fraction, seed)
-            for arm in cfg.arms:
-                gname = gen_of.get((fraction, seed)) if "synthetic" in arm else None
-                if gname is not None and gname not in plan.generators:
-                    continue  # its generator's config is broken: reported already
-                gen_path = None
-                if gname is not None:
-                    gen_path = given.get(fraction) or str(
-                        out / "generators" / gname / "checkpoints" / "last.pt"
-                    )
-                c = _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, "")
-                name = c.tracking.run_name
-                try:
-                    from_dict(ClassifyConfig, to_dict(c))  # the checks of ClassifyConfig.__post_init__
-                except ConfigError as e:
-                    audit.bad.append(f"child {name}: {e}")
-                    continue
-                new = _child_keyed(c, manifest_sha, fraction, plan.generators[gname] if gname else None)
-                if arm == "synthetic_filtered":  # retrained when its judge, the real child, is
-                    judge = plan.children.get(f"real-f{fraction:g}-s{seed}")
-                    if judge is None:
-                        continue  # the real child's config is broken: reported above
-                    new = _canonical({**new, "filter.real_child_key": config_key(judge)})
-                plan.children[name] = new
-                folder = out / "children" / name
-                if (folder / "result.json").is_file():
-                    audit.check_done(
-                        f"child {name}",
-                        folder,
-                        new,
-                        lambda folder=folder: keyed_config(
-                            ckpt.load_checkpoint(folder / "classifier.pt")["config"], "classify."
-                        ),
-                        child_defaults,
-                    )
-                else:
-                    plan.to_train.append(name)
-
-
-# ------------------------------------------------------------------------------ progress
-def _duration(s: float) -> str:
-    s = int(round(s))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-class _Progress:
-    """``[k/N] arm=... fraction=... seed=...`` with the time left, from the mean duration of the
-    children (and generators) trained so far in this process."""
-
-    def __init__(self, total: int, to_train: int, generators_to_train: int, show: bool) -> None:
-        self.total, self.k, self.show = total, 0, show
-        self.to_train, self.generators_left = to_train, generators_to_train
-        self.child_s: list[float] = []
-        self.generator_s: list[float] = []
-
-    def generator_done(self, seconds: float) -> None:
-        self.generator_s.append(seconds)
-        self.generators_left = max(self.generators_left - 1, 0)
-
-    def child_done(self, seconds: float) -> None:
-        self.child_s.append(seconds)
-
-    def eta(self) -> str:
-        left = self.to_train - len(self.child_s)  # the child about to train included
-        if left <= 0 and not self.generators_left:
-            return "nothing left to train"
-        if not self.child_s:
-            return f"time left unknown until a child finishes ({left} to train)"
-        mean = sum(self.child_s) / len(self.child_s)
-        total = mean * left
-        note = f"{left} to train at ~{_duration(mean)} each"
-        if self.generators_left and self.generator_s:
-            gmean = sum(self.generator_s) / len(self.generator_s)
-            total += gmean * self.generators_left
-            note += f", {self.generators_left} generator(s) at ~{_duration(gmean)}"
-        elif self.generators_left:
-            note += f", plus {self.generators_left} generator(s) not timed yet"
-        return f"about {_duration(total)} left ({note})"
-
-    def child(self, arm: str, fraction: float, seed: int, reused: str | None) -> None:
-        self.k += 1
-        if self.show:
-            what = f"done before, reused (run {reused})" if reused is not None else "training"
-            print(
-                f"gain: [{self.k}/{self.total}] arm={arm} fraction={fraction:g} seed={seed}: {what}; {self.eta()}",
-                flush=True,
-            )
-
-
-def _run_children(
-    cfg: GainConfig,
-    base: ClassifyConfig,
-    manifest: Path,
-    out: Path,
-    parent_id: str,
-    dinfo: distributed.DistInfo,
-    client,
-    plan: _Plan,
-) -> list[dict[str, Any]]:
-    """Every (fraction, seed, arm) child in order, trained or picked up from an earlier run.
-
-    Under torchrun every replica walks the same sequence (each child trains data-parallel);
-    rank 0 alone writes subsets, reads finished results, tags runs and returns the rows, and the
-    decisions that depend on its files are broadcast so that every replica takes the same branch.
-    """
-
-    gen_cache: dict = {}
-    rows: list[dict[str, Any]] = []
-    total = len(cfg.fractions) * len(cfg.seeds) * len(cfg.arms)
-    progress = _Progress(total, len(plan.to_train), len(plan.generators_to_train), dinfo.is_main)
-    for fraction in cfg.fractions:
-        for seed in cfg.seeds:
-            sub = _subset_path(manifest, out, fraction, seed)
-            if fraction != 1.0 and dinfo.is_main:
-                write_subset_manifest(manifest, fraction, seed, sub)
-            distributed.barrier(dinfo)  # the replicas read the subset rank 0 wrote
-            gen_path = None
-            for arm in cfg.arms:
-                name = f"{arm}-f{fraction:g}-s{seed}"
-                folder = out / "children" / name
-                done = folder / "result.json"
-                if distributed.agree(done.is_file(), dinfo):
-                    if not dinfo.is_main:
-                        continue
-                    res = json.loads(done.read_text())
-                    progress.child(arm, fraction, seed, reused=str(res.get("run_id")))
-                    if name in plan.adopt:  # finished before keys were recorded: record it now
-                        _write_record(folder, plan.children[name], parent_id, res.get("run_id"))
-                else:
-                    progress.child(arm, fraction, seed, reused=None)
-                    if "synthetic" in arm and gen_path is None:
-                        gen_path = _generator_for(
-                            cfg, fraction, seed, manifest, out, parent_id, gen_cache, dinfo, plan, progress
-                        )
-                    t0 = time.time()
-                    res = classify(
-                        _child_config(cfg, base, arm, fraction, seed, sub, gen_path, out, parent_id)
-                    )
-                    progress.child_done(time.time() - t0)
-                    if not dinfo.is_main:
-                        continue
-                    _write_record(folder, plan.children[name], parent_id, res["run_id"])
-                    if res["run_id"]:  # None: the child's tracking is buffered in its outbox
-                        client.set_tag(res["run_id"], "fraction", f"{fraction:g}")
-                        client.set_tag(res["run_id"], "gain_key", config_key(plan.children[name]))
-                m = res["metrics"]
-                rows.append(
-                    {
-                        "fraction": fraction,
-                        "arm": arm,
-                        "seed": seed,
-                        "auroc": m["test/auroc"],
-                        "balanced_accuracy": m["test/balanced_accuracy"],
-                        "sensitivity": m["test/sensitivity"],
-                        "specificity": m["test/specificity"],
-                        # children finished before step budgets were recorded: NaN
-                        "steps": m.get("optimizer_steps", float("nan")),
-                        "scores": res.get("scores", ""),  # per-image test scores, for paired deltas
-                        "run_id": res["run_id"],
-                    }
-                )
-            if any("synthetic" in a for a in cfg.arms):
-                fid = _generator_fidelity(
-                    cfg, fraction, seed, manifest, out, parent_id, gen_cache, gen_path, dinfo, plan, progress
-                )
-                for r in rows:
-                    if r["fraction"] == fraction and r["seed"] == seed and "synthetic" in r["arm"]:
-                        r["generator_class_fidelity"] = fid
-    return rows
-
-
-# below this class-fidelity AUROC a generator's labels are too unreliable to teach a classifier
-FIDELITY_WARN = 0.7
-
-
-def _generator_fidelity(
-    cfg: GainConfig,
-    fraction: float,
-    seed: int,
-    manifest: Path,
-    out: Path,
-    parent_id: str,
-    gen_cache: dict,
-    gen_path: str | None,
-    dinfo: distributed.DistInfo,
-    plan: _Plan,
-    progress: _Progress,
-) -> float:
-    """Class fidelity of the (fraction, seed) generator, scored by that subset's real-only classifier.
-
-    A generator can lose its class conditioning with nothing odd in its losses (one 30-epoch run in
-    six did, docs/benchmarks.md); its synthetic arms then measure wrong labels, not synthetic data.
-    Saved beside the children with the keys of the generator and the classifier it was computed
-    from, so a re-run does not recompute it unless one of them changed. NaN on ranks other than 0.
-    """
-
-    path = out / "children" / f"generator-fidelity-f{fraction:g}-s{seed}.json"
-    real = f"real-f{fraction:g}-s{seed}"
-    syn = next(f"{a}-f{fraction:g}-s{seed}" for a in cfg.arms if "synthetic" in a)
-    keys = {
-        "generator_key": config_key(
-            {k: v for k, v in plan.children.get(syn, {}).items() if k.startswith("generator.")}
-        ),
-        "classifier_key": config_key(plan.children.get(real, {})),
-    }
-    saved = _read_json(path) if dinfo.is_main else None
-    fresh = saved is not None and all(saved.get(k) == v for k, v in keys.items())
-    if not distributed.agree(fresh, dinfo):
-        if gen_path is None:  # every synthetic child was done before: find its generator again
-            gen_path = _generator_for(
-                cfg, fraction, seed, manifest, out, parent_id, gen_cache, dinfo, plan, progress
-            )
-        if dinfo.is_main:
-            clf = out / "children" / real / "classifier.pt"
-            if not clf.is_file():  # a real-only child from elsewhere, without its checkpoint
-                print(f"gain: no {clf}: class fidelity of this generator not scored", flush=True)
-                return float("nan")
-            fid = class_fidelity(gen_path, clf, seed=seed, device=pick_device(cfg.classify.device))
-            saved = {**fid, "generator": str(gen_path), "classifier": str(clf), **keys}
-            path.write_text(json.dumps(saved, indent=1))
-    if not dinfo.is_main:
-        return float("nan")
-    fid = saved
-    auc = float(fid.get("auroc", float("nan")))
-    if auc < FIDELITY_WARN:
-        print(
-            f"gain: WARNING the generator for fraction {fraction:g} seed {seed} has class fidelity "
-            f"{auc:.3f} (< {FIDELITY_WARN}): its labelled images are unreliable, so this seed's synthetic "
-            f"arms test a generator that lost its labels ({fid['generator']})",
-            flush=True,
-        )
-    return auc
-
-
-def paired_deltas(results: pd.DataFrame, ref: str, n_boot: int = 1000) -> dict[tuple[float, str], tuple]:
-    """(fraction, arm) -> (mean ΔAUROC against arm ``ref``, 95 % low, high): per seed, the paired
-    bootstrap of the two classifiers' AUROC difference on the same test images (their per-image
-    scores), combined over seeds by a two-level bootstrap (metrics.combine_seed_deltas). Arms
-    without per-image scores (children finished before they were kept) are left out."""
-    out: dict[tuple[float, str], tuple] = {}
-    if "scores" not in results or ref not in set(results["arm"]):
-        return out
-    for (frac, arm), g in results.groupby(["fraction", "arm"], sort=True):
-        if arm == ref:
-            continue
-        base = results[(results["fraction"] == frac) & (results["arm"] == ref)].set_index("seed")["scores"]
-        deltas, reps = [], []
-        for seed, mine in g.set_index("seed")["scores"].items():
-            theirs = base.get(seed)
-            if not mine or not theirs or not Path(mine).is_file() or not Path(theirs).is_file():
-                deltas = []
-                break
-            a, b = pd.read_csv(mine), pd.read_csv(theirs)
-            # pairing needs the same test images in the same order, each with the same label
-            if list(a["path"]) != list(b["path"]) or list(a["label"]) != list(b["label"]):
-                raise ValueError(
-                    f"{mine} and {theirs} score different test images: arms of one (fraction, seed) "
-                    "must share the test split; re-run the study with one manifest"
-                )
-            d, r = paired_auroc_deltas(
-                a["label"].to_numpy(), a["score"].to_numpy(), b["score"].to_numpy(), n_boot, int(seed)
-            )
-            deltas.append(d)
-            reps.append(r)
-        if deltas:
-            out[(frac, arm)] = combine_seed_deltas(deltas, reps, seed=0)
-    return out
-
-
-def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (fraction, arm): mean AUROC with a t-interval over seeds; the AUROC difference to
-    real-only paired by seed, with its t-interval; and the paired-bootstrap differences to
-    ``real`` and ``real_dup`` (:func:`paired_deltas`)."""
-
-    vs_real, vs_dup = paired_deltas(results, "real"), paired_deltas(results, "real_dup")
-    nan3 = (float("nan"),) * 3
-    rows = []
-    for (frac, arm), g in results.groupby(["fraction", "arm"], sort=True):
-        real = results[(results["fraction"] == frac) & (results["arm"] == "real")].set_index("seed")["auroc"]
-        mine = g.set_index("seed")["auroc"]
-        common = sorted(set(real.index) & set(mine.index))
-        d = (mine.loc[common] - real.loc[common]).to_numpy()
-        m, lo, hi = mean_ci(mine.to_numpy())
-        lo, hi = max(lo, 0.0), min(hi, 1.0)  # a t-interval over 3 seeds can overrun AUROC's range
-        dm, dlo, dhi = mean_ci(d) if arm != "real" else (0.0, 0.0, 0.0)
-        rows.append(
-            {
-                "fraction": frac,
-                "arm": arm,
-                "n_seeds": len(mine),
-                "auroc": m,
-                "auroc_lo": lo,
-                "auroc_hi": hi,
-                "balanced_accuracy": g["balanced_accuracy"].mean(),
-                "sensitivity": g["sensitivity"].mean(),
-                "specificity": g["specificity"].mean(),
-                "steps": g["steps"].mean() if "steps" in g else float("nan"),
-                "delta_auroc": dm,
-                "delta_lo": dlo,
-                "delta_hi": dhi,
-                # paired on the same test images, combined over seeds (two-level bootstrap)
-                **dict(
-                    zip(
-                        ("paired_delta", "paired_lo", "paired_hi"),
-                        vs_real.get((frac, arm), nan3),
-                        strict=True,
-                    )
-                ),
-                **dict(
-                    zip(
-                        ("vs_dup_delta", "vs_dup_lo", "vs_dup_hi"), vs_dup.get((frac, arm), nan3), strict=True
-                    )
-                ),
-                # mean over seeds of the generators' class fidelity (synthetic arms only)
-                "generator_class_fidelity": (
-                    g["generator_class_fidelity"].mean() if "generator_class_fidelity" in g else float("nan")
-                ),
-                "generator_class_fidelity_min": (
-                    g["generator_class_fidelity"].min() if "generator_class_fidelity" in g else float("nan")
-                ),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _ci(m: float, lo: float, hi: float) -> str:
-    return "—" if not np.isfinite(m) else f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    head = (
-        "| fraction | arm | seeds | optimiser steps | AUROC (95% CI) | ΔAUROC vs real (95% CI) "
-        "| ΔAUROC vs real, paired bootstrap | ΔAUROC vs real_dup, paired bootstrap | bal. acc "
-        "| sens | spec | generator class fidelity (mean, min) |\n"
-    )
-    head += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    lines = []
-    for r in table.itertuples():
-        delta = "—" if r.arm == "real" else f"{r.delta_auroc:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]"
-        fid, fid_min = r.generator_class_fidelity, r.generator_class_fidelity_min
-        fid_s = "—" if not np.isfinite(fid) else f"{fid:.3f}, {fid_min:.3f}"
-        steps = "—" if not np.isfinite(r.steps) else f"{r.steps:,.0f}"
-        lines.append(
-            f"| {r.fraction:g} | {r.arm} | {r.n_seeds} | {steps} | {r.auroc:.4f} [{r.auroc_lo:.4f}, {r.auroc_hi:.4f}] | "
-            f"{delta} | {_ci(r.paired_delta, r.paired_lo, r.paired_hi)} | {_ci(r.vs_dup_delta, r.vs_dup_lo, r.vs_dup_hi)} "
-            f"| {r.balanced_accuracy:.4f} | {r.sensitivity:.4f} | {r.specificity:.4f} | {fid_s} |"
-        )
-    return head + "\n".join(lines) + "\n"
-
-
-def _end_parent(client, parent_id: str, exc: BaseException) -> None:
-    """End the parent run FAILED (KILLED on Ctrl-C) for ``exc``; a tracking error here is printed,
-    never raised over ``exc``."""
-    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
     try:
-        client.set_tag(parent_id, "gain.error", f"{type(exc).__name__}: {exc}"[:500])
-        client.set_terminated(parent_id, status)
-    except Exception as e:  # noqa: BLE001 - the study's own error is the one to raise
-        print(f"gain: could not mark the parent run {parent_id} {status}: {e}", file=sys.stderr, flush=True)
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
         return
-    print(
-        f"gain: parent run {parent_id} ended {status} ({type(exc).__name__}: {exc})",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def _parent_run(cfg: GainConfig, base: ClassifyConfig, manifest: Path, out: Path, plan: _Plan):
-    """(MLflow client, parent run id): the run every child hangs under; a re-run continues it
-    (it is set RUNNING again) when its recorded gain config is this one."""
-    import mlflow
-    from mlflow.entities import Param
-
-    check_writable(out)
-    tcfg = copy.deepcopy(base.tracking)
-    tcfg.experiment = cfg.experiment
-    exp_id = tracking.setup(tcfg)
-    client = mlflow.tracking.MlflowClient()
-    state_file = out / "parent_run_id"
-    now = parent_config(cfg)
-    record = {"key": config_key(now), "config": now}
-    if plan.parent_id:
-        parent_id = plan.parent_id
-        try:
-            run = client.get_run(parent_id)
-        except Exception as e:  # noqa: BLE001 - MlflowException, or a store that cannot be read
-            raise ConfigError(
-                f"gain: {state_file} names the parent run {parent_id}, which the tracking store "
-                f"{tracking.resolve_uri(tcfg)} does not have ({type(e).__name__}): use the store the study "
-                "was started in (classify.tracking.uri), or start a new study with another run_name="
-            ) from None
-        if run.info.lifecycle_stage == "deleted":
-            raise ConfigError(
-                f"gain: the parent run {parent_id} named in {state_file} was deleted: restore it, or start "
-                "a new study with another run_name="
-            )
-        if not (out / PARENT_FILE).is_file():  # a study started before gain configs were recorded
-            old = {k: v for k, v in run.data.params.items() if k in now}
-            # as the params were logged: str() of each value of the config itself
-            new = {k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items() if k in now}
-            defaults = {k: str(v)[:500] for k, v in parent_config(GainConfig()).items()}
-            diff = config_changes(old, new, defaults)
-            if diff:
-                raise ConfigError(
-                    f"gain: the study in {out} was run before with another config; nothing was trained.\n  "
-                    f"parent run {parent_id} (its params): " + "; ".join(diff) + "\nTo run this config, "
-                    "start a new study with another run_name= (or out_dir=)."
-                )
-            atomic_write_text(out / PARENT_FILE, json.dumps(record, indent=1, sort_keys=True))
-        if run.info.status != "RUNNING":
-            client.update_run(parent_id, status="RUNNING")
-    else:
-        parent = client.create_run(
-            exp_id,
-            run_name=cfg.run_name or f"gain-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={
-                "stage": "gain",
-                "git_commit": tracking.git_commit(),
-                "data.manifest": str(manifest),
-                "gain_config_key": record["key"],
-            },
-        )
-        parent_id = parent.info.run_id
-        try:
-            params = [Param(k, str(v)[:500]) for k, v in flatten(to_dict(cfg)).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 params a call
-                client.log_batch(parent_id, params=params[i : i + 100])
-            atomic_write_text(out / PARENT_FILE, json.dumps(record, indent=1, sort_keys=True))
-            state_file.write_text(parent_id)
-        except BaseException as e:
-            _end_parent(client, parent_id, e)
-            raise
-    print(f"gain: parent MLflow run {parent_id} in experiment {cfg.experiment}", flush=True)
-    return client, parent_id
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def gain(cfg: GainConfig) -> dict[str, Any]:
-
-    base = copy.deepcopy(cfg.classify)
-    out = Path(cfg.out_dir) / (cfg.run_name or "gain")
+    """Arms x fractions x seeds under one parent run, recorded, budgeted, resumable; the paired table."""
+    study = GainStudy(cfg)
     # under torchrun (N processes) every child trains data-parallel; rank 0 alone writes files and
     # talks to MLflow, and broadcasts the decisions that depend on them
-    dinfo = distributed.init()
-    # every input and every finished child is checked before the parent run is created
-    err, manifest, plan = None, None, None
-    if dinfo.is_main:
+    main = study.dinfo.is_main
+    locks = contextlib.ExitStack()
+    err = None
+    if main:
         try:
-            manifest = _check_inputs(cfg, base)
-            plan = _plan(cfg, base, manifest, out)
+            study.check_inputs()
+            locks.enter_context(RunLock(study.out, what="study folder", fix="wait for that study to end"))
+            locks.enter_context(study.records.lock())
+            study.prepare_data()
+            study.plan()
         except Exception as e:  # raised below, on every rank
             err = e
-    msg = distributed.agree(None if err is None else str(err), dinfo)
+            locks.close()
+    msg = distributed.agree(None if err is None else f"{err}", study.dinfo)
     if err is not None:
         raise err
     if msg is not None:
         raise ConfigError(msg)
-    manifest, plan = distributed.agree((manifest, plan), dinfo)
-
-    client, parent_id = None, None
-    if dinfo.is_main:
+    with locks, _sigterm_as_interrupt():
+        if not main:
+            study.source, study.manifest = distributed.agree((None, None), study.dinfo)
+            study.children, study.generators, study.cost = distributed.agree((None, None, None), study.dinfo)
+        else:
+            distributed.agree((study.source, study.manifest), study.dinfo)
+            distributed.agree((study.children, study.generators, study.cost), study.dinfo)
+            study.records.write_study({"key": config_key(study_config(cfg)), "config": study_config(cfg)})
+            study.open_parent()
+        study.parent_id = distributed.agree(study.parent_id, study.dinfo)
         try:
-            client, parent_id = _parent_run(cfg, base, manifest, out, plan)
-        except Exception as e:
-            err = e
-    parent_id = distributed.agree(parent_id, dinfo)
-    if err is not None:
-        raise err
-    if parent_id is None:
-        raise ConfigError("gain: rank 0 could not open the parent run (see its error)")
-    try:
-        return _study(cfg, base, manifest, out, parent_id, dinfo, client, plan, plot_gain)
-    except BaseException as e:
-        if dinfo.is_main:
-            _end_parent(client, parent_id, e)
-        raise
-
-
-def _study(cfg, base, manifest, out, parent_id, dinfo, client, plan, plot_gain) -> dict[str, Any]:
-    """The children, then the table, the plot and the metrics on the parent run (ended FINISHED)."""
-    t0 = time.time()
-    rows = _run_children(cfg, base, manifest, out, parent_id, dinfo, client, plan)
-    if not dinfo.is_main:
-        distributed.shutdown(dinfo)
-        return {"parent_run_id": parent_id}
-    results = pd.DataFrame(rows)
-    table = summarise(results)
-    results.to_csv(out / "gain_runs.csv", index=False)
-    table.to_csv(out / "gain_table.csv", index=False)
-    md = to_markdown(table)
-    (out / "gain_table.md").write_text(md)
-    plot = plot_gain(table, out / "gain.png", title=f"AUROC gain over real-only ({len(cfg.seeds)} seeds)")
-    for p in ("gain_runs.csv", "gain_table.csv", "gain_table.md", "gain.png"):
-        client.log_artifact(parent_id, str(out / p), "gain")
-    fid_logged: set[str] = set()
-    for r in table.itertuples():
-        if r.arm != "real" and np.isfinite(r.delta_auroc):
-            client.log_metric(parent_id, f"delta_auroc/{r.arm}/f{r.fraction:g}", float(r.delta_auroc))
-        client.log_metric(parent_id, f"auroc/{r.arm}/f{r.fraction:g}", float(r.auroc))
-        if np.isfinite(r.generator_class_fidelity) and f"f{r.fraction:g}" not in fid_logged:
-            fid_logged.add(f"f{r.fraction:g}")
-            client.log_metric(
-                parent_id, f"generator_class_fidelity/f{r.fraction:g}", float(r.generator_class_fidelity)
-            )
-    client.set_terminated(parent_id, "FINISHED")
-    distributed.shutdown(dinfo)
-    print(md)
-    print(f"gain: done in {time.time() - t0:.0f}s; table {out / 'gain_table.md'}, plot {plot}")
-    print(f"MLflow parent run id: {parent_id}")
-    return {"parent_run_id": parent_id, "table": table, "runs": results, "plot": str(plot)}
+            rows = study.run()
+            if not main:
+                distributed.shutdown(study.dinfo)
+                return {"parent_run_id": study.parent_id}
+            res = study.finish(rows)
+            distributed.shutdown(study.dinfo)
+            return res
+        except BaseException as e:
+            if main:
+                study.end_parent(e)
+                if isinstance(e, BudgetReached):
+                    print(str(e), flush=True)
+            raise

@@ -20,7 +20,15 @@ import importlib
 import importlib.util
 import sys
 
-from pipeline.infra.config import ConfigError, all_keys, format_help, load_config, to_yaml
+from pipeline.infra.config import (
+    EXIT_BUDGET,
+    BudgetReached,
+    ConfigError,
+    all_keys,
+    format_help,
+    load_config,
+    to_yaml,
+)
 from pipeline.infra.stage_configs import (
     ClassifyConfig,
     CompareConfig,
@@ -28,6 +36,7 @@ from pipeline.infra.stage_configs import (
     GainConfig,
     GenerateConfig,
     IngestConfig,
+    ReportConfig,
     TrainConfig,
 )
 
@@ -39,6 +48,7 @@ KEYVALUE_STAGES = {
     "classify": (ClassifyConfig, "pipeline.classify", "classify"),
     "evaluate": (EvaluateConfig, "pipeline.evaluate", "evaluate"),
     "gain": (GainConfig, "pipeline.gain", "gain"),
+    "report": (ReportConfig, "pipeline.report", "report"),
 }
 # every stage with a config: the key=value ones, plus ingest and compare
 CONFIG_STAGES = {
@@ -280,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BudgetReached as e:  # a study stopped at its time budget: the same command continues it
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_BUDGET
     return 1
 
 

@@ -31,6 +31,7 @@ from pipeline.infra.data import (
     records,
 )
 from pipeline.infra.loaders import check_extractor, classifier_features, load_classifier
+from pipeline.infra.locks import RunLock
 from pipeline.infra.metrics import auroc
 from pipeline.infra.quality import frechet_distance
 from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
@@ -335,7 +336,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             cfg.resume,
             f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}",
         )
-        with engine.RunLock(run_dir, enabled=dinfo.is_main):
+        with RunLock(run_dir, enabled=dinfo.is_main):
             return _train(cfg, dinfo, run_dir)
     finally:
         distributed.shutdown(dinfo)
@@ -705,7 +706,35 @@ def _summary(
         "grid": str(grid_path),
         "recon_grid": str(recon_path),
         "checkpoint": str(run.last_checkpoint),
+        # the validation gate's checks (epoch -> FD, class fidelity) and the epoch it kept as best.pt
+        "gate": {
+            "checks": _gate_checks(run.tracker),
+            "best": dict(run.gate_best),
+            "best_checkpoint": str(best)
+            if (best := run.last_checkpoint.with_name("best.pt")).is_file()
+            else "",
+        },
+        "steps": run.step,
     }
+
+
+def _gate_checks(tracker: tracking.Tracker) -> list[dict[str, float]]:
+    """Each validation-gate check of the run (resumed parts included), from its metric record."""
+    hist = tracker.history()
+    checks: dict[int, dict[str, float]] = {}
+    for name in ("epoch", "gate/fd", "gate/class_fidelity"):
+        for step, value in hist.get(name, []):
+            checks.setdefault(int(step), {})[name] = float(value)
+    return [
+        {
+            "step": s,
+            "epoch": c.get("epoch"),
+            "fd": c["gate/fd"],
+            "class_fidelity": c.get("gate/class_fidelity"),
+        }
+        for s, c in sorted(checks.items())
+        if "gate/fd" in c
+    ]
 
 
 def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: dict) -> None:

@@ -20,8 +20,8 @@ import torch
 from cxr_factory import REPO, tiny_train_config
 
 from pipeline.infra import checkpoint as ckpt
-from pipeline.infra import engine
 from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.locks import RunBusyError
 from pipeline.train import TrainConfig, train
 
 
@@ -73,7 +73,7 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, phantom_manifest)
         [
             sys.executable,
             "-c",
-            "import sys, time; from pipeline.infra.engine import RunLock\n"
+            "import sys, time; from pipeline.infra.locks import RunLock\n"
             f"with RunLock({str(run_dir)!r}):\n    print('locked', flush=True); time.sleep(120)",
         ],
         cwd=REPO,
@@ -82,7 +82,7 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, phantom_manifest)
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(engine.RunBusyError, match=rf"another process \(pid {holder.pid}\)"):
+        with pytest.raises(RunBusyError, match=rf"another process \(pid {holder.pid}\)"):
             train(_cfg(phantom_manifest, tmp_path, "tracking.run_name=a"))
         assert not (run_dir / "metrics.jsonl").exists()  # nothing was written into the run
     finally:

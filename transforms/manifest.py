@@ -37,6 +37,9 @@ COLUMNS = [
 ]
 REQUIRED = ["path", "label", "split"]
 SPLITS = ("train", "val", "test")
+# what a manifest may hold: the splits ingest writes, and a held-out test split a study carves
+# from the training pool (pipeline.infra.data.carve_split)
+MANIFEST_SPLITS = (*SPLITS, "holdout")
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -151,9 +154,9 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> tuple[pd.Da
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ManifestError(f"{manifest}: missing required column(s) {missing}")
-    bad_split = sorted(set(df["split"]) - set(SPLITS))
+    bad_split = sorted(set(df["split"]) - set(MANIFEST_SPLITS))
     if bad_split:
-        raise ManifestError(f"{manifest}: unknown split value(s) {bad_split}; expected {SPLITS}")
+        raise ManifestError(f"{manifest}: unknown split value(s) {bad_split}; expected {MANIFEST_SPLITS}")
     root = resolve_data_root(manifest)
     df = df.copy()
     abs_paths = []
@@ -165,8 +168,8 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> tuple[pd.Da
         abs_paths.append(str(a))
     df["abs_path"] = abs_paths
     if split is not None:
-        if split not in SPLITS:
-            raise ManifestError(f"unknown split '{split}'; expected one of {SPLITS}")
+        if split not in MANIFEST_SPLITS:
+            raise ManifestError(f"unknown split '{split}'; expected one of {MANIFEST_SPLITS}")
         df = df[df["split"] == split].reset_index(drop=True)
     return df, root
 

@@ -55,13 +55,14 @@ class GeneratorSource:
     carries one), so an item's image depends only on the state it is handed.
     """
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: Generator, temperature: float = 1.0) -> None:
         if not isinstance(generator, Generator):
             raise TypeError(
                 f"GeneratorSource takes a networks.vaegan.Generator, got {type(generator).__name__}: "
                 "load one with pipeline.infra.loaders.load_generator(path_or_uri).generator"
             )
         self.generator = generator.eval()
+        self.temperature = float(temperature)  # scales the prior's spread around each class mean
         self.num_classes = generator.decoder.num_classes
         self.image_size = generator.decoder.image_size
 
@@ -73,6 +74,8 @@ class GeneratorSource:
         if self.num_classes and not 0 <= label < self.num_classes:
             raise ValueError(f"label {label} is not a class of the generator ({self.num_classes} classes)")
         eps = torch.from_numpy(rng.standard_normal((1, self.generator.decoder.latent_dim)).astype(np.float32))
+        if self.temperature != 1.0:
+            eps = eps * self.temperature
         dev = next(self.generator.parameters()).device
         lab = None if self.num_classes == 0 else torch.tensor([label], device=dev)
         z = self.generator.prior(eps.to(dev), lab)  # the fitted prior when it has one, else N(0, I)

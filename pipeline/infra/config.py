@@ -37,6 +37,17 @@ class ConfigError(ValueError):
     """A config key that does not exist or a value of the wrong type; the message names the key."""
 
 
+EXIT_BUDGET = 3  # the CLI's exit status when a study stopped at its time budget
+
+
+class BudgetReached(Exception):
+    """A study stopped before an item its measured cost says would not fit the time budget."""
+
+    def __init__(self, message: str, done: int, left: int, estimate_s: float) -> None:
+        super().__init__(message)
+        self.done, self.left, self.estimate_s = done, left, estimate_s
+
+
 class _UnknownKey(Exception):
     def __init__(self, key: str, names: list[str]) -> None:
         super().__init__(key)

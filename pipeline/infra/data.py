@@ -1,9 +1,11 @@
 """Datasets for a manifest split, with the preprocessed tensors cached.
 
 ``cache="memory"`` uses MONAI ``CacheDataset`` (decode + normalise + resize once, keep tensors in
-RAM: the 5,840-image Kermany set at 64 px is under 100 MB); ``cache="disk"`` uses
-``PersistentDataset`` (survives processes); ``cache="none"`` re-decodes every time (the reference
-the benchmark compares against). Random augmentation runs after the cache boundary.
+RAM: the 5,840-image Kermany set at 64 px is under 100 MB); ``cache="disk"`` does the same and
+also keeps each preprocessed image as a plain ``.npy`` file under ``cache_dir``
+(:class:`transforms.cache.DiskCached`), so another process (the next child of a study, a resumed
+study) decodes nothing again; ``cache="none"`` re-decodes every time (the reference the benchmark
+compares against). Random augmentation runs after the cache boundary.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import hashlib
 from pathlib import Path
 
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose
 
 from pipeline.infra.stage_configs import (
     DataConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
 )
 from transforms.batch import BatchAugment
+from transforms.cache import DiskCached
 from transforms.manifest import (
     COLUMNS,
     ManifestError,
@@ -26,7 +30,7 @@ from transforms.manifest import (
     sidecar_path,
     write_manifest,
 )
-from transforms.presets import TransformConfig, eval_transforms, train_transforms
+from transforms.presets import TransformConfig, deterministic_transforms, eval_transforms, train_transforms
 
 
 def records(manifest: str | Path, split: str, limit: int = 0, labels: list[int] | None = None) -> list[dict]:
@@ -57,9 +61,11 @@ def build_dataset(
     if cache == "memory":
         return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=progress, copy_cache=False)
     if cache == "disk":
-        d = Path(cfg.cache_dir) / _cache_key(cfg)
-        d.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(items, tf, cache_dir=d)
+        # the deterministic head (read, normalise, resize, pad) is read from / written to disk
+        head = deterministic_transforms(cfg)
+        cached = DiskCached(Compose(head), cfg.cache_dir, _cache_key(cfg))
+        tf = Compose([cached, *tf.transforms[len(head) :]])
+        return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=progress, copy_cache=False)
     return Dataset(items, tf)
 
 
@@ -156,34 +162,59 @@ def sample_patients(df, fraction: float, seed: int):
     return df[pid.isin(set(keep))]
 
 
+def _write_like(manifest: str | Path, df, out: str | Path, **meta_update) -> Path:
+    """``df`` (rows of ``manifest``) as a manifest at ``out`` pointing at the same data root."""
+    import json
+
+    side = sidecar_path(manifest)
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    meta.update(data_root_abs=str(resolve_data_root(manifest)), **meta_update)
+    extra = tuple(c for c in df.columns if c not in COLUMNS)
+    for c in COLUMNS:
+        if c not in df.columns:
+            df[c] = ""
+    write_manifest(out, df, meta, extra=extra)
+    return Path(out)
+
+
 def write_subset_manifest(manifest: str | Path, fraction: float, seed: int, out: str | Path) -> Path:
-    """A copy of ``manifest`` keeping ``fraction`` of the train and val patients (test kept whole).
+    """A copy of ``manifest`` keeping ``fraction`` of the train and val patients (every other split,
+    test and any held-out split, kept whole).
 
     The copy points at the same data root, so the images are not duplicated.
     """
-    import json
+    import pandas as pd
 
     df, _ = read_manifest(manifest)
     df = df.drop(columns=["abs_path"])
     parts = [
-        sample_patients(df[df["split"] == s], fraction, seed + i) if s != "test" else df[df["split"] == s]
-        for i, s in enumerate(("train", "val", "test"))
+        sample_patients(df[df["split"] == s], fraction, seed + i) for i, s in enumerate(("train", "val"))
     ]
-    import pandas as pd
-
-    sub = pd.concat(parts)
-    side = sidecar_path(manifest)
-    meta = json.loads(side.read_text()) if side.is_file() else {}
-    meta.update(
-        data_root_abs=str(resolve_data_root(manifest)),
-        subset_of=str(manifest),
-        fraction=fraction,
-        fraction_seed=seed,
-        counts={s: int((sub["split"] == s).sum()) for s in ("train", "val", "test")},
+    sub = pd.concat([*parts, df[~df["split"].isin(("train", "val"))]])
+    counts = {s: int((sub["split"] == s).sum()) for s in sorted(set(sub["split"]))}
+    return _write_like(
+        manifest, sub, out, subset_of=str(manifest), fraction=fraction, fraction_seed=seed, counts=counts
     )
-    extra = tuple(c for c in sub.columns if c not in COLUMNS)
-    for c in COLUMNS:
-        if c not in sub.columns:
-            sub[c] = ""
-    write_manifest(out, sub, meta, extra=extra)
-    return Path(out)
+
+
+def carve_split(manifest: str | Path, fraction: float, seed: int, name: str, out: str | Path) -> Path:
+    """A copy of ``manifest`` whose split ``name`` is ``fraction`` of the train patients (whole
+    patients, stratified by label, :func:`sample_patients`), taken out of train: a held-out test
+    set from the training distribution, carved before any subset is drawn."""
+    df, _ = read_manifest(manifest)
+    if name in set(df["split"]):
+        raise ManifestError(f"{manifest} already has a split {name!r}: choose another name")
+    df = df.drop(columns=["abs_path"])
+    held = sample_patients(df[df["split"] == "train"], fraction, seed).index
+    df.loc[held, "split"] = name
+    counts = {s: int((df["split"] == s).sum()) for s in sorted(set(df["split"]))}
+    return _write_like(
+        manifest,
+        df,
+        out,
+        carved_from=str(manifest),
+        carved_split=name,
+        carve_fraction=fraction,
+        carve_seed=seed,
+        counts=counts,
+    )

