@@ -63,7 +63,10 @@ def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
 def _table(res) -> dict:
     t = res["table"].set_index(["split", "fraction", "arm"])
     # NaN (real against itself) compares equal as None
-    return {k: tuple(None if np.isnan(v) else round(v, 10) for v in (r.auroc, r.paired_delta)) for k, r in t.iterrows()}
+    return {
+        k: tuple(None if np.isnan(v) else round(v, 10) for v in (r.auroc, r.paired_delta))
+        for k, r in t.iterrows()
+    }
 
 
 def test_a_study_killed_mid_child_continues_from_its_records_elsewhere(tmp_path, phantom_manifest):
@@ -244,3 +247,27 @@ def test_docs_render_from_a_study_folder_alone(tmp_path):
         assert png.is_file() and png.stat().st_size > 5000
         assert f"({png.name})" in text
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_generators_are_sized_in_steps_and_gated_by_their_subsets_real_child(tmp_path, phantom_manifest):
+    res = _gain(
+        *_args(phantom_manifest, tmp_path / "out", tmp_path / "rec", tmp_path / "s.db", "seeds=[0]"),
+        "arms=[real,synthetic]",
+        "fractions=[0.5]",
+        "generator_steps=6",
+        "gate_checks=2",
+        "vaegan_overrides=[data.batch_size=4,model.base_channels=8,model.latent_dim=8,model.num_classes=2,"
+        "grid_size=4,tracking.log_model=false,gate.n=8]",
+    )
+    gen = StudyRecords(tmp_path / "rec").read("generators", "vaegan-f0.5-s0")
+    # 6 steps at batch 4 over the subset's 12 training images (half of what the holdout left):
+    # 3 batches an epoch, so 2 epochs
+    assert gen["epochs"] == 2 and gen["steps"] == 6
+    assert [c["epoch"] for c in gen["gate"]["checks"]] == [1, 2]  # every 2 // 2 epochs
+    assert gen["gate"]["kept"] in ("best.pt", "last.pt") and "classify.lr" not in gen["config"]
+    assert (
+        gen["config"]["generator.judge_key"]
+        == StudyRecords(tmp_path / "rec").read("children", "real-f0.5-s0")["key"]
+    )
+    syn = res["runs"][res["runs"]["arm"] == "synthetic"]
+    assert syn["generator_class_fidelity"].between(0, 1).all()
