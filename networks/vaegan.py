@@ -373,16 +373,20 @@ class Generator(nn.Module):
         seed: int = 0,
         prior: str = "fitted",
         batch_size: int = 256,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """``n`` images (``len(labels)`` when labels are given), ``[N, 1, S, S]`` in ``[-1, 1]`` on
         the CPU, deterministic in ``seed``. ``prior``: ``fitted`` draws from the fitted prior when
-        this generator carries one (else N(0, I)), ``normal`` always from N(0, I)."""
+        this generator carries one (else N(0, I)), ``normal`` always from N(0, I). ``temperature``
+        scales the prior's spread (its standard normal draws) around each class mean."""
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         n = len(labels) if labels is not None else n
         if n is None or n < 0:
             raise ValueError("sample needs labels or n >= 0")
         eps = torch.randn(n, self.decoder.latent_dim, generator=torch.Generator().manual_seed(seed))
+        if temperature != 1.0:
+            eps = eps * temperature
         dev = next(self.decoder.parameters()).device
         out = []
         for i in range(0, n, batch_size):

@@ -225,9 +225,13 @@ def class_fidelity(
     reference: str | Path | None = None,
     allow_foreign_extractor: bool = False,
     prior: str = "fitted",
+    temperature: float = 1.0,
+    real_images: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Does the generator draw what its labels say? ``n`` synthetic images with balanced labels,
-    scored by a classifier trained on real images: its AUROC with a bootstrap CI.
+    scored by a classifier trained on real images: its AUROC with a bootstrap CI. With
+    ``real_images`` (e.g. the validation split), also the samples' FD, precision, recall, density
+    and coverage against them in the same classifier's feature space.
 
     The classifier is refused (:func:`check_extractor`) when it records no arm or an arm with
     synthetic images, or, with ``reference`` (a manifest), was trained on another manifest;
@@ -244,9 +248,15 @@ def class_fidelity(
     clf, cpay = load_classifier(classifier, device)
     foreign = check_extractor(classifier, cpay, reference, allow_foreign_extractor)
     y = resolve_labels("balanced", n, lg)
-    _, p = classifier_features(clf, sample_images(lg, y, seed, batch_size, prior), device, batch_size)
+    fake = sample_images(lg, y, seed, batch_size, prior, temperature)
+    f_fake, p = classifier_features(clf, fake, device, batch_size)
     ci = bootstrap_ci(y, p, 0.5, n_boot=n_boot, seed=seed)
     out: dict = {"auroc": ci["auroc"], "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"], "n": float(n)}
+    if real_images is not None:
+        f_real = classifier_features(clf, real_images, device, batch_size)[0].double()
+        out["fd"] = float(Q.frechet_distance(f_fake.double(), f_real))
+        out.update(Q.prdc(f_real, f_fake.double()))
+        out["n_real"] = float(len(real_images))
     if foreign:
         out["foreign_extractor"] = foreign
     return out

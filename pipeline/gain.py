@@ -56,7 +56,7 @@ from pipeline.infra import distributed, tracking
 from pipeline.infra.config import BudgetReached, ConfigError, flatten, from_dict, load_config, to_dict
 from pipeline.infra.data import batches_per_epoch, carve_split, write_subset_manifest
 from pipeline.infra.engine import check_writable, pick_device
-from pipeline.infra.loaders import file_sha256
+from pipeline.infra.loaders import file_sha256, load_images
 from pipeline.infra.locks import RunLock
 from pipeline.infra.model_store import is_model_uri
 from pipeline.infra.records import StudyRecords
@@ -65,7 +65,7 @@ from pipeline.infra.study_report import child_rows, summarise, to_markdown
 from pipeline.infra.viz import plot_gain
 from pipeline.ingest import resolve_manifest
 from pipeline.train import TrainConfig, train
-from transforms.manifest import ManifestError, read_manifest
+from transforms.manifest import ManifestError, atomic_write_text, read_manifest
 
 # ------------------------------------------------------------------------------ what identifies a computation
 # where and how a run logs, how fast it goes, where it caches: left out of a key
@@ -79,7 +79,7 @@ GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})
 # base classify values each child replaces)
 STUDY_COSMETIC = frozenset(
     {f"classify.{k}" for k in (*COSMETIC_KEYS, *CHILD_PATH_KEYS, "arm", "seed", "fraction")}
-    | {"out_dir", "run_name", "records", "max_minutes", "experiment"}
+    | {"out_dir", "run_name", "records", "max_minutes", "experiment", "generator_dir"}
 )
 STUDY_COSMETIC_PREFIXES = ("classify.tracking.",)
 HOLDOUT = "holdout"  # the in-distribution test split carved from the training pool
@@ -242,6 +242,10 @@ class GainStudy:
         self.client = None
         self.parent_id: str | None = None
         self.trained = 0
+        self.val_images = None  # the study manifest's validation images, loaded when first needed
+        # generator weights: OUT/generators, or a folder several studies share (generator_dir=),
+        # e.g. recipe variants that differ only in how the children use the same generators
+        self.gen_dir = Path(cfg.generator_dir) if cfg.generator_dir else self.out / "generators"
 
     # ---------------------------------------------------------------- cells and their files
     def cells(self) -> list[Cell]:
@@ -372,6 +376,8 @@ class GainStudy:
         except ConfigError as e:
             raise ConfigError(f"child {cell.name}: {e}") from None
         keyed = keyed_config(to_dict(c), "classify.", CHILD_PATH_KEYS)
+        if not cell.synthetic:  # how synthetic images are drawn is no part of a real-only child
+            keyed.pop("classify.synthetic_temperature", None)
         keyed.update({**self.data_key, "fraction": cell.fraction, "subset_seed": cell.seed})
         if gname is not None:
             keyed["generator_key"] = self.generators[gname].key
@@ -428,7 +434,7 @@ class GainStudy:
         """The checkpoint the synthetic arms load: the gate's best.pt when it kept one, else last.pt."""
         if gname in self.paths:
             return self.paths[gname]
-        ckpts = self.out / "generators" / gname / "checkpoints"
+        ckpts = self.gen_dir / gname / "checkpoints"
         return str(ckpts / "best.pt") if (ckpts / "best.pt").is_file() else str(ckpts / "last.pt")
 
     def generator_config(self, gname: str, judge: Cell) -> TrainConfig:
@@ -442,7 +448,7 @@ class GainStudy:
             f"data.cache={self.base.data.cache}",
             f"data.cache_dir={self.base.data.cache_dir}",
             f"seed={judge.seed}",
-            f"out_dir={self.out / 'generators'}",
+            f"out_dir={self.gen_dir}",
             f"tracking.run_name={gname}",
             f"tracking.experiment={cfg.experiment}",
             f"tracking.uri={self.base.tracking.uri}",
@@ -510,24 +516,28 @@ class GainStudy:
         classify(self.child_config(real, None))
 
     def ensure_generator(self, gname: str) -> str:
-        """A checkpoint of the generator ``gname`` (trained, resumed, or trained again where only its
-        record travelled); returns its path."""
+        """A checkpoint of the generator ``gname`` (trained, resumed, reused from a shared
+        ``generator_dir`` when its key matches, or trained again where only its record travelled);
+        returns its path."""
         item = self.generators[gname]
         if gname.startswith("given-"):
             return self.paths[gname]
-        if distributed.agree(
-            Path(self.generator_path(gname)).is_file()
-            and (self.out / "generators" / gname / "done").is_file(),
-            self.dinfo,
-        ):
+        state = _read_done(self.gen_dir / gname / "done") if self.dinfo.is_main else None
+        if state and state.get("key") not in (None, item.key):
+            raise ConfigError(
+                f"gain: {self.gen_dir / gname} holds the generator {gname} trained with another config "
+                f"(key {str(state.get('key'))[:12]}, this study's {item.key[:12]}): use another generator_dir="
+            )
+        if distributed.agree(Path(self.generator_path(gname)).is_file() and state is not None, self.dinfo):
+            if item.record is None and self.dinfo.is_main:  # trained by a study sharing generator_dir
+                self._record_generator(gname, item, state.get("result") or {}, state.get("wall_s", 0.0))
             return self.generator_path(gname)
-        judge = self.judge_cell(gname)
         if item.config.gate.every:
-            self.ensure_judge(judge)
+            self.ensure_judge(self.judge_cell(gname))
         self.check_budget(item)
         tcfg = copy.deepcopy(item.config)
         tcfg.tracking.parent_run_id = self.parent_id or ""
-        last = self.out / "generators" / gname / "checkpoints" / "last.pt"
+        last = self.gen_dir / gname / "checkpoints" / "last.pt"
         if distributed.agree(last.is_file(), self.dinfo):
             tcfg.resume = str(last)  # an interrupted generator continues where it stopped
         if self.dinfo.is_main:
@@ -540,40 +550,49 @@ class GainStudy:
         res = train(tcfg)
         wall = time.time() - t0
         if self.dinfo.is_main:
-            (self.out / "generators" / gname / "done").write_text(str(res["run_id"]))
+            keep = {"run_id": res["run_id"], "steps": res.get("steps"), "gate": res.get("gate") or {}}
+            # the marker of a finished generator, with its key: a study sharing the folder checks it
+            atomic_write_text(
+                self.gen_dir / gname / "done",
+                json.dumps({"key": item.key, "wall_s": wall, "result": keep}, default=str),
+            )
             if item.record is None:
-                gate = res.get("gate") or {}
-                best = gate.get("best") or {}
-                self.records.write(
-                    "generators",
-                    gname,
-                    {
-                        "key": item.key,
-                        "config": item.keyed,
-                        "fraction": judge.fraction,
-                        "seed": judge.seed,
-                        "steps": int(res.get("steps", item.steps)),
-                        "epochs": tcfg.epochs,
-                        "wall_s": round(wall, 1),
-                        "run_id": res["run_id"],
-                        "parent_run_id": self.parent_id,
-                        "gate": {
-                            "checks": gate.get("checks", []),
-                            "best": {
-                                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                for k, v in best.items()
-                            },
-                            "kept": "best.pt" if gate.get("best_checkpoint") else "last.pt",
-                        },
-                        "code_version": tracking.git_commit(),
-                    },
-                )
-                item.record = self.records.read("generators", gname)
-                self.cost = CostModel.from_records(
-                    [i.record for i in self.children.values() if i.record],
-                    [i.record for i in self.generators.values() if i.record],
-                )
+                self._record_generator(gname, item, keep, wall)
         return self.generator_path(gname)
+
+    def _record_generator(self, gname: str, item: Item, res: dict, wall: float) -> None:
+        judge = self.judge_cell(gname)
+        gate = res.get("gate") or {}
+        best = gate.get("best") or {}
+        self.records.write(
+            "generators",
+            gname,
+            {
+                "key": item.key,
+                "config": item.keyed,
+                "fraction": judge.fraction,
+                "seed": judge.seed,
+                "steps": int(res.get("steps") or item.steps),
+                "epochs": item.config.epochs,
+                "wall_s": round(float(wall), 1),
+                "run_id": res.get("run_id"),
+                "parent_run_id": self.parent_id,
+                "gate": {
+                    "checks": gate.get("checks", []),
+                    "best": {
+                        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                        for k, v in best.items()
+                    },
+                    "kept": "best.pt" if gate.get("best_checkpoint") else "last.pt",
+                },
+                "code_version": tracking.git_commit(),
+            },
+        )
+        item.record = self.records.read("generators", gname)
+        self.cost = CostModel.from_records(
+            [i.record for i in self.children.values() if i.record],
+            [i.record for i in self.generators.values() if i.record],
+        )
 
     def train_child(self, cell: Cell, item: Item) -> None:
         gname = self.generator_of(cell)
@@ -640,18 +659,37 @@ class GainStudy:
             if gname.startswith("given-") and self.dinfo.is_main:
                 self._given_fidelity(cell, gname)
             return
+        temp = self.base.synthetic_temperature
         done = (item.record.get("class_fidelity") or {}).get(str(cell.seed)) or {}
-        if done.get("classifier_key") == real.key:
+        if done.get("classifier_key") == real.key and done.get("temperature") == temp and "coverage" in done:
             return
         gen = self.ensure_generator(gname)
         self.ensure_judge(cell.real())
+        if self.val_images is None:  # the whole validation split: the reference of FD and coverage
+            self.val_images = load_images(self.manifest, self.base.data.val_split, self.base.data.image_size)[
+                0
+            ]
         fid = class_fidelity(
             gen,
             self.child_dir(cell.real()) / "classifier.pt",
             seed=cell.seed,
             device=pick_device(self.base.device),
+            temperature=temp,
+            real_images=self.val_images,
         )
-        entry = {k: fid.get(k) for k in ("auroc", "auroc_lo", "auroc_hi", "n")} | {"classifier_key": real.key}
+        keys = (
+            "auroc",
+            "auroc_lo",
+            "auroc_hi",
+            "n",
+            "fd",
+            "precision",
+            "recall",
+            "density",
+            "coverage",
+            "n_real",
+        )
+        entry = {k: fid.get(k) for k in keys} | {"classifier_key": real.key, "temperature": temp}
         rec = dict(item.record)
         rec["class_fidelity"] = {**(rec.get("class_fidelity") or {}), str(cell.seed): entry}
         self.records.write("generators", gname, rec)
@@ -813,6 +851,17 @@ def _relative(path: str, root: Path) -> str:
         return str(p.relative_to(root))
     except ValueError:
         return p.name
+
+
+def _read_done(path: Path) -> dict[str, Any] | None:
+    """A finished generator's marker: its key, wall time and train result (None: not finished)."""
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except ValueError:  # a marker written before keys were kept: finished, key unknown
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _warn_fidelity(gname: str, cell: Cell, auc: Any) -> None:

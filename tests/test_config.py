@@ -272,7 +272,7 @@ assert not loaded, f"imported by the config modules: {{loaded}}"
         pipeline.generate: ["GenerateConfig"],
         pipeline.classify: ["ClassifyConfig", "ARMS", "DataConfig", "TrackingConfig"],
         pipeline.evaluate: ["EvaluateConfig"],
-        pipeline.gain: ["GainConfig", "ARMS", "DEFAULT_ARMS", "ClassifyConfig"],
+        pipeline.gain: ["GainConfig", "ClassifyConfig"],
         pipeline.ingest: ["IngestConfig", "UNCERTAIN", "MAX_PIXELS"],
         pipeline.compare: ["CompareConfig"],
     }

@@ -271,3 +271,30 @@ def test_generators_are_sized_in_steps_and_gated_by_their_subsets_real_child(tmp
     )
     syn = res["runs"][res["runs"]["arm"] == "synthetic"]
     assert syn["generator_class_fidelity"].between(0, 1).all()
+    # the generator's quality against the validation split, in its judge's feature space
+    q = gen["class_fidelity"]["0"]
+    assert q["temperature"] == 1.0 and 0 <= q["coverage"] <= 1 and 0 <= q["precision"] <= 1 and q["fd"] >= 0
+
+    # a variant that only samples differently (a temperature) shares the generators: none trains
+    import pipeline.gain as G
+
+    calls = []
+    real_train = G.train
+    G.train = lambda cfg: calls.append(cfg) or real_train(cfg)
+    try:
+        res2 = _gain(
+            *_args(phantom_manifest, tmp_path / "out2", tmp_path / "rec2", tmp_path / "s.db", "seeds=[0]"),
+            "arms=[real,synthetic]",
+            "fractions=[0.5]",
+            "generator_steps=6",
+            "gate_checks=2",
+            "vaegan_overrides=[data.batch_size=4,model.base_channels=8,model.latent_dim=8,model.num_classes=2,"
+            "grid_size=4,tracking.log_model=false,gate.n=8]",
+            "classify.synthetic_temperature=1.5",
+            f"generator_dir={tmp_path / 'out' / 't' / 'generators'}",
+        )
+    finally:
+        G.train = real_train
+    assert calls == [] and res2["trained"] == 2
+    gen2 = StudyRecords(tmp_path / "rec2").read("generators", "vaegan-f0.5-s0")
+    assert gen2["key"] == gen["key"] and gen2["class_fidelity"]["0"]["temperature"] == 1.5

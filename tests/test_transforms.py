@@ -76,7 +76,18 @@ def test_cached_datasets(tmp_path, phantom_manifest):
     for i in range(len(items)):
         assert torch.equal(mem[i]["image"], none[i]["image"])
         assert torch.equal(disk[i]["image"], none[i]["image"])
-    assert len(list((tmp_path / "cache").rglob("*.pt"))) == len(items)
+    # one plain array file per image, no pickle
+    files = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(files) == len(items) and not list((tmp_path / "cache").rglob("*.pt"))
+    # another process (a second dataset) reads them instead of decoding: the same tensors
+    again = build_dataset(items, cfg, train=False, cache="disk")
+    assert all(torch.equal(again[i]["image"], none[i]["image"]) for i in range(len(items)))
+    # an image changed after it was cached is decoded again (the key holds its size and mtime)
+    import os
+
+    os.utime(items[0]["image"], ns=(1, 1))
+    build_dataset(items[:1], cfg, train=False, cache="disk")
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == len(items) + 1
     with pytest.raises(ValueError, match="cache"):
         DataConfig(cache="ram")
 

@@ -120,12 +120,14 @@ def _gain_table(seed: int = 0) -> pd.DataFrame:
                     "auroc": 0.8 + d,
                     "auroc_lo": 0.7,
                     "auroc_hi": 0.9,
-                    "delta_auroc": d,
-                    "delta_lo": d - half,
-                    "delta_hi": d + half,
+                    "paired_delta": d,
+                    "paired_lo": d - half,
+                    "paired_hi": d + half,
                 }
             )
-    rows[-1].update(delta_auroc=float("nan"), delta_lo=float("nan"), delta_hi=float("nan"))  # one failed cell
+    rows[-1].update(
+        paired_delta=float("nan"), paired_lo=float("nan"), paired_hi=float("nan")
+    )  # one failed cell
     return pd.DataFrame(rows)
 
 
@@ -191,11 +193,11 @@ def test_gain_plot_keeps_every_label_legend_and_error_bar_inside_the_figure(tmp_
             for y in np.asarray(seg).reshape(-1, 2)[:, 1]
         ]
         assert ends, "no error bars drawn"
-        finite = table["delta_lo"].notna()
+        finite = table["paired_lo"].notna()
         assert len(ends) >= 2 * int((finite & (table["arm"] != "real")).sum())
         assert all(lo <= y <= hi for y in ends if np.isfinite(y)), (lo, hi, min(ends), max(ends))
         # the bars' CIs themselves (not only what was drawn) lie within the limits
-        assert lo <= table["delta_lo"].min() and table["delta_hi"].max() <= hi
+        assert lo <= table["paired_lo"].min() and table["paired_hi"].max() <= hi
     finally:
         pyplot().close(fig)
 
@@ -219,9 +221,9 @@ def test_arm_bars_widen_a_given_ylim_to_hold_every_ci():
     from pipeline.infra.viz import arm_bars_figure, pyplot
 
     table = _gain_table()
-    fig = arm_bars_figure(table, "delta_auroc", "delta_lo", "delta_hi", "gain", ylim=(-0.05, 0.05))
+    fig = arm_bars_figure(table, "paired_delta", "paired_lo", "paired_hi", "gain", ylim=(-0.05, 0.05))
     try:
         lo, hi = fig.axes[0].get_ylim()
-        assert lo <= min(-0.05, table["delta_lo"].min()) and hi >= max(0.05, table["delta_hi"].max())
+        assert lo <= min(-0.05, table["paired_lo"].min()) and hi >= max(0.05, table["paired_hi"].max())
     finally:
         pyplot().close(fig)

@@ -97,12 +97,20 @@ def resolve_labels(spec: str, n: int, lg: LoadedGenerator) -> np.ndarray:
 
 
 def sample_images(
-    lg: LoadedGenerator, labels: np.ndarray, seed: int, batch_size: int = 256, prior: str = "fitted"
+    lg: LoadedGenerator,
+    labels: np.ndarray,
+    seed: int,
+    batch_size: int = 256,
+    prior: str = "fitted",
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """``[N, 1, S, S]`` float images in ``[-1, 1]`` on the CPU, deterministic in ``seed``; codes
-    from the generator's fitted prior when it has one and ``prior == "fitted"``, else N(0, I)."""
+    from the generator's fitted prior when it has one and ``prior == "fitted"``, else N(0, I),
+    their spread scaled by ``temperature``."""
     lab = None if lg.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
-    return lg.generator.sample(lab, n=len(labels), seed=seed, prior=prior, batch_size=batch_size)
+    return lg.generator.sample(
+        lab, n=len(labels), seed=seed, prior=prior, batch_size=batch_size, temperature=temperature
+    )
 
 
 def prior_used(lg: LoadedGenerator, prior: str) -> str:

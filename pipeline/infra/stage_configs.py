@@ -427,6 +427,10 @@ class GainConfig:
     # before any subset is drawn; every child is scored on it beside classify.test_split
     holdout_fraction: float = 0.0
     holdout_seed: int = 0
+    # where generator weights live ("" = OUT_DIR/RUN_NAME/generators); studies that differ only in
+    # how their children use the same generators (e.g. classify.synthetic_temperature) share one, and
+    # a generator is reused only when its recorded config key is this study's
+    generator_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("max_minutes", "holdout_fraction"):

@@ -237,9 +237,8 @@ GAIN_COLUMNS = {
 def gain_figure(table, title: str = "", ref: str = "real"):
     """The figure of :func:`plot_gain`, not saved (close it with ``pyplot().close(fig)``)."""
     value, lo, hi = GAIN_COLUMNS[ref]
-    shown = table[table["arm"] != ref]
     ylabel = GAIN_YLABEL if ref == "real" else f"AUROC - AUROC({ref})"
-    return arm_bars_figure(shown, value, lo, hi, ylabel, title, zero_line=True)
+    return arm_bars_figure(table, value, lo, hi, ylabel, title, zero_line=True)
 
 
 def plot_gain(table, path: str | Path, title: str = "", ref: str = "real") -> Path:
