@@ -6,14 +6,17 @@ live (it runs when unpickled on purpose), then that the project's loaders never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import mlflow
 import mlflow.pytorch
+import pandas as pd
 import pytest
 import torch
 from cxr_factory import REPO
@@ -191,3 +194,74 @@ def test_sync_validates_every_operation_before_sending(tmp_path, op, why):
     with pytest.raises(tracking.OutboxError, match=why):
         tracking.sync(box)
     assert not (tmp_path / "sync.db").exists()
+
+
+# ------------------------------------------------------------------------------ a tampered registered version
+def _registered_copy(phantom_generator, tmp_path):
+    """The phantom generator's logged model, copied to a folder and registered as models:/gen/1
+    (a version whose files the test can edit, as anyone with write access to a shared store can)."""
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    mlflow.set_tracking_uri(phantom_generator["uri"])
+    mlflow.set_registry_uri(phantom_generator["uri"])
+    src = pathlib.Path(
+        mlflow.artifacts.download_artifacts(
+            f"runs:/{phantom_generator['run_id']}/generator", dst_path=str(tmp_path / "dl")
+        )
+    )
+    clean = tmp_path / "clean"
+    shutil.copytree(src, clean)
+    version = tmp_path / "version"
+    shutil.copytree(clean, version)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("gen")
+    client.create_model_version("gen", version.as_uri())
+    return uri, clean, version
+
+
+def test_a_registered_model_ships_no_code_and_no_tampered_file_runs_a_payload(phantom_generator, tmp_path):
+    uri, clean, version = _registered_copy(phantom_generator, tmp_path)
+    marker = tmp_path / "marker"
+    # the model is data: no Python file, and its pyfunc loader is a module of the installed package
+    assert not list(version.rglob("*.py")), sorted(str(p) for p in version.rglob("*.py"))
+    assert f"loader_module: {model_store.LOADER_MODULE}" in (version / "MLmodel").read_text()
+    clean_images = model_store.load_pyfunc("models:/gen/1", uri).predict(
+        pd.DataFrame({"label": ["normal"], "count": [2], "seed": [0]})
+    )
+    payload_py = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+    evil_pickled = tmp_path / "evil_pickled"
+    mlflow.pytorch.save_model(Payload(marker), str(evil_pickled), serialization_format="pickle")
+    marker.unlink(missing_ok=True)  # saving ran the payload once: the control that it is live
+    for f in sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file()):
+        shutil.rmtree(version)
+        shutil.copytree(clean, version)
+        target = version / f
+        if f.name == "MLmodel":
+            # the real attack on this file: name a pickle-based loader and point it at a pickle
+            shutil.copytree(evil_pickled / "data", version / "evil", dirs_exist_ok=True)
+            text = target.read_text().replace(
+                f"loader_module: {model_store.LOADER_MODULE}", "loader_module: mlflow.pytorch"
+            )
+            assert "data: data/generator" in text
+            target.write_text(text.replace("data: data/generator", "data: evil"))
+        elif f.suffix == ".pt":
+            torch.save(Payload(marker), target)  # a pickle whose unpickling runs the payload
+        else:
+            target.write_text(payload_py)
+        # the project's loader and its safe pyfunc entry: refused or loaded as data, never run
+        for load in (
+            lambda: load_generator("models:/gen/1", tracking_uri=uri),
+            lambda: model_store.load_pyfunc("models:/gen/1", uri),
+        ):
+            with contextlib.suppress(Exception):  # refusing is fine; running the payload is not
+                load()
+            assert not marker.exists(), f"tampered {f}: the payload ran"
+        # MLflow's own pyfunc loader: no data file can make it run code; MLmodel can (MLflow imports
+        # the loader module that file names): the control that the MLmodel attack above is live,
+        # and why README loads through model_store.load_pyfunc
+        with contextlib.suppress(Exception):
+            mlflow.pyfunc.load_model("models:/gen/1")
+        assert marker.exists() == (f.name == "MLmodel"), f"tampered {f}"
+        marker.unlink(missing_ok=True)
+    assert clean_images.shape == (2, 1, 32, 32)

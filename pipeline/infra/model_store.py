@@ -6,10 +6,13 @@ architecture and label names, :meth:`networks.vaegan.Generator.export_spec`) and
 (``models:/NAME/VERSION``, ``runs:/ID/generator``, ``file://...``) by downloading those two files
 and rebuilding the module, reading the weights with ``torch.load(weights_only=True)``: anyone who
 can register a version in a shared registry can give us wrong weights, never run code on our
-machines. A model logged with pickle (``mlflow.pytorch`` and older versions of this project) is
-refused unless the user sets ``CXR_VAEGAN_TRUST_PICKLED_MODELS=1``: unpickling runs whatever code
-the file holds. ``mlflow.pyfunc.load_model(uri)`` works on our models too (see
-``pipeline/infra/mlflow_generator_model.py``).
+machines. A model logged with pickle (``mlflow.pytorch``) is refused unless the user sets
+``CXR_VAEGAN_TRUST_PICKLED_MODELS=1``: unpickling runs whatever code the file holds.
+
+The model ships no code: its pyfunc flavour names ``pipeline.infra.pyfunc_generator`` (a module of
+the installed package) as its ``loader_module`` and its data folder holds the two files above.
+:func:`load_pyfunc` checks a downloaded model's ``MLmodel`` names that module (MLflow imports
+whatever module that file names) before handing it to ``mlflow.pyfunc.load_model``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,11 @@ import yaml
 
 from networks.vaegan import Decoder, Generator, ModelConfig, autoencoder_kwargs
 from pipeline.infra import checkpoint as ckpt
+from pipeline.infra import pyfunc_generator
 from pipeline.infra.config import from_dict
 
 TRUST_ENV = "CXR_VAEGAN_TRUST_PICKLED_MODELS"
-PYFUNC_CODE = Path(__file__).resolve().parent / "mlflow_generator_model.py"
-NETWORKS_DIR = Path(__file__).resolve().parents[2] / "networks"
+LOADER_MODULE = pyfunc_generator.__name__  # the pyfunc entry point named in our models' MLmodel
 
 
 class UnsafeModelError(ValueError):
@@ -50,42 +52,64 @@ def _inside(root: Path, rel: str) -> Path:
     return p
 
 
-def load_generator_uri(uri: str, tracking_uri: str = "") -> Generator:
-    """Download an MLflow model and rebuild its generator from data only (see module doc)."""
+def _download(uri: str, tracking_uri: str, dst: str) -> Path:
     import mlflow
 
     if tracking_uri:
         # a models:/ or runs:/ address is looked up in the project's store, not ./mlruns
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="cxr-model-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        except Exception as e:
-            raise FileNotFoundError(
-                f"MLflow model {uri} cannot be found in {mlflow.get_registry_uri()} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
-            ) from e
-        if local.is_file() or not (local / "MLmodel").is_file():
-            raise FileNotFoundError(f"{uri} is not an MLflow model (no MLmodel file)")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"MLflow model {uri} cannot be found in {mlflow.get_registry_uri()} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+        ) from e
+    if local.is_file() or not (local / "MLmodel").is_file():
+        raise FileNotFoundError(f"{uri} is not an MLflow model (no MLmodel file)")
+    return local
+
+
+def _data_folder(local: Path, uri: str) -> Path | None:
+    """The data folder of one of our models (its MLmodel names our loader module), else None."""
+    try:
         mlmodel = yaml.safe_load((local / "MLmodel").read_text()) or {}
-        flavors = mlmodel.get("flavors") or {}
-        artifacts = (flavors.get("python_function") or {}).get("artifacts") or {}
-        if {"spec", "weights"} <= set(artifacts):
-            spec = json.loads(_inside(local, artifacts["spec"]["path"]).read_text())
-            weights = _inside(local, artifacts["weights"]["path"])
+    except yaml.YAMLError as e:
+        raise UnsafeModelError(f"MLflow model {uri}: its MLmodel file is not valid YAML ({e})") from None
+    pyfunc = ((mlmodel.get("flavors") or {}) if isinstance(mlmodel, dict) else {}).get(
+        "python_function"
+    ) or {}
+    if pyfunc.get("loader_module") != LOADER_MODULE or not isinstance(pyfunc.get("data"), str):
+        return None
+    data = (local / pyfunc["data"]).resolve()
+    if not data.is_relative_to(local.resolve()) or not data.is_dir():
+        raise UnsafeModelError(
+            f"MLflow model {uri}: its data folder {pyfunc['data']!r} is not inside the model"
+        )
+    return data
+
+
+def load_generator_uri(uri: str, tracking_uri: str = "") -> Generator:
+    """Download an MLflow model and rebuild its generator from data only (see module doc)."""
+    with tempfile.TemporaryDirectory(prefix="cxr-model-") as tmp:
+        local = _download(uri, tracking_uri, tmp)
+        data = _data_folder(local, uri)
+        if data is not None:
             try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-                return Generator.from_spec(spec, state).eval()
+                return pyfunc_generator.load_data(data)
             except Exception as e:
                 raise ValueError(
                     f"MLflow model {uri}: generator files unusable ({type(e).__name__}: {e})"
                 ) from e
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text()) or {}
+        flavors = mlmodel.get("flavors") or {} if isinstance(mlmodel, dict) else {}
         if os.environ.get(TRUST_ENV) != "1":
+            kinds = ", ".join(flavors) or "no flavor"
             raise UnsafeModelError(
-                f"MLflow model {uri} is stored with pickle ({', '.join(flavors) or 'no flavor'}): loading "
-                f"it would run code from whoever logged it. Re-log it with this version of cxr-vaegan, or, "
-                f"if you trust its source, set {TRUST_ENV}=1"
+                f"MLflow model {uri} is not a cxr-vaegan generator stored as data ({kinds}; its pyfunc loader "
+                f"is not {LOADER_MODULE}): loading it could run code from whoever logged it (it is stored with "
+                f"pickle). Re-log it with this version of cxr-vaegan, or, if you trust its source, set {TRUST_ENV}=1"
             )
         print(f"WARNING: unpickling MLflow model {uri} because {TRUST_ENV}=1", file=sys.stderr, flush=True)
         import mlflow.pytorch
@@ -94,6 +118,22 @@ def load_generator_uri(uri: str, tracking_uri: str = "") -> Generator:
         if not isinstance(gen, Generator):
             raise ValueError(f"MLflow model {uri} is a {type(gen).__name__}, not a Generator")
         return gen
+
+
+def load_pyfunc(uri: str, tracking_uri: str = ""):
+    """``mlflow.pyfunc.load_model`` for a generator from a registry others can write to: the model
+    is downloaded, its MLmodel checked to name :mod:`pipeline.infra.pyfunc_generator` with a data
+    folder inside the model (MLflow would import whatever module it names), and only then loaded."""
+    import mlflow.pyfunc
+
+    tmp = tempfile.mkdtemp(prefix="cxr-model-")
+    local = _download(uri, tracking_uri, tmp)
+    if _data_folder(local, uri) is None:
+        raise UnsafeModelError(
+            f"MLflow model {uri} does not name {LOADER_MODULE} as its pyfunc loader: not loaded (MLflow would "
+            "import and run the module its MLmodel file names)"
+        )
+    return mlflow.pyfunc.load_model(str(local))
 
 
 def generator_from_checkpoint(path: str | Path, payload: dict | None = None) -> tuple[Generator, ModelConfig]:
@@ -190,19 +230,19 @@ def log_generator_model(
     size = int(gen.decoder.image_size)
     signature = infer_signature(example, np.zeros((2, 1, size, size), np.float32))
     with tempfile.TemporaryDirectory(prefix="cxr-model-") as tmp:
-        spec_path, weights_path = Path(tmp) / "generator.json", Path(tmp) / "generator.pt"
-        spec_path.write_text(json.dumps(gen.export_spec(model_cfg), indent=1))
-        torch.save({k: v.detach().cpu() for k, v in gen.state_dict().items()}, weights_path)
+        data = Path(tmp) / "generator"
+        data.mkdir()
+        (data / pyfunc_generator.SPEC).write_text(json.dumps(gen.export_spec(model_cfg), indent=1))
+        torch.save(
+            {k: v.detach().cpu() for k, v in gen.state_dict().items()}, data / pyfunc_generator.WEIGHTS
+        )
         # log_model needs an active run; nested: a parent run may be active in this process
-        with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
-            # predict takes a DataFrame and validates it itself: MLflow's advice to add type
-            # hints for its own validation is noise to the user
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+        with mlflow.start_run(run_id=run_id, nested=True):
+            # no code in the model: the loader is a module of the installed package, the files data
             info = mlflow.pyfunc.log_model(
                 name="generator",
-                python_model=str(PYFUNC_CODE),
-                artifacts={"spec": str(spec_path), "weights": str(weights_path)},
-                code_paths=[str(NETWORKS_DIR)],
+                loader_module=LOADER_MODULE,
+                data_path=str(data),
                 signature=signature,
                 input_example=example,
                 pip_requirements=_requirements(),
