@@ -220,6 +220,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
             run.tracker.log_params(
                 {"n_train_real": n_real, "n_train_total": n_total, "replicas": dinfo.world}
             )
+            engine.log_skipped(run.tracker, run.data["skipped"])
             _fit(run)
             if not dinfo.is_main:  # training is over: rank 0 alone tests, writes and logs
                 distributed.shutdown(dinfo)
@@ -283,6 +284,10 @@ def _build_run(
         "finetune": finetune,  # (loader, sampler, generator) or None
         "val_loader": make_loader(val_ds, cfg.data, shuffle=False),
         "test_loaders": tests,  # split -> loader: test_split first, then extra_test_splits
+        # images that could not be read any more (skipped, reported: data.build_dataset)
+        "skipped": [
+            x for ds in (real_ds, val_ds, *(ld.dataset for ld in tests.values())) for x in getattr(ds, "skipped", [])
+        ],
         # classical arms with data.augment_on=device: the whole batch is augmented in the step
         "batch_aug": device_augment(cfg.data, device)
         if cfg.arm in ("classical", "classical+synthetic")

@@ -184,6 +184,12 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
             raise FileNotFoundError(
                 f"samples folder {path} holds no PNG/JPEG images (subfolders are not searched)"
             )
+        outside = [p for p in files if not p.resolve().is_relative_to(path.resolve())]
+        if outside:  # a link out of the folder would score (and hash) any file of the machine
+            raise ValueError(
+                f"samples folder {path}: {len(outside)} file(s) link outside it ({outside[0].name} -> "
+                f"{outside[0].resolve()}): copy the images into the folder instead"
+            )
         items = [{"image": str(p), "label": -1} for p in files]
         listing = "".join(f"{p.name}\0{file_sha256(p)}\n" for p in files)
         meta["samples_sha256"] = hashlib.sha256(listing.encode()).hexdigest()

@@ -330,6 +330,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes"
             )
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        _check_resume_path(cfg.resume)
         run_dir = engine.run_folder(
             cfg.out_dir,
             cfg.tracking.run_name,
@@ -340,6 +341,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             return _train(cfg, dinfo, run_dir)
     finally:
         distributed.shutdown(dinfo)
+
+
+def _check_resume_path(resume: str) -> None:
+    """``resume=PATH`` continues the run whose folder holds the checkpoint (``RUN/checkpoints/*.pt``,
+    RUN a run folder: ``engine.is_run_folder``), under that folder's lock. A checkpoint anywhere
+    else is refused: its ``PATH/../..`` is no run of ours (a copy in ``/tmp/x/`` once wrote
+    ``checkpoints/`` and ``grids/`` into ``/tmp`` and a lock file into ``/``), and it would go on
+    logging into its original MLflow run without holding that run's lock."""
+    if not resume or resume == "auto":
+        return
+    engine.find_resume(resume, None)  # a missing file is named as such, before any lock is taken
+    path = Path(resume).resolve()
+    if path.parent.name == "checkpoints" and engine.is_run_folder(path.parent.parent):
+        return
+    raise ckpt.CheckpointError(
+        f"resume={resume}: {path} is not in a run folder (RUN/checkpoints/last.pt, RUN holding "
+        f"{ckpt.RUN_ID_FILE}); resume continues a run in its own folder. Resume from the checkpoint "
+        "in the folder of the run it belongs to (or tracking.run_name=NAME resume=auto), or start "
+        "a new run"
+    )
 
 
 def _restore_or_set_aside(cfg: TrainConfig, run_dir: Path, is_main: bool):
@@ -401,6 +422,7 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
             run.tracker.log_params({**flatten(to_dict(cfg)), **chosen})
             run.tracker.log_dict(to_dict(cfg), "config.json")
             run.tracker.log_dataset(manifest, "train")
+            engine.log_skipped(run.tracker, run.data["skipped"])
             run.save(run.step, run.start_epoch, 0)  # a good state to roll back to before epoch 1 ends
         else:
             run.log_floor = run.tracker.max_logged_step()
@@ -516,6 +538,8 @@ def _build_data(
         "fit_loader": fit_loader,
         "batch_aug": batch_aug,
         "real_grids": real_grids,
+        # images that could not be read any more (skipped, reported: data.build_dataset)
+        "skipped": [*getattr(train_ds, "skipped", []), *getattr(val_ds, "skipped", [])],
     }
 
 

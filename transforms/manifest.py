@@ -116,10 +116,16 @@ def resolve_data_root(manifest: str | Path) -> Path:
         return manifest.resolve().parent  # a hand-written manifest: paths relative to its own folder
     meta = json.loads(side.read_text())
     rel = (manifest.resolve().parent / meta.get("data_root", ".")).resolve()
+    absolute = Path(meta["data_root_abs"]) if meta.get("data_root_abs") else None
+    for root in (rel, absolute.resolve() if absolute is not None else None):
+        if root is not None and root == Path(root.anchor):  # "/" lets rows point anywhere
+            raise ManifestError(
+                f"{side}: data root {root} is the file system's root, so its rows could name any file: "
+                "point data_root at the folder that holds the images (re-run the ingest stage)"
+            )
     if rel.is_dir():
         return rel
-    absolute = Path(meta.get("data_root_abs", ""))
-    if absolute.is_dir():
+    if absolute is not None and absolute.is_dir():
         return absolute
     raise ManifestError(f"{manifest}: data root {rel} (recorded as {absolute}) does not exist")
 

@@ -11,6 +11,7 @@ compares against). Random augmentation runs after the cache boundary.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -52,21 +53,71 @@ def _cache_key(cfg: TransformConfig) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+class UnreadableImagesError(ValueError):
+    """Too many of a split's images cannot be read any more (changed or damaged after ingest)."""
+
+
+# above this share of unreadable images a split is refused rather than trained on what is left
+MAX_UNREADABLE = 0.5
+
+
+def _decode_all(items: list[dict], head: Compose) -> tuple[list[dict], list[tuple[str, str]]]:
+    """``head`` on every item (threads, as MONAI's cache fill); returns the decoded items and
+    ``(file, reason)`` for each that could not be read."""
+    from multiprocessing.pool import ThreadPool
+
+    def one(it: dict) -> tuple[dict | None, str]:
+        try:
+            return head(dict(it)), ""
+        except Exception as e:  # noqa: BLE001 - MONAI wraps the reader's error: report its cause
+            cause = e.__cause__ or e
+            return None, f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+
+    with ThreadPool(max(1, min(8, os.cpu_count() or 1))) as pool:
+        out = pool.map(one, items, chunksize=16)
+    kept = [d for d, _ in out if d is not None]
+    bad = [(str(it["image"]), why) for it, (d, why) in zip(items, out, strict=True) if d is None]
+    return kept, bad
+
+
 def build_dataset(
     items: list[dict], cfg: DataConfig, train: bool, cache: str | None = None, progress: bool = False
 ) -> Dataset:
-    """MONAI dataset over manifest records; ``train`` adds augmentation after the cache boundary."""
+    """MONAI dataset over manifest records; ``train`` adds augmentation after the cache boundary.
+
+    With a cache (memory or disk), an image that can no longer be read (changed, damaged or removed
+    after ingest) is skipped and reported: it is dropped from ``items`` itself, so a caller's list
+    stays aligned with the dataset, and listed in the dataset's ``skipped`` as ``(file, reason)``.
+    More than half of the images unreadable refuses the split (:class:`UnreadableImagesError`)."""
     tf = train_transforms(cfg) if train else eval_transforms(cfg)
     cache = cache or cfg.cache
-    if cache == "memory":
-        return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=progress, copy_cache=False)
-    if cache == "disk":
-        # the deterministic head (read, normalise, resize, pad) is read from / written to disk
-        head = deterministic_transforms(cfg)
-        cached = DiskCached(Compose(head), cfg.cache_dir, _cache_key(cfg))
-        tf = Compose([cached, *tf.transforms[len(head) :]])
-        return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=progress, copy_cache=False)
-    return Dataset(items, tf)
+    if cache == "none":
+        return Dataset(items, tf)
+    head = deterministic_transforms(cfg)
+    tail = tf.transforms[len(head) :]
+    if cache == "disk":  # the deterministic head is read from / written to disk
+        head = [DiskCached(Compose(head), cfg.cache_dir, _cache_key(cfg))]
+    decoded, bad = _decode_all(items, Compose(head))
+    if bad:
+        names = "; ".join(f"{f} ({why})" for f, why in bad[:5]) + (
+            f"; +{len(bad) - 5} more" if len(bad) > 5 else ""
+        )
+        if len(bad) > MAX_UNREADABLE * len(items):
+            raise UnreadableImagesError(
+                f"{len(bad)} of {len(items)} images cannot be read any more: {names}. Re-run the ingest "
+                "stage on the data (or restore the files)"
+            )
+        print(
+            f"WARNING data: skipped {len(bad)} of {len(items)} images that cannot be read: {names}",
+            flush=True,
+        )
+        unreadable = {f for f, _ in bad}
+        items[:] = [it for it in items if str(it["image"]) not in unreadable]
+    ds = CacheDataset(
+        decoded, Compose(tail), cache_rate=1.0, num_workers=None, progress=progress, copy_cache=False
+    )
+    ds.skipped = bad
+    return ds
 
 
 def device_augment(cfg: DataConfig, device: torch.device):

@@ -211,7 +211,9 @@ def previous_run_id(run_dir: Any) -> str | None:
 
     run_dir = Path(run_dir)
     with contextlib.suppress(OSError):
-        return (run_dir / ckpt.RUN_ID_FILE).read_text().strip() or None
+        rid = (run_dir / ckpt.RUN_ID_FILE).read_text().strip()
+        if rid:  # empty: the run marker of a run the server has not seen yet (tracking.Tracker.start)
+            return rid
     with contextlib.suppress(OSError, ValueError, AttributeError):
         rid = json.loads((run_dir / "tracking_outbox" / "state.json").read_text()).get("run_id")
         if rid:
@@ -226,16 +228,40 @@ def previous_run_id(run_dir: Any) -> str | None:
     return None
 
 
+def is_run_folder(folder: Any) -> bool:
+    """Whether ``folder`` is a run folder this project wrote: it carries the run marker
+    (``ckpt.RUN_ID_FILE``, written by every run's ``tracking.Tracker.start``, empty until the
+    server has seen the run) or, in folders of runs that never reached the server before the
+    marker was written at start, a tracking outbox."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return (folder / ckpt.RUN_ID_FILE).is_file() or (folder / "tracking_outbox" / "state.json").is_file()
+
+
 def set_aside(run_dir: Any) -> Any:
     """Move an earlier run's folder out of the way (``NAME.replaced-STAMP``) so that a fresh run
     under the same name never mixes the old run's metrics, grids or outbox into its own; nothing
-    is deleted. Returns the new place, or None when there was nothing to move."""
+    is deleted. Returns the new place, or None when there was nothing to move (no folder, or one
+    holding no file: it is used as it is).
+
+    Only a run folder (:func:`is_run_folder`) is moved: any other folder with files in it is
+    refused (``FileExistsError`` naming it), never moved, whatever name led here."""
     import time
     from pathlib import Path
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    if not run_dir.is_dir():
         return None
+    if not is_run_folder(run_dir):
+        # empty sub-folders only (a run that died before it started tracking): nothing to keep
+        if not any(p.is_symlink() or not p.is_dir() for p in run_dir.rglob("*")):
+            return None
+        raise FileExistsError(
+            f"{run_dir} exists and is not a run folder of this pipeline (no {ckpt.RUN_ID_FILE} in it): "
+            "it is left as it is. Choose another tracking.run_name (or out_dir), or move that folder "
+            "away yourself"
+        )
     dest = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
     while dest.exists():
@@ -339,3 +365,11 @@ class DivergenceGuard:
 
     def state(self) -> dict[str, int]:
         return {"skipped": self.skipped, "rollbacks": self.rollbacks}
+
+
+def log_skipped(tracker, skipped: list[tuple[str, str]]) -> None:
+    """Record on the run the images a stage skipped because they could not be read (count as a
+    param, files and reasons as ``skipped_images.json``)."""
+    if skipped:
+        tracker.log_params({"data.skipped_images": len(skipped)})
+        tracker.log_dict({"skipped": [{"file": f, "reason": why} for f, why in skipped]}, "skipped_images.json")
