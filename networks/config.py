@@ -9,6 +9,7 @@ re-exported by the modules that build the networks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 HEADS = ("deconv", "subpixel")  # the VAE-GAN decoder's output heads
 PRIORS = ("fitted", "normal")  # ModelConfig.prior, generate's prior= (networks.prior)
@@ -68,6 +69,19 @@ class ModelConfig:
     # "projection" (Miyato & Koyama 2018; needs num_classes > 0; networks.vaegan.Discriminator)
     disc_conditioning: str = "none"
 
+    # value ranges the config loader enforces (pipeline.infra.config.declared_ranges): sizes and
+    # counts at least 1 and far beyond any network this project builds, never a 10^9 allocation
+    RANGES: ClassVar[dict[str, str]] = {
+        "latent_dim": "[1, 4096]",
+        "base_channels": "[1, 4096]",
+        "max_channels": "[1, 8192]",
+        "num_classes": "[0, 1000]",  # 0: unconditioned
+        "embed_dim": "[1, 4096]",
+        "disc_channels": "[1, 4096]",
+        "disc_layers": "[0, 16]",  # 0: chosen from the image size
+        "feature_layer": "[-32, 31]",  # an index into the feature maps (from the end when negative)
+    }
+
     def __post_init__(self) -> None:
         if self.kind not in ("vaegan", "vae"):
             raise ValueError(f"model.kind must be 'vaegan' or 'vae', got {self.kind!r}")
@@ -103,6 +117,16 @@ class LossConfig:
     # three): a comma-separated subset of color, translation, cutout; "" = off (networks.diffaug)
     diffaug: str = ""
 
+    # value ranges the config loader enforces (pipeline.infra.config.declared_ranges): a negative
+    # weight turns its term into one to maximise
+    RANGES: ClassVar[dict[str, str]] = {
+        "kl_weight": "[0, inf)",
+        "gamma": "[0, inf)",
+        "pixel_l1": "[0, inf)",
+        "adversarial": "[0, inf)",
+        "feature": "[0, inf)",
+    }
+
     def __post_init__(self) -> None:
         diffaug_policy(self.diffaug)
 
@@ -117,6 +141,9 @@ class ClassifierConfig:
     # ResNet normalisation: batch | instance. Under torchrun on CPU, BatchNorm cannot be
     # synchronised (no SyncBatchNorm on gloo); instance norm makes N processes equal to one
     norm: str = "batch"
+
+    # value ranges the config loader enforces (pipeline.infra.config.declared_ranges)
+    RANGES: ClassVar[dict[str, str]] = {"widths": "[1, 8192]", "num_classes": "[2, 1000]"}
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

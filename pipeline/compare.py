@@ -33,6 +33,7 @@ from pipeline.infra.stage_configs import (
 )
 from pipeline.infra.tracking import TrackingConfig, fail_fast_http, resolve_uri
 from pipeline.infra.viz import pyplot, save_figure
+from transforms.manifest import is_inside, write_csv
 
 # metrics aggregated per group; all lie in [0, 1]
 METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")
@@ -49,6 +50,17 @@ NOT_CONFIG = EXECUTION_KEYS | {
 }
 NOT_CONFIG_PREFIXES = EXECUTION_PREFIXES
 UNSET = "<unset>"
+MAX_STEM = 120  # characters of an output file's name taken from the experiment's name
+
+
+def file_stem(experiment: str) -> str:
+    """The experiment's name as a file name inside ``out``: every run of characters other than
+    letters, digits, ``.``, ``-`` and ``_`` (path separators included) becomes ``_``, leading and
+    trailing dots and underscores go (no ``..``, no hidden file), and it is cut to
+    :data:`MAX_STEM` characters. MLflow allows any name (``/Users/me/study``, ``../``), and an
+    unsanitised one would make compare write outside its ``out`` folder."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._")[:MAX_STEM].strip("._")
+    return stem or "experiment"
 
 
 def config_params(columns) -> list[str]:
@@ -191,6 +203,11 @@ def compare(cfg: CompareConfig) -> int:
         return 2
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(cfg.experiment)
+    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
+    if not (is_inside(csv_path, out) and is_inside(png_path, out)):  # file_stem keeps them in: a last guard
+        print(f"error: experiment name {cfg.experiment!r} gives no file name inside {out}", file=sys.stderr)
+        return 2
     is_cls = "tags.stage" in runs and "tags.arm" in runs and (runs["tags.stage"] == "classify").any()
     if is_cls:
         table = aggregate(runs[runs["tags.stage"] == "classify"])
@@ -210,11 +227,9 @@ def compare(cfg: CompareConfig) -> int:
             "mean over seeds with a 95% t-interval over seeds, clipped to [0, 1]; one seed: no interval"
         )
         print("\n".join(lines))
-        table.to_csv(out / f"{cfg.experiment}.csv", index=False)
+        write_csv(csv_path, table)  # formula-like cells (a param or name starting with =+-@) neutralised
         metric = cfg.metric.split("/")[-1]
-        _plot_groups(
-            table, metric if metric in table else "auroc", out / f"{cfg.experiment}.png", cfg.experiment
-        )
+        _plot_groups(table, metric if metric in table else "auroc", png_path, cfg.experiment)
     else:
         cols = [c for c in runs.columns if c.startswith("metrics.val/") or c.startswith("metrics.test/")]
         keep = ["run_id", "tags.mlflow.runName", "status", *sorted(cols)]
@@ -222,11 +237,11 @@ def compare(cfg: CompareConfig) -> int:
         table = runs[keep].rename(columns=lambda c: c.replace("metrics.", "").replace("tags.mlflow.", ""))
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(table.to_string(index=False))
-        table.to_csv(out / f"{cfg.experiment}.csv", index=False)
+        write_csv(csv_path, table)  # a run named "=HYPERLINK(...)" is text in a spreadsheet
         metric = cfg.metric if f"metrics.{cfg.metric}" in runs else "val/ssim"
         if f"metrics.{metric}" in runs:
-            _plot_runs(runs, metric, out / f"{cfg.experiment}.png", cfg.experiment)
-    print(f"table: {out / (cfg.experiment + '.csv')}\nplot: {out / (cfg.experiment + '.png')}")
+            _plot_runs(runs, metric, png_path, cfg.experiment)
+    print(f"table: {csv_path}\nplot: {png_path}")
     return 0
 
 

@@ -7,6 +7,10 @@ import re
 import warnings
 
 import pandas as pd
+import pytest
+
+from pipeline.compare import CompareConfig, compare, file_stem
+from transforms.manifest import unneutralise
 
 
 def _log_runs(uri: str, experiment: str, runs: list[dict]) -> None:
@@ -110,3 +114,59 @@ def test_compare_groups_by_config_not_by_arm(tmp_path, capsys):
     lo, hi = map(float, re.search(r"0\.9467 \[(-?[0-9.]+), (-?[0-9.]+)\]", line_a).groups())
     assert 0.0 <= lo <= 0.9467 <= hi == 1.0
     assert (out / "study.png").is_file()
+
+
+def _log_plain_runs(uri: str, experiment: str, names: list[str]) -> None:
+    """VAE-GAN-like runs (no arm tag): compare lists them one per row, run names included."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(experiment)
+    for i, name in enumerate(names):
+        run = client.create_run(exp_id, run_name=name, tags={"stage": "train"})
+        client.log_metric(run.info.run_id, "val/ssim", 0.5 + 0.1 * i)
+        client.set_terminated(run.info.run_id)
+
+
+def test_formula_like_run_names_are_text_in_the_csv(tmp_path, capsys):
+    # a run named "=HYPERLINK(...)" was written as is: a spreadsheet opening the CSV ran it
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    names = ['=HYPERLINK("http://x","y")', "+1+1", "-2", "@SUM(A1)", "plain"]
+    _log_plain_runs(uri, "vaegan", names)
+    out = tmp_path / "cmp"
+    assert compare(CompareConfig(experiment="vaegan", uri=uri, out=str(out))) == 0
+    cells = pd.read_csv(out / "vaegan.csv")["runName"].tolist()
+    assert sorted(cells) == sorted(["'" + n for n in names[:4]] + ["plain"])
+    assert sorted(unneutralise(c) for c in cells) == sorted(names)
+
+
+def test_an_experiment_named_with_path_parts_writes_inside_out(tmp_path, capsys):
+    # an experiment named "../x" made compare write x.csv beside its out folder, not in it
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_plain_runs(uri, "../escape", ["a", "b"])
+    out = tmp_path / "box" / "cmp"
+    assert compare(CompareConfig(experiment="../escape", uri=uri, out=str(out))) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["escape.csv", "escape.png"]
+    assert not list((tmp_path / "box").glob("escape*"))
+
+
+@pytest.mark.parametrize(
+    "name,stem",
+    [
+        ("../", "experiment"),
+        ("..", "experiment"),
+        (".", "experiment"),
+        ("/etc/passwd", "etc_passwd"),
+        ("a/../b", "a_.._b"),
+        ("C:\\\\x", "C_x"),
+        (".hidden", "hidden"),
+        ("cxr-vaegan-gain", "cxr-vaegan-gain"),
+        ("x" * 500, "x" * 120),
+    ],
+)
+def test_file_stem_is_one_plain_file_name(name, stem):
+    # every name gives one file name in out: no separator, no "." or "..", no hidden file
+
+    assert file_stem(name) == stem

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import threading
 import time
 
 import pytest
@@ -148,3 +150,54 @@ def test_a_measure_dropped_early_is_tried_again_against_the_final_set():
     assert chosen["fused_norm_act"] is False and chosen["gemm_convs"] is True
     assert "again, without gemm_convs" in timings and any("gemm_convs (again)" in line for line in lines)
     speed.apply_process_measures(dict.fromkeys(MEASURES, True), CPU)
+
+
+def _resolve_logged(path):
+    """resolve() with a fake step, through the cache at ``path``: (calls, line, log lines)."""
+    calls: list = []
+    lines: list[str] = []
+    _, line = speed.resolve(
+        SpeedConfig(cache=str(path)), CPU, 32, 6, _fake_build({}, calls), log=lines.append
+    )
+    speed.apply_process_measures(dict.fromkeys(MEASURES, True), CPU)
+    return calls, line, lines
+
+
+def test_a_deeply_nested_cache_is_ignored_with_a_warning(tmp_path):
+    # json.loads raised RecursionError (not a ValueError) on 100 000 nested lists: train crashed
+    path = tmp_path / "speed.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    calls, line, lines = _resolve_logged(path)
+    assert calls and "calibrated" in line and any("warning: ignoring the cache" in s for s in lines)
+    assert isinstance(json.loads(path.read_text()), list)  # rewritten
+
+
+def test_a_fifo_cache_is_ignored_without_blocking(tmp_path):
+    # reading a FIFO waits for a writer that never comes: train hung before its first step
+    path = tmp_path / "speed.json"
+    os.mkfifo(path)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(_resolve_logged(path)), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "resolve() blocked on a FIFO cache"
+    calls, line, lines = result[0]
+    assert calls and any("not a regular file" in s for s in lines)
+
+
+def test_an_oversized_cache_is_ignored_with_a_warning(tmp_path):
+    # the cache holds a few hundred bytes per machine: a huge file is not ours and is not read
+    path = tmp_path / "speed.json"
+    path.write_text("[" + " " * speed.MAX_CACHE_BYTES + "]")
+    calls, _, lines = _resolve_logged(path)
+    assert calls and any(f"over {speed.MAX_CACHE_BYTES}" in s for s in lines)
+
+
+def test_a_symlinked_cache_is_read_through_its_link(tmp_path):
+    # a symlink to a regular file (a dotfiles setup) is followed, not mistaken for something else
+    real = tmp_path / "real.json"
+    _resolve_logged(real)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    calls, line, lines = _resolve_logged(link)
+    assert not calls and "cached choice" in line and not lines

@@ -9,6 +9,7 @@ loaded. :mod:`transforms.presets` and :mod:`transforms.io` re-export them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 # A decoded image above this many pixels is refused rather than allocated: a header that declares
 # a huge size is far more likely corrupt than a real radiograph (the largest CR plates are ~4300 px).
@@ -35,6 +36,18 @@ class TransformConfig:
     contrast_gamma: float = 0.15  # gamma in [1 - g, 1 + g]
     intensity_scale: float = 0.05
     hflip: bool = False  # off by default: the heart has a side
+
+    # value ranges the config loader enforces (pipeline.infra.config.declared_ranges): a
+    # probability, a rotation up to a half turn, factors 1 +- s that stay positive
+    RANGES: ClassVar[dict[str, str]] = {
+        "clahe_clip_limit": "[0, 1]",
+        "aug_prob": "[0, 1]",
+        "rotate_deg": "[0, 180]",
+        "scale": "[0, 1)",
+        "translate": "[0, 1]",
+        "contrast_gamma": "[0, 1)",
+        "intensity_scale": "[0, 1)",
+    }
 
     def __post_init__(self) -> None:
         if self.image_size not in VALID_SIZES:

@@ -133,8 +133,21 @@ def _amount(n: int) -> str:
     return f"{n:,} pixel"
 
 
+# a chest radiograph is roughly square (detectors 35x43 cm and the like); 1:10 is no radiograph (a
+# strip, a barcode, a stitched panorama) and squashed into a square it would be noise
+MAX_ASPECT = 10.0
+
+
 def check_pixels(path: str | Path, header: HeaderInfo, max_pixels: int = MAX_PIXELS) -> None:
-    """Refuse an image whose header declares more than ``max_pixels`` pixels (before decoding)."""
+    """Refuse an image whose header declares more than ``max_pixels`` pixels, or a side more than
+    :data:`MAX_ASPECT` times the other (before decoding)."""
+    lo, hi = sorted((int(header.height), int(header.width)))
+    if lo > 0 and hi / lo > MAX_ASPECT:
+        raise CXRReadError(
+            path,
+            f"image is {header.height}x{header.width} px, an aspect ratio of 1:{hi / lo:.0f} (over 1:"
+            f"{MAX_ASPECT:g}): not a radiograph",
+        )
     if header.pixels > max_pixels:
         frames = f" x {header.frames} frames" if header.frames > 1 else ""
         raise CXRReadError(
@@ -179,6 +192,8 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarr
         raise CXRReadError(path, f"malformed {fmt.upper()} file: {' '.join(text.split())}") from e
     if arr.ndim != 2:
         raise CXRReadError(path, f"expected a 2D image, got shape {tuple(arr.shape)}")
+    if np.iscomplexobj(arr):  # e.g. MR k-space in a NIfTI: no intensity image (casting drops a part)
+        raise CXRReadError(path, f"pixel data are complex numbers ({arr.dtype}): not a radiograph")
     if not np.isfinite(arr).all():
         raise CXRReadError(path, "pixel data contains NaN or Inf values")
     return arr, info
@@ -558,6 +573,8 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
     except Exception as e:
         raise CXRReadError(p, f"cannot read NIfTI ({type(e).__name__}: {e})") from e
     x, y, samples = _nifti_layout(p, tuple(img.shape))  # before any data is read
+    if np.issubdtype(img.get_data_dtype(), np.complexfloating):  # k-space: the cast would drop a part
+        raise CXRReadError(p, f"pixel data are complex numbers ({img.get_data_dtype()}): not a radiograph")
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:

@@ -83,11 +83,25 @@ def sidecar_path(manifest: str | Path) -> Path:
     return Path(manifest).with_suffix(".json")
 
 
+def file_mode() -> int:
+    """The mode a new file gets from this process's umask (``mkstemp`` always makes 0600 files,
+    which a team's shared folder cannot read): 0666 less the umask."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    """Write via a temp file in the same folder + rename, so readers never see half a file; the
+    file gets the mode the umask gives any new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             f.write(text)

@@ -1,7 +1,9 @@
 """Pseudonymisation: DICOM patient identifiers never leave this module in clear text.
 
-The salt comes from ``CXR_VAEGAN_SALT`` when set, otherwise from ``.phi_salt`` in the current
-working directory (git-ignored), created on first use. Creation is atomic and exclusive: a temp
+The salt comes from ``CXR_VAEGAN_SALT`` when set, otherwise from the file ``CXR_VAEGAN_SALT_FILE``
+names (a team points every ingest at one salt file this way), otherwise from ``.phi_salt`` in the
+current working directory (git-ignored), created on first use with a message saying so (pseudonyms
+made with a new salt differ from those made elsewhere). Creation is atomic and exclusive: a temp
 file in the same folder is written and fsynced, then published with ``os.link``, which fails when
 the file already exists, so threads and processes racing on a fresh folder all end up with the one
 salt that won. A salt shorter than :data:`MIN_SALT_LEN` is refused, never used: an empty salt makes
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 SALT_ENV = "CXR_VAEGAN_SALT"
+SALT_FILE_ENV = "CXR_VAEGAN_SALT_FILE"
 SALT_FILE_NAME = ".phi_salt"
 MIN_SALT_LEN = 16  # bytes in the file, characters in the variable
 
@@ -35,11 +38,14 @@ class SaltError(ValueError):
 
 
 def default_salt_file() -> Path:
-    """``.phi_salt`` in the current working directory, evaluated at call time.
+    """The file ``CXR_VAEGAN_SALT_FILE`` names, else ``.phi_salt`` in the current working
+    directory, evaluated at call time.
 
     The salt lives outside git (see .gitignore) so that hashes cannot be reversed by a dictionary
-    attack from the repository alone; set CXR_VAEGAN_SALT to share one salt across machines."""
-    return Path.cwd() / SALT_FILE_NAME
+    attack from the repository alone; set CXR_VAEGAN_SALT_FILE (or CXR_VAEGAN_SALT) to share one
+    salt across folders and machines."""
+    shared = os.environ.get(SALT_FILE_ENV)
+    return Path(shared).expanduser() if shared else Path.cwd() / SALT_FILE_NAME
 
 
 def get_salt(salt_file: str | Path | None = None) -> bytes:
@@ -80,6 +86,12 @@ def get_salt(salt_file: str | Path | None = None) -> bytes:
             return salt
         if salt is None:  # another process published first: use its salt
             return _read_salt_file(path)
+        print(
+            f"PHI: created a new salt in {path}: patient pseudonyms made with it differ from those "
+            f"made with any other salt (another folder, another machine). To give every ingest of a "
+            f"team the same pseudonyms, set {SALT_FILE_ENV} to one shared salt file (kept out of git).",
+            file=sys.stderr,
+        )
         return salt
 
 

@@ -10,14 +10,23 @@ the stage's ``tracking`` section as the stage declared it. ``OmegaConf.to_object
 real dataclasses, so every ``__post_init__`` check still runs. Values are type-checked here before
 the merge, more strictly than OmegaConf would (no ``3`` for a bool, no ``3`` for a string);
 ints widen to floats and float literals YAML 1.1 reads as strings (``1e-3``) are floats.
+
+Numbers are refused by rule, whatever the stage: every float must be finite (``nan``/``inf`` never
+mean anything in a config), every int must fit 64 bits, and a key whose meaning needs a range
+declares it in its class's ``RANGES`` table (key -> interval, e.g. ``"lr": "(0, inf)"``), which the
+loader enforces on every value it is given (:func:`declared_ranges`). YAML anchors and aliases are
+refused (an alias bomb of a few hundred bytes expands to gigabytes), and a value echoed in an error
+message is cut to :data:`MAX_SHOWN` characters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
 import io
+import math
 import re
 import textwrap
 import tokenize
@@ -46,6 +55,60 @@ class BudgetReached(Exception):
     def __init__(self, message: str, done: int, left: int, estimate_s: float) -> None:
         super().__init__(message)
         self.done, self.left, self.estimate_s = done, left, estimate_s
+
+
+MAX_SHOWN = 200  # the most characters of a value (or key) an error message echoes
+MAX_MESSAGE = 500  # the most characters of a check's own message (it may hold a value) echoed
+RANGES_ATTR = "RANGES"  # the class attribute declaring value ranges: {field name: interval}
+INT64 = 2**63
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: ``abc... (1234 chars)``."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` as an error message echoes it (see :func:`clip`)."""
+    try:
+        return clip(repr(value))
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<an integer of {value.bit_length()} bits>"
+
+
+def parse_interval(spec: str) -> tuple[float, float, bool, bool]:
+    """``"(0, 1]"`` -> ``(0.0, 1.0, lo_open=True, hi_open=False)``; ``inf`` / ``-inf`` for no bound."""
+    m = _INTERVAL.match(spec.strip())
+    if m is None:
+        raise TypeError(f"range {spec!r} is not an interval such as '[0, 1]', '(0, inf)' or '[1, 1000]'")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise TypeError(f"range {spec!r} has no values")
+    return lo, hi, m.group(1) == "(", m.group(4) == ")"
+
+
+def in_interval(value: float, spec: str) -> bool:
+    lo, hi, lo_open, hi_open = parse_interval(spec)
+    return (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+
+
+def declared_ranges(cls: type) -> dict[str, str]:
+    """Field name -> interval, from the ``RANGES`` tables of ``cls`` and its dataclass bases."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get(RANGES_ATTR, {}))
+    return out
+
+
+def _check_range(key: str, value: Any, spec: str) -> None:
+    items = enumerate(value) if isinstance(value, list) else [(None, value)]
+    for i, v in items:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not in_interval(v, spec):
+            where = key if i is None else f"{key}[{i}]"
+            raise ConfigError(
+                f"config key '{where}' must be in {spec}, got {shown(v)}: set {key} within that range"
+            )
 
 
 class _UnknownKey(Exception):
@@ -79,10 +142,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, a)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key '{key}': {value!r} does not fit {_type_name(tp)}")
+        raise ConfigError(f"config key '{key}': {shown(value)} does not fit {_type_name(tp)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected a list, got {type(value).__name__} {shown(value)}"
+            )
         args = typing.get_args(tp)
         inner = args[0] if args else Any
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
@@ -90,31 +155,46 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected true/false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(
-                f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}"
+                f"config key '{key}': expected an integer, got {type(value).__name__} {shown(value)}"
             )
+        if not -INT64 <= value < INT64:
+            raise ConfigError(f"config key '{key}': {shown(value)} does not fit a 64-bit integer")
         return value
     if tp is float:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-2" (no dot) as a string; accept any float literal
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+            raise ConfigError(
+                f"config key '{key}': expected a number, got {type(value).__name__} {shown(value)}"
+            )
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(
+                f"config key '{key}': {shown(value)} is not a finite number (nan and inf are refused): "
+                "give a finite value"
+            )
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected a string, got {type(value).__name__} {shown(value)}"
+            )
         return value
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected a mapping, got {type(value).__name__} {shown(value)}"
+            )
         return _check(tp, value, f"{key}.")
     return value
 
@@ -123,11 +203,14 @@ def _check(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The checked (and coerced) copy of ``data`` for section ``cls``; unknown keys raise _UnknownKey."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in _init_fields(cls)]
+    ranges = declared_ranges(cls)
     out: dict[str, Any] = {}
     for k, v in data.items():
         if k not in names:
             raise _UnknownKey(f"{prefix}{k}", [f"{prefix}{n}" for n in names])
         out[k] = _coerce(f"{prefix}{k}", v, hints[k])
+        if k in ranges and out[k] is not None:
+            _check_range(f"{prefix}{k}", out[k], ranges[k])
     return out
 
 
@@ -143,6 +226,8 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(cls: type, err: _UnknownKey) -> str:
+    if len(err.key) > MAX_SHOWN:  # no spelling to suggest (and difflib is quadratic in the length)
+        return f"unknown config key {shown(err.key)}"
     keys = all_keys(cls)
     leaf = err.key.rsplit(".", 1)[-1]
     # the key exists in another section (batch_size -> data.batch_size), else a close spelling
@@ -183,7 +268,7 @@ def _instantiate(cls: type[T], conf: Any, prefix: str = "") -> T:
                 except ConfigError:
                     raise
                 except ValueError as e:
-                    raise ConfigError(f"config section '{where}{k}': {e}") from e
+                    raise ConfigError(f"config section '{where}{k}': {clip(str(e), MAX_MESSAGE)}") from e
 
     try:
         return OmegaConf.to_object(conf)  # type: ignore[return-value]
@@ -192,9 +277,10 @@ def _instantiate(cls: type[T], conf: Any, prefix: str = "") -> T:
     except ValueError as e:
         # only on failure: build the sections one by one to name the one that refused the value
         check_sections(conf, prefix)
-        raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {e}") from e
+        where = prefix.rstrip(".") or cls.__name__
+        raise ConfigError(f"config section '{where}': {clip(str(e), MAX_MESSAGE)}") from e
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config {cls.__name__}: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"config {cls.__name__}: {clip(str(e).splitlines()[0], MAX_MESSAGE)}") from e
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -209,7 +295,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         conf = OmegaConf.merge(OmegaConf.structured(cls), checked)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"config key '{prefix}{key}': {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"config key '{prefix}{key}': {clip(str(e).splitlines()[0], MAX_MESSAGE)}") from e
     return _instantiate(cls, conf, prefix)
 
 
@@ -250,7 +336,22 @@ def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
 
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML reads YAML 1.1, where ``on``, ``off``, ``yes`` and ``no`` are booleans: then
-    ``speed.mode=off`` would arrive as False. Here only true/false are booleans (YAML 1.2)."""
+    ``speed.mode=off`` would arrive as False. Here only true/false are booleans (YAML 1.2).
+
+    Anchors and aliases (``&a``, ``*a``, ``<<: *a``) are refused: nine nested aliases of nine
+    make a "billion laughs" bomb of a few hundred bytes that expands to gigabytes when the
+    config is checked, merged or echoed; a config never needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "YAML anchors and aliases (&name, *name) are not allowed in configs: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -264,23 +365,26 @@ _Yaml12Loader.add_implicit_resolver(
 
 def yaml_load(text: str) -> Any:
     """YAML with 1.2 booleans (:class:`_Yaml12Loader`): config files and overrides alike."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except ValueError as e:  # an integer literal beyond Python's digit limit
+        raise yaml.YAMLError(clip(str(e))) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form key=value")
+        raise ConfigError(f"override {shown(item)} is not of the form key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override '{item}' has an empty key")
+        raise ConfigError(f"override {shown(item)} has an empty key")
     # YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, [1,2] -> list, text -> str; none -> None
     if raw.strip().lower() == "none":
         return key.split("."), None
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise _yaml_error(f"override '{item}'", e) from None
+        raise _yaml_error(f"override {shown(item)}", e) from None
     return key.split("."), value
 
 
@@ -426,12 +530,15 @@ def describe(cls: type) -> list[tuple[str, str, str, str]]:
     def walk(klass: type, values: dict[str, Any], prefix: str) -> None:
         hints = typing.get_type_hints(klass)
         comments = field_comments(klass)
+        ranges = declared_ranges(klass)
         for f in _init_fields(klass):
             tp = hints[f.name]
             if _is_dataclass_type(tp):
                 walk(tp, values[f.name], f"{prefix}{f.name}.")
             else:
                 help_ = f.metadata.get("help", "") or comments.get(f.name, "")
+                if f.name in ranges:
+                    help_ = f"{help_} (range {ranges[f.name]})".lstrip()
                 rows.append((f"{prefix}{f.name}", _type_name(tp), _show(values[f.name]), help_))
 
     walk(cls, defaults, "")  # type: ignore[arg-type]

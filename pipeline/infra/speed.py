@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,8 @@ CACHE_VERSION = 1
 # difference is noise on a shared machine (two timings of one set differ by up to ~6 % on a busy
 # 2-core VM, docs/benchmarks.md), and "off" is the plain PyTorch path
 MARGIN = 1.03
+# the cache holds a few hundred bytes per machine, size and batch: anything larger is not ours
+MAX_CACHE_BYTES = 1 << 20
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -84,16 +87,49 @@ def cache_path(cfg: SpeedConfig) -> Path:
     return base / "cxr-vaegan" / "speed.json"
 
 
-def _read_cache(path: Path) -> list[dict]:
+def _read_cache(path: Path, log: Callable[[str], None] | None = None) -> list[dict]:
+    """The cache's entries; ``[]`` when it is absent, and (saying so through ``log``) when it is
+    not a small regular file (a FIFO would block the run, a device or a huge file exhaust it) or
+    not a JSON list (deeply nested JSON raises RecursionError): calibrate again and rewrite it."""
+
+    def ignore(why: str) -> list[dict]:
+        if log is not None:
+            log(f"speed: warning: ignoring the cache {path} ({why}); timing the measures again")
+        return []
+
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []  # absent or damaged: calibrate again and rewrite it
-    return entries if isinstance(entries, list) else []
+        st = os.stat(path)  # follows a symlink: its target must be a regular file
+    except FileNotFoundError:
+        return []  # the first run on this machine
+    except (OSError, RuntimeError) as e:  # a symlink loop, no permission
+        return ignore(f"{type(e).__name__}: {e}")
+    if not stat.S_ISREG(st.st_mode):
+        return ignore("not a regular file")
+    if st.st_size > MAX_CACHE_BYTES:
+        return ignore(f"{st.st_size} bytes, over {MAX_CACHE_BYTES}")
+    try:
+        # non-blocking, and checked again once open: a FIFO swapped in after the stat cannot hang the run
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return ignore("not a regular file")
+            raw = f.read(MAX_CACHE_BYTES + 1)
+        if len(raw) > MAX_CACHE_BYTES:
+            return ignore(f"over {MAX_CACHE_BYTES} bytes")
+        entries = json.loads(raw.decode("utf-8"))
+    except (
+        OSError,
+        ValueError,
+        RecursionError,
+    ) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return ignore(f"{type(e).__name__}: {str(e)[:200]}")
+    if not isinstance(entries, list):
+        return ignore(f"a JSON {type(entries).__name__}, not a list")
+    return entries
 
 
-def cached_choice(path: Path, key: dict) -> dict[str, bool] | None:
-    for e in _read_cache(path):
+def cached_choice(path: Path, key: dict, log: Callable[[str], None] | None = None) -> dict[str, bool] | None:
+    for e in _read_cache(path, log):
         if isinstance(e, dict) and e.get("key") == key and isinstance(e.get("measures"), dict):
             chosen = e["measures"]
             if set(chosen) == set(MEASURES) and all(isinstance(v, bool) for v in chosen.values()):
@@ -204,7 +240,7 @@ def resolve(
         source = f"mode={cfg.mode}" if device.type == "cpu" else f"{device.type}: CPU measures not timed"
     else:
         path, key = cache_path(cfg), machine_key(image_size, batch_size)
-        cached = cached_choice(path, key)
+        cached = cached_choice(path, key, log)
         if cached is not None:
             measures, source = cached, f"cached choice for this machine ({path})"
         else:

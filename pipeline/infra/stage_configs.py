@@ -7,18 +7,53 @@ checks are plain Python; their nested sections come from :mod:`networks.config` 
 :mod:`transforms.config`, which are light in the same way. Keep it so: this module imports only the
 standard library and those two modules. Each stage module re-exports its own config
 (``from pipeline.train import TrainConfig`` keeps working).
+
+A key whose meaning needs a range declares it in its class's ``RANGES`` table (key -> interval),
+which the config loader enforces (:func:`pipeline.infra.config.declared_ranges`); every float is
+refused when not finite, whatever the key. The ``__post_init__`` checks cover what one interval
+cannot say (choices, keys that depend on each other).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from networks.config import PRIORS, ClassifierConfig, LossConfig, ModelConfig  # noqa: F401 - LossConfig re-exported
 from transforms.config import MAX_PIXELS, TransformConfig
 
 
 # --------------------------------------------------------------------- tracking (pipeline.infra.tracking)
+def check_run_name(key: str, name: str) -> None:
+    """Refuse a run name that is not one plain folder name: the stages write ``out_dir/NAME`` and
+    move an earlier ``out_dir/NAME`` aside, so a path there (``.``, ``..``, ``a/b``, ``/abs``) once
+    moved ``out_dir`` itself or any folder of the machine aside, or wrote outside ``out_dir``.
+    ``""`` is allowed: the stage makes up a name."""
+    if name == "":
+        return
+    shown = repr(name if len(name) <= 60 else name[:57] + "...")
+    why = ""
+    if not name.strip():
+        why = "is blank"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "holds a control character"
+    elif "/" in name or "\\" in name:
+        why = "holds a path separator (an absolute or nested path)"
+    elif name.strip() in (".", ".."):
+        why = "names a folder itself, not a run"
+    elif len(name.encode()) > RUN_NAME_MAX_BYTES:
+        why = f"is {len(name.encode())} bytes long (at most {RUN_NAME_MAX_BYTES})"
+    if why:
+        raise ValueError(
+            f"{key}={shown} {why}: a run name is one folder name inside out_dir, not a path; "
+            f"use letters, digits, '-', '_' or '.', e.g. {key}=kermany64-vaegan (out_dir= sets the folder)"
+        )
+
+
+RUN_NAME_MAX_BYTES = 128  # a folder name, with room for ".NAME.lock" and "NAME.replaced-STAMP"
+
+
 @dataclass
 class TrackingConfig:
     uri: str = ""  # empty: MLFLOW_TRACKING_URI, else the embedded sqlite store
@@ -35,6 +70,7 @@ class TrackingConfig:
             raise ValueError(f"log_every must be >= 1 (steps between metric logs), got {self.log_every}")
         if self.retry_s <= 0:
             raise ValueError(f"retry_s must be > 0, got {self.retry_s}")
+        check_run_name("tracking.run_name", self.run_name)
 
 
 # ----------------------------------------------------------------------------- data (pipeline.infra.data)
@@ -55,6 +91,14 @@ class DataConfig(TransformConfig):
     # where the train augmentation runs: loader (MONAI, per image, CPU workers) | device (the
     # whole batch at once on the training device, transforms.batch) | auto (device on CUDA)
     augment_on: str = "auto"
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "batch_size": "[1, 65536]",
+        "num_workers": "[0, 1024]",
+        "max_train": "[0, inf)",  # 0: all
+        "max_val": "[0, inf)",
+        "labels": "[0, 999]",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +158,8 @@ class GateConfig:
     extractor: str = ""
     n: int = 512  # samples scored, balanced over the classes (prior codes, averaged weights)
     min_fidelity: float = 0.7  # below: a loud warning, and the epoch cannot become best.pt
+
+    RANGES: ClassVar[dict[str, str]] = {"min_fidelity": "[0, 1]"}  # an AUROC
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -179,6 +225,8 @@ class TrainConfig:
     # H100 (docs/benchmarks.md; benchmarks/bench_train.py --compile)
     compile: bool = False
 
+    RANGES: ClassVar[dict[str, str]] = {"threads": "[0, 4096]", "grid_size": "[1, 1024]"}
+
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
@@ -225,6 +273,8 @@ class GenerateConfig:
     # test-to-train nearest-neighbour distances); dropped images are replaced by new draws
     drop_near_copies: str = ""
     near_copy_percentile: float = 1.0
+
+    RANGES: ClassVar[dict[str, str]] = {"near_copy_percentile": "(0, 100)", "batch_size": "[1, 65536]"}
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -290,6 +340,14 @@ class ClassifyConfig:
     bootstrap: int = 1000
     out_dir: str = "outputs/classify"
     channels_last: bool = True
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "ratio": "[0, 1000]",
+        "lr": "(0, inf)",
+        "weight_decay": "[0, inf)",
+        "grad_clip": "[0, inf)",  # 0 disables
+        "threads": "[0, 4096]",
+    }
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
@@ -362,6 +420,12 @@ class EvaluateConfig:
     out_dir: str = "outputs/evaluate"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-evaluate"))
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "bootstrap": "[0, inf)",
+        "normal_label": "[0, 999]",
+        "batch_size": "[1, 65536]",
+    }
+
     def __post_init__(self) -> None:
         if self.checkpoint and self.samples:
             raise ValueError(
@@ -433,6 +497,7 @@ class GainConfig:
     generator_dir: str = ""
 
     def __post_init__(self) -> None:
+        check_run_name("run_name", self.run_name)  # the study's folder: OUT_DIR/RUN_NAME
         for name in ("max_minutes", "holdout_fraction"):
             v = getattr(self, name)
             if not (v >= 0 and v < float("inf")):  # NaN fails too
@@ -519,6 +584,8 @@ class IngestConfig:
     max_quarantined: float = 0.5
     max_pixels: int = MAX_PIXELS  # larger images (by their header) are quarantined before decoding
     decode_memory_mb: float = 1024  # estimated memory of the images being decoded at once stays under this
+
+    RANGES: ClassVar[dict[str, str]] = {"workers": "[0, 4096]", "decode_memory_mb": "(0, 1e9]"}
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
