@@ -16,6 +16,8 @@ from pipeline.infra.records import StudyRecords
 from pipeline.infra.stage_configs import ReportConfig
 from pipeline.infra.study_report import (
     SPLIT_TITLES,
+    ablation_markdown,
+    ablation_rows,
     child_rows,
     cost_table,
     generator_table,
@@ -29,6 +31,8 @@ from transforms.manifest import atomic_write_text
 
 def report(cfg: ReportConfig) -> dict[str, Any]:
     """Render a study's results page (tables, paired-interval plots, verdict, cost) from its records."""
+    if cfg.variants:
+        return ablation_report(cfg)
     records = StudyRecords(cfg.records)
     study = records.study()
     if study is None:
@@ -77,3 +81,30 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
 
 def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
+
+
+def ablation_report(cfg: ReportConfig) -> dict[str, Any]:
+    """A recipe ablation's page: per variant and seed, the generator's quality and its downstream
+    value on the selection split, then each variant's mean (the choice reads CAS and ΔAUROC)."""
+    variants = {}
+    for folder in cfg.variants:
+        rec = StudyRecords(folder)
+        if rec.study() is None:
+            raise FileNotFoundError(f"{folder}: no study.json: not a gain study's records folder")
+        variants[Path(folder).name] = (rec.all("children"), rec.all("generators"))
+    rows = ablation_rows(variants, cfg.select_split)
+    out = Path(cfg.out or "ablation.md")
+    lines = [
+        f"# {cfg.title}",
+        "",
+        f"Rendered from the records of {len(variants)} variant(s) by `python -m pipeline.run report "
+        f"variants=[{','.join(cfg.variants)}] out={cfg.out or out}`. CAS and ΔAUROC are measured on the "
+        f"`{cfg.select_split}` split (carved from the training pool, never a test split).",
+        "",
+        ablation_markdown(rows) if not rows.empty else "No generator is recorded yet.",
+    ]
+    if cfg.notes:
+        lines += ["", Path(cfg.notes).read_text(encoding="utf-8").rstrip()]
+    atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
+    print(f"report: {out} ({len(rows)} generator(s) in {len(variants)} variant(s))")
+    return {"page": str(out), "rows": rows}

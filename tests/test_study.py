@@ -298,3 +298,62 @@ def test_generators_are_sized_in_steps_and_gated_by_their_subsets_real_child(tmp
     assert calls == [] and res2["trained"] == 2
     gen2 = StudyRecords(tmp_path / "rec2").read("generators", "vaegan-f0.5-s0")
     assert gen2["key"] == gen["key"] and gen2["class_fidelity"]["0"]["temperature"] == 1.5
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        # a budget must be a number of minutes: NaN would never stop, a negative one never start
+        ("max_minutes=-1", "max_minutes must be a finite number >= 0"),
+        # the holdout is carved from the training pool: half or more leaves too little to train on
+        ("holdout_fraction=0.5", "holdout_fraction must be < 0.5"),
+        ("generator_steps=-5", "generator_steps and gate_checks must be >= 0"),
+    ],
+)
+def test_study_config_rules(override, match):
+    from pipeline.gain import GainConfig
+    from pipeline.infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(GainConfig, None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        # a temperature scales the prior's spread: 0 would draw every image at its class mean
+        ("synthetic_temperature=0", "synthetic_temperature must be in"),
+        # scoring the test split twice would count it twice in a study's records
+        ("extra_test_splits=[test]", "extra_test_splits"),
+    ],
+)
+def test_classify_scoring_rules(override, match):
+    from pipeline.classify import ClassifyConfig
+    from pipeline.infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(ClassifyConfig, None, [override])
+
+
+def test_the_recipe_ablation_page_renders_from_its_variants_records(tmp_path):
+    from pipeline.infra.stage_configs import ReportConfig
+    from pipeline.report import report
+
+    for v in ("base", "ema"):
+        _tiny_records(tmp_path / v)
+    res = report(
+        ReportConfig(
+            variants=[str(tmp_path / "base"), str(tmp_path / "ema")],
+            out=str(tmp_path / "a.md"),
+            select_split="test",
+        )
+    )
+    rows = res["rows"]
+    assert len(rows) == 8 and set(rows["variant"]) == {"base", "ema"}
+    # CAS is the synthetic_only child's AUROC; here there is none, and the delta is synthetic - real
+    assert rows["cas"].isna().all() and rows["delta_synthetic"].notna().all()
+    text = (tmp_path / "a.md").read_text()
+    assert "| **base** | mean |" in text and "class fidelity" in text
+    # one of records= or variants=, never both or neither
+    with pytest.raises(ValueError, match="one of them"):
+        ReportConfig()

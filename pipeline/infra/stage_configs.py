@@ -631,10 +631,16 @@ class ReportConfig:
     out: str = ""  # the Markdown page to write; its plots go beside it ("" = RECORDS/report.md)
     title: str = "Does synthetic augmentation help?"
     notes: str = ""  # a Markdown file placed under the verdict (discussion, the recipe ablation)
+    # instead of records: the records folders of a recipe ablation's variants (one study each), and
+    # the split that chooses among them (a held-out selection split, never a test split)
+    variants: list[str] = field(default_factory=list)
+    select_split: str = "holdout"
 
     def __post_init__(self) -> None:
-        if not self.records:
-            raise ValueError("records= is required: the study's records folder (gain's records=)")
+        if bool(self.records) == bool(self.variants):
+            raise ValueError(
+                "give records= (a study's records folder) or variants=[...] (a recipe ablation's), one of them"
+            )
 
 
 # config keys that say where and how a run executes, caches and logs, not what it computes: gain's

@@ -266,3 +266,75 @@ def cost_table(children: dict[str, dict[str, Any]], generators: dict[str, dict[s
         f"{sum(r['generators'] for r in rows.values())} | | {total:.2f} |"
     )
     return head + "\n".join(lines) + "\n"
+
+
+def ablation_rows(variants: dict[str, tuple[dict, dict]], split: str) -> pd.DataFrame:
+    """Per (variant, seed): the generator's quality (gate FD, class fidelity, precision, recall,
+    coverage, FD against the validation split) and its downstream value on ``split``: CAS (the
+    synthetic_only child's AUROC) and the synthetic child's AUROC minus the real child's.
+    ``variants``: name -> (children records, generator records)."""
+    rows = []
+    for name, (children, generators) in variants.items():
+        for _, g in sorted(generators.items()):
+            seed = int(g["seed"])
+            q = (g.get("class_fidelity") or {}).get(str(seed)) or {}
+            temp = q.get("temperature", 1.0)
+            auc = {}
+            for arm in ("real", "synthetic", "synthetic_only"):
+                rec = children.get(f"{arm}-f{float(g['fraction']):g}-s{seed}")
+                pre = "test" if rec is None or split == rec.get("test_split", "test") else split
+                auc[arm] = float((rec or {}).get("metrics", {}).get(f"{pre}/auroc") or float("nan"))
+            best = (g.get("gate") or {}).get("best") or {}
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "temperature": temp,
+                    "steps": g.get("steps"),
+                    "gate_fd": best.get("fd"),
+                    "class_fidelity": q.get("auroc"),
+                    "fd_val": q.get("fd"),
+                    "precision": q.get("precision"),
+                    "recall": q.get("recall"),
+                    "coverage": q.get("coverage"),
+                    "cas": auc["synthetic_only"],
+                    "delta_synthetic": auc["synthetic"] - auc["real"],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def ablation_markdown(rows: pd.DataFrame) -> str:
+    cols = [
+        "gate_fd",
+        "class_fidelity",
+        "fd_val",
+        "precision",
+        "recall",
+        "coverage",
+        "cas",
+        "delta_synthetic",
+    ]
+    head = (
+        "| variant | seed | temperature | steps | gate FD | class fidelity | FD (val) | precision | recall "
+        "| coverage | CAS | ΔAUROC synthetic − real |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows.itertuples():
+        vals = " | ".join(
+            _num(getattr(r, c)) if c != "delta_synthetic" else _signed(r.delta_synthetic) for c in cols
+        )
+        lines.append(f"| {r.variant} | {r.seed} | {r.temperature:g} | {r.steps} | {vals} |")
+    means = rows.groupby("variant", sort=False)[cols].mean()
+    for name, m in means.iterrows():
+        vals = " | ".join(_num(m[c]) if c != "delta_synthetic" else _signed(m[c]) for c in cols)
+        lines.append(f"| **{name}** | mean | | | {vals} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _signed(v: Any) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "—"
+    return f"{v:+.4f}" if np.isfinite(v) else "—"
