@@ -65,3 +65,36 @@ def test_paired_deltas_cancel_shared_errors_and_find_a_real_difference():
     assert m == (d + d / 2) / 2 and 0 < lo <= m <= hi
     # a seed without replicates gives no interval rather than a narrower one
     assert np.isnan(M.combine_seed_deltas([d], [np.array([])])[0])
+
+
+def test_vectorised_bootstrap_equals_one_binary_metrics_call_per_replicate():
+    # the bootstrap scores all replicates at once (one rank per row); it must give what the
+    # per-replicate loop gave: the same resamples, the same values, ties included
+    import numpy as np
+
+    from pipeline.infra import metrics as M
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 120)
+    p = np.round(rng.random(120), 1)  # many ties
+    fast = M.bootstrap_ci(y, p, 0.5, n_boot=200, seed=7)
+    r = np.random.default_rng(7)
+    samples = {k: [] for k in ("auroc", "balanced_accuracy", "sensitivity", "specificity")}
+    for _ in range(200):
+        i = r.integers(0, 120, 120)
+        for k, v in M.binary_metrics(y[i], p[i], 0.5).items():
+            samples[k].append(v)
+    for k, vals in samples.items():
+        a = np.asarray(vals, float)
+        a = a[np.isfinite(a)]
+        lo, hi = np.quantile(a, [0.025, 0.975])
+        assert abs(fast[f"{k}_lo"] - lo) < 1e-12 and abs(fast[f"{k}_hi"] - hi) < 1e-12, k
+    q = np.round(rng.random(120), 1)
+    _, reps = M.paired_auroc_deltas(y, p, q, n_boot=50, seed=1)
+    r = np.random.default_rng(1)
+    ref = []
+    for _ in range(50):
+        i = r.integers(0, 120, 120)
+        if y[i].min() != y[i].max():
+            ref.append(M.auroc(y[i], p[i]) - M.auroc(y[i], q[i]))
+    assert np.allclose(reps, ref, atol=1e-12)
