@@ -12,6 +12,13 @@ whole set or nothing new. Too little free space for the set is refused before an
 a disk that fills anyway (``ENOSPC``/``EDQUOT``) is reported as ``disk full at PATH``, the staging
 folder is removed and ``OUT`` keeps what it held before. The DICOM objects of one call form one
 study and one series.
+
+Memory does not grow with ``n``: codes are drawn, decoded and written :data:`CHUNK_IMAGES` images
+at a time (in chunks that keep the images identical to one draw of all of them). One call at a
+time per ``OUT``: the call holds a lock (``.OUT.lock`` beside it, removed at the end) from its
+first check of ``OUT`` to its MLflow run, so a second call is refused at once, naming the holder.
+File names hold a file-safe form of the class name (:func:`file_safe`); the manifest and the DICOM
+text keep the real one.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +50,9 @@ from pipeline.infra.loaders import (
     load_images,
     prior_used,
     resolve_labels,
-    sample_images,
 )
-from pipeline.infra.quality import memorisation_audit
+from pipeline.infra.locks import RunLock
+from pipeline.infra.quality import nn_distances
 from pipeline.infra.stage_configs import (
     GenerateConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
 )
@@ -51,30 +61,73 @@ from pipeline.infra.viz import save_grid
 from transforms.manifest import COLUMNS, atomic_write_text, sidecar_path, write_manifest
 
 SYNTHETIC_COLUMNS = ("synthetic", "seed", "index", "source", "source_sha256")
+# DICOM value representations holding text in the character set of SpecificCharacterSet
+TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 
 
-def _drop_near_copies(
-    cfg: GenerateConfig, lg: LoadedGenerator, images: torch.Tensor, labels: np.ndarray, max_rounds: int = 20
-) -> tuple[torch.Tensor, np.ndarray, int]:
-    """Replace near-copies of training images by fresh draws (seeded from ``cfg.seed``)."""
+# images drawn, decoded and written at a time (rounded up to a multiple of 16 and of batch_size):
+# what generate holds in memory whatever n
+CHUNK_IMAGES = 1024
+MAX_REDRAW_ROUNDS = 20
 
-    train_x, _ = load_images(cfg.drop_near_copies, "train", lg.image_size)
-    test_x, _ = load_images(cfg.drop_near_copies, "test", lg.image_size)
-    flags = memorisation_audit(images, train_x, test_x, cfg.near_copy_percentile)["near_copy"]
-    dropped = int(flags.sum())
-    for r in range(1, max_rounds + 1):
-        if not flags.any():
-            return images, labels, dropped
-        bad = np.flatnonzero(flags)
-        new = sample_images(lg, labels[bad], cfg.seed + 7919 * r, cfg.batch_size, cfg.prior)
-        images[bad] = new
-        again = memorisation_audit(new, train_x, test_x, cfg.near_copy_percentile)["near_copy"]
-        flags = np.zeros_like(flags)
-        flags[bad[again]] = True
-        dropped += int(again.sum())
-    raise RuntimeError(
-        f"{int(flags.sum())} images still near-copies after {max_rounds} redraws: the generator memorises"
-    )
+
+def _chunk_rows(batch_size: int) -> int:
+    """Images per chunk: about :data:`CHUNK_IMAGES`, a multiple of 16 (so that torch draws each
+    chunk's codes as the same stretch of one seeded stream as a single draw of all codes would)
+    and of ``batch_size`` (so that the decoder sees the same batches as in one draw)."""
+    step = math.lcm(16, max(1, int(batch_size)))
+    return step * max(1, -(-CHUNK_IMAGES // step))
+
+
+def sample_chunks(
+    lg: LoadedGenerator, labels: np.ndarray, seed: int, batch_size: int = 256, prior: str = "fitted"
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, images)``: ``loaders.sample_images(lg, labels, seed, batch_size, prior)[start:
+    start + len(images)]``, one chunk at a time, so that only a chunk is ever held.
+
+    The codes come from one CPU generator seeded once, as in ``Generator.sample``: torch's normal
+    sampler draws a tensor in blocks of 16 values (recomputing the last 16 of a size that is not a
+    multiple of 16), so chunks of a multiple of 16 values, and a last chunk of at least 16, take
+    the very values of one big draw. A short tail therefore joins the chunk before it."""
+    gen = lg.generator
+    n, rows = len(labels), _chunk_rows(batch_size)
+    rng = torch.Generator().manual_seed(seed)
+    lab = None if lg.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
+    dev = next(gen.decoder.parameters()).device
+    start = 0
+    while start < n:
+        m = n - start if n - start < 2 * rows else rows
+        eps = torch.randn(m, gen.decoder.latent_dim, generator=rng)
+        out = []
+        with torch.no_grad():
+            for i in range(0, m, batch_size):
+                e = eps[i : i + batch_size].to(dev)
+                y = None if lab is None else lab[start + i : start + i + batch_size].to(dev)
+                z = gen.prior(e, y) if prior == "fitted" else e
+                out.append(gen.decoder(z, y).float().cpu())
+        yield start, torch.cat(out)
+        start += m
+
+
+class _NearCopies:
+    """``quality.memorisation_audit``'s rule, its threshold computed once for all chunks: an image
+    closer to a training image than ``near_copy_percentile`` % of the real test images are to
+    theirs (pixel L2) is a near-copy."""
+
+    def __init__(self, cfg: GenerateConfig, image_size: int) -> None:
+        self.train, _ = load_images(cfg.drop_near_copies, "train", image_size)
+        test, _ = load_images(cfg.drop_near_copies, "test", image_size)
+        self.threshold = float(np.percentile(nn_distances(test, self.train)[0], cfg.near_copy_percentile))
+
+    def flags(self, images: torch.Tensor) -> np.ndarray:
+        return nn_distances(images, self.train)[0] < self.threshold
+
+
+def file_safe(name: str, limit: int = 64) -> str:
+    """``name`` (a class name) as part of a file name: anything but letters, digits, ``.``, ``-``
+    and ``_`` (``/``, ``\\``, ``:``, spaces, control characters) becomes ``_``; at most ``limit``
+    characters. Two names may map to one: the image index keeps the file names apart."""
+    return re.sub(r"[^\w.-]", "_", name)[:limit] or "_"
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -129,6 +182,9 @@ def write_dicom(
     ds.HighBit = 7
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if any(e.VR in TEXT_VRS and not str(e.value).isascii() for e in ds):
+        # a class name beyond ASCII: declare UTF-8, else readers decode its bytes as ASCII/Latin-1
+        ds.SpecificCharacterSet = "ISO_IR 192"
     ds.save_as(str(path), enforce_file_format=True)
 
 
@@ -228,10 +284,41 @@ def _swap_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _out_lock(out_abs: Path) -> Iterator[None]:
+    """Hold ``RunLock`` on ``out`` (``.OUT.lock`` beside it) for the whole call; the file is removed
+    at the end, while still held. A lock file its holder removed between our open and our flock is
+    no lock any more: then it is taken again, on the new file."""
+    while True:
+        lock = RunLock(
+            out_abs, what="output folder", fix="wait for that generate call to end, or give another out="
+        )
+        lock.__enter__()
+        try:
+            same = os.path.samestat(os.fstat(lock.fd), os.stat(lock.path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        lock.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        lock.path.unlink(missing_ok=True)
+        lock.__exit__(None, None, None)
+
+
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Write the images and their manifest; returns the manifest path, counts and MLflow run id."""
     out = Path(cfg.out)
-    _check_out_folder(out, cfg.overwrite)
+    _check_out_folder(out, cfg.overwrite)  # a file or a root is refused before any lock is taken
+    with _out_lock(out.resolve()):
+        # again under the lock: a call that ended meanwhile may have filled out
+        _check_out_folder(out, cfg.overwrite)
+        return _generate(cfg, out)
+
+
+def _generate(cfg: GenerateConfig, out: Path) -> dict[str, Any]:
     device = pick_device(cfg.device)
     lg = load_generator(cfg.checkpoint, device, resolve_uri(cfg.tracking))
     labels = resolve_labels(cfg.label, cfg.n, lg)
@@ -242,17 +329,13 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     used = prior_used(lg, cfg.prior)
     if used != cfg.prior:
         print(f"{lg.source} carries no fitted prior (trained before it existed): codes drawn from N(0, I)")
-    images = sample_images(lg, labels, cfg.seed, cfg.batch_size, cfg.prior)
-    dropped = 0
-    if cfg.drop_near_copies:
-        images, labels, dropped = _drop_near_copies(cfg, lg, images, labels)
     staging = _make_staging(out_abs)
     writing = {"path": staging}  # the file being written, named if the disk fills up
     try:
-        rows = _write_images(cfg, lg, images, labels, staging, writing)
-        df, meta = _write_manifest(cfg, lg, rows, used, staging, out_abs, writing)
+        df, preview, dropped = _write_images(cfg, lg, labels, staging, writing)
+        meta = _write_manifest(cfg, lg, df, used, staging, out_abs, writing)
         writing["path"] = staging / "preview.png"
-        save_grid(images[:64], writing["path"], nrow=8, upscale=max(1, 128 // lg.image_size))
+        save_grid(preview, writing["path"], nrow=8, upscale=max(1, 128 // lg.image_size))
         writing["path"] = out_abs
         _swap_into_place(staging, out_abs)
     except OSError as e:
@@ -288,62 +371,103 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def _write_images(
-    cfg: GenerateConfig, lg, images: torch.Tensor, labels, staging: Path, writing: dict[str, Path]
-) -> list[dict[str, Any]]:
-    """One PNG per image (and a DICOM with ``dicom=true``) under ``staging``; the manifest rows."""
+    cfg: GenerateConfig, lg: LoadedGenerator, labels: np.ndarray, staging: Path, writing: dict[str, Path]
+) -> tuple[pd.DataFrame, torch.Tensor, int]:
+    """One PNG per image (and a DICOM with ``dicom=true``) under ``staging``, drawn and written a
+    chunk at a time (:func:`sample_chunks`). With ``drop_near_copies`` each chunk is audited and
+    the near-copies are redrawn afterwards, round by round, as one draw of all of them would be
+    (round ``r``: the codes of stream ``seed + 7919 r`` for the images still flagged, in index
+    order), their files written again. Returns the manifest rows, the first 64 images (the
+    preview) and how many near-copies were dropped."""
     from PIL import Image
 
+    names = {
+        int(lab): lg.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
+        for lab in np.unique(labels)
+    }
+    safe = {lab: file_safe(name) for lab, name in names.items()}
     (staging / "images").mkdir()
     if cfg.dicom:
         from pydicom.uid import generate_uid
 
         (staging / "dicom").mkdir()
         study_uid, series_uid = generate_uid(), generate_uid()
-    rows = []
-    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
-        name = lg.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
-        px = to_uint8(img)
-        rel = f"images/syn_{i:06d}_{name}.png"
-        writing["path"] = staging / rel
-        Image.fromarray(px).save(writing["path"])
-        if cfg.dicom:
-            writing["path"] = staging / "dicom" / f"syn_{i:06d}_{name}.dcm"
-            write_dicom(writing["path"], px, name, series_uid, i, study_uid)
-        rows.append(
-            {
-                "path": rel,
-                "label": int(lab),
-                "label_name": name,
-                "patient_id": f"synthetic-{i:06d}",
-                "split": "train",
-                "format": "png",
-                "height": px.shape[0],
-                "width": px.shape[1],
-                "bits_stored": 8,
-                "photometric": "MONOCHROME2",
-                "transfer_syntax": "",
-                "pixel_hash": hashlib.sha256(px.tobytes()).hexdigest()[:16],
-                "synthetic": 1,
-                "seed": cfg.seed,
-                "index": i,
-                "source": lg.source,
-                "source_sha256": lg.sha256,
-            }
+    hashes = np.empty(len(labels), dtype=object)
+    preview: dict[int, torch.Tensor] = {}
+
+    def write(indices: np.ndarray, images: torch.Tensor) -> None:
+        for i, img in zip(indices.tolist(), images, strict=True):
+            lab = int(labels[i])
+            px = to_uint8(img)
+            writing["path"] = staging / f"images/syn_{i:06d}_{safe[lab]}.png"
+            Image.fromarray(px).save(writing["path"])
+            if cfg.dicom:
+                writing["path"] = staging / "dicom" / f"syn_{i:06d}_{safe[lab]}.dcm"
+                write_dicom(writing["path"], px, names[lab], series_uid, i, study_uid)
+            hashes[i] = hashlib.sha256(px.tobytes()).hexdigest()[:16]
+            if i < 64:
+                preview[i] = img
+
+    audit = _NearCopies(cfg, lg.image_size) if cfg.drop_near_copies else None
+    flagged = []
+    for start, images in sample_chunks(lg, labels, cfg.seed, cfg.batch_size, cfg.prior):
+        idx = np.arange(start, start + len(images))
+        write(idx, images)
+        if audit is not None:
+            flagged.append(idx[audit.flags(images)])
+    bad = np.concatenate(flagged) if flagged else np.zeros(0, dtype=np.int64)
+    dropped = len(bad)
+    for r in range(1, MAX_REDRAW_ROUNDS + 1):
+        if not len(bad):
+            break
+        again = []
+        for start, images in sample_chunks(lg, labels[bad], cfg.seed + 7919 * r, cfg.batch_size, cfg.prior):
+            idx = bad[start : start + len(images)]
+            write(idx, images)
+            again.append(idx[audit.flags(images)])
+        bad = np.concatenate(again)
+        dropped += len(bad)
+    if len(bad):
+        raise RuntimeError(
+            f"{len(bad)} images still near-copies after {MAX_REDRAW_ROUNDS} redraws: the generator memorises"
         )
-    return rows
+    index = np.arange(len(labels))
+    rel = [f"images/syn_{i:06d}_{safe[int(lab)]}.png" for i, lab in zip(index, labels, strict=True)]
+    df = pd.DataFrame(
+        {
+            "path": rel,
+            "label": labels.astype(int),
+            "label_name": [names[int(lab)] for lab in labels],
+            "patient_id": [f"synthetic-{i:06d}" for i in index],
+            "split": "train",
+            "format": "png",
+            "height": lg.image_size,
+            "width": lg.image_size,
+            "bits_stored": 8,
+            "photometric": "MONOCHROME2",
+            "transfer_syntax": "",
+            "pixel_hash": hashes,
+            "synthetic": 1,
+            "seed": cfg.seed,
+            "index": index,
+            "source": lg.source,
+            "source_sha256": lg.sha256,
+        },
+        columns=COLUMNS + list(SYNTHETIC_COLUMNS),
+    )
+    return df, torch.stack([preview[i] for i in sorted(preview)]), dropped
 
 
 def _write_manifest(
     cfg: GenerateConfig,
     lg,
-    rows: list[dict],
+    df: pd.DataFrame,
     used: str,
     staging: Path,
     out_abs: Path,
     writing: dict[str, Path],
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """``generated.csv`` and its sidecar under ``staging``; returns the table and the metadata."""
-    df = pd.DataFrame(rows, columns=COLUMNS + list(SYNTHETIC_COLUMNS))
+) -> dict[str, Any]:
+    """``generated.csv`` (the rows ``df``) and its sidecar under ``staging``; returns the metadata."""
     meta = {
         "data_root_abs": str(staging),
         "source": lg.source,
@@ -362,7 +486,7 @@ def _write_manifest(
     writing["path"] = side_path = sidecar_path(writing["path"])
     side = dict(json.loads(side_path.read_text()), data_root_abs=str(out_abs))
     atomic_write_text(side_path, json.dumps(side, indent=2, default=str) + "\n")
-    return df, meta
+    return meta
 
 
 def _log_run(cfg: GenerateConfig, lg, out: Path, meta: dict, counts: dict, used: str) -> str | None:

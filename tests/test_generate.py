@@ -172,17 +172,17 @@ def test_drop_near_copies_replaces_flagged_images(tmp_path, phantom_generator, p
     from pipeline.infra.loaders import load_images
 
     train_x, _ = load_images(phantom_manifest, "train", 32)
-    real_sample = G.sample_images
+    real_chunks = G.sample_chunks
     calls = {"n": 0}
 
     def first_draw_copies(lg, labels, seed, batch_size=256, prior="fitted"):
         calls["n"] += 1
-        out = real_sample(lg, labels, seed, batch_size, prior)
-        if calls["n"] == 1:
-            out[: min(len(out), 3)] = train_x[:3]
-        return out
+        for start, out in real_chunks(lg, labels, seed, batch_size, prior):
+            if calls["n"] == 1 and start == 0:
+                out[: min(len(out), 3)] = train_x[:3]
+            yield start, out
 
-    monkeypatch.setattr(G, "sample_images", first_draw_copies)
+    monkeypatch.setattr(G, "sample_chunks", first_draw_copies)
     res = generate(
         _cfg(
             tmp_path,

@@ -59,12 +59,35 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _RecordingWriter:
+    """The file object ``torch.save`` writes through, keeping the ``OSError`` of a failed write:
+    torch turns it into ``RuntimeError("... unexpected pos N vs M")`` (or "file write failed") and
+    drops its errno, which says whether the disk is full."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _is_disk_full(err: BaseException, folder: Path) -> bool:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
         return True
-    # torch.save reports a failed write as RuntimeError("... file write failed") without errno
+    # a RuntimeError from torch.save whose write error was not seen: its text is all there is
     try:
-        return "write failed" in str(err) and shutil.disk_usage(folder).free < 64 * 2**20
+        failed_write = "write failed" in str(err) or "unexpected pos" in str(err)
+        return failed_write and shutil.disk_usage(folder).free < 64 * 2**20
     except OSError:
         return False
 
@@ -81,9 +104,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            writer = _RecordingWriter(f)
+            torch.save(payload, writer)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.is_file():
@@ -91,7 +116,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)) and _is_disk_full(e, path.parent):
+        seen = writer.error if writer is not None and isinstance(e, RuntimeError) else None
+        if seen is not None and seen.errno not in DISK_FULL_ERRNOS:
+            # another write error torch reported as "unexpected pos": say which, and where
+            raise OSError(seen.errno, f"writing checkpoint {path} failed: {seen.strerror or seen}") from e
+        if seen is not None or (isinstance(e, (OSError, RuntimeError)) and _is_disk_full(e, path.parent)):
             raise DiskFullError(
                 errno.ENOSPC,
                 f"disk full at {path}: free space in {path.parent} and continue with resume=auto "
@@ -203,7 +232,33 @@ def load_module_state(
         if unexpected:
             parts.append(f"unexpected {unexpected[:3]}")
         raise CheckpointError(f"checkpoint {path} does not fit the configured {name}: " + ", ".join(parts))
+    check_finite(state, name, f"checkpoint {path}")
     module.load_state_dict(state)
+
+
+def check_finite(
+    state: dict[str, Any],
+    name: str,
+    where: str,
+    fix: str = "use an earlier checkpoint (the .prev.pt kept beside it, or an earlier run) or retrain",
+) -> None:
+    """Refuse weights holding NaN or Inf (a diverged run, a damaged or tampered file): they would
+    make black images, a FD that ``sqrtm`` cannot compute and NaN predictions, all without an
+    error. ``where`` names the file or model URI, ``fix`` what to load instead. Every model load
+    passes here: :func:`load_module_state` and ``model_store.load_generator_uri``."""
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and (v.is_floating_point() or v.is_complex())
+        and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{where}: the {name} weights hold NaN or Inf values ({', '.join(bad[:3])}{more}): a diverged "
+            f"or damaged model that would generate or predict garbage; {fix}"
+        )
 
 
 def load_optimizer_state(

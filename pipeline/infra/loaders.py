@@ -71,6 +71,11 @@ def load_generator(
     src = str(source)
     if model_store.is_model_uri(src):
         gen = model_store.load_generator_uri(src, tracking_uri or resolve_uri(TrackingConfig()))
+        # a checkpoint's weights are checked in ckpt.load_module_state; a model's here, whichever
+        # way load_generator_uri rebuilt it (from data, or unpickled on explicit trust)
+        ckpt.check_finite(
+            gen.state_dict(), "generator", f"MLflow model {src}", fix="load an earlier, good version"
+        )
         run_id = model_store.source_run_id(src)
         return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, state_sha256(gen), run_id)
     payload = ckpt.load_checkpoint(src)
