@@ -18,12 +18,18 @@ from transforms.manifest import atomic_write_text
 
 def test_written_files_take_the_umask_mode_not_0600(tmp_path):
     # mkstemp makes 0600 files: a manifest in a team's shared folder was unreadable to the team
+    import torch
+
+    from pipeline.infra.checkpoint import save_checkpoint
+
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "m.csv", "path,label\n")
+        save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(2)})
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.csv").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o644
 
 
 def test_a_new_salt_says_so_and_a_team_shares_one_salt_file(tmp_path, monkeypatch, capsys):

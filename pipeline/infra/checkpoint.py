@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.infra.config import flatten
+from transforms.manifest import file_mode
 
 # the file in which a run folder names its MLflow run (written by tracking.Tracker as soon as the
 # run exists, read by engine.previous_run_id)
@@ -104,6 +105,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())  # the umask's mode: mkstemp's 0600 hid checkpoints from a team
     writer = None
     try:
         with os.fdopen(fd, "wb") as f:
