@@ -286,7 +286,9 @@ def _build_run(
         "test_loaders": tests,  # split -> loader: test_split first, then extra_test_splits
         # images that could not be read any more (skipped, reported: data.build_dataset)
         "skipped": [
-            x for ds in (real_ds, val_ds, *(ld.dataset for ld in tests.values())) for x in getattr(ds, "skipped", [])
+            x
+            for ds in (real_ds, val_ds, *(ld.dataset for ld in tests.values()))
+            for x in getattr(ds, "skipped", [])
         ],
         # classical arms with data.augment_on=device: the whole batch is augmented in the step
         "batch_aug": device_augment(cfg.data, device)

@@ -52,6 +52,7 @@ import pandas as pd
 
 from pipeline.classify import ClassifyConfig, classify
 from pipeline.evaluate import class_fidelity
+from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import distributed, tracking
 from pipeline.infra.config import BudgetReached, ConfigError, flatten, from_dict, load_config, to_dict
 from pipeline.infra.data import batches_per_epoch, carve_split, write_subset_manifest
@@ -876,7 +877,6 @@ def _warn_fidelity(gname: str, cell: Cell, auc: Any) -> None:
 
 def _generator_problem(path: str, image_size: int) -> str | None:
     """Why ``path`` (a given generator: checkpoint, manifest or model URI) cannot feed the synthetic arms."""
-    from pipeline.infra import checkpoint as ckpt
 
     if is_model_uri(path) and not Path(path).exists():
         if path.startswith("models:") and not (path.startswith("models:/") and path.count("/") >= 2):

@@ -372,4 +372,6 @@ def log_skipped(tracker, skipped: list[tuple[str, str]]) -> None:
     param, files and reasons as ``skipped_images.json``)."""
     if skipped:
         tracker.log_params({"data.skipped_images": len(skipped)})
-        tracker.log_dict({"skipped": [{"file": f, "reason": why} for f, why in skipped]}, "skipped_images.json")
+        tracker.log_dict(
+            {"skipped": [{"file": f, "reason": why} for f, why in skipped]}, "skipped_images.json"
+        )

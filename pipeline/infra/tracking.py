@@ -153,12 +153,28 @@ class Tracker:
         server has not been reached yet."""
         if not self.enabled:
             return None
-        self._load()
+        try:
+            self._load()
+            if run_id and (self.run_id or self.pending) and run_id != self.run_id:
+                owner = f"MLflow run {self.run_id}" if self.run_id else "a run it starts itself"
+                raise OutboxError(
+                    f"{self.outbox} holds the tracking of {owner}, but this process continues run "
+                    f"{run_id} (its checkpoint's): an outbox writes to its own run only; nothing was "
+                    f"sent. Move {self.outbox} away (after python -m pipeline.run sync {self.outbox}, "
+                    "if what it holds should reach the server)"
+                )
+        except OutboxError:
+            self.enabled = False  # nothing goes to any run, not even an end
+            raise
+        continuing = bool(run_id or self.run_id)
         self.run_id = run_id or self.run_id
+        self._mark_run_folder()
         if self.run_id is None and not any(op["op"] == "start" for op in self.pending):
             self._submit(
                 {"op": "start", "experiment": self.cfg.experiment, "run_name": run_name, "tags": tags or {}}
             )
+        elif continuing:
+            self._reopen()
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -306,6 +322,36 @@ class Tracker:
         return False
 
     # ------------------------------------------------------------------------------ internals
+    def _mark_run_folder(self) -> None:
+        """The run marker (``ckpt.RUN_ID_FILE``) in the run folder from the start, empty until the
+        server has seen the run: ``engine.set_aside`` moves only folders that carry it."""
+        marker = self.run_dir / ckpt.RUN_ID_FILE
+        with contextlib.suppress(OSError):
+            if not marker.is_file() or (self.run_id and not marker.read_text().strip()):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                marker.write_text(self.run_id or "")
+
+    def _reopen(self) -> None:
+        """A run this process continues (a resume) shows RUNNING again while it trains: ``sync``
+        never writes into an ended run, so a resumed FINISHED or FAILED run would otherwise leave
+        an outbox that could not be sent. Best effort, like every call; what an earlier process
+        of the run left in the outbox goes first."""
+        if self.pending and not self.flush():
+            return
+        try:
+            if self.client.get_run(self.run_id).info.status != "RUNNING":
+                self.client.update_run(self.run_id, "RUNNING")
+        except Exception as e:  # noqa: BLE001 - the store may be down
+            self._went_offline(e)
+
+    def _bind_op(self) -> dict:
+        """The first line of an outbox whose run exists: the only run it may write to."""
+        return {"op": BIND_OP, "run_id": self.run_id, "seq": 0}
+
+    def _ops_text(self, ops: list[dict]) -> str:
+        head = [self._bind_op()] if ops and self.run_id else []
+        return "".join(json.dumps(op) + "\n" for op in [*head, *ops])
+
     def _submit(self, op: dict) -> None:
         if not self.enabled:
             return
@@ -347,8 +393,10 @@ class Tracker:
         self.pending.append(op)
         if not self.state_file.is_file():
             self._save_state()
+        fresh = not self.ops_file.is_file() or self.ops_file.stat().st_size == 0
         with open(self.ops_file, "a") as f:
-            f.write(json.dumps(op) + "\n")
+            # a new outbox opens with the run it writes to (or with that run's start)
+            f.write(self._ops_text([op]) if fresh else json.dumps(op) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -361,7 +409,7 @@ class Tracker:
             for p in files.iterdir():
                 if str(p) not in keep:
                     p.unlink(missing_ok=True)
-        atomic_write_text(self.ops_file, "".join(json.dumps(op) + "\n" for op in self.pending))
+        atomic_write_text(self.ops_file, self._ops_text(self.pending))
         self._save_state()
 
     def _save_state(self) -> None:
@@ -370,15 +418,29 @@ class Tracker:
         atomic_write_text(self.state_file, json.dumps(state))
 
     def _load(self) -> None:
-        """Pick up an outbox left by an earlier process of this run (a crash during an outage)."""
+        """Pick up an outbox left by an earlier process of this run (a crash during an outage).
+
+        The outbox writes to the run it was made for: the run named on its first line, or the
+        run its first operation starts. ``state.json`` must name the same run (or none yet);
+        otherwise :class:`OutboxError`. A last line cut short by a kill or a full disk is dropped
+        from the file (``read_outbox`` reports it), so that the next operation is not appended to it."""
+        state_id = None
         if self.state_file.is_file():
-            self.run_id = json.loads(self.state_file.read_text()).get("run_id") or self.run_id
+            state_id = json.loads(self.state_file.read_text()).get("run_id") or None
+        bound = None
         if self.ops_file.is_file():
-            self.pending = read_outbox_ops(self.ops_file, self.outbox)
-            if self.run_id:  # the run was created already; a start left in the file is stale
-                self.pending = [op for op in self.pending if op["op"] != "start"]
+            bound, self.pending = read_outbox(self.ops_file, self.outbox)
+            if (bound or self.pending) and state_id and state_id != bound:
+                made_for = f"run {bound}" if bound else "a run it starts itself (its first operation)"
+                raise OutboxError(
+                    f"{self.state_file} names MLflow run {state_id}, but {self.ops_file} was made for "
+                    f"{made_for}: an outbox writes to its own run only; nothing was sent"
+                )
             self._seq = max((op["seq"] for op in self.pending), default=0)
             self.online = not self.pending
+        self.run_id = bound or state_id or self.run_id
+        if self.ops_file.is_file() and self.ops_file.read_bytes()[-1:] not in (b"", b"\n"):
+            self._rewrite()  # the cut line goes: the next operation must not be appended to it
 
     def _records(self):
         if not self.metrics_file.is_file():
@@ -413,7 +475,10 @@ class Tracker:
             with contextlib.suppress(OSError):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / ckpt.RUN_ID_FILE).write_text(self.run_id)
-            if self.outbox.is_dir():  # an outbox is being sent: record the run before anything else
+            if self.outbox.is_dir():
+                # an outbox is being sent: bind it to the new run before anything else is sent
+                rest = [o for o in self.pending if o["op"] != "start"]
+                atomic_write_text(self.ops_file, self._ops_text(rest) or json.dumps(self._bind_op()) + "\n")
                 self._save_state()
             return
         if self.run_id is None:
@@ -460,6 +525,8 @@ class Tracker:
 
 
 OP_KINDS = ("start", "params", "tags", "dict", "metrics", "dataset", "artifact", "generator", "end")
+# the first line of an outbox whose run exists: {"op": "run", "run_id": ID, "seq": 0}
+BIND_OP = "run"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -524,21 +591,53 @@ def validate_op(op: Any, outbox: Path) -> str:
     return ""
 
 
-def read_outbox_ops(ops_file: Path, outbox: Path) -> list[dict]:
-    """Every operation of an outbox, each validated; the first bad one refuses the whole outbox."""
-    ops = []
-    for n, line in enumerate(ops_file.read_text().splitlines(), 1):
+def read_outbox(ops_file: Path, outbox: Path) -> tuple[str | None, list[dict]]:
+    """The run an outbox writes to (None: the run its first operation, a start, creates) and its
+    operations, each validated; the first bad line refuses the whole outbox. A last line cut short
+    (no newline after it: the process was killed, or the disk filled, while appending it) is
+    skipped with a warning, as the local metric record's reader does; a bad line anywhere else is
+    refused."""
+    text = ops_file.read_text()
+    lines = text.splitlines()
+    bound: str | None = None
+    ops: list[dict] = []
+    first = True
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             op = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                print(
+                    f"WARNING tracking: {ops_file} line {n} was cut short (a kill or a full disk while it "
+                    "was written); that operation is skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
             raise OutboxError(f"{ops_file} line {n}: not JSON ({e.msg}); nothing was sent") from e
+        if isinstance(op, dict) and op.get("op") == BIND_OP:
+            if not (first and isinstance(op.get("run_id"), str) and op["run_id"]):
+                raise OutboxError(
+                    f"{ops_file} line {n}: the run an outbox writes to is named once, on its first line; "
+                    "nothing was sent"
+                )
+            bound, first = op["run_id"], False
+            continue
         why = validate_op(op, outbox)
+        if not why and op["op"] == "start" and not first:
+            why = "a start may only be the first operation (an outbox writes to one run)"
         if why:
             raise OutboxError(f"{ops_file} line {n}: {why}; nothing was sent")
+        first = False
         ops.append(op)
-    return ops
+    if ops and bound is None and ops[0]["op"] != "start":
+        raise OutboxError(
+            f"{ops_file} names no run: its first line is neither the run it writes to nor that run's "
+            "start (an outbox writes to the run it was made for only); nothing was sent"
+        )
+    return bound, ops
 
 
 def _experiment_id(client, uri: str, name: str) -> str:
@@ -587,9 +686,24 @@ def sync(outbox: str | Path, uri: str = "") -> dict[str, Any]:
         raise OutboxError(f"{state_file}: needs uri, experiment (strings) and run_id; nothing was sent")
     cfg = TrackingConfig(uri=uri or state["uri"], experiment=state["experiment"])
     tr = Tracker(cfg, outbox.parent)
-    tr._load()
+    tr._load()  # refuses an outbox whose state.json names another run than its operations
     n = len(tr.pending)
-    ok = tr.flush()
+    reachable = True
+    if tr.pending and tr.run_id:
+        try:
+            status = tr.client.get_run(tr.run_id).info.status
+        except Exception as e:  # noqa: BLE001 - unreachable, or no such run there: nothing is sent
+            tr._went_offline(e)
+            reachable = False
+        else:
+            if status in RUN_STATUSES:
+                raise OutboxError(
+                    f"{outbox}: MLflow run {tr.run_id} has already ended ({status}) on {tr.uri}; sync never "
+                    "writes into or re-ends an ended run: nothing was sent. If this is that run's own "
+                    "outbox (a resumed run whose server was down when it resumed), continue the run with "
+                    "train resume=auto: its process reopens the run and sends the outbox"
+                )
+    ok = tr.flush() if reachable else False
     print(
         f"sync {outbox}: sent {tr.sent_late} of {n} operations to {tr.uri}"
         + ("" if ok else f"; {len(tr.pending)} still pending ({tr.last_error})")
