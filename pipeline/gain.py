@@ -524,10 +524,10 @@ class GainStudy:
         if gname.startswith("given-"):
             return self.paths[gname]
         state = _read_done(self.gen_dir / gname / "done") if self.dinfo.is_main else None
-        if state and state.get("key") not in (None, item.key):
+        if distributed.agree(bool(state) and state.get("key") not in (None, item.key), self.dinfo):
             raise ConfigError(
                 f"gain: {self.gen_dir / gname} holds the generator {gname} trained with another config "
-                f"(key {str(state.get('key'))[:12]}, this study's {item.key[:12]}): use another generator_dir="
+                f"(key {str((state or {}).get('key'))[:12]}, this study's {item.key[:12]}): use another generator_dir="
             )
         if distributed.agree(Path(self.generator_path(gname)).is_file() and state is not None, self.dinfo):
             if item.record is None and self.dinfo.is_main:  # trained by a study sharing generator_dir
@@ -654,18 +654,25 @@ class GainStudy:
         generator can lose its class conditioning with nothing odd in its losses, and its synthetic
         arms then measure wrong labels. Kept in the generator's record (per seed), computed once."""
         gname = self.generator_of(cell)
-        item = self.generators[gname]
-        real = self.children[cell.real().name]
-        if not self.dinfo.is_main or gname.startswith("given-") or item.record is None:
-            if gname.startswith("given-") and self.dinfo.is_main:
+        if gname.startswith("given-"):
+            if self.dinfo.is_main:
                 self._given_fidelity(cell, gname)
             return
+        item = self.generators[gname]
+        real = self.children[cell.real().name]
         temp = self.base.synthetic_temperature
-        done = (item.record.get("class_fidelity") or {}).get(str(cell.seed)) or {}
-        if done.get("classifier_key") == real.key and done.get("temperature") == temp and "coverage" in done:
+        done = ((item.record or {}).get("class_fidelity") or {}).get(str(cell.seed)) or {}
+        fresh = (
+            done.get("classifier_key") == real.key and done.get("temperature") == temp and "coverage" in done
+        )
+        # rank 0 decides from its records; every replica then takes the same branch (the
+        # generator or the judge may have to be trained again, data-parallel)
+        if not distributed.agree(self.dinfo.is_main and item.record is not None and not fresh, self.dinfo):
             return
         gen = self.ensure_generator(gname)
         self.ensure_judge(cell.real())
+        if not self.dinfo.is_main:
+            return
         if self.val_images is None:  # the whole validation split: the reference of FD and coverage
             self.val_images = load_images(self.manifest, self.base.data.val_split, self.base.data.image_size)[
                 0

@@ -48,7 +48,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, phantom_manifest):
     def timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
         t0 = time.time()
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.returncode == 0, p.stderr[-3000:] + "\n---- stdout\n" + p.stdout[-3000:]
         return p, time.time() - t0
 
     run = [sys.executable, "-m"]
@@ -111,7 +111,7 @@ def test_gain_under_torchrun_matches_one_process(tmp_path, phantom_manifest):
 
     def run(cmd):
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.returncode == 0, p.stderr[-3000:] + "\n---- stdout\n" + p.stdout[-3000:]
         return p
 
     run([sys.executable, "-m", "pipeline.run", *args(tmp_path / "one", f"sqlite:///{tmp_path / 'one.db'}")])

@@ -133,8 +133,11 @@ def test_a_registered_generator_version_with_nan_weights_is_refused_naming_the_u
     uri = f"sqlite:///{tmp_path / 'reg.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with mlflow.start_run() as run:
-        pass
+    # a run made through a client of this store: the fluent API may remember an experiment id
+    # of another test's store in this process
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("reg"))
+    client.set_terminated(run.info.run_id)
     model_store.log_generator_model(run.info.run_id, gen, mcfg, registered_name="diverged")
     # refused by the model's own loader (pyfunc_generator.load_data) or by load_generator's check
     with pytest.raises(ValueError, match="NaN or Inf|non-finite") as e:
