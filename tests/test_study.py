@@ -250,14 +250,16 @@ def test_docs_render_from_a_study_folder_alone(tmp_path):
 
 
 def test_generators_are_sized_in_steps_and_gated_by_their_subsets_real_child(tmp_path, phantom_manifest):
-    res = _gain(
-        *_args(phantom_manifest, tmp_path / "out", tmp_path / "rec", tmp_path / "s.db", "seeds=[0]"),
+    gated = [
         "arms=[real,synthetic]",
         "fractions=[0.5]",
         "generator_steps=6",
         "gate_checks=2",
         "vaegan_overrides=[data.batch_size=4,model.base_channels=8,model.latent_dim=8,model.num_classes=2,"
         "grid_size=4,tracking.log_model=false,gate.n=8]",
+    ]
+    res = _gain(
+        *_args(phantom_manifest, tmp_path / "out", tmp_path / "rec", tmp_path / "s.db", "seeds=[0]"), *gated
     )
     gen = StudyRecords(tmp_path / "rec").read("generators", "vaegan-f0.5-s0")
     # 6 steps at batch 4 over the subset's 12 training images (half of what the holdout left):
@@ -284,12 +286,7 @@ def test_generators_are_sized_in_steps_and_gated_by_their_subsets_real_child(tmp
     try:
         res2 = _gain(
             *_args(phantom_manifest, tmp_path / "out2", tmp_path / "rec2", tmp_path / "s.db", "seeds=[0]"),
-            "arms=[real,synthetic]",
-            "fractions=[0.5]",
-            "generator_steps=6",
-            "gate_checks=2",
-            "vaegan_overrides=[data.batch_size=4,model.base_channels=8,model.latent_dim=8,model.num_classes=2,"
-            "grid_size=4,tracking.log_model=false,gate.n=8]",
+            *gated,
             "classify.synthetic_temperature=1.5",
             f"generator_dir={tmp_path / 'out' / 't' / 'generators'}",
         )

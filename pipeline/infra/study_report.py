@@ -228,12 +228,13 @@ def generator_table(generators: dict[str, dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _num(v: Any) -> str:
+def _num(v: Any, fmt: str = "{:.3f}") -> str:
+    """A number for a table cell; "—" for a missing or non-finite one."""
     try:
         v = float(v)
     except (TypeError, ValueError):
         return "—"
-    return f"{v:.3f}" if np.isfinite(v) else "—"
+    return fmt.format(v) if np.isfinite(v) else "—"
 
 
 def cost_table(children: dict[str, dict[str, Any]], generators: dict[str, dict[str, Any]]) -> str:
@@ -333,8 +334,4 @@ def ablation_markdown(rows: pd.DataFrame) -> str:
 
 
 def _signed(v: Any) -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return "—"
-    return f"{v:+.4f}" if np.isfinite(v) else "—"
+    return _num(v, "{:+.4f}")
