@@ -113,17 +113,30 @@ def study_config(cfg: GainConfig) -> dict[str, Any]:
     )
 
 
+# what the code's defaults are, keyed like the records: an option added since a record was written
+# is no change at its default
+CHILD_DEFAULTS = keyed_config(to_dict(ClassifyConfig()), "classify.", CHILD_PATH_KEYS)
+GENERATOR_DEFAULTS = keyed_config(to_dict(TrainConfig()), "generator.train.", GENERATOR_PATH_KEYS)
+
+
 def config_key(flat: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a flat config."""
     text = json.dumps(_canonical(flat), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: OLD -> NEW`` for every key that differs."""
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """``key: OLD -> NEW`` for every key that differs. A key the old record lacks whose new value
+    is the code's default is no change: a config field added since, at the value that keeps the
+    old behaviour (so committed records outlive new options)."""
     out = []
+    defaults = defaults or {}
     for k in sorted(set(old) | set(new)):
         if k not in old:
+            if k in defaults and defaults[k] == new[k]:
+                continue
             out.append(f"{k}: (not recorded) -> {new[k]!r}")
         elif k not in new:
             out.append(f"{k}: {old[k]!r} -> (no such key now)")
@@ -168,10 +181,27 @@ class Item:
     keyed: dict[str, Any]
     steps: int  # optimiser steps it will train
     record: dict[str, Any] | None = None
+    key: str = ""  # config_key(keyed), or the key of the record it was matched with
 
-    @property
-    def key(self) -> str:
-        return config_key(self.keyed)
+    def __post_init__(self) -> None:
+        self.key = self.key or config_key(self.keyed)
+
+    def match(self, rec: dict[str, Any] | None, defaults: dict[str, Any]) -> str | None:
+        """Take ``rec`` as this item's record when it holds this computation: the same key, or a
+        config that differs only by options added since at their defaults (the record's key is
+        kept, so what depends on this item keeps its key too). Returns the changes otherwise."""
+        if rec is None:
+            return None
+        diff = (
+            []
+            if rec.get("key") == self.key
+            else config_changes(rec.get("config") or {}, self.keyed, defaults)
+        )
+        if diff:
+            shown = diff[:8] + ([f"+{len(diff) - 8} more"] if len(diff) > 8 else [])
+            return f"{self.kind[:-1]} {self.name}: " + "; ".join(shown)
+        self.record, self.key = rec, rec["key"]
+        return None
 
 
 @dataclass
@@ -330,29 +360,19 @@ class GainStudy:
         self.data_key = {"source_manifest_sha256": self.sha}
         if self.cfg.holdout_fraction > 0:
             self.data_key["holdout"] = [self.cfg.holdout_fraction, self.cfg.holdout_seed]
-        bad, changed = [], []
+        bad, self.changed = [], []
+        changed = self.changed
         study = self.records.study()
         now = study_config(self.cfg)
         if study is not None and study.get("key") != config_key(now):
-            changed.append(
-                f"study ({self.records.folder / 'study.json'}): "
-                + "; ".join(config_changes(study["config"], now))
-            )
+            diff = config_changes(study["config"], now, study_config(GainConfig()))
+            if diff:
+                changed.append(f"study ({self.records.folder / 'study.json'}): " + "; ".join(diff))
         for cell in self.cells():
             try:
                 self._plan_cell(cell)
             except ConfigError as e:
                 bad.append(str(e))
-        for item in [*self.generators.values(), *self.children.values()]:
-            rec = self.records.read(item.kind, item.name)
-            if rec is None:
-                continue
-            if rec.get("key") == item.key:
-                item.record = rec
-            else:
-                diff = config_changes(rec.get("config") or {}, item.keyed)
-                shown = diff[:8] + ([f"+{len(diff) - 8} more"] if len(diff) > 8 else [])
-                changed.append(f"{item.kind[:-1]} {item.name}: " + "; ".join(shown or ["(key differs)"]))
         if bad:
             raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(bad))
         if changed:
@@ -386,7 +406,8 @@ class GainStudy:
             keyed["judge_key"] = self.children[cell.real().name].key
         n_real = self._n_train(cell.fraction, cell.seed)
         steps = c.epochs * batches_per_epoch(n_real, c.data, self.dinfo)
-        self.children[cell.name] = Item("children", cell.name, c, _canonical(keyed), steps)
+        item = self.children[cell.name] = Item("children", cell.name, c, _canonical(keyed), steps)
+        self._match(item, CHILD_DEFAULTS)
 
     def _plan_generator(self, gname: str) -> None:
         if gname.startswith("given-"):
@@ -410,7 +431,14 @@ class GainStudy:
         steps = tcfg.epochs * batches_per_epoch(
             self._n_train(judge.fraction, judge.seed), tcfg.data, self.dinfo
         )
-        self.generators[gname] = Item("generators", gname, tcfg, _canonical(keyed), steps)
+        item = self.generators[gname] = Item("generators", gname, tcfg, _canonical(keyed), steps)
+        self._match(item, GENERATOR_DEFAULTS)
+
+    def _match(self, item: Item, defaults: dict[str, Any]) -> None:
+        """The item's record, when there is one for this computation (else the changes are noted)."""
+        why = item.match(self.records.read(item.kind, item.name), defaults)
+        if why:
+            self.changed.append(why)
 
     def _n_train(self, fraction: float, seed: int) -> int:
         df, _ = read_manifest(self.subset(fraction, seed), self.base.data.train_split)

@@ -354,3 +354,28 @@ def test_the_recipe_ablation_page_renders_from_its_variants_records(tmp_path):
     # one of records= or variants=, never both or neither
     with pytest.raises(ValueError, match="one of them"):
         ReportConfig()
+
+
+def test_records_outlive_options_added_later_at_their_defaults(tmp_path, phantom_manifest):
+    # a multi-session study must survive the code growing a config option: a record written
+    # before the option existed holds the same computation when the option is at its default
+    args = _args(phantom_manifest, tmp_path / "out", tmp_path / "rec", tmp_path / "s.db", "seeds=[0]")
+    _gain(*args)
+    recs = StudyRecords(tmp_path / "rec")
+    rec = recs.read("children", "real-f1-s0")
+    old = dict(rec)
+    from pipeline.gain import config_key
+
+    old["config"] = {k: v for k, v in rec["config"].items() if k != "classify.grad_clip"}  # "added later"
+    old["key"] = config_key(old["config"])  # as the code of then keyed it
+    recs.write("children", "real-f1-s0", old)
+    res = _gain(*args)
+    assert res["trained"] == 0
+    # an option missing from the record whose value now is not its default is a change: refused
+    old["config"] = {k: v for k, v in rec["config"].items() if k != "classify.epochs"}  # 2, default 10
+    old["key"] = config_key(old["config"])
+    recs.write("children", "real-f1-s0", old)
+    from pipeline.infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"classify\.epochs: \(not recorded\) -> 2"):
+        _gain(*args)
