@@ -19,6 +19,7 @@ import ast
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 from pipeline.infra.config import (
     EXIT_BUDGET,
@@ -33,6 +34,7 @@ from pipeline.infra.stage_configs import (
     ClassifyConfig,
     CompareConfig,
     EvaluateConfig,
+    ExportConfig,
     GainConfig,
     GenerateConfig,
     IngestConfig,
@@ -49,6 +51,7 @@ KEYVALUE_STAGES = {
     "evaluate": (EvaluateConfig, "pipeline.evaluate", "evaluate"),
     "gain": (GainConfig, "pipeline.gain", "gain"),
     "report": (ReportConfig, "pipeline.report", "report"),
+    "export": (ExportConfig, "pipeline.export", "export"),
 }
 # every stage with a config: the key=value ones, plus ingest and compare
 CONFIG_STAGES = {
@@ -63,6 +66,10 @@ USAGE = {
     "compare": "compare [EXPERIMENT] [FILTER ...] [CONFIG.yaml] [key=value ...]",
     "sync": "sync OUTBOX_FOLDER [uri=TRACKING_URI]",
 }
+# the config file a stage reads when none is given: `python -m pipeline.run train` alone trains the
+# default job (the class-conditioned VAE-GAN on the embedded phantoms); `model.num_classes=0` (or
+# another config file) is the unconditioned model
+DEFAULT_CONFIGS = {"train": Path(__file__).resolve().parent / "configs" / "phantoms64.yaml"}
 FLAG_OPTIONS = {"ingest": ("--out", "--labels")}  # stage -> the flags taking a value it accepts
 
 
@@ -193,6 +200,11 @@ def _stage_help(stage: str) -> str:
             + "\n\nSends the MLflow calls a run buffered on disk while its tracking server was unreachable."
         )
     lines = [f"usage: python -m pipeline.run {usage} [--print-config]"]
+    if stage in DEFAULT_CONFIGS:
+        lines.append(
+            f"with no CONFIG.yaml: {DEFAULT_CONFIGS[stage].name} (the default job; its values override "
+            "the defaults listed below)"
+        )
     cls = config_class(stage)
     summary = _summary(stage)
     if summary:
@@ -234,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_stage_help(stage))
             return 0
         yaml_path, overrides, positional = _split_args(rest)
+        if yaml_path is None and stage in DEFAULT_CONFIGS:
+            yaml_path = str(DEFAULT_CONFIGS[stage])  # the default job: what `make run` trains
         if stage == "ingest":
             ingest_cls = config_class("ingest")
             if len(positional) > 1:

@@ -318,3 +318,18 @@ def test_on_off_yes_no_are_words_not_booleans():
     assert (cfg.speed.mode, cfg.speed.fused_norm_act) == ("off", "on")
     with pytest.raises(ConfigError, match="'deterministic': expected true/false, got 'yes'"):
         load_config(TrainConfig, None, ["deterministic=yes"])
+
+
+def test_train_alone_is_the_default_job_and_the_unconditioned_model_is_one_key_away(capsys):
+    # one command, one default: `train` with no config trains what `make run` trains (before, the
+    # stage defaults: an unconditioned model whose generator could not draw a class)
+    import yaml
+
+    assert main(["train", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["num_classes"] == 2 and cfg["tracking"]["run_name"] == "phantoms64"
+    assert main(["train", "model.num_classes=0", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["num_classes"] == 0
+    # a config file given replaces the default job entirely
+    assert main(["train", str(REPO / "configs" / "kermany64.yaml"), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["latent_dim"] == 128
