@@ -325,6 +325,8 @@ def test_train_alone_is_the_default_job_and_the_unconditioned_model_is_one_key_a
     # stage defaults: an unconditioned model whose generator could not draw a class)
     import yaml
 
+    from pipeline.run import main
+
     assert main(["train", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["num_classes"] == 2 and cfg["tracking"]["run_name"] == "phantoms64"
