@@ -1,14 +1,14 @@
-"""Run README's walk-through verbatim in a fresh clone and check every run's experiment.
+"""Run the walk-through (docs/walkthrough.md) verbatim in a fresh clone; check every run's experiment.
 
     python tests/readme_walkthrough.py [--shared symlink|copy] [--keep]
 
 Clones this repository (its committed HEAD) into a temporary folder, lays ``../shared`` beside
 the clone as a symlink to this checkout's ``../shared`` or as a copy of it, puts this checkout's
-virtual environment first on PATH (``source .venv/bin/activate`` as README says), runs each line of
-the block marked ``<!-- walkthrough -->`` with bash from the clone's root, stops at the first
-failure, then checks that every command whose comment names an experiment left a FINISHED run of
-that name in it (embedded store ``mlflow/store`` of the clone). Not part of the test suite: it
-trains on real data for several minutes.
+virtual environment first on PATH (``source .venv/bin/activate`` as the manual says), runs each
+line of the block marked ``<!-- walkthrough -->`` in docs/walkthrough.md with bash from the clone's
+root, stops at the first failure, then checks that every command whose comment names an
+experiment left a FINISHED run of that name in it (embedded store ``mlflow/store`` of the clone).
+Not part of the test suite: it trains on real data for several minutes.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# the page that holds the block marked <!-- walkthrough --> (README.md links to it)
+PAGE = REPO / "docs" / "walkthrough.md"
 
 
 def walkthrough_lines() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = PAGE.read_text()
     m = re.search(r"<!-- walkthrough -->\s*```bash\n(.*?)```", text, re.S)
     if not m:
-        sys.exit("README has no walkthrough block")
+        sys.exit(f"{PAGE.relative_to(REPO)} has no walkthrough block")
     return [line for line in m.group(1).splitlines() if line.strip() and not line.startswith("#")]
 
 
