@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m pipeline.run train configs/phantoms64.yaml $(ARGS)
+	$(BIN)/python -m pipeline.run train $(ARGS)
 
 test: $(STAMP)
 	# two workers (pytest-xdist): the suite is CPU-bound single-threaded work on a 2-core machine
