@@ -643,6 +643,43 @@ class ReportConfig:
             )
 
 
+# ------------------------------------------------------------------------ export (pipeline.export)
+EXPORT_FORMATS = ("monai-bundle",)
+
+
+@dataclass
+class ExportConfig:
+    """A generator written as a self-contained package other tools run (a MONAI bundle)."""
+
+    checkpoint: str = ""  # a train checkpoint (.pt) or an MLflow model URI (runs:/..., models:/...)
+    format: str = "monai-bundle"  # monai-bundle: configs/, models/ (weights only), scripts/, docs/
+    out: str = ""  # the bundle folder to write (refused when not empty, unless overwrite=true)
+    overwrite: bool = False  # replace what out holds (the new bundle is swapped in only when whole)
+    # a generator whose recorded class fidelity (the validation gate's AUROC on these weights) is
+    # below this draws images that often do not show their label: refused. 0.7 is the project's
+    # warning threshold (gate.min_fidelity, gain's FIDELITY_WARN)
+    min_fidelity: float = 0.7
+    force: bool = False  # export even below min_fidelity (the bundle's metadata and README say so)
+    version: str = "0.1.0"  # the bundle's version (metadata.json)
+    authors: str = "cxr-vaegan contributors"  # metadata.json's authors
+    copyright: str = "Copyright (c) cxr-vaegan contributors; Apache-2.0"  # metadata.json's copyright
+    # tracking URI where models:/ and runs:/ addresses and the training run's measures are looked
+    # up; empty: the checkpoint's own tracking.uri, MLFLOW_TRACKING_URI, else the embedded store
+    uri: str = ""
+
+    RANGES: ClassVar[dict[str, str]] = {"min_fidelity": "[0, 1]"}  # an AUROC
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required: a train checkpoint (.pt) or an MLflow model URI")
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"format={self.format!r} is not supported: use format={EXPORT_FORMATS[0]}")
+        if not self.out:
+            raise ValueError("out is required: the folder to write the bundle into, e.g. out=bundles/cxr-gen")
+        if not re.fullmatch(r"\d+\.\d+\.\d+", self.version):
+            raise ValueError(f"version={self.version!r} is not MAJOR.MINOR.PATCH (e.g. version=0.1.0)")
+
+
 # config keys that say where and how a run executes, caches and logs, not what it computes: gain's
 # child keys and compare's groups leave them out (each adds the keys of its own kind)
 EXECUTION_KEYS = frozenset({"out_dir", "threads", "cache_allocations", "data.cache", "data.cache_dir"})
