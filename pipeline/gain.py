@@ -989,10 +989,10 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
         study.parent_id = distributed.agree(study.parent_id, study.dinfo)
         try:
             rows = study.run()
-            if not main:
-                distributed.shutdown(study.dinfo)
-                return {"parent_run_id": study.parent_id}
-            res = study.finish(rows)
+            res = study.finish(rows) if main else {"parent_run_id": study.parent_id}
+            # the replicas leave together: one that tore its process group down while rank 0 still
+            # scored a generator aborted the job (gloo)
+            distributed.barrier(study.dinfo)
             distributed.shutdown(study.dinfo)
             return res
         except BaseException as e:
