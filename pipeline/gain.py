@@ -52,6 +52,7 @@ import pandas as pd
 
 from pipeline.classify import ClassifyConfig, classify
 from pipeline.evaluate import class_fidelity
+from pipeline.gain_ray import run_on_ray
 from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import distributed, tracking
 from pipeline.infra.config import BudgetReached, ConfigError, flatten, from_dict, load_config, to_dict
@@ -80,9 +81,9 @@ GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})
 # base classify values each child replaces)
 STUDY_COSMETIC = frozenset(
     {f"classify.{k}" for k in (*COSMETIC_KEYS, *CHILD_PATH_KEYS, "arm", "seed", "fraction")}
-    | {"out_dir", "run_name", "records", "max_minutes", "experiment", "generator_dir"}
+    | {"out_dir", "run_name", "records", "max_minutes", "experiment", "generator_dir", "executor"}
 )
-STUDY_COSMETIC_PREFIXES = ("classify.tracking.",)
+STUDY_COSMETIC_PREFIXES = ("classify.tracking.", "ray.")
 HOLDOUT = "holdout"  # the in-distribution test split carved from the training pool
 FIDELITY_WARN = 0.7  # below this class-fidelity AUROC a generator's labels are unreliable
 
@@ -284,6 +285,9 @@ class GainStudy:
         arms = ["real", *(a for a in self.cfg.arms if a != "real")]
         return [Cell(f, s, a) for f in self.cfg.fractions for s in self.cfg.seeds for a in arms]
 
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells() if c.name == name)
+
     def subset(self, fraction: float, seed: int) -> Path:
         return self.manifest if fraction == 1.0 else self.out / "subsets" / f"f{fraction:g}_s{seed}.csv"
 
@@ -340,17 +344,18 @@ class GainStudy:
         if problems:
             raise ConfigError("gain: nothing was started:\n  " + "\n  ".join(problems))
 
-    def prepare_data(self) -> None:
-        """The study's manifest (the holdout carved first) and each (fraction, seed) subset."""
+    def prepare_data(self, write: bool = True) -> None:
+        """The study's manifest (the holdout carved first) and each (fraction, seed) subset
+        (``write=False``: only where they are, e.g. in a Ray worker of a prepared study)."""
         cfg = self.cfg
         self.manifest = self.source
         if cfg.holdout_fraction > 0:
-            self.manifest = carve_split(
-                self.source, cfg.holdout_fraction, cfg.holdout_seed, HOLDOUT, self.out / "study_manifest.csv"
-            )
+            self.manifest = self.out / "study_manifest.csv"
+            if write:
+                carve_split(self.source, cfg.holdout_fraction, cfg.holdout_seed, HOLDOUT, self.manifest)
         for f in cfg.fractions:
             for s in cfg.seeds:
-                if f != 1.0:
+                if f != 1.0 and write:
                     write_subset_manifest(self.manifest, f, s, self.subset(f, s))
 
     def plan(self) -> None:
@@ -516,8 +521,9 @@ class GainStudy:
         )
         raise BudgetReached(msg, done, len(left), self.eta())
 
-    def run(self) -> pd.DataFrame:
-        """Every cell in order (a recorded one is skipped), then the class fidelity of each generator."""
+    def run(self, train: bool = True) -> pd.DataFrame:
+        """Every cell in order (a recorded one is skipped), then the class fidelity of each generator
+        (``train=False``: nothing trains; what is recorded is scored and tabled)."""
         total = len(self.children)
         for k, cell in enumerate(self.cells(), 1):
             item = self.children[cell.name]
@@ -527,9 +533,9 @@ class GainStudy:
                     f"gain: [{k}/{total}] arm={cell.arm} fraction={cell.fraction:g} seed={cell.seed}: {what}",
                     flush=True,
                 )
-            if item.record is None:
+            if item.record is None and train:
                 self.train_child(cell, item)
-            if cell.synthetic:
+            if cell.synthetic and (train or item.record is not None):
                 self.score_generator(cell)
         return child_rows(self.records.all("children"), self.records.all("generators"), set(self.children))
 
@@ -988,8 +994,20 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
             study.open_parent()
         study.parent_id = distributed.agree(study.parent_id, study.dinfo)
         try:
-            rows = study.run()
+            failed = []
+            if cfg.executor == "ray":  # the items as Ray tasks; then the records they wrote
+                failed = run_on_ray(study)
+                for item in [*study.generators.values(), *study.children.values()]:
+                    item.record = item.record or study.records.read(item.kind, item.name)
+            rows = study.run(train=cfg.executor == "local")
+            if failed and rows.empty:
+                raise RuntimeError(f"gain: every item failed after its retries: {', '.join(failed)}")
             res = study.finish(rows) if main else {"parent_run_id": study.parent_id}
+            if failed:
+                raise RuntimeError(
+                    f"gain: {len(failed)} item(s) failed after their retries (the rest is recorded and "
+                    f"tabled; the same command retries them): {', '.join(failed)}"
+                )
             # the replicas leave together: one that tore its process group down while rank 0 still
             # scored a generator aborted the job (gloo)
             distributed.barrier(study.dinfo)

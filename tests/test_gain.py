@@ -189,3 +189,14 @@ def test_progress_counts_children_and_estimates_the_time_left(tmp_path, phantom_
     ]
     # every line estimates the time left: a prior first, then the measured cost of recorded children
     assert all(re.search(r"about \d+s left", ln) for ln in lines)
+
+
+def test_executor_ray_without_ray_says_how_to_install_it(tmp_path, phantom_manifest, monkeypatch):
+    import sys
+
+    import pipeline.gain as G
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.setattr(G, "classify", _must_not_train)
+    with pytest.raises(ConfigError, match=r"pip install '\.\[ray\]'"):
+        G.gain(_config(tmp_path, phantom_manifest, "executor=ray"))

@@ -21,10 +21,17 @@ PACKAGES = ("pipeline", "transforms", "networks")
 # a package may never import the packages listed for it
 NEVER = {"transforms": ("pipeline",), "networks": ("pipeline", "transforms")}
 INFRA = "pipeline.infra"
-# stage -> the stages it may import: gain drives train, classify and evaluate; a stage that runs
-# on the embedded default data set when given none asks ingest for it
+# stage -> the stages it may import: gain drives train, classify and evaluate (and runs its items on
+# Ray through pipeline.gain_ray, its own executor); a stage that runs on the embedded default data
+# set when given none asks ingest for it
 DRIVES = {
-    "pipeline.gain": {"pipeline.train", "pipeline.classify", "pipeline.evaluate", "pipeline.ingest"},
+    "pipeline.gain": {
+        "pipeline.train",
+        "pipeline.classify",
+        "pipeline.evaluate",
+        "pipeline.ingest",
+        "pipeline.gain_ray",
+    },
     "pipeline.train": {"pipeline.ingest"},
     "pipeline.classify": {"pipeline.ingest"},
     "pipeline.evaluate": {"pipeline.ingest"},

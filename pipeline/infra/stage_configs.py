@@ -461,6 +461,23 @@ DEFAULT_ARMS = ["real", "classical", "synthetic", "synthetic_only"]
 
 
 @dataclass
+class RayConfig:
+    """Where a study's tasks run with executor=ray, and what each asks for."""
+
+    # "" = a local Ray instance started and stopped with the command; "auto" = the cluster this
+    # machine has joined (`ray start`); "ray://HOST:PORT" = a remote cluster's client server
+    address: str = ""
+    workers: int = 0  # a local instance's CPUs (0 = all of this machine's)
+    num_cpus: float = 1.0  # per task (a generator or a classifier child); also its torch threads
+    num_gpus: float = 0.0  # per task (e.g. 1 on a GPU cluster)
+    max_retries: int = 2  # a task whose worker died is run again this many times, then reported
+
+    def __post_init__(self) -> None:
+        if not (self.num_cpus > 0 and self.num_gpus >= 0 and self.max_retries >= 0 and self.workers >= 0):
+            raise ValueError("ray.num_cpus must be > 0; ray.num_gpus, ray.max_retries and ray.workers >= 0")
+
+
+@dataclass
 class GainConfig:
     # the base of every arm; every arm trains the real arm's number of optimiser steps
     classify: ClassifyConfig = field(default_factory=lambda: ClassifyConfig(step_budget="real"))
@@ -495,9 +512,17 @@ class GainConfig:
     # how their children use the same generators (e.g. classify.synthetic_temperature) share one, and
     # a generator is reused only when its recorded config key is this study's
     generator_dir: str = ""
+    # local: one item after another in this process; ray: the study's generators and children as a
+    # graph of Ray tasks (pip install '.[ray]'), each writing the same records
+    executor: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         check_run_name("run_name", self.run_name)  # the study's folder: OUT_DIR/RUN_NAME
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray, got {self.executor!r}")
+        if self.executor == "ray" and self.max_minutes > 0:
+            raise ValueError("max_minutes works with executor=local only: a Ray study runs its tasks at once")
         for name in ("max_minutes", "holdout_fraction"):
             v = getattr(self, name)
             if not (v >= 0 and v < float("inf")):  # NaN fails too
