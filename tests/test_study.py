@@ -379,3 +379,52 @@ def test_records_outlive_options_added_later_at_their_defaults(tmp_path, phantom
 
     with pytest.raises(ConfigError, match=r"classify\.epochs: \(not recorded\) -> 2"):
         _gain(*args)
+
+
+def test_the_keys_of_a_tiny_study_are_pinned(tmp_path, phantom_manifest, monkeypatch):
+    # committed records are valid only while the code keys each item as it did when they were
+    # written: a refactor that changes a key (a renamed field, a path let into the key, a changed
+    # default) must show here, not as a study refused in another sitting. The data's hash is
+    # fixed so that only the code decides the keys.
+    import pipeline.gain as G
+
+    monkeypatch.setattr(G, "file_sha256", lambda path: "data")
+    study = G.GainStudy(
+        load_config(
+            G.GainConfig,
+            None,
+            [
+                f"classify.data.manifest={phantom_manifest}",
+                *TINY_GAIN_CLASSIFY,
+                "arms=[real,real_dup,synthetic,synthetic_filtered]",
+                "fractions=[0.5,1.0]",
+                "seeds=[0]",
+                "generator_steps=6",
+                "vaegan_overrides=[data.batch_size=4,model.base_channels=8,model.latent_dim=8,model.num_classes=2]",
+                f"out_dir={tmp_path / 'out'}",
+                f"records={tmp_path / 'rec'}",
+                "run_name=t",
+            ],
+        )
+    )
+    study.check_inputs()
+    study.prepare_data()
+    study.plan()
+    keys = {n: i.key[:16] for n, i in {**study.generators, **study.children}.items()}
+    assert keys == PINNED_KEYS, repr(keys)
+
+
+# the first 16 hex digits of each key at 2026-12-06 (the keys of the committed study records are
+# computed the same way); the generators' epochs follow from the phantom subsets' sizes
+PINNED_KEYS = {
+    "vaegan-f0.5-s0": "ad6514c06d0d98ff",
+    "vaegan-f1": "1889353cdfae7c86",
+    "real-f0.5-s0": "628ccab291c03640",
+    "real_dup-f0.5-s0": "1e645c20672068e9",
+    "synthetic-f0.5-s0": "a4aba1c039a9934b",
+    "synthetic_filtered-f0.5-s0": "7b5fbae55857f7bc",
+    "real-f1-s0": "261d08219b2c2884",
+    "real_dup-f1-s0": "503e87053715db12",
+    "synthetic-f1-s0": "16b946584a869833",
+    "synthetic_filtered-f1-s0": "1a1d83fce2bd8bf5",
+}
