@@ -261,14 +261,23 @@ def _build_run(
         "train": records(manifest, cfg.data.train_split, cfg.data.max_train),
         "val": records(manifest, cfg.data.val_split, cfg.data.max_val),
         "test": records(manifest, cfg.test_split),
-        **{split: records(manifest, split) for split in cfg.extra_test_splits},
+        # keyed apart from "test": an extra split may be called "test" when test_split is another
+        **{f"extra/{split}": records(manifest, split) for split in cfg.extra_test_splits},
     }
     train_ds, (real_ds, syn_tf) = _train_dataset(cfg, items["train"], device)
     val_ds = build_dataset(items["val"], cfg.data, train=False)
     tests = {
         split: make_loader(build_dataset(items[k], cfg.data, train=False), cfg.data, shuffle=False)
-        for split, k in ((cfg.test_split, "test"), *((x, x) for x in cfg.extra_test_splits))
+        for split, k in ((cfg.test_split, "test"), *((x, f"extra/{x}") for x in cfg.extra_test_splits))
     }
+    for split, loader in tests.items():  # a test set is scored whole or not at all
+        if getattr(loader.dataset, "skipped", None):
+            bad = "; ".join(f for f, _ in loader.dataset.skipped[:5])
+            raise ValueError(
+                f"{len(loader.dataset.skipped)} image(s) of the test split {split!r} cannot be read any more "
+                f"({bad}): a test set scored without them would not pair with runs scored with them; "
+                "restore the files (or re-run the ingest stage and start the study anew)"
+            )
     train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
     # synthetic_pretrain's second half: the real images alone
     finetune = (
@@ -456,7 +465,7 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
         test = M.bootstrap_ci(y, p, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
         results.update({f"{name}/{k}": v for k, v in test.items()})
         path = run_dir / ("test_scores.csv" if i == 0 else f"scores_{split}.csv")
-        paths = [it["image"] for it in run.items[name]]
+        paths = [it["image"] for it in run.items["test" if i == 0 else f"extra/{split}"]]
         pd.DataFrame({"path": paths, "label": y, "score": p}).to_csv(path, index=False)
         scored[split] = (y, p, path)
     results.update(

@@ -415,8 +415,13 @@ def _training_record(lg: LoadedGenerator, payload: dict[str, Any], uri: str) -> 
     keep += ("model.latent_dim", "model.num_classes", "model.prior", "model.ema_decay", "epochs", "seed")
     ema = float(flat.get("model.ema_decay") or 0.0)
     averaged = bool(payload.get("ema")) if payload else ema > 0  # what inference_state loaded
+    if "data.manifest" in flat and flat["data.manifest"]:  # a shared bundle names files, not this disk
+        flat["data.manifest"] = Path(str(flat["data.manifest"])).name
     training = {
-        "source": lg.source,
+        # a model URI as given; a checkpoint by its file name (the bundle is shared: no local path)
+        "source": lg.source
+        if "://" in lg.source or lg.source.startswith(("models:", "runs:"))
+        else Path(lg.source).name,
         "source_sha256": lg.sha256,
         "mlflow_run_id": lg.run_id or None,
         "code_version": payload.get("code_version") or params.get("code_version") or None,

@@ -67,7 +67,7 @@ from pipeline.infra.study_report import child_rows, summarise, to_markdown
 from pipeline.infra.viz import plot_gain
 from pipeline.ingest import resolve_manifest
 from pipeline.train import TrainConfig, train
-from transforms.manifest import ManifestError, atomic_write_text, read_manifest
+from transforms.manifest import ManifestError, atomic_write_text, read_manifest, resolve_data_root
 
 # ------------------------------------------------------------------------------ what identifies a computation
 # where and how a run logs, how fast it goes, where it caches: left out of a key
@@ -82,6 +82,8 @@ GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})
 STUDY_COSMETIC = frozenset(
     {f"classify.{k}" for k in (*COSMETIC_KEYS, *CHILD_PATH_KEYS, "arm", "seed", "fraction")}
     | {"out_dir", "run_name", "records", "max_minutes", "experiment", "generator_dir", "executor"}
+    # paths: what they hold is in the generators' keys (their train config, a given file's hash)
+    | {"vaegan_config", "generators"}
 )
 STUDY_COSMETIC_PREFIXES = ("classify.tracking.", "ray.")
 HOLDOUT = "holdout"  # the in-distribution test split carved from the training pool
@@ -370,9 +372,15 @@ class GainStudy:
         study = self.records.study()
         now = study_config(self.cfg)
         if study is not None and study.get("key") != config_key(now):
+            # the study grew or changed (more seeds, another recipe): each item's own key decides
+            # below whether its record still holds; the study's record is rewritten when it starts
             diff = config_changes(study["config"], now, study_config(GainConfig()))
-            if diff:
-                changed.append(f"study ({self.records.folder / 'study.json'}): " + "; ".join(diff))
+            if diff and self.dinfo.is_main:
+                print(
+                    f"gain: the study's config changed since {self.records.folder / 'study.json'}: "
+                    + "; ".join(diff[:8]),
+                    flush=True,
+                )
         for cell in self.cells():
             try:
                 self._plan_cell(cell)
@@ -519,6 +527,10 @@ class GainStudy:
             f"(~{_duration(need)}): {done} item(s) recorded in {self.records.folder}, {len(left)} left "
             f"(~{_duration(self.eta())} of this machine). Run the same command again to continue."
         )
+        if need > self.cfg.max_minutes * 60:  # else every call would stop here, training nothing
+            msg += (
+                f" {item.name} alone needs more than the whole budget: give max_minutes >= {need / 60:.0f}."
+            )
         raise BudgetReached(msg, done, len(left), self.eta())
 
     def run(self, train: bool = True) -> pd.DataFrame:
@@ -558,7 +570,11 @@ class GainStudy:
         if gname.startswith("given-"):
             return self.paths[gname]
         state = _read_done(self.gen_dir / gname / "done") if self.dinfo.is_main else None
-        if distributed.agree(bool(state) and state.get("key") not in (None, item.key), self.dinfo):
+        own = self.gen_dir == self.out / "generators"
+        # a marker without a key (written before markers held one) is trusted in the study's own
+        # folder only: in a shared generator_dir it could be another study's generator
+        foreign = bool(state is not None and state.get("key") != item.key and (state.get("key") or not own))
+        if distributed.agree(foreign, self.dinfo):
             raise ConfigError(
                 f"gain: {self.gen_dir / gname} holds the generator {gname} trained with another config "
                 f"(key {str((state or {}).get('key'))[:12]}, this study's {item.key[:12]}): use another generator_dir="
@@ -585,6 +601,7 @@ class GainStudy:
         res = train(tcfg)
         wall = time.time() - t0
         if self.dinfo.is_main:
+            wall = max(wall, float(res.get("train_s") or 0.0))  # a resumed run's earlier part too
             keep = {"run_id": res["run_id"], "steps": res.get("steps"), "gate": res.get("gate") or {}}
             # the marker of a finished generator, with its key: a study sharing the folder checks it
             atomic_write_text(
@@ -659,7 +676,7 @@ class GainStudy:
         )
 
     def child_record(self, cell: Cell, item: Item, res: dict, wall: float, gname: str | None) -> dict:
-        root = Path(self.source).resolve().parent
+        root = resolve_data_root(self.source).resolve()
         scores = {item.config.test_split: _scores(res["scores"], root)}
         for split, path in (res.get("extra_scores") or {}).items():
             scores[split] = _scores(path, root)
@@ -996,9 +1013,19 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
         try:
             failed = []
             if cfg.executor == "ray":  # the items as Ray tasks; then the records they wrote
+                if study.dinfo.enabled:
+                    raise ConfigError("executor=ray runs its own workers: start it without torchrun")
                 failed = run_on_ray(study)
+                study.changed = []
                 for item in [*study.generators.values(), *study.children.values()]:
-                    item.record = item.record or study.records.read(item.kind, item.name)
+                    if item.record is None:  # what a task wrote must be this study's computation
+                        study._match(
+                            item, GENERATOR_DEFAULTS if item.kind == "generators" else CHILD_DEFAULTS
+                        )
+                if study.changed:
+                    raise ConfigError(
+                        "gain: a Ray task recorded another config:\n  " + "\n  ".join(study.changed)
+                    )
             rows = study.run(train=cfg.executor == "local")
             if failed and rows.empty:
                 raise RuntimeError(f"gain: every item failed after its retries: {', '.join(failed)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeline.infra.config import ConfigError, from_dict, to_dict
@@ -44,6 +45,8 @@ def _item_task(
     t0 = time.time()
     if kind == "generators":
         study.ensure_generator(name)
+    elif kind == "judges":  # a recorded real child whose weights are not on this file system
+        study.ensure_judge(study.cell(name))
     else:
         item = study.children[name]
         if item.record is None:
@@ -52,28 +55,45 @@ def _item_task(
 
 
 def graph(study) -> list[tuple[str, str, list[str]]]:
-    """(kind, name, names it waits for) of every unrecorded item, in an order that lists each item
-    after what it waits for."""
+    """(kind, name, names it waits for) of every item to run, each listed after what it waits for:
+    the unrecorded items, and a recorded generator or judge whose weights are not here (they are
+    not committed) when an unrecorded item needs them, so that one task rebuilds them, not each
+    item that needs them at once."""
     out: list[tuple[str, str, list[str]]] = []
     queued: set[str] = set()
+
+    def judge(real) -> list[str]:
+        """The task a judge's dependents wait for ([] when its weights are here)."""
+        name = real.name
+        if name in queued:
+            return [name]
+        if study.children[name].record is None:
+            return []  # queued with its cell, before anything of the cell that needs it
+        if (study.child_dir(real) / "classifier.pt").is_file():
+            return []
+        out.append(("judges", name, []))
+        queued.add(name)
+        return [name]
+
     for cell in study.cells():
         item = study.children[cell.name]
+        if item.record is not None:
+            continue
         deps: list[str] = []
         gname = study.generator_of(cell)
         if gname is not None and not gname.startswith("given-"):
             gen = study.generators[gname]
-            if gen.record is None and gname not in queued:
-                judge = study.judge_cell(gname).name
-                gdeps = [judge] if gen.config.gate.every and study.children[judge].record is None else []
+            present = Path(study.generator_path(gname)).is_file()
+            if gname not in queued and (gen.record is None or not present):
+                gdeps = judge(study.judge_cell(gname)) if gen.config.gate.every else []
                 out.append(("generators", gname, gdeps))
                 queued.add(gname)
-            if gen.record is None:
+            if gname in queued:
                 deps.append(gname)
-        if cell.arm == "synthetic_filtered" and study.children[cell.real().name].record is None:
-            deps.append(cell.real().name)
-        if item.record is None:
-            out.append(("children", cell.name, deps))
-            queued.add(cell.name)
+        if cell.arm == "synthetic_filtered":
+            deps += judge(cell.real())
+        out.append(("children", cell.name, deps))
+        queued.add(cell.name)
     return out
 
 

@@ -72,8 +72,6 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
         lines += ["No classifier child is recorded yet.", ""]
     lines += ["## Generators", "", generator_table(generators) if generators else "None recorded.", ""]
     lines += ["## What the study cost (measured)", "", cost_table(children, generators)]
-    if study.get("estimate"):
-        lines += ["", f"The cost model's estimate when the study started: {study['estimate']}."]
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     print(f"report: {out} ({len(children)} children, {len(generators)} generators; plots: {len(plots)})")
     return {"page": str(out), "plots": [str(p) for p in plots], "table": table}

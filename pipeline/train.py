@@ -739,6 +739,8 @@ def _summary(
             else "",
         },
         "steps": run.step,
+        # seconds of training over every part of the run (a resumed run's earlier parts included)
+        "train_s": sum(v for _, v in run.tracker.history().get("time/epoch_s", [])),
     }
 
 

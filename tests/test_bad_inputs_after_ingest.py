@@ -36,10 +36,10 @@ def _damage(manifest, split: str, k: int) -> list[str]:
     return files
 
 
-def test_classify_skips_and_reports_images_damaged_after_ingest(tmp_path, own_phantoms):
+def test_classify_skips_and_reports_training_images_damaged_after_ingest(tmp_path, own_phantoms):
     from pipeline.classify import ClassifyConfig, classify
 
-    bad = _damage(own_phantoms, "train", 2) + _damage(own_phantoms, "test", 1)
+    _damage(own_phantoms, "train", 2) + _damage(own_phantoms, "val", 1)
     cfg = load_config(
         ClassifyConfig,
         None,
@@ -52,14 +52,17 @@ def test_classify_skips_and_reports_images_damaged_after_ingest(tmp_path, own_ph
         ],
     )
     res = classify(cfg)  # before: a traceback from the loader
-    import pandas as pd
-
-    scored = pd.read_csv(res["scores"])
-    assert bad[2] not in set(scored["path"]) and len(scored) == 11  # the damaged test image is left out
     import mlflow
 
     run = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'c.db'}").get_run(res["run_id"])
     assert run.data.params["data.skipped_images"] == "3"
+    # a test image is not skipped: a test set scored without it would not pair with the runs
+    # scored with it (a study's paired statistics), so the run is refused, naming the file
+    bad = _damage(own_phantoms, "test", 1)
+    with pytest.raises(
+        ValueError, match=rf"test split 'test' cannot be read any more.*{bad[0].split('/')[-1]}"
+    ):
+        classify(cfg)
 
 
 def test_train_refuses_a_split_mostly_unreadable_naming_files(tmp_path, own_phantoms):

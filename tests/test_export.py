@@ -76,6 +76,9 @@ def test_bundle_layout_and_metadata(bundle, phantom_generator):
     # data and training facts from the checkpoint; no gate ran, so no fidelity is claimed
     assert meta["training"]["config"]["data.image_size"] == 32 and meta["training"]["epoch"] == 1
     assert meta["training"]["mlflow_run_id"] == phantom_generator["run_id"]
+    # a bundle is shared: no path of the exporting machine in what it says about itself
+    text = (bundle / "configs" / "metadata.json").read_text() + (bundle / "docs" / "README.md").read_text()
+    assert str(phantom_generator["checkpoint"]).rsplit("/", 2)[0] not in text
     assert meta["quality"]["class_fidelity_auroc"] is None
     assert "not recorded" in meta["quality"]["measured_by"]
 

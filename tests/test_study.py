@@ -100,6 +100,8 @@ def test_a_study_killed_mid_child_continues_from_its_records_elsewhere(tmp_path,
     text, _ = p.communicate(timeout=240)
     assert p.returncode == 3, text[-3000:]
     assert "stopped at the time budget" in text and "1 item(s) recorded" in text and "3 left" in text
+    # a budget smaller than the next item alone would stop every call there: it says so
+    assert "alone needs more than the whole budget: give max_minutes >=" in text
     assert sorted(f.name for f in (clone / "children").glob("*.json")) == recorded
 
     # continued without a budget: trains only the three unrecorded children, gives the same table

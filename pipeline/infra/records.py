@@ -52,7 +52,7 @@ def _absolute_paths(obj: Any, where: str = "") -> list[str]:
         return [p for k, v in obj.items() for p in _absolute_paths(v, f"{where}.{k}" if where else str(k))]
     if isinstance(obj, list):
         return [p for i, v in enumerate(obj[:50]) for p in _absolute_paths(v, f"{where}[{i}]")]
-    if isinstance(obj, str) and (obj.startswith("/") or re.match(r"[A-Za-z]:\\", obj)):
+    if isinstance(obj, str) and (obj.startswith("/") or "=/" in obj or re.match(r"[A-Za-z]:\\", obj)):
         return [f"{where}={obj[:80]}"]
     return []
 
