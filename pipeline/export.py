@@ -43,6 +43,7 @@ from networks.vaegan import Decoder
 from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import model_store, tracking
 from pipeline.infra.loaders import LoadedGenerator, load_generator
+from pipeline.infra.locks import swap_into_place
 from pipeline.infra.stage_configs import (
     ExportConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
     TrackingConfig,
@@ -328,7 +329,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     try:
         meta = _write_bundle(staging, cfg, lg, args, training, fidelity)
         _self_check(staging, lg, args)
-        _swap_into_place(staging, out.resolve())
+        swap_into_place(staging, out.resolve())
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -351,21 +352,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"out={out} is not empty: give another out=, or overwrite=true to replace its contents"
         )
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Move the complete bundle in ``staging`` to ``out``, replacing what ``out`` held."""
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _tracking_uri(cfg: ExportConfig, payload: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ from pipeline.infra.loaders import (
     prior_used,
     resolve_labels,
 )
-from pipeline.infra.locks import RunLock
+from pipeline.infra.locks import RunLock, swap_into_place
 from pipeline.infra.quality import nn_distances
 from pipeline.infra.stage_configs import (
     GenerateConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
@@ -269,21 +269,6 @@ def _make_staging(out: Path) -> Path:
     raise FileExistsError(f"no free staging folder name beside {out}")
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Move the complete set in ``staging`` to ``out``, replacing what ``out`` held."""
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _out_lock(out_abs: Path) -> Iterator[None]:
     """Hold ``RunLock`` on ``out`` (``.OUT.lock`` beside it) for the whole call; the file is removed
@@ -337,7 +322,7 @@ def _generate(cfg: GenerateConfig, out: Path) -> dict[str, Any]:
         writing["path"] = staging / "preview.png"
         save_grid(preview, writing["path"], nrow=8, upscale=max(1, 128 // lg.image_size))
         writing["path"] = out_abs
-        _swap_into_place(staging, out_abs)
+        swap_into_place(staging, out_abs)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             at = writing["path"]

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def _worker_pids() -> list[int]:
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
             if cmd.startswith("ray::_item_task"):

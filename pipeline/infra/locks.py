@@ -1,4 +1,5 @@
-"""Exclusive, crash-safe locks on folders a process writes (a run, a study's records).
+"""Exclusive, crash-safe locks on folders a process writes (a run, a study's records), and the
+atomic swap of a finished output folder into place.
 
 Light (no torch): the CLI and the records module use it without loading a framework.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +63,20 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # releases the flock
             self.fd = None
+
+
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Move the complete folder ``staging`` to ``out``, replacing what ``out`` held: the old
+    folder is renamed aside first and removed only once the new one is in place (a failure puts
+    it back), so ``out`` is never half-written."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
