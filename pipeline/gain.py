@@ -397,8 +397,7 @@ class GainStudy:
                 "it was trained with: remove its record to retrain it with this config, or start a new "
                 "study with another records= (and run_name=)."
             )
-        recorded = [i.record for i in self.children.values() if i.record]
-        self.cost = CostModel.from_records(recorded, [i.record for i in self.generators.values() if i.record])
+        self.refit_cost()
 
     def _plan_cell(self, cell: Cell) -> None:
         gname = self.generator_of(cell)
@@ -641,6 +640,10 @@ class GainStudy:
             },
         )
         item.record = self.records.read("generators", gname)
+        self.refit_cost()
+
+    def refit_cost(self) -> None:
+        """The cost model fitted on every item recorded so far."""
         self.cost = CostModel.from_records(
             [i.record for i in self.children.values() if i.record],
             [i.record for i in self.generators.values() if i.record],
@@ -670,10 +673,7 @@ class GainStudy:
                 res["run_id"], "fraction", f"{cell.fraction:g}"
             )  # the child sees its subset as 1.0
             self.client.set_tag(res["run_id"], "gain_key", item.key)
-        self.cost = CostModel.from_records(
-            [i.record for i in self.children.values() if i.record],
-            [i.record for i in self.generators.values() if i.record],
-        )
+        self.refit_cost()
 
     def child_record(self, cell: Cell, item: Item, res: dict, wall: float, gname: str | None) -> dict:
         root = resolve_data_root(self.source).resolve()
