@@ -42,7 +42,7 @@ def study(tmp: Path, name: str, a, *extra: str) -> float:
             "classify.data.cache=disk",
             f"out_dir={tmp / name}",
             f"records={tmp / name / 'records'}",
-            "run_name=bench",
+            "tracking.run_name=bench",
             *extra,
         ],
     )

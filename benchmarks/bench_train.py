@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.infra import engine, speed  # noqa: E402
 from pipeline.infra.stage_configs import MEASURES  # noqa: E402
-from pipeline.train import Groups, TrainConfig, build_model, calibration_step, make_step_fn  # noqa: E402
+from pipeline.train import Groups, StepParts, TrainConfig, build_model, calibration_step, make_step_fn  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- measurement
@@ -202,7 +202,7 @@ def build(
         for m in groups.modules.values():
             m.compile()
     amp = engine.amp_dtype(cfg.amp, device, cfg.data.image_size)
-    step_fn = make_step_fn(model, groups, cfg, device, amp, None, batch_aug=batch_aug)
+    step_fn = make_step_fn(StepParts(model, groups, cfg, device, amp, batch_aug=batch_aug))
     return model, step_fn, amp
 
 
@@ -423,14 +423,10 @@ def bench_epoch(args: argparse.Namespace, device: torch.device) -> dict:
         _sync(device)
         t = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bar inside a timing
-            _, steps = engine.run_epoch(
-                loader,
-                fn,
-                step=0,
-                desc=arm,
-                log_every=1 if arm == "naive" else cfg.tracking.log_every,
-                log_fn=log_fn,
+            plan = engine.EpochPlan(
+                desc=arm, log_every=1 if arm == "naive" else cfg.tracking.log_every, log_fn=log_fn
             )
+            _, steps = engine.run_epoch(loader, fn, 0, plan)
         _sync(device)
         epoch = time.perf_counter() - t
         n = steps * args.batch

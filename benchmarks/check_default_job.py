@@ -4,7 +4,7 @@
 
 Trains a small classifier on the embedded phantoms' real images (the classify stage, arm=real,
 its own MLflow store under outputs/), then scores the default job's generator with it: the class
-fidelity AUROC (evaluate.class_fidelity: 1,000 balanced samples, bootstrap CI), codes drawn from
+fidelity AUROC (judge.generator_fidelity: 1,000 balanced samples, bootstrap CI), codes drawn from
 the generator's fitted prior and, as an ablation, from N(0, I). A generator
 drawing noise or ignoring its labels scores ~0.5. Writes docs/benchmarks/default_job.json and
 copies the run's final sample grid to docs/default_job_samples.png.
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classify import ClassifyConfig, classify
-from pipeline.evaluate import class_fidelity
 from pipeline.infra.checkpoint import load_checkpoint
 from pipeline.infra.config import load_config
+from pipeline.infra.judge import Judge, generator_fidelity
 from pipeline.infra.loaders import load_generator, load_images, resolve_labels, sample_images
-from pipeline.ingest import default_manifest
+from pipeline.ingest.default import default_manifest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -56,16 +56,17 @@ def main() -> int:
             ],
         )
     )
-    fid = class_fidelity(str(ck), cls["checkpoint"], n=1000, reference=manifest)
+    judge = Judge.load(cls["checkpoint"], reference=manifest)
+    fid = generator_fidelity(str(ck), judge, n=1000)
     # the default job's promise (issue "The front door"): 256 balanced samples told apart by class
     # (AUROC >= 0.9), and a mean sample that looks like the mean real phantom (correlation >= 0.8)
-    fid256 = class_fidelity(str(ck), cls["checkpoint"], n=256, reference=manifest)
+    fid256 = generator_fidelity(str(ck), judge, n=256)
     lg = load_generator(ck)
     fake = sample_images(lg, resolve_labels("balanced", 256, lg), seed=0)
     real = load_images(manifest, "train", size)[0]
     corr = float(np.corrcoef(fake.mean(0).flatten().numpy(), real.mean(0).flatten().numpy())[0, 1])
     # the ablation: the same generator drawing its codes from N(0, I) instead of its fitted prior
-    normal = class_fidelity(str(ck), cls["checkpoint"], n=1000, reference=manifest, prior="normal")
+    normal = generator_fidelity(str(ck), judge, n=1000, prior="normal")
     grids = sorted((ck.parent.parent / "grids").glob("samples_epoch*.png"))
     out = {
         "checkpoint": str(ck),

@@ -22,9 +22,15 @@ import contextlib
 import torch
 from torch import nn
 
-from networks import losses as L
 from networks.config import LossConfig
 from networks.diffaug import diff_augment, parse_policy
+from networks.losses import (
+    discriminator_adversarial,
+    feature_reconstruction,
+    generator_adversarial,
+    kl_divergence,
+    pixel_l1,
+)
 
 DISC_CALLS = ("auto", "split", "joint")  # how real, reconstructed and prior images meet the discriminator
 GROUP_LOSSES = ("encoder", "decoder", "discriminator")  # the per-network totals; the rest are terms
@@ -62,10 +68,10 @@ def vaegan_losses(
     with ctx:
         mu, logvar = model.encoder(x, cond)
         z = model.reparameterize(mu.float(), logvar.float(), None if noise is None else noise[0])
-        kl = L.kl_divergence(mu.float(), logvar.float(), per_pixel=npix)
+        kl = kl_divergence(mu.float(), logvar.float(), per_pixel=npix)
         if model.discriminator is None:
             recon = model.decoder(z, cond)
-            pix = L.pixel_l1(recon.float(), x)
+            pix = pixel_l1(recon.float(), x)
             total = (
                 lcfg.pixel_l1 * pix + lcfg.kl_weight * kl if lcfg.pixel_l1 > 0 else pix + lcfg.kl_weight * kl
             )
@@ -86,7 +92,7 @@ def vaegan_losses(
             )
             l_real, l_rec, l_prior = l_real.float(), l_rec.float(), l_prior.float()
             fl = model.cfg.feature_layer
-            feat = L.feature_reconstruction(f_rec[fl].float(), f_real[fl].float())
+            feat = feature_reconstruction(f_rec[fl].float(), f_real[fl].float())
         else:
             logits, feats = model.discriminator(
                 torch.cat([x_d, out_d]), None if cond is None else torch.cat([cond, cond, cond])
@@ -94,11 +100,11 @@ def vaegan_losses(
             logits = logits.float()
             l_real, l_rec, l_prior = logits[:b], logits[b : 2 * b], logits[2 * b :]
             f = feats[model.cfg.feature_layer].float()
-            feat = L.feature_reconstruction(f[b : 2 * b], f[:b])
-        pix = L.pixel_l1(recon.float(), x)
+            feat = feature_reconstruction(f[b : 2 * b], f[:b])
+        pix = pixel_l1(recon.float(), x)
         rec = lcfg.feature * feat + lcfg.pixel_l1 * pix
-        adv_g = 0.5 * (L.generator_adversarial(l_rec) + L.generator_adversarial(l_prior))
-        adv_d = L.discriminator_adversarial(l_real, l_rec, l_prior)
+        adv_g = 0.5 * (generator_adversarial(l_rec) + generator_adversarial(l_prior))
+        adv_d = discriminator_adversarial(l_real, l_rec, l_prior)
     return {
         "kl": kl,
         "feature_rec": feat,

@@ -28,6 +28,7 @@ from networks.config import (  # also re-exported; the config lives in networks.
 from networks.ema import EMA
 from networks.fused import extension, fuse_adn
 from networks.layers import FewInputConv2d, FewOutputConv2d, adopt, set_gemm
+from networks.losses import kl_divergence, pixel_l1
 from networks.objective import DISC_CALLS, vaegan_losses
 from networks.prior import LatentPrior
 
@@ -559,6 +560,36 @@ class VAEGAN(nn.Module):
     def sample(self, labels: torch.Tensor | None, n: int | None = None, seed: int = 0, prior: str = "fitted"):
         """``n`` images drawn from the prior (fitted, when it is), see :meth:`Generator.sample`."""
         return self.generator().sample(labels, n=n, seed=seed, prior=prior)
+
+    @torch.no_grad()
+    def validation_scores(self, batches, device: torch.device) -> dict[str, float]:
+        """Reconstruction quality over ``batches`` (dicts of ``image``/``label``): SSIM and PSNR of
+        the posterior mean's reconstruction (images in [0, 1], the averaged networks), its pixel
+        L1 and the KL term, each averaged over the images; keys ``val/...``."""
+        from monai.metrics import PSNRMetric, SSIMMetric
+
+        self.eval()
+        size = self.cfg.image_size
+        win = 11 if size >= 64 else 7 if size >= 32 else 3
+        ssim, psnr = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=win), PSNRMetric(max_val=1.0)
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in batches:
+            x = batch["image"].to(device)
+            y = batch["label"].to(device).clamp_min(0)
+            mu, logvar = self.encode(x, y, averaged=True)
+            recon = self.decode(mu, y, averaged=True)  # the posterior mean's reconstruction
+            a, b = (recon.float() + 1) / 2, (x + 1) / 2
+            ssim(a, b)
+            psnr(a, b)
+            bs = x.shape[0]
+            sums["kl"] = sums.get("kl", 0.0) + float(kl_divergence(mu, logvar, x[0].numel())) * bs
+            sums["pixel_l1"] = sums.get("pixel_l1", 0.0) + float(pixel_l1(recon, x)) * bs
+            n += bs
+        out = {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+        out["val/ssim"] = float(ssim.aggregate().item())
+        out["val/psnr"] = float(psnr.aggregate().item())
+        return out
 
     def objective(
         self,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,21 +38,20 @@ import torch.nn.functional as F
 
 from networks.classifier import CXRClassifier
 from pipeline.infra import checkpoint as ckpt
-from pipeline.infra import distributed, engine, tracking
-from pipeline.infra import metrics as M
+from pipeline.infra import distributed, engine, runtime, tracking
+from pipeline.infra.arm_parts import ClassifyParts
+from pipeline.infra.arms import ARM_REGISTRY
 from pipeline.infra.config import flatten, to_dict
 from pipeline.infra.data import (
+    Manifest,
     batches_per_epoch,
     build_dataset,
     device_augment,
     make_loader,
     make_train_loader,
-    records,
-    write_subset_manifest,
 )
-from pipeline.infra.loaders import check_extractor, file_sha256, load_classifier, synthetic_source
-from pipeline.infra.locks import RunLock
-from pipeline.infra.metrics import auroc
+from pipeline.infra.judge import Judge
+from pipeline.infra.metrics import auroc, bootstrap_ci, youden_threshold
 from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     ARMS,
     ClassifyConfig,
@@ -61,10 +59,10 @@ from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the
     TrackingConfig,
 )
 from pipeline.infra.viz import plot_curves, plot_roc
-from pipeline.ingest import resolve_manifest
-from transforms.manifest import atomic_write_text, label_names, read_manifest
-from transforms.presets import tensor_augment_transforms
-from transforms.synthetic import FilteredSource, RealDuplicatesDataset, SyntheticMixDataset
+from pipeline.ingest.default import resolve_manifest
+from transforms.io import file_sha256
+from transforms.manifest import atomic_write_text
+from transforms.synthetic import FilteredSource
 
 
 @torch.no_grad()
@@ -79,7 +77,7 @@ def predict(model: CXRClassifier, loader, device: torch.device) -> tuple[np.ndar
     return torch.cat(ys).numpy().astype(int), torch.cat(ps).numpy()
 
 
-def evaluate(model: CXRClassifier, loader, device: torch.device) -> dict[str, float]:
+def validate_classifier(model: CXRClassifier, loader, device: torch.device) -> dict[str, float]:
     """Validation AUROC and BCE loss."""
 
     y, p = predict(model, loader, device)
@@ -109,21 +107,16 @@ def training_provenance(arm: str, manifest: str | Path, source: str | Path) -> d
 def _label_judge(cfg: ClassifyConfig, device: torch.device):
     """``accept(image, label)``: does the filter classifier (a real-only arm, at this image size)
     call ``image`` ``label`` at its own validation-chosen threshold?"""
-    judge, payload = load_classifier(cfg.filter_classifier, device)
-    check_extractor(cfg.filter_classifier, payload)  # it must never have seen synthetic images
-    size = int(payload["config"]["data"]["image_size"])
-    if size != cfg.data.image_size:
+    judge = Judge.load(cfg.filter_classifier, device)  # it must never have seen synthetic images
+    if judge.image_size != cfg.data.image_size:
         raise ValueError(
-            f"filter_classifier {cfg.filter_classifier} was trained at {size} px, this run is "
+            f"filter_classifier {cfg.filter_classifier} was trained at {judge.image_size} px, this run is "
             f"{cfg.data.image_size} px: use a classifier trained at this size"
         )
-    threshold = float(payload["threshold"])
-    judge.eval()
+    threshold = judge.threshold
 
-    @torch.no_grad()
     def accept(image: np.ndarray, label: int) -> bool:
-        x = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
-        p = float(torch.sigmoid(judge(x).float()).reshape(-1)[0])
+        p = float(judge.probs(torch.as_tensor(image, dtype=torch.float32)[None])[0])
         return (p >= threshold) == (int(label) == 1)
 
     return accept
@@ -131,52 +124,19 @@ def _label_judge(cfg: ClassifyConfig, device: torch.device):
 
 def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device):
     """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
-
-    classical = cfg.arm in ("classical", "classical+synthetic")
-    # with the augmentation on whole batches (data.augment_on=device) the loader only decodes
-    batched = device_augment(cfg.data, device) is not None
-    real = build_dataset(items, cfg.data, train=classical and not batched)
-    if cfg.arm == "real_dup":  # the synthetic arm's count-matched control: augmented real draws
-        dup_tf = tensor_augment_transforms(cfg.data)
-        return RealDuplicatesDataset(real, cfg.ratio, dup_tf), (real, dup_tf)
-    if "synthetic" not in cfg.arm:
-        return real, (real, None)
-    labels = [int(it["label"]) for it in items]
-    source = synthetic_source(cfg.synthetic, cfg.data.image_size, device, cfg.synthetic_temperature)
-    if cfg.arm == "synthetic_filtered":
-        source = FilteredSource(source, _label_judge(cfg, device))
-    syn_tf = tensor_augment_transforms(cfg.data) if classical and cfg.data.augment and not batched else None
-    if cfg.arm in ("synthetic_only", "synthetic_pretrain"):  # pretrain: then real images, see _fit
-        ds = SyntheticMixDataset.synthetic_only(real, labels, source, seed=cfg.seed)
-    elif cfg.arm == "balanced_synthetic":  # the minority class topped up to the majority's count
-        counts = Counter(labels)
-        minority = min(counts, key=lambda k: (counts[k], k))
-        extra = [minority] * (max(counts.values()) - counts[minority])
-        ds = SyntheticMixDataset(real, labels, source, seed=cfg.seed, syn_labels=extra)
-    else:
-        ds = SyntheticMixDataset(real, labels, source, ratio=cfg.ratio, transform=syn_tf, seed=cfg.seed)
-    return ds, (real, syn_tf)
+    parts = ClassifyParts(cfg, items, device, accept=lambda: _label_judge(cfg, device))
+    return ARM_REGISTRY[cfg.arm].training_set(parts)
 
 
-@dataclass
-class ClassifyRun:
-    """What one classifier run holds between its steps (see :func:`classify`)."""
+@dataclass(kw_only=True)
+class ClassifyRun(runtime.StageRun):
+    """A classifier run: the stage's common state (:class:`pipeline.infra.runtime.StageRun`) and
+    what classify adds (see :func:`classify`)."""
 
     cfg: ClassifyConfig
-    dinfo: distributed.DistInfo
-    run_dir: Path
-    device: torch.device
-    amp: torch.dtype | None
-    manifest: Path  # the manifest trained on (a fraction < 1 subset lives in run_dir)
-    names: dict[int, str]
     items: dict[str, list[dict]]  # train / val / test records
-    data: dict[str, Any]  # datasets, loaders, sampler, generator, synthetic augmentation
     net: CXRClassifier  # the network; ``model`` is it, or its DDP wrapper
-    model: torch.nn.Module
-    tracker: tracking.Tracker | None = None
     best: dict[str, Any] = field(default_factory=lambda: {"auroc": -1.0, "state": None, "epoch": 0})
-    step: int = 0
-    code_version: str = "unknown"  # the git commit, tagged on the run and saved in the checkpoint
 
 
 def classify(cfg: ClassifyConfig) -> dict[str, Any]:
@@ -187,134 +147,66 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     # under torchrun: N replicas split every batch (DistributedSampler) and DDP averages the
     # gradients; each replica evaluates the whole val/test split (identical weights, identical
     # decisions); rank 0 alone logs and writes files
-    dinfo = distributed.init()
-    if cfg.data.batch_size % dinfo.world:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes")
-    device = engine.training_device(cfg.device, cfg.threads, dinfo)
-    if device.type == "cpu" and cfg.cache_allocations:
-        engine.cache_cpu_allocations()
-    set_determinism(seed=cfg.seed)
-    stamp = distributed.agree(time.strftime("%Y%m%d-%H%M%S"), dinfo)
-    run_dir = Path(cfg.out_dir) / (
-        cfg.tracking.run_name or f"{cfg.arm}-f{cfg.fraction:g}-s{cfg.seed}-{stamp}"
-    )
-    # one process per run folder; a fresh run never mixes an earlier run's files (moved aside)
-    with RunLock(run_dir, enabled=dinfo.is_main):
-        old_run_id = engine.previous_run_id(run_dir) if dinfo.is_main else None
-        if dinfo.is_main:
-            engine.set_aside(run_dir)
-        distributed.barrier(dinfo)
-        if dinfo.is_main:
-            engine.check_writable(run_dir)
-        run = _build_run(cfg, dinfo, run_dir, device, source_manifest)
-        t0 = time.time()
-        # rank 0 alone logs; an unreachable tracking server does not stop the run (see Tracker)
-        run.tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
-        run.code_version = tracking.git_commit()
-        run.tracker.start(None, run_dir.name, _tags(run))
-        if old_run_id:
-            run.tracker.end_if_running(old_run_id, "KILLED")
-        with run.tracker:
-            run.tracker.log_params(flatten(to_dict(cfg)))
-            n_real, n_total = len(run.items["train"]), len(run.data["train_ds"])
-            run.tracker.log_params(
-                {"n_train_real": n_real, "n_train_total": n_total, "replicas": dinfo.world}
-            )
-            engine.log_skipped(run.tracker, run.data["skipped"])
-            _fit(run)
-            if not dinfo.is_main:  # training is over: rank 0 alone tests, writes and logs
-                distributed.shutdown(dinfo)
-                return {"run_id": None, "run_dir": str(run_dir), "metrics": {}}
-            result = _test_and_save(run, source_manifest)
-        result["run_id"] = run.tracker.run_id
-        test, threshold = result["metrics"], result["metrics"]["threshold"]
-        print(
-            f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['test/auroc']:.4f} "
-            f"[{test['test/auroc_lo']:.4f}, {test['test/auroc_hi']:.4f}] balanced acc "
-            f"{test['test/balanced_accuracy']:.4f} sens {test['test/sensitivity']:.4f} spec "
-            f"{test['test/specificity']:.4f} (threshold {threshold:.3f} from val, best epoch "
-            f"{run.best['epoch']}) in {time.time() - t0:.0f}s",
-            flush=True,
+    with runtime.replicas(cfg.data.batch_size) as dinfo:
+        device = runtime.stage_device(cfg.device, cfg.threads, dinfo, cfg.speed.on("cache_allocations"))
+        set_determinism(seed=cfg.seed)
+        stamp = distributed.agree(time.strftime("%Y%m%d-%H%M%S"), dinfo)
+        run_dir = Path(cfg.out_dir) / (
+            cfg.tracking.run_name or f"{cfg.arm}-f{cfg.fraction:g}-s{cfg.seed}-{stamp}"
         )
-        print(f"MLflow run id: {result['run_id']}\nROC plot: {result['roc']}")
-        # written last: its presence marks the arm as done (the gain stage skips it on a re-run)
-        atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
-        distributed.shutdown(dinfo)
-        return result
+        # one process per run folder; a fresh run never mixes an earlier run's files (moved aside)
+        with runtime.run_folder(run_dir, dinfo) as old_run_id:
+            run = _build_run(cfg, dinfo, run_dir, device, source_manifest)
+            t0 = time.time()
+            run.code_version = tracking.git_commit()
+            # rank 0 alone logs; an unreachable tracking server does not stop the run (see Tracker)
+            with runtime.tracked_run(
+                cfg.tracking, run_dir, _tags(run), enabled=dinfo.is_main, old_run_id=old_run_id
+            ) as run.tracker:
+                run.tracker.log_params(flatten(to_dict(cfg)))
+                n_real, n_total = len(run.items["train"]), len(run.data["train_ds"])
+                run.tracker.log_params(
+                    {"n_train_real": n_real, "n_train_total": n_total, "replicas": dinfo.world}
+                )
+                engine.log_skipped(run.tracker, run.data["skipped"])
+                _fit(run)
+                if not dinfo.is_main:  # training is over: rank 0 alone tests, writes and logs
+                    return {"run_id": None, "run_dir": str(run_dir), "metrics": {}}
+                result = _test_and_save(run, source_manifest)
+            result["run_id"] = run.tracker.run_id
+            _print_result(run, result, t0)
+            # written last: its presence marks the arm as done (the gain stage skips it on a re-run)
+            atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
+            return result
+
+
+def _print_result(run: ClassifyRun, result: dict[str, Any], t0: float) -> None:
+    cfg, test = run.cfg, result["metrics"]
+    print(
+        f"{cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: test AUROC {test['test/auroc']:.4f} "
+        f"[{test['test/auroc_lo']:.4f}, {test['test/auroc_hi']:.4f}] balanced acc "
+        f"{test['test/balanced_accuracy']:.4f} sens {test['test/sensitivity']:.4f} spec "
+        f"{test['test/specificity']:.4f} (threshold {test['threshold']:.3f} from val, best epoch "
+        f"{run.best['epoch']}) in {time.time() - t0:.0f}s",
+        flush=True,
+    )
+    print(f"MLflow run id: {result['run_id']}\nROC plot: {result['roc']}")
 
 
 def _build_run(
     cfg: ClassifyConfig, dinfo: distributed.DistInfo, run_dir: Path, device: torch.device, manifest: Path
 ) -> ClassifyRun:
     """The (subset) manifest, data and network of a run, in the order a seeded run depends on."""
-    if cfg.fraction < 1:
-        if dinfo.is_main:
-            write_subset_manifest(manifest, cfg.fraction, cfg.seed, run_dir / "subset.csv")
-        distributed.barrier(dinfo)
-        manifest = run_dir / "subset.csv"
-    names = label_names(read_manifest(manifest)[0])
-    if len(names) != 2 or cfg.model.num_classes != 2:
-        raise ValueError(
-            f"classify is binary: {manifest} has classes {names}, model.num_classes={cfg.model.num_classes}"
-        )
-    items = {
-        "train": records(manifest, cfg.data.train_split, cfg.data.max_train),
-        "val": records(manifest, cfg.data.val_split, cfg.data.max_val),
-        "test": records(manifest, cfg.test_split),
-        # keyed apart from "test": an extra split may be called "test" when test_split is another
-        **{f"extra/{split}": records(manifest, split) for split in cfg.extra_test_splits},
-    }
-    train_ds, (real_ds, syn_tf) = _train_dataset(cfg, items["train"], device)
-    val_ds = build_dataset(items["val"], cfg.data, train=False)
-    tests = {
-        split: make_loader(build_dataset(items[k], cfg.data, train=False), cfg.data, shuffle=False)
-        for split, k in ((cfg.test_split, "test"), *((x, f"extra/{x}") for x in cfg.extra_test_splits))
-    }
-    for split, loader in tests.items():  # a test set is scored whole or not at all
-        if getattr(loader.dataset, "skipped", None):
-            bad = "; ".join(f for f, _ in loader.dataset.skipped[:5])
-            raise ValueError(
-                f"{len(loader.dataset.skipped)} image(s) of the test split {split!r} cannot be read any more "
-                f"({bad}): a test set scored without them would not pair with runs scored with them; "
-                "restore the files (or re-run the ingest stage and start the study anew)"
-            )
-    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
-    # synthetic_pretrain's second half: the real images alone
-    finetune = (
-        make_train_loader(real_ds, cfg.data, cfg.seed, dinfo) if cfg.arm == "synthetic_pretrain" else None
-    )
-    data = {
-        "train_ds": train_ds,
-        "real_ds": real_ds,
-        "syn_tf": syn_tf,
-        "train_loader": train_loader,
-        "sampler": sampler,
-        "gen": gen,
-        "finetune": finetune,  # (loader, sampler, generator) or None
-        "val_loader": make_loader(val_ds, cfg.data, shuffle=False),
-        "test_loaders": tests,  # split -> loader: test_split first, then extra_test_splits
-        # images that could not be read any more (skipped, reported: data.build_dataset)
-        "skipped": [
-            x
-            for ds in (real_ds, val_ds, *(ld.dataset for ld in tests.values()))
-            for x in getattr(ds, "skipped", [])
-        ],
-        # classical arms with data.augment_on=device: the whole batch is augmented in the step
-        "batch_aug": device_augment(cfg.data, device)
-        if cfg.arm in ("classical", "classical+synthetic")
-        else None,
-    }
+    manifest, names, items = _items(cfg, dinfo, run_dir, manifest)
+    data = _data(cfg, items, device, dinfo)
     print(
         f"classify arm={cfg.arm} fraction={cfg.fraction:g} seed={cfg.seed}: train={len(items['train'])} "
-        f"(+{len(train_ds) - len(items['train'])} synthetic) val={len(items['val'])} test={len(items['test'])} "
-        f"classes={names} device={device}",
+        f"(+{len(data['train_ds']) - len(items['train'])} synthetic) val={len(items['val'])} "
+        f"test={len(items['test'])} classes={names} device={device}",
         flush=True,
     )
-    net = CXRClassifier(cfg.model)
-    if dinfo.enabled and device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = net.to(device)
-    if cfg.channels_last:
+    net = runtime.sync_batchnorm(CXRClassifier(cfg.model), dinfo, device).to(device)
+    if cfg.speed.on("channels_last"):
         net = net.to(memory_format=torch.channels_last)
     model: torch.nn.Module = net
     if dinfo.enabled:
@@ -336,19 +228,87 @@ def _build_run(
     )
 
 
+def _items(
+    cfg: ClassifyConfig, dinfo: distributed.DistInfo, run_dir: Path, manifest: Path
+) -> tuple[Path, dict[int, str], dict[str, list[dict]]]:
+    """(the manifest trained on, label names, the records of every split), the manifest read once:
+    a ``fraction`` < 1 subset is drawn from its rows (and written to the run folder)."""
+    rows = Manifest(manifest)
+    if cfg.fraction < 1:
+        rows = rows.subset(cfg.fraction, cfg.seed, run_dir / "subset.csv" if dinfo.is_main else None)
+        distributed.barrier(dinfo)
+        manifest = run_dir / "subset.csv"
+    names = rows.label_names()
+    if len(names) != 2 or cfg.model.num_classes != 2:
+        raise ValueError(
+            f"classify is binary: {manifest} has classes {names}, model.num_classes={cfg.model.num_classes}"
+        )
+    items = {
+        "train": rows.records(cfg.data.train_split, cfg.data.max_train),
+        "val": rows.records(cfg.data.val_split, cfg.data.max_val),
+        "test": rows.records(cfg.test_split),
+        # keyed apart from "test": an extra split may be called "test" when test_split is another
+        **{f"extra/{split}": rows.records(split) for split in cfg.extra_test_splits},
+    }
+    return manifest, names, items
+
+
+def _data(
+    cfg: ClassifyConfig, items: dict[str, list[dict]], device: torch.device, dinfo: distributed.DistInfo
+) -> dict[str, Any]:
+    """The arm's training set and loaders, validation and test loaders (a test set is whole)."""
+    train_ds, (real_ds, syn_tf) = _train_dataset(cfg, items["train"], device)
+    val_ds = build_dataset(items["val"], cfg.data, train=False)
+    tests = {
+        split: make_loader(build_dataset(items[k], cfg.data, train=False), cfg.data, shuffle=False)
+        for split, k in ((cfg.test_split, "test"), *((x, f"extra/{x}") for x in cfg.extra_test_splits))
+    }
+    for split, loader in tests.items():  # a test set is scored whole or not at all
+        if getattr(loader.dataset, "skipped", None):
+            bad = "; ".join(f for f, _ in loader.dataset.skipped[:5])
+            raise ValueError(
+                f"{len(loader.dataset.skipped)} image(s) of the test split {split!r} cannot be read any more "
+                f"({bad}): a test set scored without them would not pair with runs scored with them; "
+                "restore the files (or re-run the ingest stage and start the study anew)"
+            )
+    train_loader, sampler, gen = make_train_loader(train_ds, cfg.data, cfg.seed, dinfo)
+    # synthetic_pretrain's second half: the real images alone
+    finetune = (
+        make_train_loader(real_ds, cfg.data, cfg.seed, dinfo) if ARM_REGISTRY[cfg.arm].pretrain else None
+    )
+    data = {
+        "train_ds": train_ds,
+        "real_ds": real_ds,
+        "syn_tf": syn_tf,
+        "train_loader": train_loader,
+        "sampler": sampler,
+        "gen": gen,
+        "finetune": finetune,  # (loader, sampler, generator) or None
+        "val_loader": make_loader(val_ds, cfg.data, shuffle=False),
+        "test_loaders": tests,  # split -> loader: test_split first, then extra_test_splits
+        # images that could not be read any more (skipped, reported: data.build_dataset)
+        "skipped": [
+            x
+            for ds in (real_ds, val_ds, *(ld.dataset for ld in tests.values()))
+            for x in getattr(ds, "skipped", [])
+        ],
+        # classical arms with data.augment_on=device: the whole batch is augmented in the step
+        "batch_aug": device_augment(cfg.data, device) if ARM_REGISTRY[cfg.arm].classical else None,
+    }
+    return data
+
+
 def _tags(run: ClassifyRun) -> dict[str, str]:
     cfg = run.cfg
-    tags = {
-        "stage": "classify",
-        "arm": cfg.arm,
-        "fraction": f"{cfg.fraction:g}",
-        "seed": str(cfg.seed),
-        "git_commit": run.code_version,
-        "data.manifest": str(run.manifest),
-    }
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    return tags
+    return runtime.run_tags(
+        "classify",
+        cfg.tracking,
+        run.code_version,
+        arm=cfg.arm,
+        fraction=f"{cfg.fraction:g}",
+        seed=str(cfg.seed),
+        **{"data.manifest": str(run.manifest)},
+    )
 
 
 def make_step_fn(run: ClassifyRun, opt: torch.optim.Optimizer, sched) -> Any:
@@ -359,12 +319,13 @@ def make_step_fn(run: ClassifyRun, opt: torch.optim.Optimizer, sched) -> Any:
     pos_weight = torch.tensor((len(run.items["train"]) - n_pos) / max(n_pos, 1), device=device)
 
     batch_aug = run.data["batch_aug"]
+    channels_last = cfg.speed.on("channels_last")
 
     def step_fn(batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
         if batch_aug is not None:
             x = batch_aug(x)
-        if cfg.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device).float()
         amp = run.amp
@@ -378,8 +339,8 @@ def make_step_fn(run: ClassifyRun, opt: torch.optim.Optimizer, sched) -> Any:
         loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
         return {"loss": loss.detach()}
@@ -390,14 +351,14 @@ def make_step_fn(run: ClassifyRun, opt: torch.optim.Optimizer, sched) -> Any:
 def _fit(run: ClassifyRun) -> None:
     """The epochs; keeps the weights of the epoch with the best validation AUROC in ``run.best``."""
     cfg, d, tracker = run.cfg, run.data, run.tracker
-    opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     per_epoch = len(d["train_loader"])
     if cfg.step_budget == "real":  # the real arm's steps, whatever images this arm adds
         per_epoch = min(per_epoch, batches_per_epoch(len(run.items["train"]), cfg.data, run.dinfo))
     total_steps = cfg.epochs * per_epoch
     tracker.log_params({"optimizer_steps": total_steps, "steps_per_epoch": per_epoch})
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=0.2
+        opt, max_lr=cfg.optim.lr, total_steps=max(total_steps, 1), pct_start=0.2
     )
     step_fn = make_step_fn(run, opt, sched)
     # synthetic_pretrain: the first half of the epochs on synthetic images only, then the real ones
@@ -413,16 +374,14 @@ def _fit(run: ClassifyRun) -> None:
         if d["syn_tf"] is not None:
             d["syn_tf"].set_random_state(seed=cfg.seed * 1000 + epoch + 7)
         run.model.train()
-        tr, run.step = engine.run_epoch(
-            loader,
-            step_fn,
-            step=run.step,
+        plan = engine.EpochPlan(
             desc=f"{cfg.arm} epoch {epoch + 1}/{cfg.epochs}",
             log_every=cfg.tracking.log_every,
             log_fn=lambda m, s: tracker.log_metrics(m, step=s),
             max_batches=per_epoch,
         )
-        val = {f"val/{k}": v for k, v in evaluate(run.net, d["val_loader"], run.device).items()}
+        tr, run.step = engine.run_epoch(loader, step_fn, run.step, plan)
+        val = {f"val/{k}": v for k, v in validate_classifier(run.net, d["val_loader"], run.device).items()}
         val["epoch"] = epoch + 1
         tracker.log_metrics(val, step=run.step)
         if epoch >= pretrain and val["val/auroc"] > run.best["auroc"]:
@@ -447,6 +406,28 @@ def _fit(run: ClassifyRun) -> None:
         )
 
 
+def _save_classifier(run: ClassifyRun, threshold: float, source_manifest: Path) -> Path:
+    """The best epoch's weights with the config, label names, validation threshold, code version,
+    MLflow run and training provenance (``classifier.pt``)."""
+    cfg, run_dir, tracker = run.cfg, run.run_dir, run.tracker
+    return ckpt.save_checkpoint(
+        run_dir / "classifier.pt",
+        {
+            "model": run.net.state_dict(),
+            "config": to_dict(cfg),
+            "label_names": {int(k): v for k, v in run.names.items()},
+            "threshold": threshold,
+            "epoch": run.best["epoch"],
+            "code_version": run.code_version,
+            "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
+            # provenance, checked by pipeline.evaluate before it uses this model as a feature
+            # extractor: which images it has seen (an arm with synthetic images has seen a
+            # generator's output) and the manifest it was trained on, by path and content
+            **training_provenance(cfg.arm, run.manifest, source_manifest),
+        },
+    )
+
+
 def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
     """The best epoch's weights on the test split, once, at the validation-chosen threshold; the
     per-image scores (the gain stage pairs arms on them), ROC plot, curves and checkpoint."""
@@ -455,14 +436,14 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
     cfg, d, tracker, run_dir = run.cfg, run.data, run.tracker, run.run_dir
     run.net.load_state_dict(run.best["state"])
     yv, pv = predict(run.net, d["val_loader"], run.device)
-    threshold = M.youden_threshold(yv, pv)
+    threshold = youden_threshold(yv, pv)
     results: dict[str, Any] = {}
     scored: dict[str, tuple[np.ndarray, np.ndarray, Path]] = {}
     for i, (split, loader) in enumerate(d["test_loaders"].items()):
         y, p = predict(run.net, loader, run.device)
         # test_split's metrics and records keep their names (test/...), extra splits go under theirs
         name = "test" if i == 0 else split
-        test = M.bootstrap_ci(y, p, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+        test = bootstrap_ci(y, p, threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
         results.update({f"{name}/{k}": v for k, v in test.items()})
         path = run_dir / ("test_scores.csv" if i == 0 else f"scores_{split}.csv")
         paths = [it["image"] for it in run.items["test" if i == 0 else f"extra/{split}"]]
@@ -482,22 +463,7 @@ def _test_and_save(run: ClassifyRun, source_manifest: Path) -> dict[str, Any]:
     roc = plot_roc({**curves_roc, "val": (yv, pv)}, run_dir / "roc.png", title=run_dir.name)
     hist = {k: v for k, v in tracker.history().items() if k in ("train/loss", "val/auroc", "val/loss")}
     curves = plot_curves(hist, run_dir / "curves.png", title=run_dir.name)
-    ck = ckpt.save_checkpoint(
-        run_dir / "classifier.pt",
-        {
-            "model": run.net.state_dict(),
-            "config": to_dict(cfg),
-            "label_names": {int(k): v for k, v in run.names.items()},
-            "threshold": threshold,
-            "epoch": run.best["epoch"],
-            "code_version": run.code_version,
-            "mlflow_run_id": tracker.run_id,  # None while the server has not been reached
-            # provenance, checked by pipeline.evaluate before it uses this model as a feature
-            # extractor: which images it has seen (an arm with synthetic images has seen a
-            # generator's output) and the manifest it was trained on, by path and content
-            **training_provenance(cfg.arm, run.manifest, source_manifest),
-        },
-    )
+    ck = _save_classifier(run, threshold, source_manifest)
     for p in (*(v[2] for v in scored.values()), roc, curves):
         tracker.log_artifact(p, "eval")
     tracker.log_artifact(ck, "checkpoints")

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.infra.metrics import mean_ci
+from pipeline.infra.metrics import clipped_mean_ci
 from pipeline.infra.stage_configs import (
     EXECUTION_KEYS,
     EXECUTION_PREFIXES,
     CompareConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
 )
-from pipeline.infra.tracking import TrackingConfig, fail_fast_http, resolve_uri
+from pipeline.infra.tracking import fail_fast_http, resolve_uri
 from pipeline.infra.viz import pyplot, save_figure
 from transforms.manifest import is_inside, write_csv
 
@@ -100,15 +100,6 @@ def _first(g: pd.DataFrame, col: str, default: str) -> str:
     return str(vals.iloc[0]) if len(vals) else default
 
 
-def clipped_t_interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean over seeds with a 95 % t-interval clipped to [0, 1]; NaN bounds for one seed."""
-
-    m, lo, hi = mean_ci(values)
-    if np.isfinite(lo):
-        lo, hi = max(lo, 0.0), min(hi, 1.0)
-    return m, lo, hi
-
-
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Seed-aggregated table of classifier runs: one row per configuration (all params but the
     seed and the non-config ones). Columns: arm, fraction, n_seeds, n_runs, config (the params
@@ -153,7 +144,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             vals = pd.to_numeric(g[col], errors="coerce").astype(float)
             # runs repeating a seed are not independent repeats: average them first
             per_seed = vals.groupby(gseeds.to_numpy(), sort=True).mean().to_numpy(dtype=float)
-            m, lo, hi = clipped_t_interval(per_seed)
+            m, lo, hi = clipped_mean_ci(per_seed)
             row[n], row[f"{n}_lo"], row[f"{n}_hi"] = m, lo, hi
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -170,79 +161,99 @@ def _fmt(r: pd.Series, n: str) -> str:
     return f"{v:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
+class _Refused(Exception):
+    """Why compare shows nothing: printed as ``error: ...``, exit status 2."""
+
+
 def compare(cfg: CompareConfig) -> int:
+    try:
+        runs = _find_runs(cfg)
+        csv_path, png_path = _output_paths(cfg)
+    except _Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "tags.stage" in runs and "tags.arm" in runs and (runs["tags.stage"] == "classify").any():
+        _show_arms(runs[runs["tags.stage"] == "classify"], cfg, csv_path, png_path)
+    else:
+        _show_runs(runs, cfg, csv_path, png_path)
+    print(f"table: {csv_path}\nplot: {png_path}")
+    return 0
+
+
+def _find_runs(cfg: CompareConfig) -> pd.DataFrame:
+    """The runs of ``cfg.tracking.experiment`` that match ``cfg.filter``; :class:`_Refused` says why none."""
     import mlflow
 
-    uri = resolve_uri(TrackingConfig(uri=cfg.uri))
+    uri = resolve_uri(cfg.tracking)
     if uri.startswith(("http://", "https://")):
         fail_fast_http()  # a dead server: a clear error in seconds, not minutes of retries
     mlflow.set_tracking_uri(uri)
     try:
-        exp = mlflow.get_experiment_by_name(cfg.experiment)
+        exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     except Exception as e:  # noqa: BLE001 - unreachable or refusing: say so, no traceback
-        print(
-            f"error: the tracking server {uri} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "compare reads finished runs from it, so it needs the server up",
-            file=sys.stderr,
-        )
-        return 2
+        raise _Refused(
+            f"the tracking server {uri} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "compare reads finished runs from it, so it needs the server up"
+        ) from e
     if exp is None:
         known = [e.name for e in mlflow.search_experiments()]
-        print(
-            f"error: experiment '{cfg.experiment}' does not exist in {uri} (known: {', '.join(known) or 'none'})",
-            file=sys.stderr,
+        raise _Refused(
+            f"experiment '{cfg.tracking.experiment}' does not exist in {uri} (known: {', '.join(known) or 'none'})"
         )
-        return 2
     try:
         runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=cfg.filter)
     except Exception as e:
-        print(f"error: filter {cfg.filter!r} rejected by MLflow: {e}", file=sys.stderr)
-        return 2
+        raise _Refused(f"filter {cfg.filter!r} rejected by MLflow: {e}") from e
     if runs.empty:
-        print(f"error: no runs in '{cfg.experiment}' match filter {cfg.filter!r}", file=sys.stderr)
-        return 2
+        raise _Refused(f"no runs in '{cfg.tracking.experiment}' match filter {cfg.filter!r}")
+    return runs
+
+
+def _output_paths(cfg: CompareConfig) -> tuple[Path, Path]:
+    """The table's and the plot's file, in ``cfg.out`` (made here) and named after the experiment."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = file_stem(cfg.experiment)
+    stem = file_stem(cfg.tracking.experiment)
     csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
     if not (is_inside(csv_path, out) and is_inside(png_path, out)):  # file_stem keeps them in: a last guard
-        print(f"error: experiment name {cfg.experiment!r} gives no file name inside {out}", file=sys.stderr)
-        return 2
-    is_cls = "tags.stage" in runs and "tags.arm" in runs and (runs["tags.stage"] == "classify").any()
-    if is_cls:
-        table = aggregate(runs[runs["tags.stage"] == "classify"])
-        names = [n for n in METRICS if n in table]
-        lines = [
-            f"{'arm':22s} {'fraction':>8s} {'seeds':>5s} {'runs':>4s}  "
-            + "  ".join(f"{n:>26s}" for n in names)
-            + "  config (params that differ between rows)"
-        ]
-        for _, r in table.iterrows():
-            lines.append(
-                f"{r['arm']:22s} {r['fraction']:8g} {r['n_seeds']:5d} {r['n_runs']:4d}  "
-                + "  ".join(f"{_fmt(r, n):>26s}" for n in names)
-                + f"  {r['config']}"
-            )
+        raise _Refused(f"experiment name {cfg.tracking.experiment!r} gives no file name inside {out}")
+    return csv_path, png_path
+
+
+def _show_arms(runs: pd.DataFrame, cfg: CompareConfig, csv_path: Path, png_path: Path) -> None:
+    """Classifier runs: one row per arm, fraction and configuration, averaged over seeds."""
+    table = aggregate(runs)
+    names = [n for n in METRICS if n in table]
+    lines = [
+        f"{'arm':22s} {'fraction':>8s} {'seeds':>5s} {'runs':>4s}  "
+        + "  ".join(f"{n:>26s}" for n in names)
+        + "  config (params that differ between rows)"
+    ]
+    for _, r in table.iterrows():
         lines.append(
-            "mean over seeds with a 95% t-interval over seeds, clipped to [0, 1]; one seed: no interval"
+            f"{r['arm']:22s} {r['fraction']:8g} {r['n_seeds']:5d} {r['n_runs']:4d}  "
+            + "  ".join(f"{_fmt(r, n):>26s}" for n in names)
+            + f"  {r['config']}"
         )
-        print("\n".join(lines))
-        write_csv(csv_path, table)  # formula-like cells (a param or name starting with =+-@) neutralised
-        metric = cfg.metric.split("/")[-1]
-        _plot_groups(table, metric if metric in table else "auroc", png_path, cfg.experiment)
-    else:
-        cols = [c for c in runs.columns if c.startswith("metrics.val/") or c.startswith("metrics.test/")]
-        keep = ["run_id", "tags.mlflow.runName", "status", *sorted(cols)]
-        keep = [c for c in keep if c in runs]
-        table = runs[keep].rename(columns=lambda c: c.replace("metrics.", "").replace("tags.mlflow.", ""))
-        with pd.option_context("display.width", 200, "display.max_columns", 20):
-            print(table.to_string(index=False))
-        write_csv(csv_path, table)  # a run named "=HYPERLINK(...)" is text in a spreadsheet
-        metric = cfg.metric if f"metrics.{cfg.metric}" in runs else "val/ssim"
-        if f"metrics.{metric}" in runs:
-            _plot_runs(runs, metric, png_path, cfg.experiment)
-    print(f"table: {csv_path}\nplot: {png_path}")
-    return 0
+    lines.append("mean over seeds with a 95% t-interval over seeds, clipped to [0, 1]; one seed: no interval")
+    print("\n".join(lines))
+    write_csv(csv_path, table)  # formula-like cells (a param or name starting with =+-@) neutralised
+    metric = cfg.metric.split("/")[-1]
+    _plot_groups(table, metric if metric in table else "auroc", png_path, cfg.tracking.experiment)
+
+
+def _show_runs(runs: pd.DataFrame, cfg: CompareConfig, csv_path: Path, png_path: Path) -> None:
+    """Any other runs: one row per run with its validation and test metrics."""
+    cols = [c for c in runs.columns if c.startswith("metrics.val/") or c.startswith("metrics.test/")]
+    keep = ["run_id", "tags.mlflow.runName", "status", *sorted(cols)]
+    keep = [c for c in keep if c in runs]
+    table = runs[keep].rename(columns=lambda c: c.replace("metrics.", "").replace("tags.mlflow.", ""))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False))
+    write_csv(csv_path, table)  # a run named "=HYPERLINK(...)" is text in a spreadsheet
+    metric = cfg.metric if f"metrics.{cfg.metric}" in runs else "val/ssim"
+    if f"metrics.{metric}" in runs:
+        _plot_runs(runs, metric, png_path, cfg.tracking.experiment)
 
 
 def _plot_groups(table: pd.DataFrame, metric: str, path: Path, title: str) -> None:

@@ -37,28 +37,23 @@ import torch
 
 from networks.vaegan import VAEGAN
 from pipeline.infra import checkpoint as ckpt
-from pipeline.infra import model_store, tracking
-from pipeline.infra import quality as Q
+from pipeline.infra import model_store, quality, runtime, tracking
 from pipeline.infra.config import flatten, to_dict
 from pipeline.infra.engine import check_writable, pick_device
-from pipeline.infra.loaders import (  # noqa: F401 - REAL_ONLY_ARMS re-exported
-    REAL_ONLY_ARMS,
+from pipeline.infra.judge import Judge, class_fidelity
+from pipeline.infra.loaders import (
     LoadedGenerator,
-    check_extractor,
-    classifier_features,
     config_from_checkpoint,
-    file_sha256,
-    load_classifier,
     load_generator,
     load_images,
     load_items,
-    resolve_labels,
     sample_images,
 )
-from pipeline.infra.metrics import auroc, bootstrap_ci
+from pipeline.infra.metrics import auroc, bootstrap, bootstrap_ci, mean_with_ci
 from pipeline.infra.stage_configs import EvaluateConfig, TrackingConfig  # noqa: F401 - re-exported; they live in pipeline.infra.stage_configs
 from pipeline.infra.viz import pairs, plot_roc, pyplot, save_figure, save_grid
-from pipeline.ingest import default_manifest
+from pipeline.ingest.default import default_manifest
+from transforms.io import file_sha256
 from transforms.manifest import ManifestError, may_hold_burned_in, read_manifest, sidecar_path
 
 
@@ -83,7 +78,7 @@ class Source:
     (interpolation needs its encoder), and what its training run used; or, with ``samples=``,
     images already made (:func:`load_samples`)."""
 
-    lg: Any  # pipeline.generate.LoadedGenerator, or None for samples
+    loaded: Any  # pipeline.generate.LoadedGenerator, or None for samples
     model: Any  # VAEGAN with encoder, or None for an MLflow model (generator only) or samples
     kind: str
     train_manifest: str
@@ -95,26 +90,26 @@ class Source:
     @property
     def image_size(self) -> int:
         """The generator's image size; 0 for samples (they take the extractor's)."""
-        return self.lg.image_size if self.lg is not None else 0
+        return self.loaded.image_size if self.loaded is not None else 0
 
     @property
     def num_classes(self) -> int:
         """The generator's classes; for samples 2 when labelled 0/1 (class fidelity), else 0."""
-        if self.lg is not None:
-            return self.lg.num_classes
+        if self.loaded is not None:
+            return self.loaded.num_classes
         return 2 if {it["label"] for it in self.items} == {0, 1} else 0
 
     @property
     def provenance(self) -> dict[str, Any]:
         """Where the synthetic images come from, as the report, metrics.json and MLflow record it."""
-        if self.lg is None:
+        if self.loaded is None:
             return dict(self.samples_meta)
-        lg = self.lg
+        loaded = self.loaded
         return {
-            "checkpoint": lg.source,
-            "checkpoint_sha256": lg.sha256,
-            "generator_run_id": lg.run_id,
-            "prior_fitted": lg.generator.prior.is_fitted,
+            "checkpoint": loaded.source,
+            "checkpoint_sha256": loaded.sha256,
+            "generator_run_id": loaded.run_id,
+            "prior_fitted": loaded.generator.prior.is_fitted,
         }
 
     def images(
@@ -129,7 +124,7 @@ class Source:
 
         n = n or len(real_y)
         y = real_y[np.arange(n) % len(real_y)] if self.num_classes else np.full(n, -1)
-        return sample_images(self.lg, y, seed, batch_size, prior), y
+        return sample_images(self.loaded, y, seed, batch_size, prior), y
 
 
 def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
@@ -140,19 +135,21 @@ def load_source(checkpoint: str, device, tracking_uri: str) -> Source:
         model, tcfg, payload = load_vaegan(checkpoint, device)
         names = {int(k): v for k, v in payload.get("label_names", {}).items()}
         run_id = str(payload.get("mlflow_run_id") or "")
-        lg = LoadedGenerator(
+        loaded = LoadedGenerator(
             model.generator(names).eval(), names, checkpoint, file_sha256(checkpoint), run_id
         )
-        return Source(lg, model, tcfg.model.kind, tcfg.data.manifest, tcfg.data.max_train)
-    lg = load_generator(checkpoint, device, tracking_uri)
+        return Source(loaded, model, tcfg.model.kind, tcfg.data.manifest, tcfg.data.max_train)
+    loaded = load_generator(checkpoint, device, tracking_uri)
     params: dict[str, str] = {}
-    if lg.run_id:
+    if loaded.run_id:
         import mlflow
 
         with contextlib.suppress(Exception):  # lineage is best effort; reference= then decides
-            params = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri).get_run(lg.run_id).data.params
+            params = (
+                mlflow.tracking.MlflowClient(tracking_uri=tracking_uri).get_run(loaded.run_id).data.params
+            )
     return Source(
-        lg,
+        loaded,
         None,
         params.get("model.kind", "generator"),
         params.get("data.manifest", ""),
@@ -220,55 +217,6 @@ def load_samples(samples: str | Path, n: int = 0, seed: int = 0) -> Source:
 
 
 @torch.no_grad()
-def class_fidelity(
-    generator: str | Path,
-    classifier: str | Path,
-    n: int = 1000,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    batch_size: int = 256,
-    n_boot: int = 1000,
-    reference: str | Path | None = None,
-    allow_foreign_extractor: bool = False,
-    prior: str = "fitted",
-    temperature: float = 1.0,
-    real_images: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Does the generator draw what its labels say? ``n`` synthetic images with balanced labels,
-    scored by a classifier trained on real images: its AUROC with a bootstrap CI. With
-    ``real_images`` (e.g. the validation split), also the samples' FD, precision, recall, density
-    and coverage against them in the same classifier's feature space.
-
-    The classifier is refused (:func:`check_extractor`) when it records no arm or an arm with
-    synthetic images, or, with ``reference`` (a manifest), was trained on another manifest;
-    ``allow_foreign_extractor`` overrides, and the result then holds ``foreign_extractor``.
-
-    ~0.5 means the labels are ignored, below 0.5 that they are swapped: such a generator's
-    "labelled" images would teach a classifier wrong labels. Empty for a generator that is not
-    conditioned on two classes.
-    """
-
-    lg = load_generator(generator, device)
-    if lg.num_classes != 2:
-        return {}
-    clf, cpay = load_classifier(classifier, device)
-    foreign = check_extractor(classifier, cpay, reference, allow_foreign_extractor)
-    y = resolve_labels("balanced", n, lg)
-    fake = sample_images(lg, y, seed, batch_size, prior, temperature)
-    f_fake, p = classifier_features(clf, fake, device, batch_size)
-    ci = bootstrap_ci(y, p, 0.5, n_boot=n_boot, seed=seed)
-    out: dict = {"auroc": ci["auroc"], "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"], "n": float(n)}
-    if real_images is not None:
-        f_real = classifier_features(clf, real_images, device, batch_size)[0].double()
-        out["fd"] = float(Q.frechet_distance(f_fake.double(), f_real))
-        out.update(Q.prdc(f_real, f_fake.double()))
-        out["n_real"] = float(len(real_images))
-    if foreign:
-        out["foreign_extractor"] = foreign
-    return out
-
-
-@torch.no_grad()
 def anomaly_scores(
     model, x: torch.Tensor, device, kl_weight: float, bs: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -316,13 +264,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         src = load_samples(cfg.samples, cfg.n, cfg.seed)
     else:
         src = load_source(cfg.checkpoint, device, tracking.resolve_uri(cfg.tracking))
-    extractor, epay = load_classifier(cfg.extractor, device)
-    # samples are preprocessed like the reference, at the size the extractor was trained at
-    size = src.image_size or int(epay["config"]["data"]["image_size"])
     ref_manifest = cfg.reference or src.train_manifest or str(default_manifest())
     # before any image is loaded: an extractor that has seen synthetic or reference images
     # would flatter the generator
-    foreign = check_extractor(cfg.extractor, epay, ref_manifest, cfg.allow_foreign_extractor)
+    judge = Judge.load(cfg.extractor, device, ref_manifest, cfg.allow_foreign_extractor)
+    # samples are preprocessed like the reference, at the size the extractor was trained at
+    size = src.image_size or judge.image_size
     run_dir = Path(cfg.out_dir) / (cfg.tracking.run_name or f"{src.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_writable(run_dir)
 
@@ -335,7 +282,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         flush=True,
     )
     images = {"real": real_x, "real_y": real_y, "train": train_x, "fake": fake_x, "fake_y": syn_y}
-    res = _panel(cfg, extractor, images, src.num_classes, device)
+    res = _panel(cfg, judge, images, src.num_classes)
     audit = _memorisation(cfg, images, res)
     manifests = {str(ref_manifest), str(src.train_manifest or ref_manifest)}
     figs = _figures(cfg, src, images, audit, manifests, run_dir, device)
@@ -345,11 +292,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         **src.provenance,  # the checkpoint and its training run, or the samples' path, sha256 and count
         "model_kind": src.kind,
         "extractor": cfg.extractor,
-        "extractor_sha256": file_sha256(cfg.extractor),
-        "extractor_arch": epay["config"]["model"]["arch"],
-        "extractor_arm": str(epay.get("arm", epay["config"].get("arm", "unrecorded"))),
-        "extractor_train_manifest": str((epay.get("train_manifest") or {}).get("path", "unrecorded")),
-        "foreign_extractor": foreign,  # "" unless allow_foreign_extractor let a refused one through
+        "extractor_sha256": judge.sha256,
+        "extractor_arch": judge.arch,
+        "extractor_arm": judge.arm,
+        "extractor_train_manifest": judge.train_manifest,
+        "foreign_extractor": judge.foreign,  # "" unless allow_foreign_extractor let a refused one through
         "reference": str(ref_manifest),
         "reference_split": cfg.reference_split,
     }
@@ -369,24 +316,21 @@ def _put(res: dict[str, float], name: str, triple: tuple[float, float, float]) -
     res[name], res[f"{name}_lo"], res[f"{name}_hi"] = triple
 
 
-def _panel(
-    cfg: EvaluateConfig, extractor, images: dict[str, Any], num_classes: int, device: torch.device
-) -> dict[str, float]:
+def _panel(cfg: EvaluateConfig, judge: Judge, images: dict[str, Any], num_classes: int) -> dict[str, float]:
     """FD, MMD, KID, precision/recall/density/coverage in the extractor's feature space, MS-SSIM
     diversity, and (two classes) class fidelity: the extractor's AUROC on the samples' labels."""
     real_x, fake_x = images["real"], images["fake"]
-    f_real, p_real = classifier_features(extractor, real_x, device)
-    f_fake, p_fake = classifier_features(extractor, fake_x, device)
+    real, fake = judge.score(real_x), judge.score(fake_x)
     B = cfg.bootstrap
     res: dict[str, float] = {"n_fake": len(fake_x), "n_real": len(real_x), "n_train": len(images["train"])}
-    ft, rt = f_fake.double(), f_real.double()
-    _put(res, "fd", Q.bootstrap(Q.frechet_distance, ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True))
-    _put(res, "mmd", Q.bootstrap(Q.mmd_linear, ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True))
+    ft, rt = fake.features.double(), real.features.double()
+    _put(res, "fd", bootstrap(quality.frechet_distance, ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True))
+    _put(res, "mmd", bootstrap(quality.mmd_linear, ft, rt, n_boot=B, seed=cfg.seed, bias_correct=True))
     _put(
         res,
         "kid",
-        Q.bootstrap(
-            lambda a, b: Q.kid(a, b, subsets=5, seed=cfg.seed),
+        bootstrap(
+            lambda a, b: quality.kid(a, b, subsets=5, seed=cfg.seed),
             ft,
             rt,
             n_boot=max(B // 4, 20),
@@ -394,23 +338,25 @@ def _panel(
             bias_correct=True,
         ),
     )
-    for name, v in Q.prdc_indicators(f_real, f_fake, cfg.k).items():
-        _put(res, name, Q.mean_with_ci(v, n_boot=1000, seed=cfg.seed))
-    _put(res, "ms_ssim_synthetic", Q.mean_with_ci(Q.ms_ssim_pairs(fake_x, 500, cfg.seed), seed=cfg.seed))
-    _put(res, "ms_ssim_real", Q.mean_with_ci(Q.ms_ssim_pairs(real_x, 500, cfg.seed), seed=cfg.seed))
+    for name, v in quality.prdc_indicators(real.features, fake.features, cfg.k).items():
+        _put(res, name, mean_with_ci(v, n_boot=1000, seed=cfg.seed))
+    _put(res, "ms_ssim_synthetic", mean_with_ci(quality.ms_ssim_pairs(fake_x, 500, cfg.seed), seed=cfg.seed))
+    _put(res, "ms_ssim_real", mean_with_ci(quality.ms_ssim_pairs(real_x, 500, cfg.seed), seed=cfg.seed))
     if num_classes == 2:
-        cf = bootstrap_ci(images["fake_y"], p_fake, 0.5, n_boot=1000, seed=cfg.seed)
+        cf = class_fidelity(judge, fake, images["fake_y"], seed=cfg.seed)
         _put(res, "class_fidelity_auroc", (cf["auroc"], cf["auroc_lo"], cf["auroc_hi"]))
-        res["real_auroc_extractor"] = auroc(images["real_y"], p_real)
+        res["real_auroc_extractor"] = auroc(images["real_y"], real.probs)
     return res
 
 
 def _memorisation(cfg: EvaluateConfig, images: dict[str, Any], res: dict[str, float]) -> dict[str, Any]:
     """Memorisation audit in pixel space (a near-copy is close in every space); adds its figures
     to ``res`` and returns the audit (distances, nearest training image, threshold)."""
-    audit = Q.memorisation_audit(images["fake"], images["train"], images["real"], cfg.near_copy_percentile)
+    audit = quality.memorisation_audit(
+        images["fake"], images["train"], images["real"], cfg.near_copy_percentile
+    )
     res["near_copy_threshold"] = audit["threshold"]
-    _put(res, "memorisation_fraction", Q.mean_with_ci(audit["near_copy"].astype(float), seed=cfg.seed))
+    _put(res, "memorisation_fraction", mean_with_ci(audit["near_copy"].astype(float), seed=cfg.seed))
     res["nn_distance_synthetic_median"] = float(np.median(audit["distance"]))
     res["nn_distance_test_median"] = float(np.median(audit["test_distance"]))
     return audit
@@ -488,18 +434,18 @@ def _log_run(
 ) -> str | None:
     """Through the outage-tolerant Tracker: with the server down the report is still written and
     the run waits in run_dir/tracking_outbox for `pipeline.run sync`. Returns the run id."""
-    tags = {
-        "stage": "evaluate",
-        "model.kind": src.kind,
+    tags = runtime.run_tags(
+        "evaluate",
+        cfg.tracking,
+        tracking.git_commit(),
+        **{"model.kind": src.kind},
         # lineage: the generator's training run and checkpoint hash, or the samples' source
         **{k: str(v) for k, v in src.provenance.items() if k != "checkpoint"},
-        "extractor_sha256": meta["extractor_sha256"],
-        "git_commit": tracking.git_commit(),
-    }
+        extractor_sha256=meta["extractor_sha256"],
+    )
     if meta["foreign_extractor"]:
         tags["foreign_extractor"] = meta["foreign_extractor"][:4000]
-    with tracking.Tracker(cfg.tracking, run_dir) as tr:
-        tr.start(None, run_dir.name, tags)
+    with runtime.tracked_run(cfg.tracking, run_dir, tags) as tr:
         tr.log_params(flatten(to_dict(cfg)))
         tr.log_metrics({k: float(v) for k, v in res.items() if np.isfinite(v)}, step=0)
         for p in files:
@@ -521,6 +467,24 @@ def _hist(d_fake: np.ndarray, d_test: np.ndarray, thr: float, path: Path) -> Pat
     return save_figure(fig, path)
 
 
+# the report's metric table: (metric, label), each row present when the metric was measured
+REPORT_ROWS = (
+    ("fd", "Fréchet distance (classifier features)"),
+    ("mmd", "MMD, linear kernel (MONAI)"),
+    ("kid", "KID, cubic kernel"),
+    ("precision", "precision (k=5)"),
+    ("recall", "recall (k=5)"),
+    ("density", "density (k=5)"),
+    ("coverage", "coverage (k=5)"),
+    ("ms_ssim_synthetic", "MS-SSIM synthetic pairs (lower = more diverse)"),
+    ("ms_ssim_real", "MS-SSIM real pairs"),
+    ("class_fidelity_auroc", "class fidelity (classifier AUROC on synthetic)"),
+    ("memorisation_fraction", "memorisation: fraction below the 1st pct of test->train NN distance"),
+    ("anomaly_auroc", "anomaly AUROC (reconstruction error)"),
+    ("anomaly_auroc_elbo", "anomaly AUROC (neg. ELBO)"),
+)
+
+
 def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> Path:
     """Write ``run_dir/report.md``: the metric table, then every figure in ``figs`` embedded as a
     Markdown image linked relative to the report (``![samples](samples.png)``).
@@ -537,8 +501,22 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
             return ""
         return f"| {label} | {res[name]:.4f} | [{res.get(name + '_lo', float('nan')):.4f}, {res.get(name + '_hi', float('nan')):.4f}] |\n"
 
+    lines = _report_header(res, meta)
+    lines += [
+        "| metric | value | 95% CI |\n|---|---|---|\n",
+        *(row(n, label) for n, label in REPORT_ROWS),
+        "\n",
+    ]
+    lines += _embed_figures(figs, run_dir)
+    path = run_dir / "report.md"
+    path.write_text("".join(lines))
+    return path
+
+
+def _report_header(res: dict[str, float], meta: dict[str, Any]) -> list[str]:
+    """The report's title and what was scored against what, with which extractor."""
     source = meta.get("checkpoint") or meta.get("samples", "")
-    lines = [
+    return [
         f"# Synthesis quality: {meta['model_kind']} ({Path(source).name})\n\n",
         (
             f"Samples: `{source}` ({meta.get('samples_files', '?')} files, sha256 "
@@ -563,26 +541,7 @@ def _report(res: dict[str, float], meta: dict[str, Any], figs: dict[str, Path], 
             if meta["foreign_extractor"]
             else ""
         ),
-        "| metric | value | 95% CI |\n|---|---|---|\n",
-        row("fd", "Fréchet distance (classifier features)"),
-        row("mmd", "MMD, linear kernel (MONAI)"),
-        row("kid", "KID, cubic kernel"),
-        row("precision", "precision (k=5)"),
-        row("recall", "recall (k=5)"),
-        row("density", "density (k=5)"),
-        row("coverage", "coverage (k=5)"),
-        row("ms_ssim_synthetic", "MS-SSIM synthetic pairs (lower = more diverse)"),
-        row("ms_ssim_real", "MS-SSIM real pairs"),
-        row("class_fidelity_auroc", "class fidelity (classifier AUROC on synthetic)"),
-        row("memorisation_fraction", "memorisation: fraction below the 1st pct of test->train NN distance"),
-        row("anomaly_auroc", "anomaly AUROC (reconstruction error)"),
-        row("anomaly_auroc_elbo", "anomaly AUROC (neg. ELBO)"),
-        "\n",
     ]
-    lines += _embed_figures(figs, run_dir)
-    path = run_dir / "report.md"
-    path.write_text("".join(lines))
-    return path
 
 
 FIGURE_CAPTIONS = {

@@ -1,8 +1,8 @@
 """``python -m pipeline.run gain [CONFIG.yaml] [key=value ...]``: does synthetic augmentation help?
 
-A :class:`GainStudy` is a grid of :class:`Cell` values (real-data fraction x seed x arm), each a
-classifier child of one MLflow parent run, plus one VAE-GAN per (fraction, seed) that feeds its
-synthetic arms:
+A :class:`GainStudy` is a grid of :class:`~pipeline.infra.study_plan.Cell` values (real-data
+fraction x seed x arm), each a classifier child of one MLflow parent run, plus one VAE-GAN per
+(fraction, seed) that feeds its synthetic arms:
 
 * with ``holdout_fraction`` > 0, a test set is first carved by patient from the training pool (the
   split ``holdout``: in distribution, unlike Kermany's shifted official test split); every child is
@@ -31,227 +31,64 @@ locked for the whole study: a second process on either is refused at once, namin
 
 The table, the paired statistics and the plots come from the records alone
 (:mod:`pipeline.infra.study_report`; ``python -m pipeline.run report`` renders docs from them).
+The keys, cells, items and cost model are :mod:`pipeline.infra.study_plan`'s; the parent run is
+:mod:`pipeline.infra.study_parent`'s; what each arm needs, :mod:`pipeline.infra.arms`'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline.classify import ClassifyConfig, classify
-from pipeline.evaluate import class_fidelity
 from pipeline.gain_ray import run_on_ray
-from pipeline.infra import checkpoint as ckpt
-from pipeline.infra import distributed, tracking
-from pipeline.infra.config import BudgetReached, ConfigError, flatten, from_dict, load_config, to_dict
+from pipeline.infra import distributed
+from pipeline.infra.arms import ARM_REGISTRY
+from pipeline.infra.config import BudgetReached, ConfigError, from_dict, load_config, to_dict
 from pipeline.infra.data import batches_per_epoch, carve_split, write_subset_manifest
-from pipeline.infra.engine import check_writable, pick_device
-from pipeline.infra.loaders import file_sha256, load_images
+from pipeline.infra.engine import pick_device
+from pipeline.infra.judge import Judge, generator_fidelity
+from pipeline.infra.loaders import load_images
 from pipeline.infra.locks import RunLock
 from pipeline.infra.model_store import is_model_uri
 from pipeline.infra.records import StudyRecords
-from pipeline.infra.stage_configs import EXECUTION_KEYS, EXECUTION_PREFIXES, GainConfig
-from pipeline.infra.study_report import child_rows, summarise, to_markdown
-from pipeline.infra.viz import plot_gain
-from pipeline.ingest import resolve_manifest
+from pipeline.infra.stage_configs import GainConfig
+from pipeline.infra.study_parent import end_parent, finish_parent, open_parent, sigterm_as_interrupt
+from pipeline.infra.study_plan import (
+    CHILD_DEFAULTS,
+    CHILD_PATH_KEYS,
+    GENERATOR_DEFAULTS,
+    GENERATOR_PATH_KEYS,
+    Cell,
+    CostModel,
+    Item,
+    canonical,
+    child_record,
+    config_changes,
+    config_key,
+    duration,
+    generator_name,
+    generator_problem,
+    generator_record,
+    keyed_config,
+    read_done,
+    study_config,
+)
+from pipeline.infra.study_report import child_rows
+from pipeline.ingest.default import resolve_manifest
 from pipeline.train import TrainConfig, train
+from transforms.io import file_sha256
 from transforms.manifest import ManifestError, atomic_write_text, read_manifest, resolve_data_root
 
-# ------------------------------------------------------------------------------ what identifies a computation
-# where and how a run logs, how fast it goes, where it caches: left out of a key
-COSMETIC_KEYS = EXECUTION_KEYS | {"resume", "ckpt_every"}
-COSMETIC_PREFIXES = EXECUTION_PREFIXES
-# paths whose content is keyed otherwise (the source manifest's hash, fraction and seed; the
-# generator's key; the judge's key), so a study continued from another folder keeps its keys
-CHILD_PATH_KEYS = frozenset({"data.manifest", "synthetic", "filter_classifier"})
-GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})
-# the study's own config: what the children are (not where the study writes, its budget, or the
-# base classify values each child replaces)
-STUDY_COSMETIC = frozenset(
-    {f"classify.{k}" for k in (*COSMETIC_KEYS, *CHILD_PATH_KEYS, "arm", "seed", "fraction")}
-    | {"out_dir", "run_name", "records", "max_minutes", "experiment", "generator_dir", "executor"}
-    # paths: what they hold is in the generators' keys (their train config, a given file's hash)
-    | {"vaegan_config", "generators"}
-)
-STUDY_COSMETIC_PREFIXES = ("classify.tracking.", "ray.")
 HOLDOUT = "holdout"  # the in-distribution test split carved from the training pool
 FIDELITY_WARN = 0.7  # below this class-fidelity AUROC a generator's labels are unreliable
-
-
-def _canonical(d: dict[str, Any]) -> dict[str, Any]:
-    """JSON's view of a flat dict (tuples become lists, paths strings): how a record reads back."""
-    return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
-def keyed_config(cfg: dict[str, Any], prefix: str, paths: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A stage config dict, flattened, less its cosmetic and path keys, each key under ``prefix``."""
-    return _canonical(
-        {
-            f"{prefix}{k}": v
-            for k, v in flatten(cfg).items()
-            if k not in COSMETIC_KEYS and k not in paths and not k.startswith(COSMETIC_PREFIXES)
-        }
-    )
-
-
-def study_config(cfg: GainConfig) -> dict[str, Any]:
-    return _canonical(
-        {
-            k: v
-            for k, v in flatten(to_dict(cfg)).items()
-            if k not in STUDY_COSMETIC and not k.startswith(STUDY_COSMETIC_PREFIXES)
-        }
-    )
-
-
-# what the code's defaults are, keyed like the records: an option added since a record was written
-# is no change at its default
-CHILD_DEFAULTS = keyed_config(to_dict(ClassifyConfig()), "classify.", CHILD_PATH_KEYS)
-GENERATOR_DEFAULTS = keyed_config(to_dict(TrainConfig()), "generator.train.", GENERATOR_PATH_KEYS)
-
-
-def config_key(flat: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of a flat config."""
-    text = json.dumps(_canonical(flat), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def config_changes(
-    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
-) -> list[str]:
-    """``key: OLD -> NEW`` for every key that differs. A key the old record lacks whose new value
-    is the code's default is no change: a config field added since, at the value that keeps the
-    old behaviour (so committed records outlive new options)."""
-    out = []
-    defaults = defaults or {}
-    for k in sorted(set(old) | set(new)):
-        if k not in old:
-            if k in defaults and defaults[k] == new[k]:
-                continue
-            out.append(f"{k}: (not recorded) -> {new[k]!r}")
-        elif k not in new:
-            out.append(f"{k}: {old[k]!r} -> (no such key now)")
-        elif old[k] != new[k]:
-            out.append(f"{k}: {old[k]!r} -> {new[k]!r}")
-    return out
-
-
-# ------------------------------------------------------------------------------ the study's values
-@dataclass(frozen=True)
-class Cell:
-    """One classifier child: an arm trained on a fraction of the real data with a seed."""
-
-    fraction: float
-    seed: int
-    arm: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.arm}-f{self.fraction:g}-s{self.seed}"
-
-    @property
-    def synthetic(self) -> bool:
-        return "synthetic" in self.arm
-
-    def real(self) -> Cell:
-        """The same subset's real-only child: the judge of its generator and filter."""
-        return Cell(self.fraction, self.seed, "real")
-
-
-def generator_name(fraction: float, seed: int) -> str:
-    return f"vaegan-f{fraction:g}" + ("" if fraction == 1.0 else f"-s{seed}")
-
-
-@dataclass
-class Item:
-    """A child or a generator of the plan: its config, key, and whether a record says it is done."""
-
-    kind: str  # "children" | "generators"
-    name: str
-    config: Any  # ClassifyConfig | TrainConfig
-    keyed: dict[str, Any]
-    steps: int  # optimiser steps it will train
-    record: dict[str, Any] | None = None
-    key: str = ""  # config_key(keyed), or the key of the record it was matched with
-
-    def __post_init__(self) -> None:
-        self.key = self.key or config_key(self.keyed)
-
-    def match(self, rec: dict[str, Any] | None, defaults: dict[str, Any]) -> str | None:
-        """Take ``rec`` as this item's record when it holds this computation: the same key, or a
-        config that differs only by options added since at their defaults (the record's key is
-        kept, so what depends on this item keeps its key too). Returns the changes otherwise."""
-        if rec is None:
-            return None
-        diff = (
-            []
-            if rec.get("key") == self.key
-            else config_changes(rec.get("config") or {}, self.keyed, defaults)
-        )
-        if diff:
-            shown = diff[:8] + ([f"+{len(diff) - 8} more"] if len(diff) > 8 else [])
-            return f"{self.kind[:-1]} {self.name}: " + "; ".join(shown)
-        self.record, self.key = rec, rec["key"]
-        return None
-
-
-@dataclass
-class CostModel:
-    """Seconds an item will take: fitted on the recorded items (wall time against optimiser
-    steps), else a prior measured on a 2-core AVX2 EPYC (docs/gain.md, "What the study costs")."""
-
-    child_fit: dict[bool, tuple[float, float]] = field(default_factory=dict)  # synthetic? -> (a, b)
-    generator_s_per_step: float = 0.45
-    priors: dict[bool, tuple[float, float]] = field(
-        default_factory=lambda: {False: (8.0, 0.12), True: (25.0, 0.16)}
-    )
-
-    @classmethod
-    def from_records(cls, children: list[dict], generators: list[dict]) -> CostModel:
-        model = cls()
-        for syn in (False, True):
-            pts = [
-                (float(r["optimizer_steps"]), float(r["wall_s"]))
-                for r in children
-                if ("synthetic" in r["arm"]) == syn and r.get("wall_s")
-            ]
-            steps = np.array([p[0] for p in pts])
-            wall = np.array([p[1] for p in pts])
-            if len(set(steps.tolist())) >= 2:
-                b, a = np.polyfit(steps, wall, 1)
-                model.child_fit[syn] = (max(float(a), 0.0), max(float(b), 1e-4))
-            elif len(pts):
-                model.child_fit[syn] = (0.0, float(wall.mean() / max(steps.mean(), 1)))
-        rates = [g["wall_s"] / g["steps"] for g in generators if g.get("steps") and g.get("wall_s")]
-        if rates:
-            model.generator_s_per_step = float(np.mean(rates))
-        return model
-
-    def seconds(self, item: Item) -> float:
-        if item.kind == "generators":
-            return self.generator_s_per_step * item.steps
-        syn = "synthetic" in item.name.split("-f")[0]
-        a, b = self.child_fit.get(syn) or self.child_fit.get(not syn) or self.priors[syn]
-        return a + b * item.steps
-
-
-def _duration(s: float) -> str:
-    s = int(round(s))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ------------------------------------------------------------------------------ the study
@@ -261,7 +98,9 @@ class GainStudy:
 
     def __init__(self, cfg: GainConfig) -> None:
         self.cfg, self.base = cfg, copy.deepcopy(cfg.classify)
-        self.out = Path(cfg.out_dir) / (cfg.run_name or "gain")
+        # the study's store, unless its children name their own
+        self.base.tracking.uri = self.base.tracking.uri or cfg.tracking.uri
+        self.out = Path(cfg.out_dir) / (cfg.tracking.run_name or "gain")
         self.records = StudyRecords(cfg.records or self.out / "records")
         self.dinfo = distributed.init()
         self.t0 = time.time()
@@ -336,11 +175,11 @@ class GainStudy:
                         )
                 if cfg.holdout_fraction > 0 and HOLDOUT in splits:
                     problems.append(f"holdout_fraction: {self.source} already has a split {HOLDOUT!r}")
-        if any("synthetic" in a for a in cfg.arms):
+        if any(ARM_REGISTRY[a].synthetic for a in cfg.arms):
             if cfg.vaegan_config and not Path(cfg.vaegan_config).is_file():
                 problems.append(f"vaegan_config: {cfg.vaegan_config} does not exist")
             for entry in cfg.generators:
-                why = _generator_problem(entry.partition("=")[2], base.data.image_size)
+                why = generator_problem(entry.partition("=")[2], base.data.image_size)
                 if why:
                     problems.append(f"generators entry {entry!r}: {why}")
         if problems:
@@ -395,7 +234,7 @@ class GainStudy:
                 + "\n  ".join(changed)
                 + "\nA recorded item is reused only with the config "
                 "it was trained with: remove its record to retrain it with this config, or start a new "
-                "study with another records= (and run_name=)."
+                "study with another records= (and tracking.run_name=)."
             )
         self.refit_cost()
 
@@ -408,17 +247,17 @@ class GainStudy:
             from_dict(ClassifyConfig, to_dict(c))  # the checks of ClassifyConfig.__post_init__
         except ConfigError as e:
             raise ConfigError(f"child {cell.name}: {e}") from None
-        keyed = keyed_config(to_dict(c), "classify.", CHILD_PATH_KEYS)
+        keyed = keyed_config(c, "classify.", CHILD_PATH_KEYS)
         if not cell.synthetic:  # how synthetic images are drawn is no part of a real-only child
             keyed.pop("classify.synthetic_temperature", None)
         keyed.update({**self.data_key, "fraction": cell.fraction, "subset_seed": cell.seed})
         if gname is not None:
             keyed["generator_key"] = self.generators[gname].key
-        if cell.arm == "synthetic_filtered":  # retrained when its judge, the real child, is
+        if cell.filtered:  # retrained when its judge, the real child, is
             keyed["judge_key"] = self.children[cell.real().name].key
         n_real = self._n_train(cell.fraction, cell.seed)
         steps = c.epochs * batches_per_epoch(n_real, c.data, self.dinfo)
-        item = self.children[cell.name] = Item("children", cell.name, c, _canonical(keyed), steps)
+        item = self.children[cell.name] = Item("children", cell.name, c, canonical(keyed), steps)
         self._match(item, CHILD_DEFAULTS)
 
     def _plan_generator(self, gname: str) -> None:
@@ -434,7 +273,7 @@ class GainStudy:
             tcfg = self.generator_config(gname, judge)
         except ConfigError as e:
             raise ConfigError(f"vaegan_config / vaegan_overrides (generator {gname}): {e}") from None
-        keyed = keyed_config(to_dict(tcfg), "generator.train.", GENERATOR_PATH_KEYS)
+        keyed = keyed_config(tcfg, "generator.train.", GENERATOR_PATH_KEYS)
         keyed.update(
             {**{f"generator.{k}": v for k, v in self.data_key.items()}, "generator.fraction": judge.fraction}
         )
@@ -443,7 +282,7 @@ class GainStudy:
         steps = tcfg.epochs * batches_per_epoch(
             self._n_train(judge.fraction, judge.seed), tcfg.data, self.dinfo
         )
-        item = self.generators[gname] = Item("generators", gname, tcfg, _canonical(keyed), steps)
+        item = self.generators[gname] = Item("generators", gname, tcfg, canonical(keyed), steps)
         self._match(item, GENERATOR_DEFAULTS)
 
     def _match(self, item: Item, defaults: dict[str, Any]) -> None:
@@ -462,12 +301,12 @@ class GainStudy:
         c.arm, c.seed, c.fraction = cell.arm, cell.seed, 1.0  # the subset manifest is the fraction
         c.synthetic = self.generator_path(gname) if gname else ""
         c.out_dir = str(self.out / "children")
-        c.tracking.experiment = self.cfg.experiment
+        c.tracking.experiment = self.cfg.tracking.experiment
         c.tracking.run_name = cell.name
         c.tracking.parent_run_id = self.parent_id or ""
         if self.cfg.holdout_fraction > 0 and HOLDOUT not in c.extra_test_splits:
             c.extra_test_splits = [*c.extra_test_splits, HOLDOUT]
-        if cell.arm == "synthetic_filtered":  # the same subset's real-only classifier judges the images
+        if cell.filtered:  # the same subset's real-only classifier judges the images
             c.filter_classifier = str(self.child_dir(cell.real()) / "classifier.pt")
         return c
 
@@ -491,7 +330,7 @@ class GainStudy:
             f"seed={judge.seed}",
             f"out_dir={self.gen_dir}",
             f"tracking.run_name={gname}",
-            f"tracking.experiment={cfg.experiment}",
+            f"tracking.experiment={cfg.tracking.experiment}",
             f"tracking.uri={self.base.tracking.uri}",
             f"tracking.parent_run_id={self.parent_id or ''}",
             "tracking.register_model=''",
@@ -523,8 +362,8 @@ class GainStudy:
         done = len(self.children) + len(self.generators) - len(left)
         msg = (
             f"gain: stopped at the time budget (max_minutes={self.cfg.max_minutes:g}) before {item.name} "
-            f"(~{_duration(need)}): {done} item(s) recorded in {self.records.folder}, {len(left)} left "
-            f"(~{_duration(self.eta())} of this machine). Run the same command again to continue."
+            f"(~{duration(need)}): {done} item(s) recorded in {self.records.folder}, {len(left)} left "
+            f"(~{duration(self.eta())} of this machine). Run the same command again to continue."
         )
         if need > self.cfg.max_minutes * 60:  # else every call would stop here, training nothing
             msg += (
@@ -539,7 +378,7 @@ class GainStudy:
         for k, cell in enumerate(self.cells(), 1):
             item = self.children[cell.name]
             if self.dinfo.is_main:
-                what = "recorded, reused" if item.record else f"training; about {_duration(self.eta())} left"
+                what = "recorded, reused" if item.record else f"training; about {duration(self.eta())} left"
                 print(
                     f"gain: [{k}/{total}] arm={cell.arm} fraction={cell.fraction:g} seed={cell.seed}: {what}",
                     flush=True,
@@ -568,7 +407,7 @@ class GainStudy:
         item = self.generators[gname]
         if gname.startswith("given-"):
             return self.paths[gname]
-        state = _read_done(self.gen_dir / gname / "done") if self.dinfo.is_main else None
+        state = read_done(self.gen_dir / gname / "done") if self.dinfo.is_main else None
         own = self.gen_dir == self.out / "generators"
         # a marker without a key (written before markers held one) is trusted in the study's own
         # folder only: in a shared generator_dir it could be another study's generator
@@ -612,33 +451,8 @@ class GainStudy:
         return self.generator_path(gname)
 
     def _record_generator(self, gname: str, item: Item, res: dict, wall: float) -> None:
-        judge = self.judge_cell(gname)
-        gate = res.get("gate") or {}
-        best = gate.get("best") or {}
-        self.records.write(
-            "generators",
-            gname,
-            {
-                "key": item.key,
-                "config": item.keyed,
-                "fraction": judge.fraction,
-                "seed": judge.seed,
-                "steps": int(res.get("steps") or item.steps),
-                "epochs": item.config.epochs,
-                "wall_s": round(float(wall), 1),
-                "run_id": res.get("run_id"),
-                "parent_run_id": self.parent_id,
-                "gate": {
-                    "checks": gate.get("checks", []),
-                    "best": {
-                        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                        for k, v in best.items()
-                    },
-                    "kept": "best.pt" if gate.get("best_checkpoint") else "last.pt",
-                },
-                "code_version": tracking.git_commit(),
-            },
-        )
+        rec = generator_record(self.judge_cell(gname), item, res, wall, self.parent_id)
+        self.records.write("generators", gname, rec)
         item.record = self.records.read("generators", gname)
         self.refit_cost()
 
@@ -657,7 +471,7 @@ class GainStudy:
         self.check_budget(item, extra)
         if gname is not None:
             self.ensure_generator(gname)
-        if cell.arm == "synthetic_filtered":
+        if cell.filtered:
             self.ensure_judge(cell.real())
         c = self.child_config(cell, gname)  # now with the parent run and the generator's checkpoint
         t0 = time.time()
@@ -666,7 +480,9 @@ class GainStudy:
         self.trained += 1
         if not self.dinfo.is_main:
             return
-        self.records.write("children", cell.name, self.child_record(cell, item, res, wall, gname))
+        root = resolve_data_root(self.source).resolve()
+        rec = child_record(cell, item, res, wall, gname, root, self.parent_id)
+        self.records.write("children", cell.name, rec)
         item.record = self.records.read("children", cell.name)
         if res["run_id"] and self.client is not None:  # None: the child's tracking is buffered in its outbox
             self.client.set_tag(
@@ -674,31 +490,6 @@ class GainStudy:
             )  # the child sees its subset as 1.0
             self.client.set_tag(res["run_id"], "gain_key", item.key)
         self.refit_cost()
-
-    def child_record(self, cell: Cell, item: Item, res: dict, wall: float, gname: str | None) -> dict:
-        root = resolve_data_root(self.source).resolve()
-        scores = {item.config.test_split: _scores(res["scores"], root)}
-        for split, path in (res.get("extra_scores") or {}).items():
-            scores[split] = _scores(path, root)
-        m = res["metrics"]
-        return {
-            "key": item.key,
-            "config": item.keyed,
-            "fraction": cell.fraction,
-            "seed": cell.seed,
-            "arm": cell.arm,
-            "generator": gname,
-            "test_split": item.config.test_split,
-            "metrics": {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()
-            },
-            "optimizer_steps": int(m.get("optimizer_steps", 0)),
-            "wall_s": round(wall, 1),
-            "run_id": res["run_id"],
-            "parent_run_id": self.parent_id,
-            "scores": scores,
-            "code_version": tracking.git_commit(),
-        }
 
     def score_generator(self, cell: Cell) -> None:
         """Class fidelity of the cell's generator, judged by that seed's real-only classifier: a
@@ -728,14 +519,8 @@ class GainStudy:
             self.val_images = load_images(self.manifest, self.base.data.val_split, self.base.data.image_size)[
                 0
             ]
-        fid = class_fidelity(
-            gen,
-            self.child_dir(cell.real()) / "classifier.pt",
-            seed=cell.seed,
-            device=pick_device(self.base.device),
-            temperature=temp,
-            real_images=self.val_images,
-        )
+        judge = Judge.load(self.child_dir(cell.real()) / "classifier.pt", pick_device(self.base.device))
+        fid = generator_fidelity(gen, judge, seed=cell.seed, temperature=temp, real_images=self.val_images)
         keys = (
             "auroc",
             "auroc_lo",
@@ -762,165 +547,11 @@ class GainStudy:
         clf = self.child_dir(cell.real()) / "classifier.pt"
         if not clf.is_file():
             return
-        fid = class_fidelity(self.paths[gname], clf, seed=cell.seed, device=pick_device(self.base.device))
+        fid = generator_fidelity(
+            self.paths[gname], Judge.load(clf, pick_device(self.base.device)), seed=cell.seed
+        )
         path.write_text(json.dumps(fid, indent=1, default=str))
         _warn_fidelity(gname, cell, fid.get("auroc"))
-
-    # ---------------------------------------------------------------- the parent run and the table
-    def open_parent(self) -> None:
-        """The MLflow run every child hangs under; a re-run in the same folder continues it."""
-        import mlflow
-        from mlflow.entities import Param
-
-        check_writable(self.out)
-        tcfg = copy.deepcopy(self.base.tracking)
-        tcfg.experiment = self.cfg.experiment
-        exp_id = tracking.setup(tcfg)
-        self.client = client = mlflow.tracking.MlflowClient()
-        state = self.out / "parent_run_id"
-        if state.is_file():
-            self.parent_id = state.read_text().strip()
-            try:
-                run = client.get_run(self.parent_id)
-            except Exception as e:  # noqa: BLE001 - MlflowException, or a store that cannot be read
-                raise ConfigError(
-                    f"gain: {state} names the parent run {self.parent_id}, which the tracking store "
-                    f"{tracking.resolve_uri(tcfg)} does not have ({type(e).__name__}): use the store the study "
-                    "was started in (classify.tracking.uri), or another run_name= (the records carry the study)"
-                ) from None
-            if run.info.lifecycle_stage == "deleted":
-                raise ConfigError(
-                    f"gain: the parent run {self.parent_id} named in {state} was deleted: restore it, or use another run_name="
-                )
-            if run.info.status != "RUNNING":
-                client.update_run(self.parent_id, status="RUNNING")
-        else:
-            now = study_config(self.cfg)
-            parent = client.create_run(
-                exp_id,
-                run_name=self.cfg.run_name or f"gain-{time.strftime('%Y%m%d-%H%M%S')}",
-                tags={
-                    "stage": "gain",
-                    "git_commit": tracking.git_commit(),
-                    "data.manifest": str(self.source),
-                    "gain_config_key": config_key(now),
-                },
-            )
-            self.parent_id = parent.info.run_id
-            try:
-                params = [Param(k, str(v)[:500]) for k, v in flatten(to_dict(self.cfg)).items()]
-                for i in range(0, len(params), 100):  # MLflow takes at most 100 params a call
-                    client.log_batch(self.parent_id, params=params[i : i + 100])
-                state.write_text(self.parent_id)
-            except BaseException as e:
-                self.end_parent(e)
-                raise
-        print(f"gain: parent MLflow run {self.parent_id} in experiment {self.cfg.experiment}", flush=True)
-
-    def end_parent(self, exc: BaseException) -> None:
-        """End the parent run FAILED (KILLED on Ctrl-C, SIGTERM or the budget); a tracking error
-        here is printed, never raised over ``exc``."""
-        if self.client is None or self.parent_id is None:
-            return
-        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, BudgetReached)) else "FAILED"
-        try:
-            self.client.set_tag(self.parent_id, "gain.error", f"{type(exc).__name__}: {exc}"[:500])
-            self.client.set_terminated(self.parent_id, status)
-        except Exception as e:  # noqa: BLE001 - the study's own error is the one to raise
-            print(
-                f"gain: could not mark the parent run {self.parent_id} {status}: {e}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return
-        print(
-            f"gain: parent run {self.parent_id} ended {status} ({type(exc).__name__}: {exc})",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def finish(self, rows: pd.DataFrame) -> dict[str, Any]:
-        """The table, the plots and the metrics on the parent run (ended FINISHED)."""
-        out, client, pid = self.out, self.client, self.parent_id
-        table = summarise(rows)
-        rows.drop(columns=["labels", "scores"]).to_csv(out / "gain_runs.csv", index=False)
-        table.to_csv(out / "gain_table.csv", index=False)
-        md = ""
-        for split, t in table.groupby("split", sort=False):
-            md += f"### {split}\n\n" + to_markdown(t) + "\n"
-        (out / "gain_table.md").write_text(md)
-        test = table[table["split"] == self.base.test_split]
-        plots = [
-            plot_gain(
-                test,
-                out / "gain.png",
-                title=f"AUROC gain over real-only, paired ({len(self.cfg.seeds)} seeds)",
-            )
-        ]
-        if "real_dup" in set(test["arm"]):
-            plots.append(
-                plot_gain(
-                    test,
-                    out / "gain_vs_real_dup.png",
-                    title="AUROC gain over real_dup, paired",
-                    ref="real_dup",
-                )
-            )
-        for p in ("gain_runs.csv", "gain_table.csv", "gain_table.md", *(Path(p).name for p in plots)):
-            client.log_artifact(pid, str(out / p), "gain")
-        for r in table.itertuples():
-            tag = "" if r.split == self.base.test_split else f"{r.split}/"
-            if r.arm != "real" and np.isfinite(r.paired_delta):
-                client.log_metric(pid, f"{tag}delta_auroc/{r.arm}/f{r.fraction:g}", float(r.paired_delta))
-            client.log_metric(pid, f"{tag}auroc/{r.arm}/f{r.fraction:g}", float(r.auroc))
-        client.set_terminated(pid, "FINISHED")
-        print(md)
-        print(f"gain: done in {time.time() - self.t0:.0f}s; table {out / 'gain_table.md'}, plot {plots[0]}")
-        print(f"MLflow parent run id: {pid}")
-        runs = (
-            rows[rows["split"] == self.base.test_split]
-            .drop(columns=["labels", "scores"])
-            .reset_index(drop=True)
-        )
-        return {
-            "parent_run_id": pid,
-            "table": table,
-            "runs": runs,
-            "plot": str(plots[0]),
-            "trained": self.trained,
-        }
-
-
-def _scores(path: str | Path, root: Path) -> dict[str, Any]:
-    """Per-image scores of a child on one split, for its record: image ids relative to the data
-    (no absolute path), their digest (what pairing compares), labels and scores."""
-    df = pd.read_csv(path)
-    ids = [_relative(p, root) for p in df["path"]]
-    return {
-        "images_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        "n": len(ids),
-        "labels": [int(v) for v in df["label"]],
-        "scores": [round(float(v), 7) for v in df["score"]],
-    }
-
-
-def _relative(path: str, root: Path) -> str:
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(root))
-    except ValueError:
-        return p.name
-
-
-def _read_done(path: Path) -> dict[str, Any] | None:
-    """A finished generator's marker: its key, wall time and train result (None: not finished)."""
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except ValueError:  # a marker written before keys were kept: finished, key unknown
-        return {}
-    return state if isinstance(state, dict) else {}
 
 
 def _warn_fidelity(gname: str, cell: Cell, auc: Any) -> None:
@@ -933,59 +564,47 @@ def _warn_fidelity(gname: str, cell: Cell, auc: Any) -> None:
         )
 
 
-def _generator_problem(path: str, image_size: int) -> str | None:
-    """Why ``path`` (a given generator: checkpoint, manifest or model URI) cannot feed the synthetic arms."""
-
-    if is_model_uri(path) and not Path(path).exists():
-        if path.startswith("models:") and not (path.startswith("models:/") and path.count("/") >= 2):
-            return "expected models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS"
-        return None
-    p = Path(path)
-    if not p.is_file():
-        return f"{p} does not exist" + (" (a folder)" if p.is_dir() else "")
-    if p.suffix == ".csv":
-        return None
-    try:
-        payload = ckpt.load_checkpoint(p)
-    except ckpt.CheckpointError as e:
-        return str(e)
-    if "decoder" not in (payload.get("models") or {}):
-        return f"{p} holds no generator (no decoder weights): a VAE-GAN checkpoint from the train stage?"
-    conf = payload.get("config") or {}
-    size = (conf.get("model") or {}).get("image_size") or (conf.get("data") or {}).get("image_size")
-    if size and int(size) != image_size:
-        return f"{p} makes {size} px images but classify.data.image_size={image_size}"
-    return None
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a batch job's end) ends the study like Ctrl-C: the parent run KILLED, the item in
-    progress lost, every record kept."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def gain(cfg: GainConfig) -> dict[str, Any]:
     """Arms x fractions x seeds under one parent run, recorded, budgeted, resumable; the paired table."""
     study = GainStudy(cfg)
     # under torchrun (N processes) every child trains data-parallel; rank 0 alone writes files and
     # talks to MLflow, and broadcasts the decisions that depend on them
     main = study.dinfo.is_main
+    with _planned(study), sigterm_as_interrupt():
+        _share_plan(study)
+        try:
+            failed = _run_on_ray(study) if cfg.executor == "ray" else []
+            rows = study.run(train=cfg.executor == "local")
+            if failed and rows.empty:
+                raise RuntimeError(f"gain: every item failed after its retries: {', '.join(failed)}")
+            res = {"parent_run_id": study.parent_id}
+            if main:
+                res = finish_parent(study.client, study.parent_id, cfg, study.out, rows, study.t0)
+                res["trained"] = study.trained
+            if failed:
+                raise RuntimeError(
+                    f"gain: {len(failed)} item(s) failed after their retries (the rest is recorded and "
+                    f"tabled; the same command retries them): {', '.join(failed)}"
+                )
+            # the replicas leave together: one that tore its process group down while rank 0 still
+            # scored a generator aborted the job (gloo)
+            distributed.barrier(study.dinfo)
+            distributed.shutdown(study.dinfo)
+            return res
+        except BaseException as e:
+            if main:
+                end_parent(study.client, study.parent_id, e)
+                if isinstance(e, BudgetReached):
+                    print(str(e), flush=True)
+            raise
+
+
+def _planned(study: GainStudy) -> contextlib.ExitStack:
+    """Rank 0 checks the inputs, locks the study folder and the records, writes the subsets and
+    makes the plan; an error there is raised on every rank. Returns the locks, held."""
     locks = contextlib.ExitStack()
     err = None
-    if main:
+    if study.dinfo.is_main:
         try:
             study.check_inputs()
             locks.enter_context(RunLock(study.out, what="study folder", fix="wait for that study to end"))
@@ -1000,49 +619,32 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
         raise err
     if msg is not None:
         raise ConfigError(msg)
-    with locks, _sigterm_as_interrupt():
-        if not main:
-            study.source, study.manifest = distributed.agree((None, None), study.dinfo)
-            study.children, study.generators, study.cost = distributed.agree((None, None, None), study.dinfo)
-        else:
-            distributed.agree((study.source, study.manifest), study.dinfo)
-            distributed.agree((study.children, study.generators, study.cost), study.dinfo)
-            study.records.write_study({"key": config_key(study_config(cfg)), "config": study_config(cfg)})
-            study.open_parent()
-        study.parent_id = distributed.agree(study.parent_id, study.dinfo)
-        try:
-            failed = []
-            if cfg.executor == "ray":  # the items as Ray tasks; then the records they wrote
-                if study.dinfo.enabled:
-                    raise ConfigError("executor=ray runs its own workers: start it without torchrun")
-                failed = run_on_ray(study)
-                study.changed = []
-                for item in [*study.generators.values(), *study.children.values()]:
-                    if item.record is None:  # what a task wrote must be this study's computation
-                        study._match(
-                            item, GENERATOR_DEFAULTS if item.kind == "generators" else CHILD_DEFAULTS
-                        )
-                if study.changed:
-                    raise ConfigError(
-                        "gain: a Ray task recorded another config:\n  " + "\n  ".join(study.changed)
-                    )
-            rows = study.run(train=cfg.executor == "local")
-            if failed and rows.empty:
-                raise RuntimeError(f"gain: every item failed after its retries: {', '.join(failed)}")
-            res = study.finish(rows) if main else {"parent_run_id": study.parent_id}
-            if failed:
-                raise RuntimeError(
-                    f"gain: {len(failed)} item(s) failed after their retries (the rest is recorded and "
-                    f"tabled; the same command retries them): {', '.join(failed)}"
-                )
-            # the replicas leave together: one that tore its process group down while rank 0 still
-            # scored a generator aborted the job (gloo)
-            distributed.barrier(study.dinfo)
-            distributed.shutdown(study.dinfo)
-            return res
-        except BaseException as e:
-            if main:
-                study.end_parent(e)
-                if isinstance(e, BudgetReached):
-                    print(str(e), flush=True)
-            raise
+    return locks
+
+
+def _share_plan(study: GainStudy) -> None:
+    """Rank 0's plan on every rank; rank 0 records the study's config and opens the parent run."""
+    if not study.dinfo.is_main:
+        study.source, study.manifest = distributed.agree((None, None), study.dinfo)
+        study.children, study.generators, study.cost = distributed.agree((None, None, None), study.dinfo)
+    else:
+        distributed.agree((study.source, study.manifest), study.dinfo)
+        distributed.agree((study.children, study.generators, study.cost), study.dinfo)
+        now = study_config(study.cfg)
+        study.records.write_study({"key": config_key(now), "config": now})
+        study.client, study.parent_id = open_parent(study.cfg, study.out, study.base.tracking, study.source)
+    study.parent_id = distributed.agree(study.parent_id, study.dinfo)
+
+
+def _run_on_ray(study: GainStudy) -> list[str]:
+    """The items as Ray tasks, then the records they wrote matched; the names of the failed ones."""
+    if study.dinfo.enabled:
+        raise ConfigError("executor=ray runs its own workers: start it without torchrun")
+    failed = run_on_ray(study)
+    study.changed = []
+    for item in [*study.generators.values(), *study.children.values()]:
+        if item.record is None:  # what a task wrote must be this study's computation
+            study._match(item, GENERATOR_DEFAULTS if item.kind == "generators" else CHILD_DEFAULTS)
+    if study.changed:
+        raise ConfigError("gain: a Ray task recorded another config:\n  " + "\n  ".join(study.changed))
+    return failed

@@ -90,7 +90,7 @@ def graph(study) -> list[tuple[str, str, list[str]]]:
                 queued.add(gname)
             if gname in queued:
                 deps.append(gname)
-        if cell.arm == "synthetic_filtered":
+        if cell.filtered:  # its filter is the same subset's real child
             deps += judge(cell.real())
         out.append(("children", cell.name, deps))
         queued.add(cell.name)

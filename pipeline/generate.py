@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.infra import tracking
+from pipeline.infra import runtime, tracking
 from pipeline.infra.config import flatten, to_dict
 from pipeline.infra.engine import check_writable, pick_device
 from pipeline.infra.loaders import (
@@ -52,12 +51,14 @@ from pipeline.infra.loaders import (
     resolve_labels,
 )
 from pipeline.infra.locks import RunLock, swap_into_place
+from pipeline.infra.outbox import OUTBOX_NAME
 from pipeline.infra.quality import nn_distances
 from pipeline.infra.stage_configs import (
     GenerateConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
 )
-from pipeline.infra.tracking import OUTBOX_NAME, resolve_uri
+from pipeline.infra.tracking import resolve_uri
 from pipeline.infra.viz import save_grid
+from transforms.io import pixel_hash
 from transforms.manifest import COLUMNS, atomic_write_text, sidecar_path, write_manifest
 
 SYNTHETIC_COLUMNS = ("synthetic", "seed", "index", "source", "source_sha256")
@@ -80,19 +81,19 @@ def _chunk_rows(batch_size: int) -> int:
 
 
 def sample_chunks(
-    lg: LoadedGenerator, labels: np.ndarray, seed: int, batch_size: int = 256, prior: str = "fitted"
+    loaded: LoadedGenerator, labels: np.ndarray, seed: int, batch_size: int = 256, prior: str = "fitted"
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, images)``: ``loaders.sample_images(lg, labels, seed, batch_size, prior)[start:
+    """``(start, images)``: ``loaders.sample_images(loaded, labels, seed, batch_size, prior)[start:
     start + len(images)]``, one chunk at a time, so that only a chunk is ever held.
 
     The codes come from one CPU generator seeded once, as in ``Generator.sample``: torch's normal
     sampler draws a tensor in blocks of 16 values (recomputing the last 16 of a size that is not a
     multiple of 16), so chunks of a multiple of 16 values, and a last chunk of at least 16, take
     the very values of one big draw. A short tail therefore joins the chunk before it."""
-    gen = lg.generator
+    gen = loaded.generator
     n, rows = len(labels), _chunk_rows(batch_size)
     rng = torch.Generator().manual_seed(seed)
-    lab = None if lg.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
+    lab = None if loaded.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
     dev = next(gen.decoder.parameters()).device
     start = 0
     while start < n:
@@ -305,22 +306,24 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
 
 def _generate(cfg: GenerateConfig, out: Path) -> dict[str, Any]:
     device = pick_device(cfg.device)
-    lg = load_generator(cfg.checkpoint, device, resolve_uri(cfg.tracking))
-    labels = resolve_labels(cfg.label, cfg.n, lg)
-    _check_free_space(out, estimate_bytes(cfg.n, lg.image_size, cfg.dicom, lg.source))
+    loaded = load_generator(cfg.checkpoint, device, resolve_uri(cfg.tracking))
+    labels = resolve_labels(cfg.label, cfg.n, loaded)
+    _check_free_space(out, estimate_bytes(cfg.n, loaded.image_size, cfg.dicom, loaded.source))
     out_abs = out.resolve()
     check_writable(out_abs.parent)
     t0 = time.time()
-    used = prior_used(lg, cfg.prior)
+    used = prior_used(loaded, cfg.prior)
     if used != cfg.prior:
-        print(f"{lg.source} carries no fitted prior (trained before it existed): codes drawn from N(0, I)")
+        print(
+            f"{loaded.source} carries no fitted prior (trained before it existed): codes drawn from N(0, I)"
+        )
     staging = _make_staging(out_abs)
     writing = {"path": staging}  # the file being written, named if the disk fills up
     try:
-        df, preview, dropped = _write_images(cfg, lg, labels, staging, writing)
-        meta = _write_manifest(cfg, lg, df, used, staging, out_abs, writing)
+        df, preview, dropped = _write_images(cfg, loaded, labels, staging, writing)
+        meta = _write_manifest(cfg, loaded, df, used, staging, out_abs, writing)
         writing["path"] = staging / "preview.png"
-        save_grid(preview, writing["path"], nrow=8, upscale=max(1, 128 // lg.image_size))
+        save_grid(preview, writing["path"], nrow=8, upscale=max(1, 128 // loaded.image_size))
         writing["path"] = out_abs
         swap_into_place(staging, out_abs)
     except OSError as e:
@@ -343,7 +346,7 @@ def _generate(cfg: GenerateConfig, out: Path) -> dict[str, Any]:
         f"generated {cfg.n} images {counts} in {time.time() - t0:.1f}s -> {manifest}"
         + (f" ({dropped} near-copies of training images dropped and redrawn)" if cfg.drop_near_copies else "")
     )
-    run_id = _log_run(cfg, lg, out, meta, counts, used) if cfg.log_mlflow else None
+    run_id = _log_run(cfg, loaded, out, meta, counts, used) if cfg.log_mlflow else None
     return {
         "manifest": str(manifest),
         "n": cfg.n,
@@ -355,8 +358,79 @@ def _generate(cfg: GenerateConfig, out: Path) -> dict[str, Any]:
     }
 
 
+class _ImageWriter:
+    """Writes images of the set by index under ``staging``: one PNG each (and a DICOM with
+    ``dicom=true``, all of one study and series), keeping each one's pixel hash and the first 64
+    images (the preview); ``writing["path"]`` names the file being written."""
+
+    def __init__(
+        self, cfg: GenerateConfig, loaded: LoadedGenerator, labels: np.ndarray, staging: Path, writing: dict
+    ) -> None:
+        self.cfg, self.loaded, self.labels, self.staging, self.writing = cfg, loaded, labels, staging, writing
+        self.names = {
+            int(lab): loaded.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
+            for lab in np.unique(labels)
+        }
+        self.safe = {lab: file_safe(name) for lab, name in self.names.items()}
+        (staging / "images").mkdir()
+        if cfg.dicom:
+            from pydicom.uid import generate_uid
+
+            (staging / "dicom").mkdir()
+            self.study_uid, self.series_uid = generate_uid(), generate_uid()
+        self.hashes = np.empty(len(labels), dtype=object)
+        self.preview: dict[int, torch.Tensor] = {}
+
+    def write(self, indices: np.ndarray, images: torch.Tensor) -> None:
+        from PIL import Image
+
+        staging, writing = self.staging, self.writing
+        for i, img in zip(indices.tolist(), images, strict=True):
+            lab = int(self.labels[i])
+            px = to_uint8(img)
+            writing["path"] = staging / f"images/syn_{i:06d}_{self.safe[lab]}.png"
+            Image.fromarray(px).save(writing["path"])
+            if self.cfg.dicom:
+                writing["path"] = staging / "dicom" / f"syn_{i:06d}_{self.safe[lab]}.dcm"
+                write_dicom(writing["path"], px, self.names[lab], self.series_uid, i, self.study_uid)
+            self.hashes[i] = pixel_hash(px)  # as ingest hashes a file's pixels
+            if i < 64:
+                self.preview[i] = img
+
+    def preview_images(self) -> torch.Tensor:
+        return torch.stack([self.preview[i] for i in sorted(self.preview)])
+
+    def manifest_rows(self) -> pd.DataFrame:
+        """The manifest rows of every image, in index order."""
+        labels, loaded = self.labels, self.loaded
+        index = np.arange(len(labels))
+        rel = [f"images/syn_{i:06d}_{self.safe[int(lab)]}.png" for i, lab in zip(index, labels, strict=True)]
+        return pd.DataFrame(
+            {
+                "path": rel,
+                "label": labels.astype(int),
+                "label_name": [self.names[int(lab)] for lab in labels],
+                "patient_id": [f"synthetic-{i:06d}" for i in index],
+                "split": "train",
+                "format": "png",
+                "height": loaded.image_size,
+                "width": loaded.image_size,
+                "bits_stored": 8,
+                "photometric": "MONOCHROME2",
+                "transfer_syntax": "",
+                "pixel_hash": self.hashes,
+                "synthetic": 1,
+                "seed": self.cfg.seed,
+                "index": index,
+                "source": loaded.source,
+                "source_sha256": loaded.sha256,
+            },
+            columns=COLUMNS + list(SYNTHETIC_COLUMNS),
+        )
+
+
 def _write_images(
-    cfg: GenerateConfig, lg: LoadedGenerator, labels: np.ndarray, staging: Path, writing: dict[str, Path]
+    cfg: GenerateConfig, loaded: LoadedGenerator, labels: np.ndarray, staging: Path, writing: dict[str, Path]
 ) -> tuple[pd.DataFrame, torch.Tensor, int]:
     """One PNG per image (and a DICOM with ``dicom=true``) under ``staging``, drawn and written a
     chunk at a time (:func:`sample_chunks`). With ``drop_near_copies`` each chunk is audited and
@@ -364,40 +438,12 @@ def _write_images(
     (round ``r``: the codes of stream ``seed + 7919 r`` for the images still flagged, in index
     order), their files written again. Returns the manifest rows, the first 64 images (the
     preview) and how many near-copies were dropped."""
-    from PIL import Image
-
-    names = {
-        int(lab): lg.label_names.get(int(lab), "unlabelled" if lab < 0 else str(int(lab)))
-        for lab in np.unique(labels)
-    }
-    safe = {lab: file_safe(name) for lab, name in names.items()}
-    (staging / "images").mkdir()
-    if cfg.dicom:
-        from pydicom.uid import generate_uid
-
-        (staging / "dicom").mkdir()
-        study_uid, series_uid = generate_uid(), generate_uid()
-    hashes = np.empty(len(labels), dtype=object)
-    preview: dict[int, torch.Tensor] = {}
-
-    def write(indices: np.ndarray, images: torch.Tensor) -> None:
-        for i, img in zip(indices.tolist(), images, strict=True):
-            lab = int(labels[i])
-            px = to_uint8(img)
-            writing["path"] = staging / f"images/syn_{i:06d}_{safe[lab]}.png"
-            Image.fromarray(px).save(writing["path"])
-            if cfg.dicom:
-                writing["path"] = staging / "dicom" / f"syn_{i:06d}_{safe[lab]}.dcm"
-                write_dicom(writing["path"], px, names[lab], series_uid, i, study_uid)
-            hashes[i] = hashlib.sha256(px.tobytes()).hexdigest()[:16]
-            if i < 64:
-                preview[i] = img
-
-    audit = _NearCopies(cfg, lg.image_size) if cfg.drop_near_copies else None
+    writer = _ImageWriter(cfg, loaded, labels, staging, writing)
+    audit = _NearCopies(cfg, loaded.image_size) if cfg.drop_near_copies else None
     flagged = []
-    for start, images in sample_chunks(lg, labels, cfg.seed, cfg.batch_size, cfg.prior):
+    for start, images in sample_chunks(loaded, labels, cfg.seed, cfg.batch_size, cfg.prior):
         idx = np.arange(start, start + len(images))
-        write(idx, images)
+        writer.write(idx, images)
         if audit is not None:
             flagged.append(idx[audit.flags(images)])
     bad = np.concatenate(flagged) if flagged else np.zeros(0, dtype=np.int64)
@@ -406,9 +452,11 @@ def _write_images(
         if not len(bad):
             break
         again = []
-        for start, images in sample_chunks(lg, labels[bad], cfg.seed + 7919 * r, cfg.batch_size, cfg.prior):
+        for start, images in sample_chunks(
+            loaded, labels[bad], cfg.seed + 7919 * r, cfg.batch_size, cfg.prior
+        ):
             idx = bad[start : start + len(images)]
-            write(idx, images)
+            writer.write(idx, images)
             again.append(idx[audit.flags(images)])
         bad = np.concatenate(again)
         dropped += len(bad)
@@ -416,36 +464,12 @@ def _write_images(
         raise RuntimeError(
             f"{len(bad)} images still near-copies after {MAX_REDRAW_ROUNDS} redraws: the generator memorises"
         )
-    index = np.arange(len(labels))
-    rel = [f"images/syn_{i:06d}_{safe[int(lab)]}.png" for i, lab in zip(index, labels, strict=True)]
-    df = pd.DataFrame(
-        {
-            "path": rel,
-            "label": labels.astype(int),
-            "label_name": [names[int(lab)] for lab in labels],
-            "patient_id": [f"synthetic-{i:06d}" for i in index],
-            "split": "train",
-            "format": "png",
-            "height": lg.image_size,
-            "width": lg.image_size,
-            "bits_stored": 8,
-            "photometric": "MONOCHROME2",
-            "transfer_syntax": "",
-            "pixel_hash": hashes,
-            "synthetic": 1,
-            "seed": cfg.seed,
-            "index": index,
-            "source": lg.source,
-            "source_sha256": lg.sha256,
-        },
-        columns=COLUMNS + list(SYNTHETIC_COLUMNS),
-    )
-    return df, torch.stack([preview[i] for i in sorted(preview)]), dropped
+    return writer.manifest_rows(), writer.preview_images(), dropped
 
 
 def _write_manifest(
     cfg: GenerateConfig,
-    lg,
+    loaded,
     df: pd.DataFrame,
     used: str,
     staging: Path,
@@ -455,13 +479,13 @@ def _write_manifest(
     """``generated.csv`` (the rows ``df``) and its sidecar under ``staging``; returns the metadata."""
     meta = {
         "data_root_abs": str(staging),
-        "source": lg.source,
-        "source_sha256": lg.sha256,
+        "source": loaded.source,
+        "source_sha256": loaded.sha256,
         "seed": cfg.seed,
         "n": cfg.n,
         "label": cfg.label,
         "prior": used,
-        "label_names": lg.label_names,
+        "label_names": loaded.label_names,
         "synthetic": True,
     }
     writing["path"] = staging / "generated.csv"
@@ -474,19 +498,21 @@ def _write_manifest(
     return meta
 
 
-def _log_run(cfg: GenerateConfig, lg, out: Path, meta: dict, counts: dict, used: str) -> str | None:
+def _log_run(cfg: GenerateConfig, loaded, out: Path, meta: dict, counts: dict, used: str) -> str | None:
     """The outage-tolerant Tracker: with the server down the images are still written and the run
     waits in OUT/tracking_outbox for `pipeline.run sync`. It starts after the swap, so its outbox
     and metrics.jsonl land in the final folder beside the set they describe."""
-    tags = {
-        "stage": "generate",
-        "source_sha256": lg.sha256,
-        "generator_run_id": lg.run_id,  # lineage: the training run of the generator
-        "git_commit": tracking.git_commit(),
-        "mlflow.note.content": f"{cfg.n} synthetic images ({cfg.label}) from {lg.source}, seed {cfg.seed}",
-    }
-    with tracking.Tracker(cfg.tracking, out) as tr:
-        tr.start(None, cfg.tracking.run_name or out.name, tags)
+    tags = runtime.run_tags(
+        "generate",
+        cfg.tracking,
+        tracking.git_commit(),
+        source_sha256=loaded.sha256,
+        generator_run_id=loaded.run_id,  # lineage: the training run of the generator
+        **{
+            "mlflow.note.content": f"{cfg.n} synthetic images ({cfg.label}) from {loaded.source}, seed {cfg.seed}"
+        },
+    )
+    with runtime.tracked_run(cfg.tracking, out, tags, run_name=cfg.tracking.run_name) as tr:
         tr.log_params({**flatten(to_dict(cfg)), "prior_used": used})
         metrics = {f"count/{k}": float(v) for k, v in counts.items()}
         tr.log_metrics({**metrics, "near_copies_dropped": float(meta["near_copies_dropped"])}, step=0)

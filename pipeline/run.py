@@ -37,10 +37,10 @@ from pipeline.infra.stage_configs import (
     ExportConfig,
     GainConfig,
     GenerateConfig,
-    IngestConfig,
     ReportConfig,
     TrainConfig,
 )
+from pipeline.ingest.config import IngestConfig
 
 # stage -> (config dataclass, module, stage function) for the stages taking only key=value overrides;
 # the module (torch, MONAI, MLflow ...) is imported only once the config is loaded and valid
@@ -56,7 +56,7 @@ KEYVALUE_STAGES = {
 # every stage with a config: the key=value ones, plus ingest and compare
 CONFIG_STAGES = {
     **KEYVALUE_STAGES,
-    "ingest": (IngestConfig, "pipeline.ingest", "ingest"),
+    "ingest": (IngestConfig, "pipeline.ingest.stage", "ingest"),
     "compare": (CompareConfig, "pipeline.compare", "compare"),
 }
 STAGES = ("ingest", "compare", "sync", *KEYVALUE_STAGES)
@@ -239,60 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in STAGES:
         _parser().parse_args(argv[:1])  # prints the usage or the error (and exits)
         return 2
-    stage = argv[0]
     try:
-        flags, rest, show_help, print_config = _parse_stage_args(stage, argv[1:])
-        if show_help:
-            print(_stage_help(stage))
-            return 0
-        yaml_path, overrides, positional = _split_args(rest)
-        if yaml_path is None and stage in DEFAULT_CONFIGS:
-            yaml_path = str(DEFAULT_CONFIGS[stage])  # the default job: what `make run` trains
-        if stage == "ingest":
-            ingest_cls = config_class("ingest")
-            if len(positional) > 1:
-                raise ConfigError(f"ingest takes one SOURCE, got {positional}")
-            if positional:
-                overrides.insert(0, _quote(f"source={positional[0]}"))
-            for name in ("out", "labels"):
-                if name in flags:
-                    overrides.append(_quote(f"{name}={flags[name]}"))
-            cfg = load_config(ingest_cls, yaml_path, overrides)
-            if print_config:
-                print(to_yaml(cfg), end="")
-                return 0
-            stage_function("ingest")(cfg)
-            return 0
-        if stage == "compare":
-            compare_cls = config_class("compare")
-            # compare [EXPERIMENT] [FILTER]: a filter string is free text (it may hold '=')
-            raw = [a for a in rest if not a.endswith((".yaml", ".yml"))]
-            own = [a for a in raw if a.split("=", 1)[0] in compare_cls.__dataclass_fields__]
-            free = [a for a in raw if a not in own]
-            if free:
-                own.insert(0, f"experiment={free[0]}")
-            if len(free) > 1:
-                own.append("filter=" + " ".join(free[1:]))
-            cfg = load_config(compare_cls, yaml_path, [_quote(o) for o in own])
-            if print_config:
-                print(to_yaml(cfg), end="")
-                return 0
-            return stage_function("compare")(cfg)
-        if stage == "sync":
-            extra = [o for o in overrides if not o.startswith("uri=")]
-            if len(positional) != 1 or extra or print_config:
-                raise ConfigError(f"usage: python -m pipeline.run {USAGE['sync']}")
-            uri = next((o.split("=", 1)[1] for o in overrides if o.startswith("uri=")), "")
-            return 0 if stage_function("sync")(positional[0], uri)["pending"] == 0 else 1
-        if positional:
-            raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
-        # the remaining stages differ only in which config class and function they use
-        cfg = load_config(config_class(stage), yaml_path, overrides)
-        if print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        stage_function(stage)(cfg)
-        return 0
+        return _run_stage(argv[0], argv[1:])
     except (
         ConfigError,
         FileNotFoundError,
@@ -307,7 +255,65 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetReached as e:  # a study stopped at its time budget: the same command continues it
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_BUDGET
-    return 1
+
+
+def _run_stage(stage: str, args: list[str]) -> int:
+    """Run ``stage`` with its command-line arguments (help, ``--print-config`` or the stage itself)."""
+    flags, rest, show_help, print_config = _parse_stage_args(stage, args)
+    if show_help:
+        print(_stage_help(stage))
+        return 0
+    yaml_path, overrides, positional = _split_args(rest)
+    if yaml_path is None and stage in DEFAULT_CONFIGS:
+        yaml_path = str(DEFAULT_CONFIGS[stage])  # the default job: what `make run` trains
+    if stage == "sync":
+        return _sync(overrides, positional, print_config)
+    if stage == "ingest":
+        overrides = _ingest_overrides(overrides, positional, flags)
+    elif stage == "compare":
+        overrides = _compare_overrides(rest)
+    elif positional:
+        raise ConfigError(f"unexpected argument(s) {positional}: use key=value overrides")
+    # the stages differ only in which config class and function they use
+    cfg = load_config(config_class(stage), yaml_path, overrides)
+    if print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    result = stage_function(stage)(cfg)
+    return result if stage == "compare" else 0  # compare's exit status: 0, or why it showed nothing
+
+
+def _ingest_overrides(overrides: list[str], positional: list[str], flags: dict[str, str]) -> list[str]:
+    """ingest SOURCE [--out CSV] [--labels CSV]: the source and the flags as overrides."""
+    if len(positional) > 1:
+        raise ConfigError(f"ingest takes one SOURCE, got {positional}")
+    source = [_quote(f"source={positional[0]}")] if positional else []
+    return (
+        source + overrides + [_quote(f"{name}={flags[name]}") for name in ("out", "labels") if name in flags]
+    )
+
+
+def _compare_overrides(rest: list[str]) -> list[str]:
+    """compare [EXPERIMENT] [FILTER]: a filter string is free text (it may hold '=')."""
+    cls = config_class("compare")
+    keys = {*cls.__dataclass_fields__, *cls.RENAMED}  # a key=value, or a section's (tracking.uri=)
+    raw = [a for a in rest if not a.endswith((".yaml", ".yml"))]
+    own = [a for a in raw if "=" in a and a.split("=", 1)[0].split(".")[0] in keys]
+    free = [a for a in raw if a not in own]
+    if free:
+        own.insert(0, f"tracking.experiment={free[0]}")
+    if len(free) > 1:
+        own.append("filter=" + " ".join(free[1:]))
+    return [_quote(o) for o in own]
+
+
+def _sync(overrides: list[str], positional: list[str], print_config: bool) -> int:
+    """sync OUTBOX [uri=URI]: 0 when everything was sent, 1 when some of it is still pending."""
+    extra = [o for o in overrides if not o.startswith("uri=")]
+    if len(positional) != 1 or extra or print_config:
+        raise ConfigError(f"usage: python -m pipeline.run {USAGE['sync']}")
+    uri = next((o.split("=", 1)[1] for o in overrides if o.startswith("uri=")), "")
+    return 0 if stage_function("sync")(positional[0], uri)["pending"] == 0 else 1
 
 
 def cli() -> None:

@@ -8,7 +8,6 @@ the run in MLflow.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,26 +16,25 @@ from typing import Any
 
 import torch
 
-from networks import losses as L
 from networks.objective import GROUP_LOSSES, route_gradients
 from networks.vaegan import VAEGAN
 from pipeline.infra import checkpoint as ckpt
-from pipeline.infra import distributed, engine, speed, tracking
+from pipeline.infra import distributed, engine, runtime, speed, tracking
 from pipeline.infra.config import flatten, to_dict
 from pipeline.infra.data import (
+    Manifest,
     build_dataset,
     device_augment,
     make_loader,
     make_train_loader,
-    records,
 )
-from pipeline.infra.loaders import check_extractor, classifier_features, load_classifier
-from pipeline.infra.locks import RunLock
-from pipeline.infra.metrics import auroc
-from pipeline.infra.quality import frechet_distance
+from pipeline.infra.gate import ValidationGate, gate_checks
+from pipeline.infra.grids import grid_inputs, loss_curve, save_grids
+from pipeline.infra.judge import Judge
 from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     MEASURES,
     DataConfig,
+    GateConfig,
     GuardConfig,
     LossConfig,
     ModelConfig,
@@ -45,9 +43,8 @@ from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the
     TrainConfig,
 )
 from pipeline.infra.tracking import git_commit
-from pipeline.infra.viz import pairs, plot_curves, save_grid
-from pipeline.ingest import resolve_manifest
-from transforms.manifest import label_names, may_hold_burned_in, read_manifest
+from pipeline.ingest.default import resolve_manifest
+from transforms.manifest import may_hold_burned_in
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -68,27 +65,59 @@ class Groups:
         }
 
 
-def make_step_fn(
-    model: VAEGAN,
-    groups: Groups,
-    cfg: TrainConfig,
-    device: torch.device,
-    amp: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-    guard: engine.DivergenceGuard | None = None,
-    dinfo: distributed.DistInfo | None = None,
-    batch_aug=None,
-):
+@dataclass
+class StepParts:
+    """What a VAE-GAN training step works with: the model and its optimiser groups, the run's
+    config, device and precision; optionally fp16's grad scaler, the divergence guard, the
+    replicas' group and an on-device batch augmentation."""
+
+    model: VAEGAN
+    groups: Groups
+    cfg: TrainConfig
+    device: torch.device
+    amp: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    guard: engine.DivergenceGuard | None = None
+    dinfo: distributed.DistInfo | None = None
+    batch_aug: Any = None
+
+
+def _clip_and_check(p: StepParts, losses: dict[str, torch.Tensor]) -> bool:
+    """Average (replicas), unscale (fp16) and clip each group's gradients; False when the
+    divergence guard rejects the step (its gradients are then dropped)."""
+    norms = []
+    for name, opt in p.groups.opts.items():
+        if p.dinfo is not None:
+            distributed.average_gradients(p.groups.params[name], p.dinfo)
+        if p.scaler is not None:
+            p.scaler.unscale_(opt)
+        clip = p.cfg.optim.grad_clip if p.cfg.optim.grad_clip > 0 else float("inf")
+        norms.append(torch.nn.utils.clip_grad_norm_(p.groups.params[name], clip))
+    # fp16's scaler skips inf steps itself; the guard covers bf16/fp32 and persistent NaNs
+    if p.guard is None or p.scaler is not None:
+        return True
+    parts = [v for k, v in losses.items() if k in GROUP_LOSSES]
+    if p.dinfo is not None:  # every replica must take the same decision
+        parts = [distributed.all_finite(torch.stack([x.detach().float() for x in parts]).sum(), p.dinfo)]
+    if p.guard.ok(*parts, *norms):
+        return True
+    for opt in p.groups.opts.values():
+        opt.zero_grad(set_to_none=True)
+    return False
+
+
+def make_step_fn(p: StepParts):
     """The VAE-GAN training step ``step_fn(batch) -> {loss name: detached tensor}``.
 
     It never syncs with the host (the engine does, every ``log_every`` steps), except for the
     divergence guard's single boolean. ``benchmarks/bench_train.py`` times exactly this function.
     """
+    model, groups, cfg, device, dinfo, scaler = p.model, p.groups, p.cfg, p.device, p.dinfo, p.scaler
 
     def step_fn(batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
-        if batch_aug is not None:  # augmentation on the device, the whole batch at once
-            x = batch_aug(x)
+        if p.batch_aug is not None:  # augmentation on the device, the whole batch at once
+            x = p.batch_aug(x)
         if model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device, non_blocking=True).clamp_min(0)
@@ -100,27 +129,10 @@ def make_step_fn(
         g_zp = torch.randn(b * world, cfg.model.latent_dim)
         # DistributedSampler deals global position r + world * i to replica r as its i-th sample
         noise = (g_eps[rank::world].to(device), g_zp[rank::world].to(device))
-        losses = model.objective(x, y, cfg.loss, amp, noise)
+        losses = model.objective(x, y, cfg.loss, p.amp, noise)
         route_gradients(losses, groups.params, scaler)
-        norms = []
-        for name, opt in groups.opts.items():
-            if dinfo is not None:
-                distributed.average_gradients(groups.params[name], dinfo)
-            if scaler is not None:
-                scaler.unscale_(opt)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            norms.append(torch.nn.utils.clip_grad_norm_(groups.params[name], clip))
-        # fp16's scaler skips inf steps itself; the guard covers bf16/fp32 and persistent NaNs
-        if guard is not None and scaler is None:
-            parts = [v for k, v in losses.items() if k in GROUP_LOSSES]
-            if dinfo is not None:  # every replica must take the same decision
-                parts = [
-                    distributed.all_finite(torch.stack([p.detach().float() for p in parts]).sum(), dinfo)
-                ]
-            if not guard.ok(*parts, *norms):
-                for opt in groups.opts.values():
-                    opt.zero_grad(set_to_none=True)
-                return {}
+        if not _clip_and_check(p, losses):
+            return {}
         for opt in groups.opts.values():
             if scaler is not None:
                 scaler.step(opt)
@@ -135,35 +147,21 @@ def make_step_fn(
     return step_fn
 
 
-@dataclass
-class TrainRun:
-    """What one training run holds between its steps (torchvision's reference scripts keep these
-    as locals of ``main``; here the stage is split into functions that take this object)."""
+@dataclass(kw_only=True)
+class TrainRun(runtime.StageRun):
+    """A VAE-GAN training run: the stage's common state (:class:`pipeline.infra.runtime.StageRun`)
+    and what train adds."""
 
     cfg: TrainConfig
-    dinfo: distributed.DistInfo
-    run_dir: Path
-    device: torch.device
-    amp: torch.dtype | None
-    measures: dict[str, bool]
-    manifest: Path
-    names: dict[int, str]
-    data: dict[str, Any]  # datasets, loaders, sampler, generator, device augmentation
     model: VAEGAN
+    measures: dict[str, bool]  # the speed measures this machine runs with
     groups: Groups
     scaler: torch.amp.GradScaler | None
     guard: engine.DivergenceGuard | None
-    tracker: tracking.Tracker | None = None  # made once the checkpoint folder is known writable
-    code_version: str = "unknown"
     base_lrs: dict[str, list[float]] = field(default_factory=dict)  # what a rollback scales
-    gate_judge: Any = None  # the validation gate's classifier (gate.every > 0)
-    gate_reference: torch.Tensor | None = None  # its features of the validation images (fixed)
-    # the gate's best epoch so far (saved in checkpoints, so a resumed run keeps comparing)
-    gate_best: dict[str, float] = field(
-        default_factory=lambda: {"fd": math.inf, "epoch": 0, "class_fidelity": math.nan}
-    )
+    # the validation gate (gate.every > 0) and its best epoch so far (saved in checkpoints)
+    gate: ValidationGate = field(default_factory=lambda: ValidationGate(GateConfig()))
     # where the epoch loop starts (a resume or a rollback moves it)
-    step: int = 0
     start_epoch: int = 0
     skip: int = 0
     restore_rng: dict | None = None
@@ -195,7 +193,7 @@ class TrainRun:
             "code_version": self.code_version,
             "mlflow_run_id": self.tracker.run_id,  # None while the server has not been reached yet
             "label_names": {int(k): v for k, v in self.names.items()},
-            "gate": dict(self.gate_best),
+            "gate": dict(self.gate.best),
         }
 
     def save(self, step: int, epoch: int, batch_in_epoch: int) -> None:
@@ -225,20 +223,19 @@ def train_one_epoch(run: TrainRun, epoch: int) -> dict[str, float]:
     first = epoch == run.start_epoch
     run.model.train()
     step_fn = make_step_fn(
-        run.model,
-        run.groups,
-        cfg,
-        run.device,
-        run.amp,
-        run.scaler,
-        run.guard,
-        run.dinfo if run.dinfo.enabled else None,
-        d["batch_aug"],
+        StepParts(
+            run.model,
+            run.groups,
+            cfg,
+            run.device,
+            run.amp,
+            run.scaler,
+            run.guard,
+            run.dinfo if run.dinfo.enabled else None,
+            d["batch_aug"],
+        )
     )
-    metrics, run.step = engine.run_epoch(
-        d["train_loader"],
-        step_fn,
-        step=run.step,
+    plan = engine.EpochPlan(
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         log_every=cfg.tracking.log_every,
         log_fn=run.log,
@@ -248,36 +245,8 @@ def train_one_epoch(run: TrainRun, epoch: int) -> dict[str, float]:
         restore_rng=run.restore_rng if first else None,
         hide_in_bar=("d_",),
     )
+    metrics, run.step = engine.run_epoch(d["train_loader"], step_fn, run.step, plan)
     return metrics
-
-
-@torch.no_grad()
-def evaluate(model: VAEGAN, loader, device: torch.device, lcfg: LossConfig) -> dict[str, float]:
-    """Validation: reconstruction SSIM/PSNR (posterior mean, images in [0, 1]) and losses."""
-    from monai.metrics import PSNRMetric, SSIMMetric
-
-    model.eval()
-    size = model.cfg.image_size
-    win = 11 if size >= 64 else 7 if size >= 32 else 3
-    ssim, psnr = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=win), PSNRMetric(max_val=1.0)
-    sums: dict[str, float] = {}
-    n = 0
-    for batch in loader:
-        x = batch["image"].to(device)
-        y = batch["label"].to(device).clamp_min(0)
-        mu, logvar = model.encode(x, y, averaged=True)
-        recon = model.decode(mu, y, averaged=True)  # the posterior mean's reconstruction
-        a, b = (recon.float() + 1) / 2, (x + 1) / 2
-        ssim(a, b)
-        psnr(a, b)
-        bs = x.shape[0]
-        sums["kl"] = sums.get("kl", 0.0) + float(L.kl_divergence(mu, logvar, x[0].numel())) * bs
-        sums["pixel_l1"] = sums.get("pixel_l1", 0.0) + float(L.pixel_l1(recon, x)) * bs
-        n += bs
-    out = {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
-    out["val/ssim"] = float(ssim.aggregate().item())
-    out["val/psnr"] = float(psnr.aggregate().item())
-    return out
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -309,7 +278,7 @@ def calibration_step(cfg: TrainConfig, device: torch.device, amp, measures: dict
     """A zero-argument training step of the run's model, size and batch on a random batch (what
     ``speed.mode=auto`` times, pipeline/infra/speed.py; benchmarks/bench_train.py times the same)."""
     model = build_model(cfg, device, measures)
-    step = make_step_fn(model, Groups(model, cfg.optim), cfg, device, amp, None)
+    step = make_step_fn(StepParts(model, Groups(model, cfg.optim), cfg, device, amp))
     b, s = cfg.data.batch_size, cfg.data.image_size
     batch = {
         "image": torch.rand(b, 1, s, s) * 2 - 1,
@@ -323,12 +292,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     The run folder is locked while this process writes it (a second process with the same run
     name gets a clear error)."""
-    dinfo = distributed.init()  # under torchrun: join the group; rank 0 alone logs and checkpoints
-    try:
-        if cfg.data.batch_size % dinfo.world:
-            raise ValueError(
-                f"data.batch_size={cfg.data.batch_size} is not divisible by {dinfo.world} processes"
-            )
+    # under torchrun: join the group; rank 0 alone logs and checkpoints
+    with runtime.replicas(cfg.data.batch_size) as dinfo:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         _check_resume_path(cfg.resume)
         run_dir = engine.run_folder(
@@ -337,10 +302,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             cfg.resume,
             f"{cfg.model.kind}-{cfg.data.image_size}px-{stamp}",
         )
-        with RunLock(run_dir, enabled=dinfo.is_main):
+        with runtime.run_folder(run_dir, dinfo, fresh=False):
             return _train(cfg, dinfo, run_dir)
-    finally:
-        distributed.shutdown(dinfo)
 
 
 def _check_resume_path(resume: str) -> None:
@@ -363,16 +326,13 @@ def _check_resume_path(resume: str) -> None:
     )
 
 
-def _restore_or_set_aside(cfg: TrainConfig, run_dir: Path, is_main: bool):
+def _restore_or_set_aside(cfg: TrainConfig, run_dir: Path, dinfo: distributed.DistInfo):
     """The checkpoint to resume from (payload, path) or (None, None) for a fresh start; before a
     fresh start an earlier run's folder under the same name is moved aside (its MLflow run id is
     returned, to mark it KILLED if it was left RUNNING)."""
     resume_path = engine.find_resume(cfg.resume, run_dir)
     if resume_path is None:
-        old_run_id = engine.previous_run_id(run_dir) if is_main else None
-        if is_main:
-            engine.set_aside(run_dir)
-        return None, None, old_run_id
+        return None, None, runtime.set_aside_earlier(run_dir, dinfo)
     resumed, resume_path = ckpt.load_resumable(resume_path)
     diff = ckpt.config_diff(resumed.get("config", {}), to_dict(cfg), RESUME_MAY_DIFFER)
     if diff:
@@ -389,13 +349,13 @@ def _restore_or_set_aside(cfg: TrainConfig, run_dir: Path, is_main: bool):
 def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict[str, Any]:
     # Everything that can fail cheaply fails before a model is built.
     manifest = resolve_manifest(cfg.data)
-    resumed, resume_path, old_run_id = _restore_or_set_aside(cfg, run_dir, dinfo.is_main)
+    resumed, resume_path, old_run_id = _restore_or_set_aside(cfg, run_dir, dinfo)
     if dinfo.is_main:
         ckpt.remove_stale_temps(run_dir / "checkpoints")
     run = _build_run(cfg, dinfo, run_dir, manifest)
     if cfg.gate.every and dinfo.is_main:  # refused here, before training, if it is no fair judge
-        run.gate_judge, judge_payload = load_classifier(cfg.gate.extractor, run.device)
-        check_extractor(cfg.gate.extractor, judge_payload, manifest)
+        judge = Judge.load(cfg.gate.extractor, run.device, reference=manifest)
+        run.gate = ValidationGate(cfg.gate, judge, cfg.seed, cfg.model.num_classes, run.gate.best)
     if resumed is not None:
         _load_resumed(run, resumed, resume_path)
     if dinfo.is_main:
@@ -404,50 +364,60 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
             run_dir / "checkpoints", need_bytes=6 * engine.state_bytes(run.model) + 16 * 2**20
         )
     run.code_version = git_commit()
-    # rank 0 alone talks to MLflow; an unreachable server does not stop training (see Tracker)
-    run.tracker = tracking.Tracker(cfg.tracking, run_dir, enabled=dinfo.is_main)
     run.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in run.groups.opts.items()}
-    fixed = _grid_inputs(cfg, run.data["val_ds"])
+    fixed = grid_inputs(cfg.grid_size, cfg.model.latent_dim, cfg.model.num_classes, run.data["val_ds"])
+    t0 = time.time()
+    # rank 0 alone talks to MLflow; an unreachable server does not stop training (see Tracker);
+    # from its start on, the MLflow run always ends: FINISHED, or FAILED with the error
+    with runtime.tracked_run(
+        cfg.tracking, run_dir, _tags(run), enabled=dinfo.is_main, run_id=run.run_id, old_run_id=old_run_id
+    ) as run.tracker:
+        try:
+            _log_start(run, resumed is None)
+            metrics, grids = _epochs(run, fixed)
+            if dinfo.is_main:
+                run.tracker.log_artifact(run.last_checkpoint, "checkpoints")
+                if cfg.tracking.log_model:
+                    run.tracker.log_generator(run.last_checkpoint, cfg.tracking.register_model)
+        finally:
+            if dinfo.is_main:
+                curve = loss_curve(run.tracker, run_dir)
+                if curve is not None:
+                    run.tracker.log_artifact(curve, "plots")
+    return _summary(run, metrics, grids, time.time() - t0)
+
+
+def _log_start(run: TrainRun, fresh: bool) -> None:
+    """A fresh run logs its resolved config, data and the state to roll back to before epoch 1
+    ends; a resumed one reads the highest step it had logged."""
+    cfg = run.cfg
+    if not fresh:
+        run.log_floor = run.tracker.max_logged_step()
+        return
+    # the speed measures this machine runs with (speed.mode=auto chose them by timing)
+    chosen = {f"speed_chosen.{m}": v for m, v in run.measures.items()}
+    run.tracker.log_params({**flatten(to_dict(cfg)), **chosen})
+    run.tracker.log_dict(to_dict(cfg), "config.json")
+    run.tracker.log_dataset(run.manifest, "train")
+    engine.log_skipped(run.tracker, run.data["skipped"])
+    run.save(run.step, run.start_epoch, 0)
+
+
+def _epochs(run: TrainRun, fixed: dict[str, torch.Tensor]):
+    """The epochs from ``run.start_epoch``; a divergence rolls back to the last good checkpoint."""
     metrics: dict[str, float] = {}
     grids: tuple[Path | None, Path | None] = (None, None)
-    t0 = time.time()
-    status = "FAILED"
-    try:  # from here on the MLflow run always ends: FINISHED, or FAILED with the error
-        run.tracker.start(run.run_id, run_dir.name, _tags(run))
-        if old_run_id:
-            run.tracker.end_if_running(old_run_id, "KILLED")
-        if resumed is None:
-            # the speed measures this machine runs with (speed.mode=auto chose them by timing)
-            chosen = {f"speed_chosen.{m}": v for m, v in run.measures.items()}
-            run.tracker.log_params({**flatten(to_dict(cfg)), **chosen})
-            run.tracker.log_dict(to_dict(cfg), "config.json")
-            run.tracker.log_dataset(manifest, "train")
-            engine.log_skipped(run.tracker, run.data["skipped"])
-            run.save(run.step, run.start_epoch, 0)  # a good state to roll back to before epoch 1 ends
-        else:
-            run.log_floor = run.tracker.max_logged_step()
-        epoch = run.start_epoch
-        while epoch < cfg.epochs:
-            te = time.time()
-            try:
-                train_metrics = train_one_epoch(run, epoch)
-            except engine.RollbackNeeded as e:
-                epoch = _roll_back(run, e)
-                continue
-            metrics, grids = _end_epoch(run, epoch, train_metrics, time.time() - te, fixed)
-            epoch += 1
-        if dinfo.is_main:
-            run.tracker.log_artifact(run.last_checkpoint, "checkpoints")
-            if cfg.tracking.log_model:
-                run.tracker.log_generator(run.last_checkpoint, cfg.tracking.register_model)
-        status = "FINISHED"
-    finally:
-        if dinfo.is_main:
-            curve = _loss_curve(run.tracker, run_dir)
-            if curve is not None:
-                run.tracker.log_artifact(curve, "plots")
-        run.tracker.close(status)
-    return _summary(run, metrics, grids, time.time() - t0)
+    epoch = run.start_epoch
+    while epoch < run.cfg.epochs:
+        te = time.time()
+        try:
+            train_metrics = train_one_epoch(run, epoch)
+        except engine.RollbackNeeded as e:
+            epoch = _roll_back(run, e)
+            continue
+        metrics, grids = _end_epoch(run, epoch, train_metrics, time.time() - te, fixed)
+        epoch += 1
+    return metrics, grids
 
 
 def _build_run(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path, manifest: Path) -> TrainRun:
@@ -468,13 +438,12 @@ def _build_run(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path, man
         print(speed_line, flush=True)
     if cfg.deterministic:
         set_determinism(seed=cfg.seed)
-    names = label_names(read_manifest(manifest)[0])
+    rows = Manifest(manifest)  # read once: label names and both splits come from it
+    names = rows.label_names()
     if cfg.model.num_classes and cfg.model.num_classes < len(names):
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but {manifest} has {len(names)} classes")
-    data = _build_data(cfg, dinfo, manifest, names, device, f"device={device} amp={amp}")
-    model = build_model(cfg, device, measures)
-    if dinfo.enabled and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    data = _build_data(cfg, dinfo, rows, names, device, f"device={device} amp={amp}")
+    model = runtime.sync_batchnorm(build_model(cfg, device, measures), dinfo, device)
     groups = Groups(model, cfg.optim)
     if cfg.compile:
         for m in groups.modules.values():
@@ -502,17 +471,18 @@ def _build_run(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path, man
 def _build_data(
     cfg: TrainConfig,
     dinfo: distributed.DistInfo,
-    manifest: Path,
+    rows: Manifest,
     names: dict,
     device: torch.device,
     where: str,
 ) -> dict[str, Any]:
+    manifest = rows.path
     # images that may show burned-in identifying text never reach MLflow: no reconstruction grids
     real_grids = not may_hold_burned_in(manifest)
     if not real_grids:
         print(f"{manifest} may hold burned-in annotations: reconstruction grids are not made", flush=True)
-    train_items = records(manifest, cfg.data.train_split, cfg.data.max_train, cfg.data.labels)
-    val_items = records(manifest, cfg.data.val_split, cfg.data.max_val, cfg.data.labels)
+    train_items = rows.records(cfg.data.train_split, cfg.data.max_train, cfg.data.labels)
+    val_items = rows.records(cfg.data.val_split, cfg.data.max_val, cfg.data.labels)
     _check_labels(train_items + val_items, cfg.model.num_classes, manifest, names)
     print(
         f"data: {manifest} train={len(train_items)} val={len(val_items)} size={cfg.data.image_size}px "
@@ -560,7 +530,7 @@ def _load_resumed(run: TrainRun, resumed: dict[str, Any], path: Path) -> None:
     run.step, run.start_epoch = int(resumed["step"]), int(resumed["epoch"])
     run.skip = int(resumed["batch_in_epoch"])
     run.restore_rng = resumed["rng"] if run.skip > 0 else None
-    run.gate_best.update(resumed.get("gate") or {})
+    run.gate.best.update(resumed.get("gate") or {})
     run.run_id = resumed.get("mlflow_run_id") or None
     print(f"resuming from {path}: epoch {run.start_epoch + 1}, step {run.step}", flush=True)
 
@@ -577,34 +547,22 @@ def _load_ema(model: VAEGAN, payload: dict[str, Any], path: Path) -> None:
 
 def _tags(run: TrainRun) -> dict[str, str]:
     cfg, names = run.cfg, run.names
-    tags = {
-        "git_commit": run.code_version,
-        "stage": "train",
-        "model.kind": cfg.model.kind,
-        "data.manifest": str(run.manifest),
-        "classes": ",".join(names.values()),
-        "mlflow.note.content": (  # the run's description in the MLflow UI
-            f"{cfg.model.kind.upper()} at {cfg.data.image_size} px"
-            f"{f', conditioned on {len(names)} classes' if cfg.model.num_classes else ''} "
-            f"({', '.join(names.values())}), {cfg.epochs} epochs, data {run.manifest}, seed {cfg.seed}"
-        ),
-    }
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    return tags
-
-
-def _grid_inputs(cfg: TrainConfig, val_ds) -> dict[str, torch.Tensor]:
-    """Fixed inputs for the grids: the same prior codes and validation images every epoch."""
-    g = torch.Generator().manual_seed(1234)
-    n_val = min(32, len(val_ds))
-    return {
-        "z": torch.randn(cfg.grid_size, cfg.model.latent_dim, generator=g),
-        # one class per grid column (8 columns)
-        "y": (torch.arange(cfg.grid_size) % 8) % max(cfg.model.num_classes, 1),
-        "val": torch.stack([val_ds[i]["image"] for i in range(n_val)]),
-        "val_y": torch.stack([torch.as_tensor(val_ds[i]["label"]) for i in range(n_val)]).clamp_min(0),
-    }
+    description = (  # the run's description in the MLflow UI
+        f"{cfg.model.kind.upper()} at {cfg.data.image_size} px"
+        f"{f', conditioned on {len(names)} classes' if cfg.model.num_classes else ''} "
+        f"({', '.join(names.values())}), {cfg.epochs} epochs, data {run.manifest}, seed {cfg.seed}"
+    )
+    return runtime.run_tags(
+        "train",
+        cfg.tracking,
+        run.code_version,
+        **{
+            "model.kind": cfg.model.kind,
+            "data.manifest": str(run.manifest),
+            "classes": ",".join(names.values()),
+            "mlflow.note.content": description,
+        },
+    )
 
 
 def _roll_back(run: TrainRun, e: engine.RollbackNeeded) -> int:
@@ -640,7 +598,7 @@ def _end_epoch(
 ) -> tuple[dict[str, float], tuple[Path | None, Path | None]]:
     """Validate, log, refit the prior, save the grids and the checkpoint of the epoch just ended."""
     cfg, d = run.cfg, run.data
-    val_metrics = evaluate(run.model, d["val_loader"], run.device, cfg.loss)
+    val_metrics = run.model.validation_scores(d["val_loader"], run.device)
     val_metrics["epoch"] = epoch + 1
     val_metrics["time/epoch_s"] = epoch_s
     val_metrics["time/images_per_s"] = len(d["train_ds"]) / max(epoch_s, 1e-9)
@@ -653,7 +611,7 @@ def _end_epoch(
     if run.dinfo.is_main:
         if d["fit_loader"] is not None:
             run.model.fit_prior(d["fit_loader"], run.device)
-        grids = _save_grids(run.model, run.run_dir, epoch, fixed, run.device, d["real_grids"], run.names)
+        grids = save_grids(run.model, run.run_dir, epoch, fixed, run.device, d["real_grids"], run.names)
         for path in grids:
             if path is not None:
                 run.tracker.log_artifact(path, "grids")
@@ -661,7 +619,9 @@ def _end_epoch(
     gate_due = cfg.gate.every and ((epoch + 1) % cfg.gate.every == 0 or epoch + 1 == cfg.epochs)
     best = False
     if run.dinfo.is_main and gate_due:
-        best = _gate(run, epoch, d["val_ds"], metrics)
+        gate_metrics, best = run.gate.check(run.model, epoch, d["val_ds"])
+        run.log(gate_metrics, run.step)
+        metrics.update(gate_metrics)
     run.save(run.step, epoch + 1, 0)
     if best:  # this epoch's checkpoint, kept beside last.pt (a hard link where the disk allows)
         ckpt.keep_copy(run.last_checkpoint, run.last_checkpoint.with_name("best.pt"))
@@ -670,43 +630,6 @@ def _end_epoch(
         losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train/", "val/")))
         print(f"epoch {epoch + 1}/{cfg.epochs} step {run.step} {epoch_s:.1f}s {losses}", flush=True)
     return metrics, grids
-
-
-@torch.no_grad()
-def _gate(run: TrainRun, epoch: int, val_ds, metrics: dict[str, float]) -> bool:
-    """Score ``gate.n`` samples of the averaged generator (balanced labels, a fixed seed) against
-    the validation images in the gate classifier's feature space: FD and, for two classes, class
-    fidelity (its AUROC on the samples' intended labels); adds them to ``metrics`` and logs them.
-    Returns whether this epoch is the best so far: the lowest FD among epochs with class fidelity
-    >= ``gate.min_fidelity`` (its checkpoint becomes ``best.pt``)."""
-    cfg, gate = run.cfg, run.cfg.gate
-    run.model.eval()  # batch norm from its running statistics, which sampling must not move
-    k = max(cfg.model.num_classes, 1)
-    labels = torch.arange(gate.n) % k if cfg.model.num_classes else None
-    fake = run.model.sample(labels, n=gate.n, seed=cfg.seed + 7919)
-    if run.gate_reference is None:  # the same images and judge every time: their features once
-        real = torch.stack([val_ds[i]["image"] for i in range(min(gate.n, len(val_ds)))])
-        run.gate_reference = classifier_features(run.gate_judge, real, run.device)[0].double()
-    f_fake, p_fake = classifier_features(run.gate_judge, fake, run.device)
-    out = {"gate/fd": float(frechet_distance(f_fake.double(), run.gate_reference))}
-    if cfg.model.num_classes == 2:
-        out["gate/class_fidelity"] = auroc(labels.numpy(), p_fake)
-    fid = out.get("gate/class_fidelity", math.nan)
-    faithful = not fid < gate.min_fidelity  # NaN (not two classes): no fidelity to fail
-    if not faithful:
-        print(
-            f"WARNING: validation gate, epoch {epoch + 1}: class fidelity {fid:.3f} < {gate.min_fidelity}: "
-            "the generator draws images that do not show their label; this epoch cannot become best.pt",
-            file=sys.stderr,
-            flush=True,
-        )
-    best = faithful and out["gate/fd"] < run.gate_best["fd"]
-    if best:
-        run.gate_best = {"fd": out["gate/fd"], "epoch": epoch + 1, "class_fidelity": fid}
-    out["gate/best_epoch"] = run.gate_best["epoch"]
-    run.log(out, run.step)
-    metrics.update(out)
-    return best
 
 
 def _summary(
@@ -732,8 +655,8 @@ def _summary(
         "checkpoint": str(run.last_checkpoint),
         # the validation gate's checks (epoch -> FD, class fidelity) and the epoch it kept as best.pt
         "gate": {
-            "checks": _gate_checks(run.tracker),
-            "best": dict(run.gate_best),
+            "checks": gate_checks(run.tracker.history()),
+            "best": dict(run.gate.best),
             "best_checkpoint": str(best)
             if (best := run.last_checkpoint.with_name("best.pt")).is_file()
             else "",
@@ -742,25 +665,6 @@ def _summary(
         # seconds of training over every part of the run (a resumed run's earlier parts included)
         "train_s": sum(v for _, v in run.tracker.history().get("time/epoch_s", [])),
     }
-
-
-def _gate_checks(tracker: tracking.Tracker) -> list[dict[str, float]]:
-    """Each validation-gate check of the run (resumed parts included), from its metric record."""
-    hist = tracker.history()
-    checks: dict[int, dict[str, float]] = {}
-    for name in ("epoch", "gate/fd", "gate/class_fidelity"):
-        for step, value in hist.get(name, []):
-            checks.setdefault(int(step), {})[name] = float(value)
-    return [
-        {
-            "step": s,
-            "epoch": c.get("epoch"),
-            "fd": c["gate/fd"],
-            "class_fidelity": c.get("gate/class_fidelity"),
-        }
-        for s, c in sorted(checks.items())
-        if "gate/fd" in c
-    ]
 
 
 def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: dict) -> None:
@@ -777,51 +681,10 @@ def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: di
         )
 
 
-def _save_grids(
-    model, run_dir: Path, epoch: int, fixed: dict[str, torch.Tensor], device, real=True, names=None
-) -> tuple[Path, Path | None]:
-    """The prior-sample grid (columns headed by their class; codes from the model's prior, fitted
-    or N(0, I)), and (``real``) the validation
-    images beside their reconstructions."""
-    z, y, vx, vy = fixed["z"], fixed["y"], fixed["val"], fixed["val_y"]
-    model.eval()
-    with torch.no_grad():
-        cond = y.to(device) if model.cfg.num_classes > 0 else None
-        # the averaged networks when model.ema_decay > 0: what generate and evaluate will use
-        samples = model.decode(model.prior(z.to(device), cond), cond, averaged=True).float().cpu()
-        vcond = vy.to(device) if model.cfg.num_classes > 0 else None
-        rec = model.reconstruct(vx.to(device), vcond, averaged=True).float().cpu()
-    up = max(1, 256 // model.cfg.image_size)
-    heads = [(names or {}).get(int(c), str(int(c))) for c in y[:8]] if model.cfg.num_classes > 0 else None
-    gp = save_grid(
-        samples,
-        run_dir / "grids" / f"samples_epoch{epoch + 1:03d}.png",
-        nrow=8,
-        upscale=up // 2 or 1,
-        col_labels=heads,
-    )
-    if not real:
-        return gp, None
-    rp = save_grid(
-        pairs(vx, rec), run_dir / "grids" / f"recon_epoch{epoch + 1:03d}.png", nrow=8, upscale=up // 2 or 1
-    )
-    return gp, rp
-
-
-def _loss_curve(tracker: tracking.Tracker, run_dir: Path) -> Path | None:
-    """Plot from the run's local metric record, so a resumed run's curve covers all of it."""
-    history = {k: v for k, v in tracker.history().items() if k.startswith(("train/", "val/"))}
-    history = {k: v for k, v in history.items() if all(math.isfinite(x) for _, x in v)}
-    if not history:
-        return None
-    return plot_curves(history, run_dir / "loss_curves.png", title=run_dir.name)
-
-
 __all__ = [
     "TrainConfig",
     "LossConfig",
     "OptimConfig",
     "train",
     "train_one_epoch",
-    "evaluate",
 ]

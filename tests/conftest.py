@@ -23,7 +23,8 @@ def _quiet_tqdm(monkeypatch, _speed_cache):
 @pytest.fixture(scope="session")
 def phantom_manifest(tmp_path_factory):
     """A tiny embedded-default data set (procedural phantoms), ingested into a manifest."""
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.ingest.config import IngestConfig
+    from pipeline.ingest.stage import ingest
     from transforms.phantoms import ensure_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantoms")

@@ -18,7 +18,8 @@ import pytest
 from cxr_factory import chest_like, make_dicom, make_png
 from PIL import Image
 
-from pipeline.ingest import IngestConfig, ingest
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.stage import ingest
 from transforms.io import CXRReadError, read_header, read_image
 from transforms.manifest import ManifestError, read_manifest
 

@@ -18,7 +18,8 @@ from transforms.manifest import ManifestError, read_manifest
 @pytest.fixture
 def own_phantoms(tmp_path, phantom_manifest):
     """A private copy of the phantom data and its manifest (the test damages its images)."""
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.ingest.config import IngestConfig
+    from pipeline.ingest.stage import ingest
 
     src = phantom_manifest.parent / "png"
     shutil.copytree(src, tmp_path / "png")

@@ -146,16 +146,16 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     filt = next(r for r in runs if r.data.tags["arm"] == "synthetic_filtered")
     assert 0.0 <= filt.data.metrics["filter/accept_rate"] <= 1.0
 
-    cmp = _cli("compare", "arms", f"uri={uri}", f"out={tmp_path / 'cmp'}")
+    cmp = _cli("compare", "arms", f"tracking.uri={uri}", f"out={tmp_path / 'cmp'}")
     assert cmp.returncode == 0, cmp.stderr[-2000:]
     for arm in ("real", "classical+synthetic", "synthetic_only"):
         assert arm in cmp.stdout
     assert (tmp_path / "cmp" / "arms.png").is_file()
     rc, out, _ = _main(
-        capsys, "compare", "arms", "tags.arm = 'real'", f"uri={uri}", f"out={tmp_path / 'cmp'}"
+        capsys, "compare", "arms", "tags.arm = 'real'", f"tracking.uri={uri}", f"out={tmp_path / 'cmp'}"
     )
     assert rc == 0 and "synthetic_only" not in out and "real" in out
-    rc, _, err = _main(capsys, "compare", "no-such-experiment", f"uri={uri}")
+    rc, _, err = _main(capsys, "compare", "no-such-experiment", f"tracking.uri={uri}")
     assert rc != 0 and "does not exist" in err
 
 
@@ -177,6 +177,43 @@ def test_fraction_subsets_are_whole_patients_stratified(tmp_path, phantom_manife
     assert list(again["path"]) == list(sub["path"])
 
 
+def test_a_classify_run_reads_its_manifest_once(tmp_path, phantom_manifest, monkeypatch):
+    # the subset, the label names and every split come from one parse of the manifest (it was
+    # parsed 4-6 times per run); the records are those a re-read of the written subset gives
+    from pathlib import Path
+
+    from pipeline.classify import ClassifyConfig, classify
+    from pipeline.infra.data import records
+
+    reads = []
+    real_read_csv = pd.read_csv
+
+    def counting(path, *a, **k):
+        if Path(str(path)).suffix == ".csv" and Path(str(path)).stem in ("phantoms", "subset"):
+            reads.append(Path(str(path)).name)
+        return real_read_csv(path, *a, **k)
+
+    monkeypatch.setattr(pd, "read_csv", counting)
+    cfg = load_config(
+        ClassifyConfig,
+        None,
+        [
+            f"data.manifest={phantom_manifest}",
+            *(a.removeprefix("classify.") for a in TINY_GAIN_CLASSIFY),
+            "fraction=0.5",
+            f"out_dir={tmp_path / 'out'}",
+            "tracking.run_name=once",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        ],
+    )
+    res = classify(cfg)
+    assert reads == ["phantoms.csv"], reads
+    monkeypatch.setattr(pd, "read_csv", real_read_csv)
+    subset = tmp_path / "out" / "once" / "subset.csv"
+    scores = pd.read_csv(res["scores"])
+    assert list(scores["path"]) == [r["image"] for r in records(subset, "test")]
+
+
 def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manifest):
     import mlflow
 
@@ -196,7 +233,7 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
             "vaegan_overrides=[epochs=1,data.batch_size=16,model.base_channels=8,model.latent_dim=8,"
             "model.num_classes=2,grid_size=4,tracking.log_model=false]",
             f"out_dir={tmp_path / 'gain'}",
-            "run_name=t",
+            "tracking.run_name=t",
         ],
     )
     res = gain(cfg)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.compare import CompareConfig, compare, file_stem
+from pipeline.infra.stage_configs import TrackingConfig
 from transforms.manifest import unneutralise
 
 
@@ -87,7 +88,7 @@ def test_compare_groups_by_config_not_by_arm(tmp_path, capsys):
     out = tmp_path / "cmp"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no NumPy / pandas warning may reach the user
-        rc = compare(CompareConfig(experiment="study", uri=uri, out=str(out)))
+        rc = compare(CompareConfig(tracking=TrackingConfig(experiment="study", uri=uri), out=str(out)))
     assert rc == 0
     printed = capsys.readouterr().out
     table = pd.read_csv(out / "study.csv")
@@ -135,7 +136,7 @@ def test_formula_like_run_names_are_text_in_the_csv(tmp_path, capsys):
     names = ['=HYPERLINK("http://x","y")', "+1+1", "-2", "@SUM(A1)", "plain"]
     _log_plain_runs(uri, "vaegan", names)
     out = tmp_path / "cmp"
-    assert compare(CompareConfig(experiment="vaegan", uri=uri, out=str(out))) == 0
+    assert compare(CompareConfig(tracking=TrackingConfig(experiment="vaegan", uri=uri), out=str(out))) == 0
     cells = pd.read_csv(out / "vaegan.csv")["runName"].tolist()
     assert sorted(cells) == sorted(["'" + n for n in names[:4]] + ["plain"])
     assert sorted(unneutralise(c) for c in cells) == sorted(names)
@@ -147,7 +148,7 @@ def test_an_experiment_named_with_path_parts_writes_inside_out(tmp_path, capsys)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_plain_runs(uri, "../escape", ["a", "b"])
     out = tmp_path / "box" / "cmp"
-    assert compare(CompareConfig(experiment="../escape", uri=uri, out=str(out))) == 0
+    assert compare(CompareConfig(tracking=TrackingConfig(experiment="../escape", uri=uri), out=str(out))) == 0
     assert sorted(p.name for p in out.iterdir()) == ["escape.csv", "escape.png"]
     assert not list((tmp_path / "box").glob("escape*"))
 

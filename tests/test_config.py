@@ -67,7 +67,7 @@ def _stage_classes():
     from pipeline.evaluate import EvaluateConfig
     from pipeline.gain import GainConfig
     from pipeline.generate import GenerateConfig
-    from pipeline.ingest import IngestConfig
+    from pipeline.ingest.stage import IngestConfig
 
     return {
         "train": TrainConfig,
@@ -185,10 +185,11 @@ def test_cli_flag_style_argument_gets_a_hint(capsys):
 
 
 def test_cli_ingest_takes_key_value_anywhere(capsys, monkeypatch, tmp_path):
-    import pipeline.ingest
+    import pipeline.ingest.config
+    import pipeline.ingest.stage
 
     seen = []
-    monkeypatch.setattr(pipeline.ingest, "ingest", seen.append)
+    monkeypatch.setattr(pipeline.ingest.stage, "ingest", seen.append)
     rc, _, err = _main(capsys, "ingest", "src", "--out", str(tmp_path / "m.csv"), "seed=3", "min_size=8")
     assert rc == 0, err
     assert seen[0].source == "src" and seen[0].out == str(tmp_path / "m.csv")
@@ -236,7 +237,7 @@ assert not loaded, f"imported before the stage ran: {{loaded}}"
 def test_every_config_class_imports_light_and_is_the_one_its_stage_module_exports():
     code = f"""
 import sys
-import pipeline.infra.stage_configs, networks.config, transforms.config
+import pipeline.infra.stage_configs, pipeline.ingest.config, networks.config, transforms.config
 loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
 assert not loaded, f"imported by the config modules: {{loaded}}"
 """
@@ -255,7 +256,7 @@ assert not loaded, f"imported by the config modules: {{loaded}}"
     import pipeline.infra.data
     import pipeline.infra.stage_configs as sc
     import pipeline.infra.tracking
-    import pipeline.ingest
+    import pipeline.ingest.stage
     import pipeline.train
     import transforms
     import transforms.config
@@ -273,9 +274,9 @@ assert not loaded, f"imported by the config modules: {{loaded}}"
         pipeline.classify: ["ClassifyConfig", "ARMS", "DataConfig", "TrackingConfig"],
         pipeline.evaluate: ["EvaluateConfig"],
         pipeline.gain: ["GainConfig", "ClassifyConfig"],
-        pipeline.ingest: ["IngestConfig", "UNCERTAIN", "MAX_PIXELS"],
         pipeline.compare: ["CompareConfig"],
     }
+    assert pipeline.ingest.stage.IngestConfig is pipeline.ingest.config.IngestConfig
     for module, names in old.items():
         for name in names:
             assert getattr(module, name) is getattr(sc, name), f"{module.__name__}.{name}"
@@ -335,3 +336,48 @@ def test_train_alone_is_the_default_job_and_the_unconditioned_model_is_one_key_a
     # a config file given replaces the default job entirely
     assert main(["train", str(REPO / "configs" / "kermany64.yaml"), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"]["latent_dim"] == 128
+
+
+# ------------------------------------------------------------------ renamed keys (one release)
+def test_a_renamed_classify_key_is_read_in_its_new_place_with_a_deprecation_message(capsys, monkeypatch):
+    # classify's lr/weight_decay/grad_clip are spelled as train's (optim.*) since 2026-12-06; a
+    # user's old command line keeps working for a release and is told the new spelling
+    from pipeline.infra import config
+    from pipeline.infra.stage_configs import ClassifyConfig
+
+    monkeypatch.setattr(config, "_WARNED", set())  # said once per process: this test must see it
+
+    cfg = load_config(ClassifyConfig, None, ["lr=0.02", "weight_decay=0.1", "channels_last=false"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.02, 0.1)
+    assert cfg.speed.channels_last == "off"
+    err = capsys.readouterr().err
+    assert "'lr' is deprecated, read as 'optim.lr'" in err
+    assert "'channels_last' is deprecated, read as 'speed.channels_last'" in err
+
+
+def test_a_renamed_key_in_a_yaml_section_is_read_in_its_new_place(tmp_path):
+    from pipeline.infra.stage_configs import GainConfig
+
+    path = tmp_path / "old.yaml"
+    path.write_text("classify:\n  lr: 0.003\n  cache_allocations: true\narms: [real]\n")
+    cfg = load_config(GainConfig, path, ["classify.grad_clip=1.5"])
+    assert (cfg.classify.optim.lr, cfg.classify.optim.grad_clip) == (0.003, 1.5)
+    assert cfg.classify.speed.cache_allocations == "on"
+
+
+def test_a_key_given_in_both_spellings_is_refused(tmp_path):
+    # which one was meant cannot be told: refused, naming the key to keep
+    from pipeline.infra.stage_configs import ClassifyConfig
+
+    path = tmp_path / "both.yaml"
+    path.write_text("lr: 0.003\noptim:\n  lr: 0.004\n")
+    with pytest.raises(ConfigError, match="'optim.lr' is given twice"):
+        load_config(ClassifyConfig, path)
+
+
+def test_an_override_in_the_new_spelling_wins_over_the_old_one_in_a_file(tmp_path):
+    from pipeline.infra.stage_configs import ClassifyConfig
+
+    path = tmp_path / "old.yaml"
+    path.write_text("lr: 0.003\n")
+    assert load_config(ClassifyConfig, path, ["optim.lr=0.5"]).optim.lr == 0.5

@@ -21,7 +21,8 @@ from pipeline.infra.config import (
     load_config,
     parse_interval,
 )
-from pipeline.infra.stage_configs import IngestConfig, TrainConfig
+from pipeline.infra.stage_configs import TrainConfig
+from pipeline.ingest.config import IngestConfig
 from pipeline.run import CONFIG_STAGES, main
 
 # the keys a stage requires, so that its config can be built at all

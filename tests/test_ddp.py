@@ -106,7 +106,7 @@ def test_gain_under_torchrun_matches_one_process(tmp_path, phantom_manifest):
             "vaegan_overrides=[epochs=1,data.batch_size=8,data.augment=false,model.base_channels=8,"
             "model.latent_dim=8,model.num_classes=2,model.norm=INSTANCE,grid_size=4,tracking.log_model=false]",
             f"out_dir={out}",
-            "run_name=g",
+            "tracking.run_name=g",
         ]
 
     def run(cmd):

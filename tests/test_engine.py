@@ -56,10 +56,8 @@ def test_run_epoch_stops_after_max_batches():
     out, step = engine.run_epoch(
         [{"x": i} for i in range(10)],
         lambda b: seen.append(b["x"]) or {"loss": torch.tensor(1.0)},
-        step=5,
-        desc="t",
-        log_every=100,
-        max_batches=4,
+        5,
+        engine.EpochPlan(desc="t", log_every=100, max_batches=4),
     )
     assert seen == [0, 1, 2, 3] and step == 9 and out["loss"] == 1.0
 

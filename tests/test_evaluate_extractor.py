@@ -64,8 +64,8 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
     assert not (tmp_path / "ev").exists() or not any((tmp_path / "ev").rglob("report.md"))
 
     # the extractor the classify stage records (arm=real on the reference manifest) is accepted
-    from pipeline.evaluate import check_extractor
-    from pipeline.infra.loaders import file_sha256
+    from pipeline.infra.judge import check_extractor
+    from transforms.io import file_sha256
 
     payload = torch.load(phantom_extractor, map_location="cpu", weights_only=True)
     assert payload["arm"] == "real"
@@ -87,11 +87,11 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
     with pytest.raises(ValueError, match="records no training arm"):
         check_extractor(no_arm, torch.load(no_arm, weights_only=True), phantom_manifest)
 
-    # class_fidelity (the gain stage's check of each generator) refuses it too
-    from pipeline.evaluate import class_fidelity
+    # the judge of train's gate and of the gain stage's check of each generator refuses it too
+    from pipeline.infra.judge import Judge
 
     with pytest.raises(ValueError, match="arm=synthetic.*allow_foreign_extractor"):
-        class_fidelity(gen, synthetic, n=8, n_boot=5)
+        Judge.load(synthetic)
 
     # the explicit override runs, and the report and the MLflow run say so
     res = evaluate(_cfg(tmp_path, gen, synthetic, phantom_manifest, "allow_foreign_extractor=true"))
@@ -106,3 +106,33 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
     run = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ev.db'}").get_run(res["run_id"])
     assert "arm=synthetic" in run.data.tags["foreign_extractor"]
     assert run.data.params["allow_foreign_extractor"].lower() == "true"
+
+
+def test_judge_scores_once_and_measures_class_fidelity(phantom_generator, phantom_extractor):
+    """One definition of P(positive): the judge's, batch by batch, equals the classifier's own
+    forward pass on one image; class fidelity from images equals class fidelity from their scores,
+    and without a bootstrap its AUROC is the plain AUROC."""
+    import numpy as np
+
+    from pipeline.infra.judge import Judge, Scores, class_fidelity, generator_fidelity
+    from pipeline.infra.loaders import load_generator, resolve_labels, sample_images
+    from pipeline.infra.metrics import auroc
+
+    judge = Judge.load(phantom_extractor)
+    assert judge.arm == "real" and judge.image_size == 32 and 0 <= judge.threshold <= 1
+    lg = load_generator(phantom_generator["checkpoint"])
+    y = resolve_labels("balanced", 24, lg)
+    fake = sample_images(lg, y, seed=3)
+    scores = judge.score(fake, batch_size=5)
+    assert isinstance(scores, Scores) and scores.features.shape[0] == 24
+    with torch.no_grad():
+        one = float(torch.sigmoid(judge.model(fake[7][None]).float()).reshape(-1)[0])
+    assert float(judge.probs(fake[7][None])[0]) == one
+    assert np.array_equal(judge.probs(fake), judge.score(fake).probs)
+    by_images = class_fidelity(judge, fake, y, n_boot=50, seed=1, real_images=fake[:12])
+    assert by_images == class_fidelity(judge, judge.score(fake), y, n_boot=50, seed=1, real_images=fake[:12])
+    assert {"auroc", "auroc_lo", "auroc_hi", "n", "fd", "coverage", "n_real"} <= set(by_images)
+    point = class_fidelity(judge, scores, y, n_boot=0)
+    assert point["auroc"] == auroc(y, scores.probs) and np.isnan(point["auroc_lo"])
+    fid = generator_fidelity(phantom_generator["checkpoint"], judge, n=24, seed=3)
+    assert fid["auroc"] == auroc(y, judge.probs(fake)) and fid["n"] == 24

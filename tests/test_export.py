@@ -25,6 +25,7 @@ from pipeline.generate import GenerateConfig, generate
 from pipeline.infra import checkpoint as ckpt
 from pipeline.infra.config import ConfigError, load_config
 from pipeline.infra.loaders import load_generator, resolve_labels, sample_images
+from pipeline.infra.stage_configs import TrackingConfig
 from pipeline.run import main as run_main
 
 # what MONAI's bundle specification requires of metadata.json (verify_metadata checks it against a
@@ -191,7 +192,11 @@ def test_averaged_weights_are_the_ones_exported(phantom_generator, tmp_path):
 
 def test_mlflow_model_uri_exports_the_same_bundle(bundle, phantom_generator, tmp_path):
     uri = f"runs:/{phantom_generator['run_id']}/generator"
-    export(ExportConfig(checkpoint=uri, out=str(tmp_path / "b"), uri=phantom_generator["uri"]))
+    export(
+        ExportConfig(
+            checkpoint=uri, out=str(tmp_path / "b"), tracking=TrackingConfig(uri=phantom_generator["uri"])
+        )
+    )
     a = torch.load(tmp_path / "b" / "models" / "model.pt", weights_only=True)
     b = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -26,7 +26,7 @@ def _config(tmp_path, manifest, *extra: str):
             "fractions=[1.0]",
             "seeds=[0]",
             f"out_dir={tmp_path / 'gain'}",
-            "run_name=t",
+            "tracking.run_name=t",
             *extra,
         ],
     )
@@ -84,7 +84,9 @@ def test_rerun_reuses_only_children_whose_config_is_unchanged(tmp_path, phantom_
     cfg = _config(tmp_path, phantom_manifest)
     res = G.gain(cfg)
     rec = StudyRecords(tmp_path / "gain" / "t" / "records").read("children", "real-f1-s0")
-    assert re.fullmatch(r"[0-9a-f]{64}", rec["key"]) and rec["config"]["classify.lr"] == 0.001
+    assert (
+        re.fullmatch(r"[0-9a-f]{64}", rec["key"]) and rec["config"]["classify.lr"] == 0.001
+    )  # keyed by the spelling before 2026-12-06
     assert rec["parent_run_id"] == res["parent_run_id"] and rec["run_id"] == res["runs"]["run_id"][0]
 
     # the same config again: reused from its record, nothing trains
@@ -94,14 +96,14 @@ def test_rerun_reuses_only_children_whose_config_is_unchanged(tmp_path, phantom_
 
     # another learning rate: refused before anything trains, naming the child and the change
     with pytest.raises(ConfigError) as e:
-        G.gain(_config(tmp_path, phantom_manifest, "classify.lr=0.002"))
+        G.gain(_config(tmp_path, phantom_manifest, "classify.optim.lr=0.002"))
     msg = str(e.value)
     assert "real-f1-s0" in msg and "classify.lr: 0.001 -> 0.002" in msg
     assert "records=" in msg and "remove" in msg
     # the old parent run is untouched: one parent, its params still the old ones
     client = _client(tmp_path)
     parent = client.get_run(res["parent_run_id"])
-    assert parent.data.params["classify.lr"] == "0.001" and parent.info.status == "FINISHED"
+    assert parent.data.params["classify.optim.lr"] == "0.001" and parent.info.status == "FINISHED"
     runs = client.search_runs([parent.info.experiment_id], "tags.stage = 'gain'")
     assert len(runs) == 1
 

@@ -33,7 +33,7 @@ def _args(manifest, tmp_path, name: str, *extra: str) -> list[str]:
         "vaegan_overrides=[epochs=1,data.batch_size=16,model.base_channels=8,model.latent_dim=8,"
         "model.num_classes=2,grid_size=4,tracking.log_model=false,threads=1]",
         f"out_dir={tmp_path / name}",
-        "run_name=t",
+        "tracking.run_name=t",
         f"records={tmp_path / name / 'records'}",
         *extra,
     ]

@@ -44,7 +44,7 @@ def test_same_seed_same_images_other_seed_differs(tmp_path, phantom_generator):
 
 
 def test_manifest_records_label_seed_and_source_hash(tmp_path, phantom_generator):
-    from pipeline.infra.loaders import file_sha256
+    from transforms.io import file_sha256
     from transforms.manifest import read_manifest
 
     ck = phantom_generator["checkpoint"]

@@ -12,14 +12,10 @@ import pandas as pd
 import pytest
 from cxr_factory import REPO, SHARED, chest_like, make_dicom, make_png, needs_shared
 
-from pipeline.ingest import (
-    DecodeBudget,
-    IngestConfig,
-    carve_val_by_patient,
-    ingest,
-    patient_from_filename,
-    patient_from_path,
-)
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.decode import DecodeBudget
+from pipeline.ingest.patients import patient_from_filename, patient_from_path
+from pipeline.ingest.stage import carve_val_by_patient, ingest
 from pipeline.run import main as run_main
 from transforms.io import read_image
 from transforms.manifest import may_hold_burned_in, read_manifest

@@ -21,7 +21,7 @@ import pytest
 import torch
 from cxr_factory import REPO
 
-from pipeline.infra import model_store, tracking
+from pipeline.infra import model_store, outbox, tracking
 from pipeline.infra.loaders import load_generator, synthetic_source
 from pipeline.infra.model_store import UnsafeModelError
 
@@ -129,7 +129,7 @@ def test_logged_generator_is_data_and_loads_by_run_uri(phantom_generator):
 
 # ------------------------------------------------------------------------------ crafted outboxes
 def _outbox(tmp_path, ops: list[dict]) -> pathlib.Path:
-    box = tmp_path / "run" / tracking.OUTBOX_NAME
+    box = tmp_path / "run" / outbox.OUTBOX_NAME
     (box / "files").mkdir(parents=True)
     uri = f"sqlite:///{tmp_path / 'sync.db'}"
     (box / "state.json").write_text(json.dumps({"uri": uri, "experiment": "e", "run_id": None}))
@@ -142,7 +142,7 @@ def test_sync_never_uploads_a_file_outside_its_outbox(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the tracking server")
     box = _outbox(tmp_path, [{"op": "artifact", "path": str(secret), "artifact_path": None, "seq": 2}])
-    with pytest.raises(tracking.OutboxError, match="not a buffered file inside"):
+    with pytest.raises(outbox.OutboxError, match="not a buffered file inside"):
         tracking.sync(box)
     assert not (tmp_path / "sync.db").exists()  # refused before anything was sent
 
@@ -153,7 +153,7 @@ def test_sync_refuses_a_symlink_out_of_its_outbox(tmp_path):
     link.symlink_to("/etc/hostname")
     with (box / "ops.jsonl").open("a") as f:
         f.write(json.dumps({"op": "artifact", "path": str(link), "artifact_path": None, "seq": 2}) + "\n")
-    with pytest.raises(tracking.OutboxError):
+    with pytest.raises(outbox.OutboxError):
         tracking.sync(box)
     assert not (tmp_path / "sync.db").exists()
 
@@ -163,7 +163,7 @@ def test_sync_never_unpickles_a_generator_op_pointing_at_a_model_uri(pickled_mod
     box = _outbox(
         tmp_path, [{"op": "generator", "path": pickled_model["file_uri"], "registered_name": "", "seq": 2}]
     )
-    with pytest.raises(tracking.OutboxError, match="not a buffered file inside"):
+    with pytest.raises(outbox.OutboxError, match="not a buffered file inside"):
         tracking.sync(box)
     assert not pickled_model["marker"].exists()
 
@@ -191,7 +191,7 @@ def test_sync_never_unpickles_a_buffered_generator(tmp_path):
 )
 def test_sync_validates_every_operation_before_sending(tmp_path, op, why):
     box = _outbox(tmp_path, [op])
-    with pytest.raises(tracking.OutboxError, match=why):
+    with pytest.raises(outbox.OutboxError, match=why):
         tracking.sync(box)
     assert not (tmp_path / "sync.db").exists()
 

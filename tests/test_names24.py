@@ -20,7 +20,7 @@ from mlflow_server import free_port
 
 from pipeline.classify import ClassifyConfig
 from pipeline.infra import checkpoint as ckpt
-from pipeline.infra import engine, tracking
+from pipeline.infra import engine, outbox, tracking
 from pipeline.infra.config import ConfigError, load_config
 from pipeline.infra.stage_configs import GainConfig, TrackingConfig
 from pipeline.train import TrainConfig, train
@@ -53,10 +53,10 @@ def test_a_run_name_that_is_not_one_folder_name_is_refused(tmp_path, name):
 
 @pytest.mark.parametrize(
     "cls,override",
-    [(GainConfig, "run_name=.."), (ClassifyConfig, "tracking.run_name=/etc")],
+    [(GainConfig, "tracking.run_name=.."), (ClassifyConfig, "tracking.run_name=/etc")],
 )
 def test_gain_and_classify_run_names_are_names_too(cls, override):
-    # gain writes OUT_DIR/RUN_NAME, classify OUT_DIR/tracking.run_name: both once took any path
+    # gain writes OUT_DIR/RUN_NAME, classify OUT_DIR/RUN_NAME (tracking.run_name): both once took any path
     with pytest.raises(ConfigError, match=r"run_name=.*not a path"):
         load_config(cls, None, [override])
 
@@ -147,7 +147,7 @@ def _outbox_of(tmp_path: Path, monkeypatch, run_id: str, folder: str = "run") ->
     tr.log_metrics({"m": 1.0}, step=1)
     tr.close("FAILED")
     assert tr.pending
-    return tr.outbox
+    return tr.box.folder
 
 
 def test_sync_sends_an_outbox_to_its_own_run(tmp_path, monkeypatch):
@@ -167,7 +167,7 @@ def test_sync_refuses_a_state_json_naming_another_run(tmp_path, monkeypatch):
     state = json.loads((box / "state.json").read_text())
     (box / "state.json").write_text(json.dumps({**state, "run_id": other}))
     # before: the other, finished run got the param and the metric and went FINISHED -> FAILED
-    with pytest.raises(tracking.OutboxError, match=rf"names MLflow run {other}, but .* made for run {rid}"):
+    with pytest.raises(outbox.OutboxError, match=rf"names MLflow run {other}, but .* made for run {rid}"):
         tracking.sync(box, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for r in (other, rid):
         run = _client(tmp_path).get_run(r)
@@ -183,7 +183,7 @@ def test_sync_never_writes_into_a_run_that_has_ended(tmp_path, monkeypatch):
     # a crafted outbox: state and operations agree on the other, finished run
     for name in ("state.json", "ops.jsonl"):
         (box / name).write_text((box / name).read_text().replace(rid, other))
-    with pytest.raises(tracking.OutboxError, match=rf"run {other} has already ended \(FINISHED\)"):
+    with pytest.raises(outbox.OutboxError, match=rf"run {other} has already ended \(FINISHED\)"):
         tracking.sync(box, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = _client(tmp_path).get_run(other)
     assert run.info.status == "FINISHED" and not run.data.params and not run.data.metrics
@@ -213,7 +213,7 @@ def test_a_malformed_line_in_the_middle_is_still_refused(tmp_path, monkeypatch):
     box = _outbox_of(tmp_path, monkeypatch, rid)
     lines = (box / "ops.jsonl").read_text().splitlines(keepends=True)
     (box / "ops.jsonl").write_text("".join([*lines[:2], '{"op": "metr\n', *lines[2:]]))
-    with pytest.raises(tracking.OutboxError, match=r"line 3: not JSON"):
+    with pytest.raises(outbox.OutboxError, match=r"line 3: not JSON"):
         tracking.sync(box, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not _client(tmp_path).get_run(rid).data.params
 
@@ -225,7 +225,7 @@ def test_train_resume_auto_goes_on_after_a_cut_last_line(tmp_path, phantom_manif
     tr = tracking.Tracker(_offline(monkeypatch), run_dir)
     tr.start(first["run_id"], "a")
     tr.log_params({"note": "kept"})
-    with open(tr.ops_file, "a") as f:
+    with open(tr.box.ops_file, "a") as f:
         f.write('{"op": "params", "da')
     # before: OutboxError "not JSON; nothing was sent", and the run could not be resumed
     res = train(
@@ -236,4 +236,4 @@ def test_train_resume_auto_goes_on_after_a_cut_last_line(tmp_path, phantom_manif
     assert ckpt.load_checkpoint(res["checkpoint"])["epoch"] == 2
     run = _client(tmp_path).get_run(first["run_id"])
     assert run.data.params["note"] == "kept" and run.info.status == "FINISHED"
-    assert not tr.ops_file.read_text().strip()
+    assert not tr.box.ops_file.read_text().strip()

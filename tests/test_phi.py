@@ -219,7 +219,8 @@ def test_ingest_resolves_the_salt_once_before_its_threads_start(tmp_path, monkey
 
     import pandas as pd
 
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.ingest.config import IngestConfig
+    from pipeline.ingest.stage import ingest
     from transforms import phi
 
     monkeypatch.delenv(phi.SALT_ENV, raising=False)
@@ -258,7 +259,8 @@ def test_dicom_tag_values_never_reach_logs_warnings_or_quarantine(tmp_path, monk
 
     import pydicom
 
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.ingest.config import IngestConfig
+    from pipeline.ingest.stage import ingest
 
     monkeypatch.chdir(tmp_path)
     uid_marker, pid_marker, rows_marker = "MRN-SECRET-4711", "PID-SECRET-0815", "ROWS-SECRET-0042"

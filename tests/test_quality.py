@@ -8,6 +8,7 @@ import torch
 
 from pipeline.infra import quality as Q
 from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.metrics import mean_with_ci
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_ms_ssim_diversity(phantoms):
 
 def test_bootstrap_interval_brackets_the_point():
     v = np.random.default_rng(0).normal(size=200)
-    m, lo, hi = Q.mean_with_ci(v)
+    m, lo, hi = mean_with_ci(v)
     assert lo < m < hi
 
 
@@ -250,7 +251,7 @@ def test_evaluate_scores_samples_from_a_manifest_or_a_folder(
     import mlflow
 
     from pipeline.generate import GenerateConfig, generate
-    from pipeline.infra.loaders import file_sha256
+    from transforms.io import file_sha256
 
     gen = generate(
         load_config(

@@ -15,7 +15,7 @@ import torch
 from pipeline.infra import speed
 from pipeline.infra.config import ConfigError, load_config
 from pipeline.infra.stage_configs import MEASURES, SpeedConfig
-from pipeline.train import Groups, TrainConfig, build_model, calibration_step, make_step_fn
+from pipeline.train import Groups, StepParts, TrainConfig, build_model, calibration_step, make_step_fn
 
 CPU = torch.device("cpu")
 
@@ -120,7 +120,7 @@ def test_the_auto_choice_computes_what_all_off_computes(tmp_path):
         speed.apply_process_measures(measures, CPU)
         model = build_model(cfg, CPU, measures)
         model.load_state_dict(copy.deepcopy(start))
-        step = make_step_fn(model, Groups(model, cfg.optim), cfg, CPU, None, None)
+        step = make_step_fn(StepParts(model, Groups(model, cfg.optim), cfg, CPU))
         torch.manual_seed(1)  # the steps' noise
         losses = [{k: float(v) for k, v in step(batch).items()} for _ in range(3)]
         return losses, model.state_dict()

@@ -36,7 +36,7 @@ def _args(manifest, out: Path, records: Path, store: Path, *extra: str) -> list[
         "seeds=[0,1]",
         "holdout_fraction=0.2",
         f"out_dir={out}",
-        "run_name=t",
+        "tracking.run_name=t",
         f"records={records}",
         *extra,
     ]
@@ -366,7 +366,7 @@ def test_records_outlive_options_added_later_at_their_defaults(tmp_path, phantom
     recs = StudyRecords(tmp_path / "rec")
     rec = recs.read("children", "real-f1-s0")
     old = dict(rec)
-    from pipeline.gain import config_key
+    from pipeline.infra.study_plan import config_key
 
     old["config"] = {k: v for k, v in rec["config"].items() if k != "classify.grad_clip"}  # "added later"
     old["key"] = config_key(old["config"])  # as the code of then keyed it
@@ -405,7 +405,7 @@ def test_the_keys_of_a_tiny_study_are_pinned(tmp_path, phantom_manifest, monkeyp
                 "vaegan_overrides=[data.batch_size=4,model.base_channels=8,model.latent_dim=8,model.num_classes=2]",
                 f"out_dir={tmp_path / 'out'}",
                 f"records={tmp_path / 'rec'}",
-                "run_name=t",
+                "tracking.run_name=t",
             ],
         )
     )

@@ -222,6 +222,7 @@ def test_generate_and_evaluate_go_on_when_the_server_is_down(
     from pipeline.evaluate import EvaluateConfig, evaluate
     from pipeline.generate import GenerateConfig, generate
     from pipeline.infra.config import load_config
+    from pipeline.infra.stage_configs import TrackingConfig
     from pipeline.infra.tracking import sync
 
     port = free_port()
@@ -256,7 +257,7 @@ def test_generate_and_evaluate_go_on_when_the_server_is_down(
         )
     )
     assert ev["run_id"] is None and Path(ev["report"]).is_file()
-    assert compare(CompareConfig(experiment="cxr-vaegan-evaluate", uri=url)) == 2
+    assert compare(CompareConfig(tracking=TrackingConfig(experiment="cxr-vaegan-evaluate", uri=url))) == 2
 
     proc = start_server(port, tmp_path / "server")
     try:

@@ -399,7 +399,7 @@ def test_cpu_speed_measures_leave_training_unchanged():
     steps with all of them off, from the same start."""
     import copy
 
-    from pipeline.train import make_step_fn
+    from pipeline.train import StepParts, make_step_fn
 
     torch.manual_seed(0)
     cfg = TrainConfig()
@@ -415,7 +415,7 @@ def test_cpu_speed_measures_leave_training_unchanged():
             model.fuse_norm_act().to_channels_last()
         model.disc_calls = "split" if fast else "joint"
         groups = Groups(model, cfg.optim)
-        step = make_step_fn(model, groups, cfg, torch.device("cpu"), None, None)
+        step = make_step_fn(StepParts(model, groups, cfg, torch.device("cpu")))
         torch.manual_seed(1)  # the step's noise
         for _ in range(3):
             assert step(batch)

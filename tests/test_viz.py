@@ -221,7 +221,7 @@ def test_arm_bars_widen_a_given_ylim_to_hold_every_ci():
     from pipeline.infra.viz import arm_bars_figure, pyplot
 
     table = _gain_table()
-    fig = arm_bars_figure(table, "paired_delta", "paired_lo", "paired_hi", "gain", ylim=(-0.05, 0.05))
+    fig = arm_bars_figure(table, ("paired_delta", "paired_lo", "paired_hi"), "gain", ylim=(-0.05, 0.05))
     try:
         lo, hi = fig.axes[0].get_ylim()
         assert lo <= min(-0.05, table["paired_lo"].min()) and hi >= max(0.05, table["paired_hi"].max())

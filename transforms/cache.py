@@ -11,9 +11,9 @@ write whole files. MONAI's ``PersistentDataset`` pickles its cache; this one sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import Transform
+
+from transforms.manifest import atomic_writer
 
 
 class DiskCached(Transform):
@@ -48,12 +50,9 @@ class DiskCached(Transform):
         out = self.head(d)
         arr = np.ascontiguousarray(torch.as_tensor(out["image"]).numpy(), dtype=np.float32)
         f.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=f.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-            os.replace(tmp, f)
-        except OSError:  # a full or read-only cache costs speed, never the run
-            Path(tmp).unlink(missing_ok=True)
+        # a full or read-only cache costs speed, never the run; not fsynced: a cache file lost in
+        # a crash is decoded again
+        with contextlib.suppress(OSError), atomic_writer(f, binary=True, fsync=False) as fh:
+            np.save(fh, arr, allow_pickle=False)
         out["image"] = torch.from_numpy(arr)
         return out

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 
@@ -95,20 +97,41 @@ def file_mode() -> int:
     return 0o644
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file; the
-    file gets the mode the umask gives any new file."""
+@contextmanager
+def atomic_writer(
+    path: str | Path,
+    binary: bool = False,
+    fsync: bool = True,
+    before_replace: Callable[[], None] | None = None,
+) -> Iterator[IO]:
+    """The one way files are written: ``with atomic_writer(path) as f: f.write(...)`` writes a
+    temp file ``.NAME.*.tmp`` in the same folder (UTF-8 text, or bytes with ``binary``), fsyncs
+    it (unless ``fsync=False``: files that are cheap to make again), runs ``before_replace``, and
+    renames it over ``path``, so readers never see half a file. The file gets the mode the umask
+    gives any new file (:func:`file_mode`). A failure anywhere removes the temp file and leaves
+    ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, file_mode())
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(text)
 
 
 def write_manifest(

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.infra.config import flatten
-from transforms.manifest import file_mode
+from pipeline.infra.config import MISSING, diff_flat, flatten
+from transforms.manifest import atomic_writer
 
 # the file in which a run folder names its MLflow run (written by tracking.Tracker as soon as the
 # run exists, read by engine.previous_run_id)
@@ -103,21 +103,17 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
     temp files; out of space, it raises :class:`DiskFullError` naming ``path`` (the checkpoints
     already there are intact)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, file_mode())  # the umask's mode: mkstemp's 0600 hid checkpoints from a team
-    writer = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _RecordingWriter(f)
-            torch.save(payload, writer)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def keep_the_replaced() -> None:
         if keep_previous and path.is_file():
             keep_copy(path, previous_path(path))
-        os.replace(tmp, path)
+
+    writer = None
+    try:
+        with atomic_writer(path, binary=True, before_replace=keep_the_replaced) as f:
+            writer = _RecordingWriter(f)
+            torch.save(payload, writer)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
         seen = writer.error if writer is not None and isinstance(e, RuntimeError) else None
         if seen is not None and seen.errno not in DISK_FULL_ERRNOS:
             # another write error torch reported as "unexpected pos": say which, and where
@@ -191,13 +187,10 @@ def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path]:
 
 def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """``key: checkpoint X, now Y`` for every flattened key both configs have and that differs."""
-
-    a, b = flatten(saved), flatten(now)
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - lists come back as tuples or lists
     return [
-        f"{k}: checkpoint {a[k]!r}, now {b[k]!r}"
-        for k in sorted(set(a) & set(b))
-        if k not in ignore and norm(a[k]) != norm(b[k])
+        f"{k}: checkpoint {a!r}, now {b!r}"
+        for k, a, b in diff_flat(flatten(saved), flatten(now))
+        if k not in ignore and a is not MISSING and b is not MISSING
     ]
 
 

@@ -28,10 +28,12 @@ import inspect
 import io
 import math
 import re
+import sys
 import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,17 +134,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(key, value, a)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': {shown(value)} does not fit {_type_name(tp)}")
+        return _coerce_union(key, value, tp)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(
@@ -151,52 +143,80 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         inner = args[0] if args else Any
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true/false, got {shown(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(
-                f"config key '{key}': expected an integer, got {type(value).__name__} {shown(value)}"
-            )
-        if not -INT64 <= value < INT64:
-            raise ConfigError(f"config key '{key}': {shown(value)} does not fit a 64-bit integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-2" (no dot) as a string; accept any float literal
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(
-                f"config key '{key}': expected a number, got {type(value).__name__} {shown(value)}"
-            )
-        try:
-            number = float(value)
-        except OverflowError:  # an int beyond any float
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(
-                f"config key '{key}': {shown(value)} is not a finite number (nan and inf are refused): "
-                "give a finite value"
-            )
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(
-                f"config key '{key}': expected a string, got {type(value).__name__} {shown(value)}"
-            )
-        return value
+    if isinstance(tp, type) and tp in _SCALARS:
+        return _SCALARS[tp](key, value)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(
                 f"config key '{key}': expected a mapping, got {type(value).__name__} {shown(value)}"
             )
         return _check(tp, value, f"{key}.")
+    return value  # Any, and annotations no config key uses
+
+
+def _coerce_union(key: str, value: Any, tp: Any) -> Any:
+    """The value as the first member of the union ``tp`` it fits (None for an optional's null)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(key, value, a)
+        except ConfigError:
+            continue
+    raise ConfigError(f"config key '{key}': {shown(value)} does not fit {_type_name(tp)}")
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected true/false, got {shown(value)}")
     return value
+
+
+def _as_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"config key '{key}': expected an integer, got {type(value).__name__} {shown(value)}"
+        )
+    if not -INT64 <= value < INT64:
+        raise ConfigError(f"config key '{key}': {shown(value)} does not fit a 64-bit integer")
+    return value
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-2" (no dot) as a string; accept any float literal
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(
+            f"config key '{key}': {shown(value)} is not a finite number (nan and inf are refused): "
+            "give a finite value"
+        )
+    return number
+
+
+def _as_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{key}': expected a string, got {type(value).__name__} {shown(value)}")
+    return value
+
+
+# the scalar annotations of config keys, each with the check (and conversion) of its values
+_SCALARS: dict[type, Callable[[str, Any], Any]] = {
+    bool: _as_bool,
+    int: _as_int,
+    float: _as_float,
+    str: _as_str,
+}
 
 
 def _check(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -287,7 +307,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """The stage's own defaults <- ``data`` (checked), as an instance of ``cls``."""
     if not _is_dataclass_type(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    checked = _validate(cls, data or {}, prefix)
+    checked = _validate(cls, current_spelling(cls, data or {}), prefix)
     try:
         # the class (not an instance): default_factory sections are called, so each stage's own
         # defaults hold, while no __post_init__ runs before the values are merged (a derived
@@ -302,6 +322,22 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict over its own defaults; bad keys/values raise ConfigError."""
     return _build(cls, data, prefix)
+
+
+MISSING = object()  # a key one side of a diff does not have
+
+
+def diff_flat(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The one config differ: ``(key, old value, new value)`` for every key of two flat configs
+    whose values differ (:data:`MISSING` for a key one side lacks), keys sorted; a tuple equals
+    the list it reads back as."""
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, MISSING), new.get(k, MISSING)
+        if a is MISSING or b is MISSING or norm(a) != norm(b):
+            out.append((k, a, b))
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -435,15 +471,89 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
     """The stage's own defaults <- YAML file <- ``key=value`` overrides, validated into ``cls``."""
     data: dict[str, Any] = {}
     if yaml_path is not None:
-        data = read_yaml(yaml_path)
+        data = current_spelling(cls, read_yaml(yaml_path))
         try:
             _validate(cls, data)  # so that a bad key or value in the file says so
         except ConfigError as e:
             raise ConfigError(f"config file {yaml_path}: {e}") from None
     for item in overrides or []:
         path, value = parse_override(item)
-        _set_nested(data, path, value)
+        for new_path, new_value in _renamed_leaves(cls, {".".join(path): value}, ""):
+            _set_nested(data, new_path.split("."), new_value)
     return _build(cls, data)
+
+
+# ----------------------------------------------------------------------------- renamed keys
+_WARNED: set[str] = set()
+
+
+def _renamed_leaves(cls: type, data: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    """``data``'s (dotted key, value) pairs with every deprecated key (a class's ``RENAMED``
+    table: old key -> :class:`pipeline.infra.stage_configs.Renamed`) in its current spelling and
+    value; a dotted key (an override) is followed into its sections."""
+    hints = typing.get_type_hints(cls)
+    table = getattr(cls, "RENAMED", {})
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        head, _, rest = str(key).partition(".")
+        if key in table:
+            ren = table[key]
+            if f"{prefix}{key}" not in _WARNED:
+                _WARNED.add(f"{prefix}{key}")
+                print(
+                    f"config: '{prefix}{key}' is deprecated, read as '{prefix}{ren.new}' (the old spelling "
+                    "goes in the next release: write the new one)",
+                    file=sys.stderr,
+                )
+            out.append((f"{prefix}{ren.new}", ren.forward(value)))
+        elif head in hints and _is_dataclass_type(hints[head]) and (rest or isinstance(value, dict)):
+            inner = {rest: value} if rest else value
+            out.extend(_renamed_leaves(hints[head], inner, f"{prefix}{head}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def renamed_keys(cls: type, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """Every renamed key of ``cls`` and its sections: dotted new key -> (dotted old key, its
+    :class:`pipeline.infra.stage_configs.Renamed`)."""
+    hints = typing.get_type_hints(cls)
+    out = {f"{prefix}{r.new}": (f"{prefix}{old}", r) for old, r in getattr(cls, "RENAMED", {}).items()}
+    for f in _init_fields(cls):
+        if _is_dataclass_type(hints[f.name]):
+            out.update(renamed_keys(hints[f.name], f"{prefix}{f.name}."))
+    return out
+
+
+def old_spelling(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat config of ``cls`` with each renamed key (and value) as it was spelled before: what
+    identifies a computation did not change with a name, so a key computed from this one keeps
+    records made before the rename valid."""
+    table = renamed_keys(cls)
+    out = {}
+    for k, v in flat.items():
+        if k in table:
+            old, ren = table[k]
+            out[old] = ren.backward(v)
+        else:
+            out[k] = v
+    return out
+
+
+def current_spelling(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict with its deprecated keys in their current spelling; a key given in
+    both spellings is refused (which one was meant?)."""
+    leaves = _renamed_leaves(cls, data, "")
+    seen: set[str] = set()
+    out: dict[str, Any] = {}
+    for key, value in leaves:
+        if key in seen:
+            raise ConfigError(
+                f"config key '{key}' is given twice (once in a deprecated spelling): keep '{key}'"
+            )
+        seen.add(key)
+        _set_nested(out, key.split("."), value)
+    return out
 
 
 # ----------------------------------------------------------------------------- describing a config

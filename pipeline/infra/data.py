@@ -14,10 +14,12 @@ import hashlib
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose
 
+from pipeline.infra.sampling import draw_patients
 from pipeline.infra.stage_configs import (
     DataConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
 )
@@ -25,7 +27,9 @@ from transforms.batch import BatchAugment
 from transforms.cache import DiskCached
 from transforms.manifest import (
     COLUMNS,
+    MANIFEST_SPLITS,
     ManifestError,
+    label_names,
     read_manifest,
     resolve_data_root,
     sidecar_path,
@@ -34,17 +38,58 @@ from transforms.manifest import (
 from transforms.presets import TransformConfig, deterministic_transforms, eval_transforms, train_transforms
 
 
+class Manifest:
+    """A manifest read once (:func:`transforms.manifest.read_manifest`: columns checked, paths
+    kept inside the data root, ``abs_path`` added): a stage derives its splits, label names and
+    subsets from these rows instead of parsing the file again for each."""
+
+    def __init__(self, path: str | Path, df: pd.DataFrame | None = None) -> None:
+        self.path = Path(path)
+        self.df = read_manifest(self.path)[0] if df is None else df
+
+    def records(self, split: str, limit: int = 0, labels: list[int] | None = None) -> list[dict]:
+        """``[{"image": abs_path, "label": int}]`` of one split (the first ``limit`` rows when
+        > 0; only rows with one of ``labels`` when given)."""
+        if split not in MANIFEST_SPLITS:
+            raise ManifestError(f"unknown split '{split}'; expected one of {MANIFEST_SPLITS}")
+        df = self.df[self.df["split"] == split]
+        if labels:
+            df = df[df["label"].isin(labels)]
+        if df.empty:
+            raise ManifestError(
+                f"{self.path}: split '{split}' has no images" + (f" with labels {labels}" if labels else "")
+            )
+        if limit > 0:
+            df = df.iloc[:limit]
+        return [{"image": p, "label": int(lab)} for p, lab in zip(df["abs_path"], df["label"], strict=True)]
+
+    def label_names(self) -> dict[int, str]:
+        return label_names(self.df)
+
+    def subset(self, fraction: float, seed: int, out: str | Path | None) -> Manifest:
+        """``fraction`` of the train and val patients (every other split kept whole), written to
+        ``out`` as a manifest over the same data root when given (rank 0 writes; every replica
+        draws the same rows); the subset's rows, as :meth:`read` would give them back."""
+        df = self.df.drop(columns=["abs_path"])
+        parts = [
+            sample_patients(df[df["split"] == s], fraction, seed + i) for i, s in enumerate(("train", "val"))
+        ]
+        sub = pd.concat([*parts, df[~df["split"].isin(("train", "val"))]])
+        if out is not None:
+            counts = {s: int((sub["split"] == s).sum()) for s in sorted(set(sub["split"]))}
+            meta = {
+                "subset_of": str(self.path),
+                "fraction": fraction,
+                "fraction_seed": seed,
+                "counts": counts,
+            }
+            _write_like(self.path, sub.copy(), out, **meta)
+        return Manifest(out if out is not None else self.path, self.df.loc[sub.index])
+
+
 def records(manifest: str | Path, split: str, limit: int = 0, labels: list[int] | None = None) -> list[dict]:
-    df, _ = read_manifest(manifest, split)
-    if labels:
-        df = df[df["label"].isin(labels)].reset_index(drop=True)
-    if df.empty:
-        raise ManifestError(
-            f"{manifest}: split '{split}' has no images" + (f" with labels {labels}" if labels else "")
-        )
-    if limit > 0:
-        df = df.iloc[:limit]
-    return [{"image": p, "label": int(lab)} for p, lab in zip(df["abs_path"], df["label"], strict=True)]
+    """One split's records of a manifest file (:meth:`Manifest.records`)."""
+    return Manifest(manifest).records(split, limit, labels)
 
 
 def _cache_key(cfg: TransformConfig) -> str:
@@ -196,21 +241,13 @@ def sample_patients(df, fraction: float, seed: int):
     Whole patients are kept or dropped, so a fraction never splits a patient's images; at least one
     patient per label is kept.
     """
-    import numpy as np
-
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1 or df.empty:
         return df
     pid = df["patient_id"].astype(str).where(df["patient_id"].astype(str) != "", df["path"].astype(str))
-    per_patient = df.assign(_pid=pid).groupby("_pid")["label"].agg(lambda s: int(s.mode().iloc[0]))
-    rng = np.random.default_rng(seed)
-    keep: list[str] = []
-    for _, pids in per_patient.groupby(per_patient):
-        ids = sorted(pids.index)
-        k = max(1, int(round(fraction * len(ids))))
-        keep += list(rng.choice(ids, size=k, replace=False))
-    return df[pid.isin(set(keep))]
+    keep = draw_patients(df["label"], pid, lambda n: max(1, int(round(fraction * n))), seed, "choice")
+    return df[pid.isin(keep)]
 
 
 def _write_like(manifest: str | Path, df, out: str | Path, **meta_update) -> Path:
@@ -230,22 +267,11 @@ def _write_like(manifest: str | Path, df, out: str | Path, **meta_update) -> Pat
 
 def write_subset_manifest(manifest: str | Path, fraction: float, seed: int, out: str | Path) -> Path:
     """A copy of ``manifest`` keeping ``fraction`` of the train and val patients (every other split,
-    test and any held-out split, kept whole).
+    test and any held-out split, kept whole): :meth:`Manifest.subset`.
 
     The copy points at the same data root, so the images are not duplicated.
     """
-    import pandas as pd
-
-    df, _ = read_manifest(manifest)
-    df = df.drop(columns=["abs_path"])
-    parts = [
-        sample_patients(df[df["split"] == s], fraction, seed + i) for i, s in enumerate(("train", "val"))
-    ]
-    sub = pd.concat([*parts, df[~df["split"].isin(("train", "val"))]])
-    counts = {s: int((sub["split"] == s).sum()) for s in sorted(set(sub["split"]))}
-    return _write_like(
-        manifest, sub, out, subset_of=str(manifest), fraction=fraction, fraction_seed=seed, counts=counts
-    )
+    return Manifest(manifest).subset(fraction, seed, out).path
 
 
 def carve_split(manifest: str | Path, fraction: float, seed: int, name: str, out: str | Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -99,53 +100,62 @@ def seed_epoch(seed: int, epoch: int, loader_generator: torch.Generator, dataset
     torch.manual_seed(s)
 
 
-def run_epoch(
-    loader: Iterable,
-    step_fn: StepFn,
-    *,
-    step: int,
-    desc: str,
-    log_every: int,
-    log_fn: Callable[[dict[str, float], int], None] | None = None,
-    ckpt_fn: Callable[[int, int], None] | None = None,
-    ckpt_every: int = 0,
-    skip_batches: int = 0,
-    restore_rng: dict | None = None,
-    prefix: str = "train/",
-    hide_in_bar: tuple[str, ...] = (),
-    max_batches: int = 0,
-) -> tuple[dict[str, float], int]:
-    """One pass over ``loader`` calling ``step_fn`` per batch; returns (epoch means, new global step).
+@dataclass
+class EpochPlan:
+    """How one pass over a loader runs (:func:`run_epoch`).
 
-    ``ckpt_fn(step, batch_in_epoch)`` is called every ``ckpt_every`` steps (not on the last batch:
-    the caller checkpoints the epoch end itself). ``max_batches > 0`` ends the epoch after that many
-    batches (a fixed step budget over a larger data set).
-    """
+    ``log_fn(metrics, step)`` gets the means of the last ``log_every`` steps; ``ckpt_fn(step,
+    batch_in_epoch)`` is called every ``ckpt_every`` steps (not on the last batch: the caller
+    checkpoints the epoch end itself); ``skip_batches``/``restore_rng``: a run resumed mid-epoch
+    replays the loader to there and restores the RNG state saved with the checkpoint;
+    ``max_batches > 0`` ends the epoch after that many batches (a fixed step budget over a larger
+    data set); metrics are named ``prefix + name``, those starting with ``hide_in_bar`` are left
+    out of the progress bar."""
+
+    desc: str
+    log_every: int
+    log_fn: Callable[[dict[str, float], int], None] | None = None
+    ckpt_fn: Callable[[int, int], None] | None = None
+    ckpt_every: int = 0
+    skip_batches: int = 0
+    restore_rng: dict | None = None
+    prefix: str = "train/"
+    hide_in_bar: tuple[str, ...] = ()
+    max_batches: int = 0
+
+
+def _progress_bar(total: int, plan: EpochPlan) -> tqdm:
+    # a live bar on a terminal; in a log file (no TTY) a line every 30 s instead of every redraw
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=plan.desc,
+        unit="batch",
+        file=sys.stderr,
+        leave=False,
+        initial=plan.skip_batches,
+        mininterval=0.5 if tty else 30,
+        dynamic_ncols=tty,
+    )
+
+
+def run_epoch(loader: Iterable, step_fn: StepFn, step: int, plan: EpochPlan) -> tuple[dict[str, float], int]:
+    """One pass over ``loader`` calling ``step_fn`` per batch as ``plan`` says; returns (epoch
+    means, new global step)."""
     sums: dict[str, torch.Tensor] = {}
     window: dict[str, torch.Tensor] = {}
     n_batches = n_window = 0
     total = len(loader)  # type: ignore[arg-type]
-    if max_batches > 0:
-        total = min(total, max_batches)
-    # a live bar on a terminal; in a log file (no TTY) a line every 30 s instead of every redraw
-    tty = sys.stderr.isatty()
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit="batch",
-        file=sys.stderr,
-        leave=False,
-        initial=skip_batches,
-        mininterval=0.5 if tty else 30,
-        dynamic_ncols=tty,
-    )
+    if plan.max_batches > 0:
+        total = min(total, plan.max_batches)
+    bar = _progress_bar(total, plan)
     for bi, batch in enumerate(loader):
         if bi >= total:
             break
-        if bi < skip_batches:
+        if bi < plan.skip_batches:
             continue  # resumed mid-epoch: the loader and augmentations replay to here, no training
-        if bi == skip_batches and restore_rng is not None:
-            ckpt.set_rng_state(restore_rng)
+        if bi == plan.skip_batches and plan.restore_rng is not None:
+            ckpt.set_rng_state(plan.restore_rng)
         losses = step_fn(batch)
         step += 1
         n_batches += 1
@@ -154,17 +164,26 @@ def run_epoch(
             sums[k] = sums.get(k, 0) + v
             window[k] = window.get(k, 0) + v
         # host sync (and a tracking write) only every log_every steps
-        if step % log_every == 0 or bi == total - 1:
-            metrics = {f"{prefix}{k}": float(v) / n_window for k, v in window.items()}
-            if log_fn is not None:
-                log_fn(metrics, step)
+        if step % plan.log_every == 0 or bi == total - 1:
+            metrics = {f"{plan.prefix}{k}": float(v) / n_window for k, v in window.items()}
+            if plan.log_fn is not None:
+                plan.log_fn(metrics, step)
             bar.set_postfix(
-                {k[len(prefix) :]: f"{v:.3f}" for k, v in metrics.items() if not k.startswith(hide_in_bar)}
+                {
+                    k[len(plan.prefix) :]: f"{v:.3f}"
+                    for k, v in metrics.items()
+                    if not k[len(plan.prefix) :].startswith(plan.hide_in_bar)
+                }
             )
             window, n_window = {}, 0
         bar.update(1)
-        if ckpt_fn is not None and ckpt_every > 0 and step % ckpt_every == 0 and bi < total - 1:
-            ckpt_fn(step, bi + 1)
+        if (
+            plan.ckpt_fn is not None
+            and plan.ckpt_every > 0
+            and step % plan.ckpt_every == 0
+            and bi < total - 1
+        ):
+            plan.ckpt_fn(step, bi + 1)
     bar.close()
     return {k: float(v) / max(n_batches, 1) for k, v in sums.items()}, step
 

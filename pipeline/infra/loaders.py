@@ -24,6 +24,7 @@ from pipeline.infra.config import from_dict
 from pipeline.infra.data import DataConfig, build_dataset, records
 from pipeline.infra.stage_configs import TrainConfig
 from pipeline.infra.tracking import TrackingConfig, resolve_uri
+from transforms.io import file_sha256
 from transforms.synthetic import GeneratorSource, ManifestSource
 
 
@@ -42,14 +43,6 @@ class LoadedGenerator:
     @property
     def num_classes(self) -> int:
         return int(self.generator.decoder.num_classes)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_sha256(module: torch.nn.Module) -> str:
@@ -84,25 +77,25 @@ def load_generator(
     return LoadedGenerator(gen.to(device).eval(), dict(gen.label_names), src, file_sha256(src), run_id)
 
 
-def resolve_labels(spec: str, n: int, lg: LoadedGenerator) -> np.ndarray:
+def resolve_labels(spec: str, n: int, loaded: LoadedGenerator) -> np.ndarray:
     """``balanced`` cycles the classes; a name or index repeats one class. -1 = unconditioned."""
-    if lg.num_classes == 0:
+    if loaded.num_classes == 0:
         if spec != "balanced":
             raise ValueError(f"label={spec!r}: this generator is not class-conditioned; use label=balanced")
         return np.full(n, -1, dtype=np.int64)
     if spec == "balanced":
-        return np.arange(n, dtype=np.int64) % lg.num_classes
-    by_name = {v.lower(): k for k, v in lg.label_names.items()}
+        return np.arange(n, dtype=np.int64) % loaded.num_classes
+    by_name = {v.lower(): k for k, v in loaded.label_names.items()}
     if spec.lower() in by_name:
         return np.full(n, by_name[spec.lower()], dtype=np.int64)
-    if spec.lstrip("-").isdigit() and 0 <= int(spec) < lg.num_classes:
+    if spec.lstrip("-").isdigit() and 0 <= int(spec) < loaded.num_classes:
         return np.full(n, int(spec), dtype=np.int64)
-    known = ", ".join(sorted(lg.label_names.values())) or f"indices 0..{lg.num_classes - 1}"
+    known = ", ".join(sorted(loaded.label_names.values())) or f"indices 0..{loaded.num_classes - 1}"
     raise ValueError(f"label={spec!r} is not a class of this generator (known: {known}, or balanced)")
 
 
 def sample_images(
-    lg: LoadedGenerator,
+    loaded: LoadedGenerator,
     labels: np.ndarray,
     seed: int,
     batch_size: int = 256,
@@ -112,15 +105,15 @@ def sample_images(
     """``[N, 1, S, S]`` float images in ``[-1, 1]`` on the CPU, deterministic in ``seed``; codes
     from the generator's fitted prior when it has one and ``prior == "fitted"``, else N(0, I),
     their spread scaled by ``temperature``."""
-    lab = None if lg.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
-    return lg.generator.sample(
+    lab = None if loaded.num_classes == 0 else torch.as_tensor(labels, dtype=torch.long)
+    return loaded.generator.sample(
         lab, n=len(labels), seed=seed, prior=prior, batch_size=batch_size, temperature=temperature
     )
 
 
-def prior_used(lg: LoadedGenerator, prior: str) -> str:
+def prior_used(loaded: LoadedGenerator, prior: str) -> str:
     """What ``prior`` (a config's request) draws from with this generator: ``fitted`` or ``normal``."""
-    return "fitted" if prior == "fitted" and lg.generator.prior.is_fitted else "normal"
+    return "fitted" if prior == "fitted" and loaded.generator.prior.is_fitted else "normal"
 
 
 def synthetic_source(
@@ -169,77 +162,3 @@ def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
     # checkpoints from before decoder heads existed were all "deconv"
     cfg.setdefault("model", {}).setdefault("decoder_head", "deconv")
     return from_dict(TrainConfig, cfg)
-
-
-@torch.no_grad()
-def classifier_features(model, x: torch.Tensor, device, bs: int = 256) -> tuple[torch.Tensor, np.ndarray]:
-    """A classifier's penultimate features (the space FD and precision/recall are measured in) and
-    its P(positive) for images ``x``, in batches of ``bs``."""
-    feats, probs = [], []
-    for i in range(0, len(x), bs):
-        xb = x[i : i + bs].to(device)
-        f = model.features(xb)
-        feats.append(f.float().cpu())
-        probs.append(torch.sigmoid(model.head(f).float()[:, 0]).cpu())
-    return torch.cat(feats), torch.cat(probs).numpy()
-
-
-# classify arms whose model has seen only real images (classical augmentation transforms them)
-REAL_ONLY_ARMS = ("real", "classical")
-
-
-def check_extractor(
-    path: str | Path,
-    payload: dict[str, Any],
-    reference: str | Path | None = None,
-    allow_foreign: bool = False,
-) -> str:
-    """Is the classifier checkpoint ``path`` (its loaded ``payload``) a fair judge of synthetic
-    images? It must record its arm, that arm must be real-only (an extractor that has seen a
-    generator's images scores them as real: class fidelity 1.000 for a 1-epoch generator), and,
-    when ``reference`` is given, it must have been trained on that manifest (the same content,
-    or the manifest its fraction subset was drawn from), so it has not seen the reference images.
-
-    Returns "" when it is; otherwise raises ``ValueError`` naming the extractor, what it was
-    trained on and the override, or with ``allow_foreign`` returns that reason."""
-
-    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-    arms = {a for a in (payload.get("arm"), config.get("arm")) if a is not None}
-    record = payload.get("train_manifest") if isinstance(payload.get("train_manifest"), dict) else None
-    trained_on = f"arm={'/'.join(sorted(map(str, arms))) or 'unrecorded'}, manifest " + (
-        f"{record.get('path')} (sha256 {str(record.get('sha256'))[:12]})" if record else "unrecorded"
-    )
-    reason = ""
-    if not arms:
-        reason = (
-            f"extractor {path} records no training arm (a classifier checkpoint from before classify "
-            "recorded its arm and training manifest), so it may have seen synthetic images"
-        )
-    elif not arms <= set(REAL_ONLY_ARMS):
-        reason = (
-            f"extractor {path} was trained with {trained_on}: an arm with synthetic images, so it has "
-            f"seen a generator's output and cannot judge synthetic images (use one trained with arm "
-            f"in {REAL_ONLY_ARMS})"
-        )
-    elif reference is not None and record is None:
-        reason = (
-            f"extractor {path} records no training manifest (a classifier checkpoint from before "
-            f"classify recorded it; {trained_on}), so it cannot be checked against the reference "
-            f"manifest {reference}"
-        )
-    elif reference is not None:
-        if not Path(reference).is_file():
-            raise FileNotFoundError(f"reference manifest {reference} does not exist")
-        ref_sha = file_sha256(reference)
-        if ref_sha not in (record.get("sha256"), record.get("source_sha256")):
-            reason = (
-                f"extractor {path} was trained with {trained_on}, not on the reference manifest "
-                f"{reference} (sha256 {ref_sha[:12]}): it may have seen the reference images, or "
-                "other ones than real images of this data set"
-            )
-    if not reason:
-        return ""
-    if allow_foreign:
-        print(f"WARNING: allow_foreign_extractor=true: {reason}", flush=True)
-        return reason
-    raise ValueError(f"{reason}; set allow_foreign_extractor=true to use it anyway (the report will say so)")

@@ -7,14 +7,14 @@
 * diversity: MS-SSIM of random pairs (``monai.metrics.MultiScaleSSIMMetric``);
 * memorisation: nearest-neighbour distances to the generator's training set.
 
-Confidence intervals are percentile bootstraps; the k-NN metrics are means of per-sample
-indicators, bootstrapped over samples with the manifolds held fixed.
+Their confidence intervals come from :func:`pipeline.infra.metrics.bootstrap`; the k-NN metrics are
+means of per-sample indicators (:func:`prdc_indicators`), bootstrapped over samples with the
+manifolds held fixed.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -162,42 +162,6 @@ def nn_distances(queries: torch.Tensor, reference: torch.Tensor, chunk: int = 51
         dists.append(v)
         idx.append(ix)
     return torch.cat(dists).numpy(), torch.cat(idx).numpy()
-
-
-def bootstrap(
-    stat: Callable[..., float],
-    *arrays,
-    n_boot: int = 200,
-    seed: int = 0,
-    alpha: float = 0.05,
-    bias_correct: bool = False,
-) -> tuple[float, float, float]:
-    """Point estimate and percentile interval of ``stat(*arrays)``, resampling each array's rows
-    independently (two-sample statistics resample both sets).
-
-    ``bias_correct`` shifts the interval by the bootstrap bias (mean of the replicates minus the
-    point estimate): resampling with replacement duplicates samples, which shrinks a set's spread
-    and inflates distribution distances such as FD, so their raw percentile interval can miss
-    the estimate altogether."""
-    point = float(stat(*arrays))
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n_boot):
-        res = [a[rng.integers(0, len(a), len(a))] for a in arrays]
-        vals.append(float(stat(*res)))
-    v = np.asarray(vals)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return point, float("nan"), float("nan")
-    lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
-    if bias_correct:
-        bias = float(v.mean()) - point
-        lo, hi = lo - bias, hi - bias
-    return point, float(lo), float(hi)
-
-
-def mean_with_ci(values: Array, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    return bootstrap(lambda v: float(np.mean(v)), np.asarray(values, dtype=float), n_boot=n_boot, seed=seed)
 
 
 def memorisation_audit(

@@ -4,8 +4,9 @@ The CLI (``pipeline.run``) loads and validates a stage's config from here, and a
 and ``--print-config``, before it imports the stage: a bad key or value is reported in about a
 second instead of after the stage's heavy imports. The dataclasses and their ``__post_init__``
 checks are plain Python; their nested sections come from :mod:`networks.config` and
-:mod:`transforms.config`, which are light in the same way. Keep it so: this module imports only the
-standard library and those two modules. Each stage module re-exports its own config
+:mod:`transforms.config`, which are light in the same way; the arms (``ARMS``, their rules) come
+from :mod:`pipeline.infra.arms`, plain Python too. Keep it so: this module imports only the
+standard library and those three modules. Each stage module re-exports its own config
 (``from pipeline.train import TrainConfig`` keeps working).
 
 A key whose meaning needs a range declares it in its class's ``RANGES`` table (key -> interval),
@@ -18,10 +19,41 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from networks.config import PRIORS, ClassifierConfig, LossConfig, ModelConfig  # noqa: F401 - LossConfig re-exported
-from transforms.config import MAX_PIXELS, TransformConfig
+from pipeline.infra.arms import ARM_REGISTRY, ARMS
+from transforms.config import TransformConfig
+
+
+# ----------------------------------------------------------------------------- renamed keys
+@dataclass(frozen=True)
+class Renamed:
+    """A config key's new spelling (a dotted key of the same class) and, when its values changed
+    too, the map from old values to new (``values``); the old spelling is read with a deprecation
+    message (pipeline.infra.config), and a study keys the field by its old name and value so its
+    committed records stay valid (pipeline.infra.study_plan)."""
+
+    new: str
+    values: tuple[tuple[Any, Any], ...] = ()
+
+    def forward(self, value: Any) -> Any:
+        """An old value as the new key holds it (the first mapping of it)."""
+        for old, new in self.values:
+            if old == value and type(old) is type(value):
+                return new
+        return value
+
+    def backward(self, value: Any) -> Any:
+        """A new value as the old key held it (the first old value mapping to it)."""
+        for old, new in self.values:
+            if new == value and type(new) is type(value):
+                return old
+        return value
+
+
+# booleans that became train's auto | on | off (auto: on, the old default)
+ON_OFF = ((True, "on"), (False, "off"), (True, "auto"))
 
 
 # --------------------------------------------------------------------- tracking (pipeline.infra.tracking)
@@ -200,7 +232,28 @@ class SpeedConfig:
 
 
 @dataclass
-class TrainConfig:
+class RuntimeConfig:
+    """Where and how a training stage runs: the same keys, checks and meaning in train and
+    classify (``pipeline.infra.runtime`` acts on them)."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # auto (bf16 on CUDA from 128 px, engine.AUTO_BF16_MIN_SIZE; else off) | bf16 | fp16 | off
+    amp: str = "auto"
+    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    out_dir: str = "outputs"
+
+    RANGES: ClassVar[dict[str, str]] = {"threads": "[0, 4096]"}
+
+    def check_runtime(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+
+
+@dataclass
+class TrainConfig(RuntimeConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -209,14 +262,7 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
-    seed: int = 0
     epochs: int = 12
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = (
-        "auto"  # auto (bf16 on CUDA from 128 px, engine.AUTO_BF16_MIN_SIZE; else off) | bf16 | fp16 | off
-    )
-    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
-    out_dir: str = "outputs"
     resume: str = ""  # "" | auto | path to a checkpoint
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
     grid_size: int = 64  # prior samples in the per-epoch grid
@@ -225,15 +271,12 @@ class TrainConfig:
     # H100 (docs/benchmarks.md; benchmarks/bench_train.py --compile)
     compile: bool = False
 
-    RANGES: ClassVar[dict[str, str]] = {"threads": "[0, 4096]", "grid_size": "[1, 1024]"}
+    RANGES: ClassVar[dict[str, str]] = {"grid_size": "[1, 1024]"}
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        self.check_runtime()
         if self.ckpt_every < 0 or self.threads < 0 or self.grid_size < 1:
             raise ValueError(
                 f"ckpt_every and threads must be >= 0 and grid_size >= 1, got "
@@ -288,21 +331,36 @@ class GenerateConfig:
 
 
 # --------------------------------------------------------------------- classify (pipeline.classify)
-ARMS = (
-    "real",
-    "classical",
-    "synthetic",
-    "classical+synthetic",
-    "synthetic_only",
-    "real_dup",
-    "balanced_synthetic",
-    "synthetic_pretrain",
-    "synthetic_filtered",
-)
+@dataclass
+class ClassifierOptimConfig:
+    """The classifier's AdamW and one-cycle schedule (peak ``lr``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+
+    RANGES: ClassVar[dict[str, str]] = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)"}
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifierSpeedConfig:
+    """How the classifier's steps run (not what they compute), spelled as train's ``speed.``:
+    ``auto`` is ``on`` here (no calibration: both help on every machine measured)."""
+
+    channels_last: str = "auto"  # NHWC activations
+    cache_allocations: str = "auto"  # on CPU, freed memory stays in the process (glibc mallopt)
+
+    def __post_init__(self) -> None:
+        for name in ("channels_last", "cache_allocations"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
+
+    def on(self, name: str) -> bool:
+        return getattr(self, name) != "off"
+
+
+@dataclass
+class ClassifyConfig(RuntimeConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(max_val=0))
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     tracking: TrackingConfig = field(
@@ -325,56 +383,35 @@ class ClassifyConfig:
     # adds images trains more steps); "real" = the batches of one pass over the real training set
     # for every arm, so arms differ only in which images they see (gain's default)
     step_budget: str = "epochs"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    grad_clip: float = 5.0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    threads: int = 0
-    cache_allocations: bool = True  # on CPU, keep freed memory in the process (see TrainConfig)
+    optim: ClassifierOptimConfig = field(default_factory=ClassifierOptimConfig)
+    speed: ClassifierSpeedConfig = field(default_factory=ClassifierSpeedConfig)
     test_split: str = "test"
     # more held-out splits scored like test_split (metrics SPLIT/auroc ..., scores_SPLIT.csv), e.g.
     # gain's in-distribution test split carved from the training pool
     extra_test_splits: list[str] = field(default_factory=list)
     bootstrap: int = 1000
     out_dir: str = "outputs/classify"
-    channels_last: bool = True
 
-    RANGES: ClassVar[dict[str, str]] = {
-        "ratio": "[0, 1000]",
-        "lr": "(0, inf)",
-        "weight_decay": "[0, inf)",
-        "grad_clip": "[0, inf)",  # 0 disables
-        "threads": "[0, 4096]",
+    RANGES: ClassVar[dict[str, str]] = {"ratio": "[0, 1000]"}
+    # the spellings before 2026-12-06 (train's names since): read, with a deprecation message,
+    # for one release; a study keys its children by the old names (committed records stay valid)
+    RENAMED: ClassVar[dict[str, Renamed]] = {
+        "lr": Renamed("optim.lr"),
+        "weight_decay": Renamed("optim.weight_decay"),
+        "grad_clip": Renamed("optim.grad_clip"),
+        "channels_last": Renamed("speed.channels_last", ON_OFF),
+        "cache_allocations": Renamed("speed.cache_allocations", ON_OFF),
     }
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
-        if "synthetic" in self.arm and not self.synthetic:
-            raise ValueError(
-                f"arm={self.arm} needs synthetic=<generator checkpoint | MLflow URI | manifest.csv>"
-            )
-        if self.ratio <= 0 and self.arm in (
-            "synthetic",
-            "classical+synthetic",
-            "real_dup",
-            "synthetic_filtered",
-        ):
-            raise ValueError(f"ratio must be > 0 for arm={self.arm}, got {self.ratio}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.arm == "synthetic_filtered" and not self.filter_classifier:
-            raise ValueError(
-                "arm=synthetic_filtered needs filter_classifier=<classifier.pt of a real-only arm>"
-            )
-        if self.arm == "synthetic_pretrain" and self.epochs < 2:
-            raise ValueError(
-                f"arm=synthetic_pretrain needs epochs >= 2 (half pre-training, half real), got {self.epochs}"
-            )
+        self.check_runtime()
+        ARM_REGISTRY[self.arm].check(self.synthetic, self.ratio, self.filter_classifier, self.epochs)
         if self.step_budget not in ("epochs", "real"):
             raise ValueError(f"step_budget must be 'epochs' or 'real', got {self.step_budget!r}")
         if self.bootstrap < 0:
@@ -489,8 +526,12 @@ class GainConfig:
     generators: list[str] = field(default_factory=list)
     vaegan_config: str = ""  # YAML for the VAE-GANs trained per subset ("" = TrainConfig defaults)
     vaegan_overrides: list[str] = field(default_factory=list)  # e.g. ["epochs=30"]
-    experiment: str = "cxr-vaegan-gain"
-    run_name: str = ""
+    # the study's MLflow: tracking.experiment (its parent run and every child), tracking.run_name
+    # (the parent run, and the study's folder OUT_DIR/RUN_NAME), tracking.uri (the store; empty:
+    # classify.tracking.uri, else MLFLOW_TRACKING_URI, else the embedded store)
+    tracking: TrackingConfig = field(
+        default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-gain", register_model="", log_model=False)
+    )
     out_dir: str = "outputs/gain"
     # the study's records (one small JSON per child and generator, no weights; meant to be committed,
     # e.g. docs/studies/NAME): a study continues from them on any machine. "" = OUT_DIR/RUN_NAME/records
@@ -517,8 +558,13 @@ class GainConfig:
     executor: str = "local"
     ray: RayConfig = field(default_factory=RayConfig)
 
+    # spelled as every stage's tracking section since 2026-12-06 (read, with a message, for a release)
+    RENAMED: ClassVar[dict[str, Renamed]] = {
+        "experiment": Renamed("tracking.experiment"),
+        "run_name": Renamed("tracking.run_name"),
+    }
+
     def __post_init__(self) -> None:
-        check_run_name("run_name", self.run_name)  # the study's folder: OUT_DIR/RUN_NAME
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be local or ray, got {self.executor!r}")
         if self.executor == "ray" and self.max_minutes > 0:
@@ -571,82 +617,21 @@ class GainConfig:
             seen.add(frac)
 
 
-# ------------------------------------------------------------------------- ingest (pipeline.ingest)
-UNCERTAIN = ("quarantine", "negative", "positive")
-
-
-@dataclass
-class IngestConfig:
-    source: str = ""
-    out: str | None = None  # default: data_manifests/<source name>.csv
-    # a label/metadata table (CSV) for a folder: a path column (full, partial or file name), a label
-    # or finding column, an optional patient column; e.g. NIH's Data_Entry_2017.csv, CheXpert's train.csv
-    labels: str | None = None
-    label_names: list[str] | None = None  # class names for labels 0, 1, ... (overrides folder/table names)
-    path_column: str = ""  # table column of image paths ("" = path, file, filename, Image Index ...)
-    label_column: str = ""  # table column of labels ("" = label, labels, class, target, Finding Labels)
-    patient_column: str = ""  # table column of patient ids ("" = patient_id, Patient ID, subject_id ...)
-    # binary labels from one finding: 1 where it is present, 0 where not; read from a column of that
-    # name (1 / 0 / -1 uncertain / empty = not mentioned, as CheXpert) or from a '|'-separated
-    # findings column (as NIH's 'Finding Labels')
-    finding: str = ""
-    uncertain: str = "quarantine"  # a finding column's -1 (uncertain): quarantine | negative | positive
-    # a regular expression with a (?P<patient>...) group, searched in each path relative to the data
-    # root; it overrides every other patient id rule, and a file it does not match is quarantined
-    patient_pattern: str = ""
-    clear_patient_ids: bool = False  # write table patient ids in clear (default: salted HMAC, like DICOM's)
-    val_fraction: float = 0.1
-    seed: int = 0
-    min_size: int = 16  # smaller images are quarantined: too small to be a radiograph
-    extract_dir: str = "data/extracted"  # where .npz images are written as PNG (one folder per file content)
-    workers: int = 0  # decoding threads; 0 = one per core
-    data_root: str = ""  # CSV sources: paths must lie under this folder ("" = the CSV's folder)
-    # DICOMs marked BurnedInAnnotation=YES may show a name or MRN in the pixels, which reach MLflow
-    # in image grids: they are quarantined unless this is set, and then the manifest is flagged
-    allow_burned_in: bool = False
-    # ingest fails (exit 2, no manifest written, the quarantine report kept) when a larger share of
-    # the files found is quarantined
-    max_quarantined: float = 0.5
-    max_pixels: int = MAX_PIXELS  # larger images (by their header) are quarantined before decoding
-    decode_memory_mb: float = 1024  # estimated memory of the images being decoded at once stays under this
-
-    RANGES: ClassVar[dict[str, str]] = {"workers": "[0, 4096]", "decode_memory_mb": "(0, 1e9]"}
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.min_size < 1:
-            raise ValueError(f"min_size must be >= 1, got {self.min_size}")
-        if not 0 <= self.max_quarantined <= 1:
-            raise ValueError(f"max_quarantined must be in [0, 1], got {self.max_quarantined}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        if not self.decode_memory_mb > 0:
-            raise ValueError(f"decode_memory_mb must be > 0, got {self.decode_memory_mb}")
-        if self.uncertain not in UNCERTAIN:
-            raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN)}, got {self.uncertain!r}")
-        if self.patient_pattern:
-            try:
-                rx = re.compile(self.patient_pattern)
-            except re.error as e:
-                raise ValueError(
-                    f"patient_pattern {self.patient_pattern!r} is not a valid regular expression ({e})"
-                ) from e
-            if "patient" not in rx.groupindex:
-                raise ValueError(
-                    f"patient_pattern {self.patient_pattern!r} needs a named group (?P<patient>...) "
-                    "for the patient id, e.g. patient_pattern='^(?P<patient>[^_]+)_'"
-                )
-
-
 # ----------------------------------------------------------------------- compare (pipeline.compare)
 @dataclass
 class CompareConfig:
-    experiment: str = "cxr-vaegan-gain"
+    # where the runs are: tracking.uri (empty: MLFLOW_TRACKING_URI, else the embedded store) and
+    # tracking.experiment (the runs of this experiment are compared)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-gain"))
     filter: str = ""  # an MLflow filter string, e.g. "tags.arm = 'real'"
     metric: str = "test/auroc"
-    uri: str = ""  # tracking URI; empty: MLFLOW_TRACKING_URI, else the embedded store
     out: str = "outputs/compare"
+
+    # spelled as every stage's tracking section since 2026-12-06 (read, with a message, for a release)
+    RENAMED: ClassVar[dict[str, Renamed]] = {
+        "experiment": Renamed("tracking.experiment"),
+        "uri": Renamed("tracking.uri"),
+    }
 
 
 # ------------------------------------------------------------------------ report (pipeline.report)
@@ -688,11 +673,12 @@ class ExportConfig:
     version: str = "0.1.0"  # the bundle's version (metadata.json)
     authors: str = "cxr-vaegan contributors"  # metadata.json's authors
     copyright: str = "Copyright (c) cxr-vaegan contributors; Apache-2.0"  # metadata.json's copyright
-    # tracking URI where models:/ and runs:/ addresses and the training run's measures are looked
+    # tracking.uri: where models:/ and runs:/ addresses and the training run's measures are looked
     # up; empty: the checkpoint's own tracking.uri, MLFLOW_TRACKING_URI, else the embedded store
-    uri: str = ""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     RANGES: ClassVar[dict[str, str]] = {"min_fidelity": "[0, 1]"}  # an AUROC
+    RENAMED: ClassVar[dict[str, Renamed]] = {"uri": Renamed("tracking.uri")}  # before 2026-12-06
 
     def __post_init__(self) -> None:
         if not self.checkpoint:

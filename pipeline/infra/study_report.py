@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.infra.metrics import combine_seed_deltas, mean_ci, paired_auroc_deltas
+from pipeline.infra.arms import ARM_REGISTRY
+from pipeline.infra.metrics import clipped_mean_ci, combine_seed_deltas, paired_auroc_deltas
 
 SPLIT_TITLES = {"test": "official test split (shifted)", "holdout": "in-distribution held-out test split"}
 NAN3 = (float("nan"),) * 3
@@ -100,7 +101,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     vs_real, vs_dup = paired_deltas(rows, "real"), paired_deltas(rows, "real_dup")
     out = []
     for (split, frac, arm), g in rows.groupby(["split", "fraction", "arm"], sort=True):
-        m, lo, hi = mean_ci(g["auroc"].to_numpy())
+        m, lo, hi = clipped_mean_ci(g["auroc"].to_numpy())
         fid = g["generator_class_fidelity"].to_numpy(dtype=float)
         fid = fid[np.isfinite(fid)]
         out.append(
@@ -110,8 +111,8 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
                 "arm": arm,
                 "n_seeds": len(g),
                 "auroc": m,
-                "auroc_lo": max(lo, 0.0) if np.isfinite(lo) else lo,
-                "auroc_hi": min(hi, 1.0) if np.isfinite(hi) else hi,
+                "auroc_lo": lo,
+                "auroc_hi": hi,
                 "balanced_accuracy": g["balanced_accuracy"].mean(),
                 "sensitivity": g["sensitivity"].mean(),
                 "specificity": g["specificity"].mean(),
@@ -178,7 +179,8 @@ def verdict(table: pd.DataFrame) -> list[str]:
     for frac, g in table.groupby("fraction", sort=True):
         g = g.set_index("arm")
         best = g["auroc"].idxmax()
-        syn = [a for a in g.index if "synthetic" in a and a != "synthetic_only"]
+        # the arms that add synthetic images to the real ones (synthetic images alone, CAS, do not)
+        syn = [a for a in g.index if a in ARM_REGISTRY and ARM_REGISTRY[a].augments]
         helps = [
             a
             for a in syn

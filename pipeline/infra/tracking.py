@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.infra import checkpoint as ckpt
-from pipeline.infra import model_store
+from pipeline.infra.outbox import (
+    OUTBOX_NAME,
+    RUN_STATUSES,
+    Outbox,
+    OutboxError,
+    build_op,
+    experiment_id,
+    send_op,
+)
 from pipeline.infra.stage_configs import (
     TrackingConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
 )
-from transforms.manifest import atomic_write_text
 
 # the code's own checkout, for the commit hash recorded with every run ("unknown" when installed)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +68,7 @@ def setup(cfg: TrackingConfig) -> str:
     mlflow.set_tracking_uri(uri)
     # models are registered in the same store the runs go to
     mlflow.set_registry_uri(uri)
-    exp_id = _experiment_id(
+    exp_id = experiment_id(
         mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri), uri, cfg.experiment
     )
     mlflow.set_experiment(experiment_id=exp_id)
@@ -92,9 +99,6 @@ def git_commit() -> str:
 
 
 # ------------------------------------------------------------------------ outage-tolerant logging
-OUTBOX_NAME = "tracking_outbox"
-
-
 def fail_fast_http() -> None:
     """MLflow retries a failed HTTP request 7 times with exponential back-off (minutes) and
     waits 120 s for an answer. A training loop must not stall that long on a dead server: fail
@@ -109,8 +113,8 @@ class Tracker:
 
     Every call is sent at once when the server answers. When a call fails (the server is down at
     start, killed mid-run, the disk behind it is full, ...), that call and every later one go to an
-    outbox on disk, in order (``<run_dir>/tracking_outbox/ops.jsonl``; logged files are copied
-    there, so a file overwritten later, such as the checkpoint, is sent as it was). Every
+    outbox on disk, in order (``<run_dir>/tracking_outbox/ops.jsonl``, :class:`Outbox`; logged
+    files are copied there, so a file overwritten later, such as the checkpoint, is sent as it was). Every
     ``retry_s`` seconds the next call first tries to send the outbox; the end of the run tries once
     more. What still cannot be sent stays on disk, a warning says where, and
     ``python -m pipeline.run sync OUTBOX`` sends it later. A run that could not be created on the
@@ -126,8 +130,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, enabled: bool = True) -> None:
         self.cfg, self.enabled = cfg, enabled
         self.run_dir = Path(run_dir)
-        self.outbox = self.run_dir / OUTBOX_NAME
-        self.ops_file, self.state_file = self.outbox / "ops.jsonl", self.outbox / "state.json"
+        self.box = Outbox(self.run_dir / OUTBOX_NAME)
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.uri = resolve_uri(cfg) if enabled else ""
         self.run_id: str | None = None
@@ -158,9 +161,9 @@ class Tracker:
             if run_id and (self.run_id or self.pending) and run_id != self.run_id:
                 owner = f"MLflow run {self.run_id}" if self.run_id else "a run it starts itself"
                 raise OutboxError(
-                    f"{self.outbox} holds the tracking of {owner}, but this process continues run "
+                    f"{self.box.folder} holds the tracking of {owner}, but this process continues run "
                     f"{run_id} (its checkpoint's): an outbox writes to its own run only; nothing was "
-                    f"sent. Move {self.outbox} away (after python -m pipeline.run sync {self.outbox}, "
+                    f"sent. Move {self.box.folder} away (after python -m pipeline.run sync {self.box.folder}, "
                     "if what it holds should reach the server)"
                 )
         except OutboxError:
@@ -171,17 +174,17 @@ class Tracker:
         self._mark_run_folder()
         if self.run_id is None and not any(op["op"] == "start" for op in self.pending):
             self._submit(
-                {"op": "start", "experiment": self.cfg.experiment, "run_name": run_name, "tags": tags or {}}
+                build_op("start", experiment=self.cfg.experiment, run_name=run_name, tags=tags or {})
             )
         elif continuing:
             self._reopen()
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._submit({"op": "params", "data": {k: str(v)[:500] for k, v in params.items()}})
+        self._submit(build_op("params", data={k: str(v)[:500] for k, v in params.items()}))
 
     def log_dict(self, data: dict, name: str) -> None:
-        self._submit({"op": "dict", "data": data, "name": name})
+        self._submit(build_op("dict", data=data, name=name))
 
     def log_dataset(self, manifest: str | Path, context: str = "train") -> None:
         """Record a manifest as the run's dataset input (name, content digest, rows, columns): the
@@ -194,15 +197,15 @@ class Tracker:
         raw = manifest.read_bytes()
         header = raw.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
         self._submit(
-            {
-                "op": "dataset",
-                "name": manifest.stem,
-                "digest": hashlib.sha256(raw).hexdigest()[:16],
-                "source": str(manifest.resolve()),
-                "rows": max(raw.count(b"\n") - 1, 0),
-                "columns": header.split(","),
-                "context": context,
-            }
+            build_op(
+                "dataset",
+                name=manifest.stem,
+                digest=hashlib.sha256(raw).hexdigest()[:16],
+                source=str(manifest.resolve()),
+                rows=max(raw.count(b"\n") - 1, 0),
+                columns=header.split(","),
+                context=context,
+            )
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -210,17 +213,17 @@ class Tracker:
             return
         ts = int(time.time() * 1000)
         data = {k: float(v) for k, v in metrics.items()}  # numpy and tensor scalars included
-        self._submit({"op": "metrics", "data": data, "step": step, "ts": ts})
+        self._submit(build_op("metrics", data=data, step=step, ts=ts))
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps({"step": step, "ts": ts, "metrics": data}) + "\n")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._submit({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
+        self._submit(build_op("artifact", path=str(path), artifact_path=artifact_path))
 
     def log_generator(self, checkpoint: str | Path, registered_name: str = "") -> None:
         """Log the generator of a train checkpoint as an MLflow pyfunc model stored as data
         (``pipeline.infra.model_store``: JSON spec + weights-only state dict), and register it."""
-        self._submit({"op": "generator", "path": str(checkpoint), "registered_name": registered_name})
+        self._submit(build_op("generator", path=str(checkpoint), registered_name=registered_name))
 
     def end_if_running(self, run_id: str, status: str = "KILLED") -> None:
         """Mark an earlier run ``status`` if the store still shows it RUNNING (its process died:
@@ -272,19 +275,19 @@ class Tracker:
         """End the run; try to send what is buffered; warn clearly about whatever is left."""
         if not self.enabled:
             return {}
-        self._submit({"op": "end", "status": status})
+        self._submit(build_op("end", status=status))
         if self.pending:
             self.flush()
-        summary = {"pending": len(self.pending), "sent_late": self.sent_late, "outbox": str(self.outbox)}
+        summary = {"pending": len(self.pending), "sent_late": self.sent_late, "outbox": str(self.box.folder)}
         if self.pending:
             kinds: dict[str, int] = {}
             for op in self.pending:
                 kinds[op["op"]] = kinds.get(op["op"], 0) + 1
             print(
                 f"WARNING tracking: {self.uri} could not be reached; {len(self.pending)} operations "
-                f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}) are kept in {self.outbox}. "
+                f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}) are kept in {self.box.folder}. "
                 f"Nothing is lost: send them when the server is back with\n"
-                f"    python -m pipeline.run sync {self.outbox}",
+                f"    python -m pipeline.run sync {self.box.folder}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -344,14 +347,6 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - the store may be down
             self._went_offline(e)
 
-    def _bind_op(self) -> dict:
-        """The first line of an outbox whose run exists: the only run it may write to."""
-        return {"op": BIND_OP, "run_id": self.run_id, "seq": 0}
-
-    def _ops_text(self, ops: list[dict]) -> str:
-        head = [self._bind_op()] if ops and self.run_id else []
-        return "".join(json.dumps(op) + "\n" for op in [*head, *ops])
-
     def _submit(self, op: dict) -> None:
         if not self.enabled:
             return
@@ -372,7 +367,7 @@ class Tracker:
         if self.online:
             print(
                 f"WARNING tracking: {self.uri} failed ({self.last_error}); training goes on, "
-                f"logging is kept in {self.outbox} and retried every {self.cfg.retry_s:g} s",
+                f"logging is kept in {self.box.folder} and retried every {self.cfg.retry_s:g} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -380,66 +375,35 @@ class Tracker:
         self.next_retry = time.monotonic() + self.cfg.retry_s
 
     def _enqueue(self, op: dict) -> None:
-        import shutil
-
-        self.outbox.mkdir(parents=True, exist_ok=True)
-        if op["op"] in ("artifact", "generator"):
-            # keep the file as it is now: the checkpoint, for one, is overwritten later
-            src = Path(op["path"])
-            dst = self.outbox / "files" / f"{op['seq']:06d}-{src.name}"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-            op = {**op, "path": str(dst), "name": src.name}
+        op = self.box.keep_file(op)
         self.pending.append(op)
-        if not self.state_file.is_file():
+        if not self.box.state_file.is_file():
             self._save_state()
-        fresh = not self.ops_file.is_file() or self.ops_file.stat().st_size == 0
-        with open(self.ops_file, "a") as f:
-            # a new outbox opens with the run it writes to (or with that run's start)
-            f.write(self._ops_text([op]) if fresh else json.dumps(op) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.box.append(op, self.run_id)
 
     def _rewrite(self) -> None:
-        if not self.outbox.is_dir():
+        if not self.box.folder.is_dir():
             return
-        keep = {op["path"] for op in self.pending if "path" in op}
-        files = self.outbox / "files"
-        if files.is_dir():
-            for p in files.iterdir():
-                if str(p) not in keep:
-                    p.unlink(missing_ok=True)
-        atomic_write_text(self.ops_file, self._ops_text(self.pending))
+        self.box.rewrite(self.pending, self.run_id)
         self._save_state()
 
     def _save_state(self) -> None:
-        self.outbox.mkdir(parents=True, exist_ok=True)
-        state = {"uri": self.uri, "experiment": self.cfg.experiment, "run_id": self.run_id}
-        atomic_write_text(self.state_file, json.dumps(state))
+        self.box.save_state(self.uri, self.cfg.experiment, self.run_id)
 
     def _load(self) -> None:
         """Pick up an outbox left by an earlier process of this run (a crash during an outage).
 
-        The outbox writes to the run it was made for: the run named on its first line, or the
-        run its first operation starts. ``state.json`` must name the same run (or none yet);
-        otherwise :class:`OutboxError`. A last line cut short by a kill or a full disk is dropped
-        from the file (``read_outbox`` reports it), so that the next operation is not appended to it."""
-        state_id = None
-        if self.state_file.is_file():
-            state_id = json.loads(self.state_file.read_text()).get("run_id") or None
-        bound = None
-        if self.ops_file.is_file():
-            bound, self.pending = read_outbox(self.ops_file, self.outbox)
-            if (bound or self.pending) and state_id and state_id != bound:
-                made_for = f"run {bound}" if bound else "a run it starts itself (its first operation)"
-                raise OutboxError(
-                    f"{self.state_file} names MLflow run {state_id}, but {self.ops_file} was made for "
-                    f"{made_for}: an outbox writes to its own run only; nothing was sent"
-                )
-            self._seq = max((op["seq"] for op in self.pending), default=0)
-            self.online = not self.pending
-        self.run_id = bound or state_id or self.run_id
-        if self.ops_file.is_file() and self.ops_file.read_bytes()[-1:] not in (b"", b"\n"):
+        The outbox writes to the run it was made for (:meth:`Outbox.load`: its ``state.json`` must
+        name the same run, or none yet; otherwise :class:`OutboxError`). A last line cut short by a
+        kill or a full disk is dropped from the file (:meth:`Outbox.read` reports it), so that the
+        next operation is not appended to it."""
+        run_id, ops = self.box.load()
+        if ops is not None:
+            self.pending = ops
+            self._seq = max((op["seq"] for op in ops), default=0)
+            self.online = not ops
+        self.run_id = run_id or self.run_id
+        if self.box.cut_short():
             self._rewrite()  # the cut line goes: the next operation must not be appended to it
 
     def _records(self):
@@ -461,208 +425,22 @@ class Tracker:
         return self._client
 
     def _send(self, op: dict) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        had_run = self.run_id
+        send_op(self, op)
+        if self.run_id != had_run:
+            self._run_created()
 
-        kind = op["op"]
-        if kind == "start":
-            if self.run_id:
-                return
-            exp_id = _experiment_id(self.client, self.uri, op["experiment"])
-            run = self.client.create_run(exp_id, run_name=op["run_name"], tags=op["tags"])
-            self.run_id = run.info.run_id
-            # the folder names its run at once: a later run under the same name can end it
-            # (engine.previous_run_id) even when this process dies before its first checkpoint
-            with contextlib.suppress(OSError):
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / ckpt.RUN_ID_FILE).write_text(self.run_id)
-            if self.outbox.is_dir():
-                # an outbox is being sent: bind it to the new run before anything else is sent
-                rest = [o for o in self.pending if o["op"] != "start"]
-                atomic_write_text(self.ops_file, self._ops_text(rest) or json.dumps(self._bind_op()) + "\n")
-                self._save_state()
-            return
-        if self.run_id is None:
-            raise RuntimeError("no run yet: the start of the run has not been sent")
-        if kind == "params":
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op["data"].items()])
-        elif kind == "tags":
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["data"].items()])
-        elif kind == "dict":
-            self.client.log_dict(self.run_id, op["data"], op["name"])
-        elif kind == "metrics":
-            ms = [Metric(k, v, op["ts"], op["step"]) for k, v in op["data"].items()]
-            self.client.log_batch(self.run_id, metrics=ms)
-        elif kind == "dataset":
-            from mlflow.entities import Dataset, DatasetInput, InputTag
-
-            ds = Dataset(
-                name=op["name"],
-                digest=op["digest"],
-                source_type="local",
-                source=json.dumps({"uri": op["source"]}),
-                schema=json.dumps({"columns": op["columns"]}),
-                profile=json.dumps({"num_rows": op["rows"]}),
-            )
-            tags = [InputTag("mlflow.data.context", op["context"])]
-            self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags)])
-        elif kind == "artifact":
-            path = Path(op["path"])
-            if "name" in op and path.name != op["name"]:
-                # a buffered copy: send it under its original file name
-                import tempfile
-
-                with tempfile.TemporaryDirectory() as d:
-                    (Path(d) / op["name"]).symlink_to(path.resolve())
-                    self.client.log_artifact(self.run_id, str(Path(d) / op["name"]), op["artifact_path"])
-            else:
-                self.client.log_artifact(self.run_id, str(path), op["artifact_path"])
-        elif kind == "generator":
-            _log_generator_model(self.run_id, op["path"], op["registered_name"])
-        elif kind == "end":
-            self.client.set_terminated(self.run_id, op["status"])
-        else:
-            raise ValueError(f"unknown outbox operation {kind!r}")
-
-
-OP_KINDS = ("start", "params", "tags", "dict", "metrics", "dataset", "artifact", "generator", "end")
-# the first line of an outbox whose run exists: {"op": "run", "run_id": ID, "seq": 0}
-BIND_OP = "run"
-RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-
-class OutboxError(ValueError):
-    """An outbox operation that is malformed or reaches outside its outbox; nothing was sent."""
-
-
-def _str_map(d: Any, values=(str,)) -> bool:
-    return isinstance(d, dict) and all(
-        isinstance(k, str) and isinstance(v, values) and not isinstance(v, bool) for k, v in d.items()
-    )
-
-
-def _relative_name(name: Any) -> bool:
-    return (
-        isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
-    )
-
-
-def validate_op(op: Any, outbox: Path) -> str:
-    """Why ``op`` may not be sent ("" when it may). A file op may only send a regular file that
-    lies inside ``outbox/files`` (where the Tracker copies what it buffers); nothing else on the
-    machine can be uploaded through a crafted outbox, and nothing is ever unpickled."""
-    if not isinstance(op, dict) or op.get("op") not in OP_KINDS:
-        return f"unknown operation {op.get('op') if isinstance(op, dict) else op!r}"
-    if not isinstance(op.get("seq"), int):
-        return "no sequence number"
-    kind = op["op"]
-    if kind == "start":
-        ok = isinstance(op.get("experiment"), str) and isinstance(op.get("run_name"), str)
-        return "" if ok and _str_map(op.get("tags", {})) else "malformed start"
-    if kind in ("params", "tags"):
-        return "" if _str_map(op.get("data")) else f"malformed {kind}"
-    if kind == "dict":
-        ok = isinstance(op.get("data"), dict) and _relative_name(op.get("name"))
-        return "" if ok else "malformed dict (the name must be a relative artifact path)"
-    if kind == "metrics":
-        ok = _str_map(op.get("data"), (int, float)) and isinstance(op.get("step"), int)
-        return "" if ok and isinstance(op.get("ts"), int) else "malformed metrics"
-    if kind == "end":
-        return "" if op.get("status") in RUN_STATUSES else f"bad run status {op.get('status')!r}"
-    if kind == "dataset":
-        ok = all(isinstance(op.get(k), str) for k in ("name", "digest", "source", "context"))
-        ok = ok and isinstance(op.get("rows"), int) and isinstance(op.get("columns"), list)
-        return "" if ok else "malformed dataset"
-    # artifact / generator: a buffered copy inside this outbox
-    raw = op.get("path")
-    if not isinstance(raw, str):
-        return "no file path"
-    files = (outbox / "files").resolve()
-    path = Path(raw)
-    real = Path(os.path.realpath(path if path.is_absolute() else outbox / path))
-    if path.is_symlink() or not real.is_relative_to(files) or not real.is_file():
-        return f"file {raw!r} is not a buffered file inside {files}"
-    if "name" in op and not (isinstance(op["name"], str) and op["name"] == Path(op["name"]).name != ".."):
-        return f"bad file name {op['name']!r}"
-    ap = op.get("artifact_path")
-    if kind == "artifact" and ap is not None and not _relative_name(ap):
-        return f"bad artifact path {ap!r}"
-    if kind == "generator" and not isinstance(op.get("registered_name", ""), str):
-        return "malformed generator"
-    return ""
-
-
-def read_outbox(ops_file: Path, outbox: Path) -> tuple[str | None, list[dict]]:
-    """The run an outbox writes to (None: the run its first operation, a start, creates) and its
-    operations, each validated; the first bad line refuses the whole outbox. A last line cut short
-    (no newline after it: the process was killed, or the disk filled, while appending it) is
-    skipped with a warning, as the local metric record's reader does; a bad line anywhere else is
-    refused."""
-    text = ops_file.read_text()
-    lines = text.splitlines()
-    bound: str | None = None
-    ops: list[dict] = []
-    first = True
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            op = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines) and not text.endswith("\n"):
-                print(
-                    f"WARNING tracking: {ops_file} line {n} was cut short (a kill or a full disk while it "
-                    "was written); that operation is skipped",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                break
-            raise OutboxError(f"{ops_file} line {n}: not JSON ({e.msg}); nothing was sent") from e
-        if isinstance(op, dict) and op.get("op") == BIND_OP:
-            if not (first and isinstance(op.get("run_id"), str) and op["run_id"]):
-                raise OutboxError(
-                    f"{ops_file} line {n}: the run an outbox writes to is named once, on its first line; "
-                    "nothing was sent"
-                )
-            bound, first = op["run_id"], False
-            continue
-        why = validate_op(op, outbox)
-        if not why and op["op"] == "start" and not first:
-            why = "a start may only be the first operation (an outbox writes to one run)"
-        if why:
-            raise OutboxError(f"{ops_file} line {n}: {why}; nothing was sent")
-        first = False
-        ops.append(op)
-    if ops and bound is None and ops[0]["op"] != "start":
-        raise OutboxError(
-            f"{ops_file} names no run: its first line is neither the run it writes to nor that run's "
-            "start (an outbox writes to the run it was made for only); nothing was sent"
-        )
-    return bound, ops
-
-
-def _experiment_id(client, uri: str, name: str) -> str:
-    """The experiment's id, created if missing; with an sqlite store its artifacts are kept beside
-    the database rather than in ./mlruns."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    loc = (
-        (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
-        if uri.startswith("sqlite:///")
-        else None
-    )
-    return client.create_experiment(name, artifact_location=loc)
-
-
-def _log_generator_model(run_id: str, checkpoint: str, registered_name: str) -> None:
-    """The checkpoint's generator as an MLflow model, stored as data (``pipeline.infra.model_store``)."""
-    import mlflow
-
-    payload = ckpt.load_checkpoint(checkpoint)
-    gen, mcfg = model_store.generator_from_checkpoint(checkpoint, payload)
-    metrics = mlflow.tracking.MlflowClient().get_run(run_id).data.metrics
-    text, tags = model_store.describe_generator(payload, metrics)
-    model_store.log_generator_model(run_id, gen, mcfg, registered_name, text, tags)
+    def _run_created(self) -> None:
+        """The start just sent created the run: the run folder and the outbox name it."""
+        # the folder names its run at once: a later run under the same name can end it
+        # (engine.previous_run_id) even when this process dies before its first checkpoint
+        with contextlib.suppress(OSError):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / ckpt.RUN_ID_FILE).write_text(self.run_id)
+        if self.box.folder.is_dir():
+            # an outbox is being sent: bind it to the new run before anything else is sent
+            self.box.bind(self.pending, self.run_id)
+            self._save_state()
 
 
 def sync(outbox: str | Path, uri: str = "") -> dict[str, Any]:

@@ -143,36 +143,41 @@ def data_ylim(values, pad: float = 0.08, include: tuple[float, ...] = ()) -> tup
     return lo - pad * span, hi + pad * span
 
 
+def _legend_layout(arms: list, width: float, fontsize: float) -> tuple[list[str], int, int]:
+    """The arms' legend labels (wrapped to the figure's ``width``), its columns and its rows."""
+    labels = [_wrap(str(a), width - 0.6, fontsize) for a in arms]
+    longest = max((max(len(line) for line in lab.split("\n")) for lab in labels), default=1)
+    col_in = 0.6 + longest * 0.6 * fontsize / 72  # handle, gap and text of one legend column
+    ncol = int(max(1, min(len(arms) or 1, (width - 0.4) // col_in)))
+    rows = sum(max(lab.count("\n") + 1 for lab in labels[i : i + ncol]) for i in range(0, len(labels), ncol))
+    return labels, ncol, rows
+
+
 def arm_bars_figure(
     table,
-    value: str,
-    lo: str,
-    hi: str,
+    columns: tuple[str, str, str],
     ylabel: str,
     title: str = "",
     zero_line: bool = False,
     ylim: tuple[float, float] | None = None,
 ):
-    """The figure of :func:`plot_arm_bars` (not saved; close it with ``pyplot().close(fig)``).
+    """Per real-data fraction, one bar per arm (``table`` columns ``fraction``, ``arm``) with its
+    CI: ``columns`` names the value and its low and high ends. Not saved: close it with
+    ``pyplot().close(fig)``.
 
     Its width grows with fractions x arms, the legend sits below the axes in as many columns as
     fit, long titles and arm names are wrapped, and the y-axis holds every bar and both ends of
     every CI (``ylim`` is widened to them when it is narrower), so nothing falls outside.
     """
     plt = pyplot()
+    value, lo, hi = columns
     fractions = sorted(table["fraction"].unique())
     arms = list(dict.fromkeys(table["arm"]))
     n_f, n_a = max(1, len(fractions)), max(1, len(arms))
     # about 0.32 in per bar and 0.6 in between fraction groups, within [5, 16] inches
     width = float(np.clip(1.2 + n_f * (0.32 * n_a + 0.6), 5.0, 16.0))
     label_fs, title_fs = 8, 10
-    labels = [_wrap(str(a), width - 0.6, label_fs) for a in arms]
-    longest = max((max(len(line) for line in lab.split("\n")) for lab in labels), default=1)
-    col_in = 0.6 + longest * 0.6 * label_fs / 72  # handle, gap and text of one legend column
-    ncol = int(max(1, min(n_a, (width - 0.4) // col_in)))
-    legend_rows = sum(
-        max(lab.count("\n") + 1 for lab in labels[i : i + ncol]) for i in range(0, len(labels), ncol)
-    )
+    labels, ncol, legend_rows = _legend_layout(arms, width, label_fs)
     height = 3.4 + 0.2 * legend_rows + (0.25 if title else 0.0)
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     bar_w = 0.8 / n_a
@@ -206,24 +211,6 @@ def arm_bars_figure(
     return fig
 
 
-def plot_arm_bars(
-    table,
-    value: str,
-    lo: str,
-    hi: str,
-    path: str | Path,
-    ylabel: str,
-    title: str = "",
-    zero_line: bool = False,
-    ylim: tuple[float, float] | None = None,
-) -> Path:
-    """Per real-data fraction, one bar per arm (``table`` columns ``fraction``, ``arm``) with its CI."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = arm_bars_figure(table, value, lo, hi, ylabel, title, zero_line, ylim)
-    return save_figure(fig, path)
-
-
 GAIN_YLABEL = "AUROC - AUROC(real only)"
 
 
@@ -236,9 +223,8 @@ GAIN_COLUMNS = {
 
 def gain_figure(table, title: str = "", ref: str = "real"):
     """The figure of :func:`plot_gain`, not saved (close it with ``pyplot().close(fig)``)."""
-    value, lo, hi = GAIN_COLUMNS[ref]
     ylabel = GAIN_YLABEL if ref == "real" else f"AUROC - AUROC({ref})"
-    return arm_bars_figure(table, value, lo, hi, ylabel, title, zero_line=True)
+    return arm_bars_figure(table, GAIN_COLUMNS[ref], ylabel, title, zero_line=True)
 
 
 def plot_gain(table, path: str | Path, title: str = "", ref: str = "real") -> Path:
