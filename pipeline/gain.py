@@ -82,6 +82,7 @@ from pipeline.infra.study_plan import (
     study_config,
 )
 from pipeline.infra.study_report import child_rows
+from pipeline.infra.tracking import Tracker
 from pipeline.ingest.default import resolve_manifest
 from pipeline.train import TrainConfig, train
 from transforms.io import file_sha256
@@ -112,7 +113,7 @@ class GainStudy:
         self.generators: dict[str, Item] = {}
         self.paths: dict[str, str] = {}  # generator name -> checkpoint this process can use
         self.cost = CostModel()
-        self.client = None
+        self.parent: Tracker | None = None  # the parent MLflow run (rank 0)
         self.parent_id: str | None = None
         self.trained = 0
         self.val_images = None  # the study manifest's validation images, loaded when first needed
@@ -484,11 +485,10 @@ class GainStudy:
         rec = child_record(cell, item, res, wall, gname, root, self.parent_id)
         self.records.write("children", cell.name, rec)
         item.record = self.records.read("children", cell.name)
-        if res["run_id"] and self.client is not None:  # None: the child's tracking is buffered in its outbox
-            self.client.set_tag(
-                res["run_id"], "fraction", f"{cell.fraction:g}"
-            )  # the child sees its subset as 1.0
-            self.client.set_tag(res["run_id"], "gain_key", item.key)
+        if res["run_id"] and self.parent is not None:  # None: the child's tracking is buffered in its outbox
+            client = self.parent.client  # the child sees its subset as 1.0: its fraction is the study's
+            client.set_tag(res["run_id"], "fraction", f"{cell.fraction:g}")
+            client.set_tag(res["run_id"], "gain_key", item.key)
         self.refit_cost()
 
     def score_generator(self, cell: Cell) -> None:
@@ -579,7 +579,7 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
                 raise RuntimeError(f"gain: every item failed after its retries: {', '.join(failed)}")
             res = {"parent_run_id": study.parent_id}
             if main:
-                res = finish_parent(study.client, study.parent_id, cfg, study.out, rows, study.t0)
+                res = finish_parent(study.parent, cfg, study.out, rows, study.t0)
                 res["trained"] = study.trained
             if failed:
                 raise RuntimeError(
@@ -593,7 +593,7 @@ def gain(cfg: GainConfig) -> dict[str, Any]:
             return res
         except BaseException as e:
             if main:
-                end_parent(study.client, study.parent_id, e)
+                end_parent(study.parent, e)
                 if isinstance(e, BudgetReached):
                     print(str(e), flush=True)
             raise
@@ -632,7 +632,8 @@ def _share_plan(study: GainStudy) -> None:
         distributed.agree((study.children, study.generators, study.cost), study.dinfo)
         now = study_config(study.cfg)
         study.records.write_study({"key": config_key(now), "config": now})
-        study.client, study.parent_id = open_parent(study.cfg, study.out, study.base.tracking, study.source)
+        study.parent = open_parent(study.cfg, study.out, study.base.tracking, study.source)
+        study.parent_id = study.parent.run_id
     study.parent_id = distributed.agree(study.parent_id, study.dinfo)
 
 

@@ -202,3 +202,17 @@ def test_executor_ray_without_ray_says_how_to_install_it(tmp_path, phantom_manif
     monkeypatch.setattr(G, "classify", _must_not_train)
     with pytest.raises(ConfigError, match=r"pip install '\.\[ray\]'"):
         G.gain(_config(tmp_path, phantom_manifest, "executor=ray"))
+
+
+def test_a_study_does_not_start_without_its_tracking_store(tmp_path, phantom_manifest, monkeypatch):
+    # the children are linked to the parent run by its id: with the store down at start, a study
+    # would train children that belong to no study run; it is refused before anything trains
+    from mlflow_server import free_port
+
+    import pipeline.gain as G
+
+    monkeypatch.setattr(G, "classify", _must_not_train)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ConfigError, match=r"tracking store http://127\.0\.0\.1:\d+ cannot be reached"):
+        G.gain(_config(tmp_path, phantom_manifest, f"classify.tracking.uri={dead}"))
+    assert not (tmp_path / "gain" / "t" / "parent_run_id").exists()

@@ -18,90 +18,85 @@ import pandas as pd
 from pipeline.infra import tracking
 from pipeline.infra.config import BudgetReached, ConfigError, flatten, to_dict
 from pipeline.infra.engine import check_writable
+from pipeline.infra.runtime import run_tags
 from pipeline.infra.stage_configs import GainConfig, TrackingConfig
 from pipeline.infra.study_plan import config_key, study_config
 from pipeline.infra.study_report import summarise, to_markdown
+from pipeline.infra.tracking import Tracker
 from pipeline.infra.viz import plot_gain
 
 
-def open_parent(cfg: GainConfig, out: Path, tracking_cfg: TrackingConfig, source: Path | None):
-    """The MLflow run every child hangs under (``tracking_cfg``: the children's, in the study's
-    experiment); a re-run in the same folder ``out`` continues it. Returns (client, run id)."""
-    import mlflow
-    from mlflow.entities import Param
-
+def open_parent(cfg: GainConfig, out: Path, tracking_cfg: TrackingConfig, source: Path | None) -> Tracker:
+    """The MLflow run every child hangs under, started through the stages' one tracker
+    (``tracking_cfg``: the children's, in the study's experiment); a re-run in the same folder
+    ``out`` continues it (its id is in ``out/parent_run_id``). The store must answer here: the
+    children are linked to this run by its id."""
     check_writable(out)
     tcfg = copy.deepcopy(tracking_cfg)
     tcfg.experiment = cfg.tracking.experiment
-    exp_id = tracking.setup(tcfg)
-    client = mlflow.tracking.MlflowClient()
     state = out / "parent_run_id"
-    if state.is_file():
-        parent_id = state.read_text().strip()
-        try:
-            run = client.get_run(parent_id)
-        except Exception as e:  # noqa: BLE001 - MlflowException, or a store that cannot be read
-            raise ConfigError(
-                f"gain: {state} names the parent run {parent_id}, which the tracking store "
-                f"{tracking.resolve_uri(tcfg)} does not have ({type(e).__name__}): use the store the study "
-                "was started in (tracking.uri), or another tracking.run_name= (the records carry the study)"
-            ) from None
-        if run.info.lifecycle_stage == "deleted":
-            raise ConfigError(
-                f"gain: the parent run {parent_id} named in {state} was deleted: restore it, or use another tracking.run_name="
-            )
-        if run.info.status != "RUNNING":
-            client.update_run(parent_id, status="RUNNING")
-    else:
-        now = study_config(cfg)
-        parent = client.create_run(
-            exp_id,
-            run_name=cfg.tracking.run_name or f"gain-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={
-                "stage": "gain",
-                "git_commit": tracking.git_commit(),
-                "data.manifest": str(source),
-                "gain_config_key": config_key(now),
-            },
+    parent_id = state.read_text().strip() if state.is_file() else None
+    tracker = Tracker(tcfg, out)
+    if parent_id:
+        _check_parent(tracker, parent_id, state)
+    tags = run_tags(
+        "gain",
+        tcfg,
+        tracking.git_commit(),
+        **{"data.manifest": str(source), "gain_config_key": config_key(study_config(cfg))},
+    )
+    tracker.start(parent_id, cfg.tracking.run_name or f"gain-{time.strftime('%Y%m%d-%H%M%S')}", tags)
+    if tracker.run_id is None:
+        tracker.enabled = False  # nothing more goes to a run that does not exist
+        raise ConfigError(
+            f"gain: the tracking store {tracker.uri} cannot be reached ({tracker.last_error}): a study "
+            "links its children to its parent run, so it starts with the store up (start the server, "
+            "or set tracking.uri); its records are kept"
         )
-        parent_id = parent.info.run_id
+    if parent_id is None:
         try:
-            params = [Param(k, str(v)[:500]) for k, v in flatten(to_dict(cfg)).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 params a call
-                client.log_batch(parent_id, params=params[i : i + 100])
-            state.write_text(parent_id)
+            tracker.log_params(flatten(to_dict(cfg)))
+            state.write_text(tracker.run_id)
         except BaseException as e:
-            end_parent(client, parent_id, e)
+            end_parent(tracker, e)
             raise
-    print(f"gain: parent MLflow run {parent_id} in experiment {cfg.tracking.experiment}", flush=True)
-    return client, parent_id
+    print(f"gain: parent MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment}", flush=True)
+    return tracker
 
 
-def end_parent(client, parent_id: str | None, exc: BaseException) -> None:
-    """End the parent run FAILED (KILLED on Ctrl-C, SIGTERM or the budget); a tracking error
-    here is printed, never raised over ``exc``."""
-    if client is None or parent_id is None:
+def _check_parent(tracker: Tracker, parent_id: str, state: Path) -> None:
+    """A parent run named in ``state`` must be in the store and not deleted."""
+    try:
+        run = tracker.client.get_run(parent_id)
+    except Exception as e:  # noqa: BLE001 - MlflowException, or a store that cannot be read
+        raise ConfigError(
+            f"gain: {state} names the parent run {parent_id}, which the tracking store "
+            f"{tracker.uri} does not have ({type(e).__name__}): use the store the study was started "
+            "in (tracking.uri), or another tracking.run_name= (the records carry the study)"
+        ) from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"gain: the parent run {parent_id} named in {state} was deleted: restore it, or use another "
+            "tracking.run_name="
+        )
+
+
+def end_parent(tracker: Tracker | None, exc: BaseException) -> None:
+    """End the parent run FAILED (KILLED on Ctrl-C, SIGTERM or the budget), the error tagged."""
+    if tracker is None or tracker.run_id is None:
         return
     status = "KILLED" if isinstance(exc, (KeyboardInterrupt, BudgetReached)) else "FAILED"
-    try:
-        client.set_tag(parent_id, "gain.error", f"{type(exc).__name__}: {exc}"[:500])
-        client.set_terminated(parent_id, status)
-    except Exception as e:  # noqa: BLE001 - the study's own error is the one to raise
-        print(
-            f"gain: could not mark the parent run {parent_id} {status}: {e}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
+    tracker.log_tags({"gain.error": f"{type(exc).__name__}: {exc}"[:500]})
+    tracker.close(status)
     print(
-        f"gain: parent run {parent_id} ended {status} ({type(exc).__name__}: {exc})",
+        f"gain: parent run {tracker.run_id} ended {status} ({type(exc).__name__}: {exc})",
         file=sys.stderr,
         flush=True,
     )
 
 
 def finish_parent(
-    client, pid: str, cfg: GainConfig, out: Path, rows: pd.DataFrame, t0: float
+    tracker: Tracker, cfg: GainConfig, out: Path, rows: pd.DataFrame, t0: float
 ) -> dict[str, Any]:
     """The table, the plots and the metrics on the parent run (ended FINISHED); ``rows`` are the
     study's :func:`pipeline.infra.study_report.child_rows`, ``t0`` when it started."""
@@ -115,13 +110,16 @@ def finish_parent(
     (out / "gain_table.md").write_text(md)
     plots = _plots(table[table["split"] == test_split], out, len(cfg.seeds))
     for p in ("gain_runs.csv", "gain_table.csv", "gain_table.md", *(Path(p).name for p in plots)):
-        client.log_artifact(pid, str(out / p), "gain")
+        tracker.log_artifact(out / p, "gain")
+    metrics = {}
     for r in table.itertuples():
         tag = "" if r.split == test_split else f"{r.split}/"
         if r.arm != "real" and np.isfinite(r.paired_delta):
-            client.log_metric(pid, f"{tag}delta_auroc/{r.arm}/f{r.fraction:g}", float(r.paired_delta))
-        client.log_metric(pid, f"{tag}auroc/{r.arm}/f{r.fraction:g}", float(r.auroc))
-    client.set_terminated(pid, "FINISHED")
+            metrics[f"{tag}delta_auroc/{r.arm}/f{r.fraction:g}"] = float(r.paired_delta)
+        metrics[f"{tag}auroc/{r.arm}/f{r.fraction:g}"] = float(r.auroc)
+    tracker.log_metrics(metrics, step=0)
+    tracker.close("FINISHED")
+    pid = tracker.run_id
     print(md)
     print(f"gain: done in {time.time() - t0:.0f}s; table {out / 'gain_table.md'}, plot {plots[0]}")
     print(f"MLflow parent run id: {pid}")

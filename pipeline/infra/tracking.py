@@ -181,7 +181,12 @@ class Tracker:
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._submit(build_op("params", data={k: str(v)[:500] for k, v in params.items()}))
+        items = [(k, str(v)[:500]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
+            self._submit(build_op("params", data=dict(items[i : i + 100])))
+
+    def log_tags(self, tags: dict[str, str]) -> None:
+        self._submit(build_op("tags", data={k: str(v)[:5000] for k, v in tags.items()}))
 
     def log_dict(self, data: dict, name: str) -> None:
         self._submit(build_op("dict", data=data, name=name))
