@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.infra.config import tagged_keys
 from pipeline.infra.metrics import clipped_mean_ci
 from pipeline.infra.stage_configs import (
-    EXECUTION_KEYS,
-    EXECUTION_PREFIXES,
+    EXECUTION,
+    ClassifyConfig,
     CompareConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+    TrainConfig,
 )
 from pipeline.infra.tracking import fail_fast_http, resolve_uri
 from pipeline.infra.viz import pyplot, save_figure
@@ -39,16 +41,19 @@ from transforms.manifest import is_inside, write_csv
 METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")
 # params that do not define a configuration: the seed itself, where and how a run was executed
 # and logged, and counts derived from the config and the seed's subset draw
-NOT_CONFIG = EXECUTION_KEYS | {
-    "seed",
-    "device",
-    "data.num_workers",
-    "n_train_real",
-    "n_train_total",
-    "optimizer_steps",
-    "steps_per_epoch",
-}
-NOT_CONFIG_PREFIXES = EXECUTION_PREFIXES
+NOT_CONFIG = (
+    tagged_keys(TrainConfig, EXECUTION)
+    | tagged_keys(ClassifyConfig, EXECUTION)
+    | {
+        "seed",
+        "device",
+        "data.num_workers",
+        "n_train_real",
+        "n_train_total",
+        "optimizer_steps",
+        "steps_per_epoch",
+    }
+)
 UNSET = "<unset>"
 MAX_STEM = 120  # characters of an output file's name taken from the experiment's name
 
@@ -70,7 +75,7 @@ def config_params(columns) -> list[str]:
         if not c.startswith("params."):
             continue
         k = c[len("params.") :]
-        if k in NOT_CONFIG or k.startswith(NOT_CONFIG_PREFIXES):
+        if k in NOT_CONFIG:
             continue
         keys.append(k)
     return sorted(keys)

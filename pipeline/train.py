@@ -20,7 +20,7 @@ from networks.objective import GROUP_LOSSES, route_gradients
 from networks.vaegan import VAEGAN
 from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import distributed, engine, runtime, speed, tracking
-from pipeline.infra.config import flatten, to_dict
+from pipeline.infra.config import flatten, tagged_keys, to_dict
 from pipeline.infra.data import (
     Manifest,
     build_dataset,
@@ -33,6 +33,7 @@ from pipeline.infra.grids import grid_inputs, loss_curve, save_grids
 from pipeline.infra.judge import Judge
 from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
     MEASURES,
+    RESUMABLE,
     DataConfig,
     GateConfig,
     GuardConfig,
@@ -253,16 +254,7 @@ def train_one_epoch(run: TrainRun, epoch: int) -> dict[str, float]:
 # a resumed run may change its epoch budget, and the keys that change neither what it computes
 # nor where it logs (how it was started, how often it saves, CPU threads). Anything else that
 # differs refuses the resume, naming the keys.
-RESUME_MAY_DIFFER = (
-    "epochs",
-    "resume",
-    "out_dir",
-    "tracking.run_name",
-    "ckpt_every",
-    "threads",
-    "tracking.retry_s",
-    *(f"speed.{k}" for k in ("mode", "cache", *MEASURES)),  # how steps run, not what they compute
-)
+RESUME_MAY_DIFFER = ("epochs", *sorted(tagged_keys(TrainConfig, RESUMABLE)))
 
 
 def build_model(cfg: TrainConfig, device: torch.device, measures: dict[str, bool]) -> VAEGAN:

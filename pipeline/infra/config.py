@@ -525,6 +525,24 @@ def renamed_keys(cls: type, prefix: str = "") -> dict[str, tuple[str, Any]]:
     return out
 
 
+def tagged_keys(cls: type, kinds: frozenset[str] | set[str], prefix: str = "") -> frozenset[str]:
+    """The dotted keys of ``cls`` and its sections whose kind (the ``RUNS`` tables of a class and
+    its bases: field -> kind, ``"*"`` for every field) is one of ``kinds``; a renamed key also in
+    its old spelling (a study's records are keyed by those)."""
+    hints = typing.get_type_hints(cls)
+    runs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        runs.update(vars(klass).get("RUNS", {}))
+    out: set[str] = set()
+    for f in _init_fields(cls):
+        if _is_dataclass_type(hints[f.name]):
+            out |= tagged_keys(hints[f.name], kinds, f"{prefix}{f.name}.")
+        elif runs.get(f.name, runs.get("*")) in kinds:
+            out.add(f"{prefix}{f.name}")
+    out |= {old for new, (old, _) in renamed_keys(cls, prefix).items() if new in out}
+    return frozenset(out)
+
+
 def old_spelling(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
     """A flat config of ``cls`` with each renamed key (and value) as it was spelled before: what
     identifies a computation did not change with a name, so a key computed from this one keeps

@@ -25,6 +25,15 @@ from networks.config import PRIORS, ClassifierConfig, LossConfig, ModelConfig  #
 from pipeline.infra.arms import ARM_REGISTRY, ARMS
 from transforms.config import TransformConfig
 
+# ------------------------------------------------------------------ keys that identify no computation
+# What a key says about a run when it is not what the run computes, declared once per class in its
+# RUNS table (field -> kind; "*": every field of the section); pipeline.infra.config.tagged_keys
+# reads them: a study's keys, compare's groups and train's resume check each leave out the kinds
+# that do not matter to them.
+WHERE, HOW, CACHE, LOG, START = "where", "how", "cache", "log", "start"
+EXECUTION = frozenset({WHERE, HOW, CACHE, LOG})  # where and how a run executes, caches and logs
+RESUMABLE = frozenset({WHERE, HOW, START})  # what a resumed run may change (with its epochs)
+
 
 # ----------------------------------------------------------------------------- renamed keys
 @dataclass(frozen=True)
@@ -97,6 +106,8 @@ class TrackingConfig:
     parent_run_id: str = ""  # make the run a child of this one (the gain experiment sets it)
     retry_s: float = 30.0  # while the server is unreachable, seconds between attempts to send the outbox
 
+    RUNS: ClassVar[dict[str, str]] = {"*": LOG, "run_name": WHERE, "retry_s": HOW}
+
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1 (steps between metric logs), got {self.log_every}")
@@ -124,6 +135,7 @@ class DataConfig(TransformConfig):
     # whole batch at once on the training device, transforms.batch) | auto (device on CUDA)
     augment_on: str = "auto"
 
+    RUNS: ClassVar[dict[str, str]] = {"cache": CACHE, "cache_dir": CACHE}
     RANGES: ClassVar[dict[str, str]] = {
         "batch_size": "[1, 65536]",
         "num_workers": "[0, 1024]",
@@ -223,6 +235,8 @@ class SpeedConfig:
     channels_last: str = "auto"  # NHWC activations
     split_discriminator: str = "auto"  # real, reconstructed and prior images in three discriminator calls
 
+    RUNS: ClassVar[dict[str, str]] = {"*": HOW}
+
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "on", "off"):
             raise ValueError(f"speed.mode must be auto, on or off, got {self.mode!r}")
@@ -244,6 +258,7 @@ class RuntimeConfig:
     out_dir: str = "outputs"
 
     RANGES: ClassVar[dict[str, str]] = {"threads": "[0, 4096]"}
+    RUNS: ClassVar[dict[str, str]] = {"out_dir": WHERE, "threads": HOW}
 
     def check_runtime(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -272,6 +287,7 @@ class TrainConfig(RuntimeConfig):
     compile: bool = False
 
     RANGES: ClassVar[dict[str, str]] = {"grid_size": "[1, 1024]"}
+    RUNS: ClassVar[dict[str, str]] = {"resume": START, "ckpt_every": START}
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -349,6 +365,10 @@ class ClassifierSpeedConfig:
 
     channels_last: str = "auto"  # NHWC activations
     cache_allocations: str = "auto"  # on CPU, freed memory stays in the process (glibc mallopt)
+
+    # channels_last is keyed: NHWC changes the classifier's float arithmetic (train's measures are
+    # checked to leave its losses unchanged, tests/test_train.py; this one is not)
+    RUNS: ClassVar[dict[str, str]] = {"cache_allocations": HOW}
 
     def __post_init__(self) -> None:
         for name in ("channels_last", "cache_allocations"):
@@ -530,7 +550,9 @@ class GainConfig:
     # (the parent run, and the study's folder OUT_DIR/RUN_NAME), tracking.uri (the store; empty:
     # classify.tracking.uri, else MLFLOW_TRACKING_URI, else the embedded store)
     tracking: TrackingConfig = field(
-        default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-gain", register_model="", log_model=False)
+        default_factory=lambda: TrackingConfig(
+            experiment="cxr-vaegan-gain", register_model="", log_model=False
+        )
     )
     out_dir: str = "outputs/gain"
     # the study's records (one small JSON per child and generator, no weights; meant to be committed,
@@ -689,9 +711,3 @@ class ExportConfig:
             raise ValueError("out is required: the folder to write the bundle into, e.g. out=bundles/cxr-gen")
         if not re.fullmatch(r"\d+\.\d+\.\d+", self.version):
             raise ValueError(f"version={self.version!r} is not MAJOR.MINOR.PATCH (e.g. version=0.1.0)")
-
-
-# config keys that say where and how a run executes, caches and logs, not what it computes: gain's
-# child keys and compare's groups leave them out (each adds the keys of its own kind)
-EXECUTION_KEYS = frozenset({"out_dir", "threads", "cache_allocations", "data.cache", "data.cache_dir"})
-EXECUTION_PREFIXES = ("tracking.", "speed.")

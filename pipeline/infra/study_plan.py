@@ -2,7 +2,7 @@
 config key), the cells and items of the plan, and what each will cost.
 
 A child's or generator's **key** is the SHA-256 of its keyed config: the stage config flattened,
-less the keys that say where and how it runs (:data:`COSMETIC_KEYS`) and the paths whose content is
+less the keys that say where and how it runs (:data:`COSMETIC`) and the paths whose content is
 keyed otherwise, plus what it depends on (the data's hash, the generator's and judge's keys). A
 record holding the same key is the same computation (:meth:`Item.match`).
 """
@@ -22,20 +22,20 @@ import pandas as pd
 from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import tracking
 from pipeline.infra.arms import ARM_REGISTRY
-from pipeline.infra.config import MISSING, diff_flat, flatten, old_spelling, to_dict
+from pipeline.infra.config import MISSING, diff_flat, flatten, old_spelling, tagged_keys, to_dict
 from pipeline.infra.model_store import is_model_uri
 from pipeline.infra.stage_configs import (
-    EXECUTION_KEYS,
-    EXECUTION_PREFIXES,
+    EXECUTION,
+    START,
     ClassifyConfig,
     GainConfig,
     TrainConfig,
 )
 
 # ------------------------------------------------------------------------------ what identifies a computation
-# where and how a run logs, how fast it goes, where it caches: left out of a key
-COSMETIC_KEYS = EXECUTION_KEYS | {"resume", "ckpt_every"}
-COSMETIC_PREFIXES = EXECUTION_PREFIXES
+# where and how a run executes, caches and logs, and how it was started: left out of a key (the
+# kinds each config class declares in its RUNS tables, pipeline.infra.stage_configs)
+COSMETIC = EXECUTION | {START}
 # paths whose content is keyed otherwise (the source manifest's hash, fraction and seed; the
 # generator's key; the judge's key), so a study continued from another folder keeps its keys
 CHILD_PATH_KEYS = frozenset({"data.manifest", "synthetic", "filter_classifier"})
@@ -43,12 +43,15 @@ GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})
 # the study's own config: what the children are (not where the study writes, its budget, or the
 # base classify values each child replaces)
 STUDY_COSMETIC = frozenset(
-    {f"classify.{k}" for k in (*COSMETIC_KEYS, *CHILD_PATH_KEYS, "arm", "seed", "fraction")}
+    {
+        f"classify.{k}"
+        for k in (*tagged_keys(ClassifyConfig, COSMETIC), *CHILD_PATH_KEYS, "arm", "seed", "fraction")
+    }
     | {"out_dir", "run_name", "records", "max_minutes", "experiment", "generator_dir", "executor"}
     # paths: what they hold is in the generators' keys (their train config, a given file's hash)
     | {"vaegan_config", "generators"}
 )
-STUDY_COSMETIC_PREFIXES = ("tracking.", "classify.tracking.", "ray.")
+STUDY_COSMETIC_PREFIXES = ("tracking.", "ray.")
 
 
 def canonical(d: dict[str, Any]) -> dict[str, Any]:
@@ -58,16 +61,11 @@ def canonical(d: dict[str, Any]) -> dict[str, Any]:
 
 def keyed_config(cfg: Any, prefix: str, paths: frozenset[str] = frozenset()) -> dict[str, Any]:
     """A stage config (a dataclass instance), flattened with its keys as spelled before any
-    rename (:func:`pipeline.infra.config.old_spelling`), less its cosmetic and path keys, each
-    key under ``prefix``."""
+    rename (:func:`pipeline.infra.config.old_spelling`), less its cosmetic keys (:data:`COSMETIC`)
+    and ``paths``, each key under ``prefix``."""
     flat = old_spelling(type(cfg), flatten(to_dict(cfg)))
-    return canonical(
-        {
-            f"{prefix}{k}": v
-            for k, v in flat.items()
-            if k not in COSMETIC_KEYS and k not in paths and not k.startswith(COSMETIC_PREFIXES)
-        }
-    )
+    drop = tagged_keys(type(cfg), COSMETIC) | paths
+    return canonical({f"{prefix}{k}": v for k, v in flat.items() if k not in drop})
 
 
 def study_config(cfg: GainConfig) -> dict[str, Any]:
