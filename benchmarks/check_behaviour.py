@@ -66,7 +66,9 @@ def cli(*args: str, cwd: Path) -> str:
         [sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
     if p.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise SystemExit(
+            f"{' '.join(args[:2])} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p.stdout
 
 
@@ -103,7 +105,10 @@ def run_metrics(store: Path) -> dict[str, dict[str, list[float]]]:
             for key in sorted(run.data.metrics):
                 if any(t in key for t in TIMING):
                     continue
-                hist[key] = [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+                hist[key] = [
+                    m.value
+                    for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+                ]
             out[run.info.run_name] = hist
     return out
 
@@ -117,8 +122,15 @@ def measure(work: Path) -> dict:
     store = work / "mlflow.db"
     uri = f"tracking.uri=sqlite:///{store}"
     cli(
-        "train", f"data.manifest={manifest}", *TINY_TRAIN, "epochs=2", "seed=3",
-        f"out_dir={work / 'train'}", "tracking.run_name=gen", uri, "tracking.register_model=''",
+        "train",
+        f"data.manifest={manifest}",
+        *TINY_TRAIN,
+        "epochs=2",
+        "seed=3",
+        f"out_dir={work / 'train'}",
+        "tracking.run_name=gen",
+        uri,
+        "tracking.register_model=''",
         cwd=work,
     )
     gen = work / "train" / "gen" / "checkpoints" / "last.pt"
@@ -127,10 +139,17 @@ def measure(work: Path) -> dict:
     for arm in ARMS:
         extra = [f"synthetic={gen}"] if "synthetic" in arm else []
         if arm == "synthetic_filtered":
-            extra.append(f"filter_classifier={judge}")
+            extra.append(f"filter_classifier={judge}")  # the spelling every revision reads
         cli(
-            "classify", f"data.manifest={manifest}", *TINY_CLASSIFY, f"arm={arm}", "seed=1", *extra,
-            f"out_dir={work / 'cls'}", f"tracking.run_name={arm.replace('+', '_')}", uri,
+            "classify",
+            f"data.manifest={manifest}",
+            *TINY_CLASSIFY,
+            f"arm={arm}",
+            "seed=1",
+            *extra,
+            f"out_dir={work / 'cls'}",
+            f"tracking.run_name={arm.replace('+', '_')}",
+            uri,
             cwd=work,
         )
         folder = work / "cls" / arm.replace("+", "_")
@@ -143,11 +162,19 @@ def measure(work: Path) -> dict:
         }
     records = work / "records"
     cli(
-        "gain", f"classify.data.manifest={manifest}", *(f"classify.{a}" for a in TINY_CLASSIFY),
+        "gain",
+        f"classify.data.manifest={manifest}",
+        *(f"classify.{a}" for a in TINY_CLASSIFY),
         "arms=[real,real_dup,classical,synthetic,synthetic_filtered,synthetic_only]",
-        "fractions=[0.5,1.0]", "seeds=[0]", "generator_steps=6", "holdout_fraction=0.2",
+        "fractions=[0.5,1.0]",
+        "seeds=[0]",
+        "generator_steps=6",
+        "holdout_fraction=0.2",
         "vaegan_overrides=[data.batch_size=4,model.base_channels=8,model.latent_dim=8,model.num_classes=2,threads=1,speed.mode=off]",
-        f"out_dir={work / 'gain'}", f"records={records}", "run_name=t", f"classify.{uri}",
+        f"out_dir={work / 'gain'}",
+        f"records={records}",
+        "run_name=t",
+        f"classify.{uri}",
         cwd=work,
     )
     items = {}

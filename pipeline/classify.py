@@ -10,7 +10,7 @@ Arms (``arm=``):
 * ``synthetic_pretrain``: the first half of the epochs on synthetic images only (as many as the real
   ones, with their labels), the second half on the real split (RoentGen-v2's pre-train then
   fine-tune); the model is picked among the real epochs;
-* ``synthetic_filtered``: as ``synthetic``, keeping only synthetic images that ``filter_classifier``
+* ``synthetic_filtered``: as ``synthetic``, keeping only synthetic images that ``judge``
   (a real-only arm's checkpoint) classifies as their intended label at its validation threshold;
 * ``balanced_synthetic``: the real split plus synthetic images of its minority class only, as many
   as bring it to the majority's count (Kermany's train split: normal is the minority, ~1:3);
@@ -107,10 +107,10 @@ def training_provenance(arm: str, manifest: str | Path, source: str | Path) -> d
 def _label_judge(cfg: ClassifyConfig, device: torch.device):
     """``accept(image, label)``: does the filter classifier (a real-only arm, at this image size)
     call ``image`` ``label`` at its own validation-chosen threshold?"""
-    judge = Judge.load(cfg.filter_classifier, device)  # it must never have seen synthetic images
+    judge = Judge.load(cfg.judge, device)  # it must never have seen synthetic images
     if judge.image_size != cfg.data.image_size:
         raise ValueError(
-            f"filter_classifier {cfg.filter_classifier} was trained at {judge.image_size} px, this run is "
+            f"judge {cfg.judge} was trained at {judge.image_size} px, this run is "
             f"{cfg.data.image_size} px: use a classifier trained at this size"
         )
     threshold = judge.threshold

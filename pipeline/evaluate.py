@@ -1,5 +1,5 @@
-"""``python -m pipeline.run evaluate checkpoint=... extractor=... [reference=<manifest>] [n=...]``,
-or ``evaluate samples=<manifest or folder> reference=<manifest> extractor=...``.
+"""``python -m pipeline.run evaluate checkpoint=... judge=... [reference=<manifest>] [n=...]``,
+or ``evaluate samples=<manifest or folder> reference=<manifest> judge=...``.
 
 Synthesis quality of a trained VAE-GAN (or VAE) against real images, logged to MLflow with a
 Markdown report and its figures. With ``samples`` it scores images any generator made (a GAN, a
@@ -7,7 +7,7 @@ diffusion model), preprocessed like the reference, on the same panel; the latent
 then is left out (it needs an encoder):
 
 * Fréchet distance, MMD (MONAI, linear kernel) and KID, precision / recall / density / coverage
-  (k = 5), all in the feature space of a classifier trained on real radiographs (``extractor``,
+  (k = 5), all in the feature space of a classifier trained on real radiographs (``judge``,
   from the classify stage: no pretrained network can be downloaded here). The extractor's file
   hash is recorded: two runs compare only with the same extractor;
 * diversity: mean MS-SSIM of random synthetic pairs against random real pairs;
@@ -267,7 +267,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ref_manifest = cfg.reference or src.train_manifest or str(default_manifest())
     # before any image is loaded: an extractor that has seen synthetic or reference images
     # would flatter the generator
-    judge = Judge.load(cfg.extractor, device, ref_manifest, cfg.allow_foreign_extractor)
+    judge = Judge.load(cfg.judge, device, ref_manifest, cfg.allow_foreign_judge)
     # samples are preprocessed like the reference, at the size the extractor was trained at
     size = src.image_size or judge.image_size
     run_dir = Path(cfg.out_dir) / (cfg.tracking.run_name or f"{src.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -291,12 +291,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     meta = {
         **src.provenance,  # the checkpoint and its training run, or the samples' path, sha256 and count
         "model_kind": src.kind,
-        "extractor": cfg.extractor,
+        "extractor": cfg.judge,
         "extractor_sha256": judge.sha256,
         "extractor_arch": judge.arch,
         "extractor_arm": judge.arm,
         "extractor_train_manifest": judge.train_manifest,
-        "foreign_extractor": judge.foreign,  # "" unless allow_foreign_extractor let a refused one through
+        "foreign_extractor": judge.foreign,  # "" unless allow_foreign_judge let a refused one through
         "reference": str(ref_manifest),
         "reference_split": cfg.reference_split,
     }
@@ -535,7 +535,7 @@ def _report_header(res: dict[str, float], meta: dict[str, Any]) -> list[str]:
         f"N real {int(res['n_real'])}, N train {int(res['n_train'])}.\n\n",
         f"Extractor trained with arm={meta['extractor_arm']} on {meta['extractor_train_manifest']}.\n\n",
         (
-            f"**WARNING: foreign extractor, used with allow_foreign_extractor=true.** {meta['foreign_extractor']}. "
+            f"**WARNING: foreign judge, used with allow_foreign_judge=true.** {meta['foreign_extractor']}. "
             "Its features and class fidelity may flatter the generator: these results do not compare with "
             "runs that used a real-only extractor trained on the reference manifest.\n\n"
             if meta["foreign_extractor"]

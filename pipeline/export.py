@@ -168,7 +168,7 @@ def _fidelity(payload: dict[str, Any], loaded: LoadedGenerator, history: list[tu
     if steps and _finite(steps[-1][1]):
         where = f"validation gate of training run {loaded.run_id}, step {steps[-1][0]}"
         return {"class_fidelity_auroc": steps[-1][1], "gate_fd": None, "measured_by": where}
-    why = "train with gate.every > 0 and gate.extractor=... to measure it, or run `evaluate`"
+    why = "train with gate.every > 0 and gate.judge=... to measure it, or run `evaluate`"
     return {"class_fidelity_auroc": None, "gate_fd": None, "measured_by": f"not recorded ({why})"}
 
 

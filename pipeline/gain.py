@@ -308,7 +308,7 @@ class GainStudy:
         if self.cfg.holdout_fraction > 0 and HOLDOUT not in c.extra_test_splits:
             c.extra_test_splits = [*c.extra_test_splits, HOLDOUT]
         if cell.filtered:  # the same subset's real-only classifier judges the images
-            c.filter_classifier = str(self.child_dir(cell.real()) / "classifier.pt")
+            c.judge = str(self.child_dir(cell.real()) / "classifier.pt")
         return c
 
     def generator_path(self, gname: str) -> str:
@@ -343,7 +343,7 @@ class GainStudy:
             tcfg.epochs = max(1, math.ceil(cfg.generator_steps / per_epoch))
             if cfg.gate_checks > 0:
                 tcfg.gate.every = max(1, tcfg.epochs // cfg.gate_checks)
-                tcfg.gate.extractor = str(self.child_dir(judge) / "classifier.pt")
+                tcfg.gate.judge = str(self.child_dir(judge) / "classifier.pt")
         return tcfg
 
     # ---------------------------------------------------------------- running

@@ -346,7 +346,7 @@ def _train(cfg: TrainConfig, dinfo: distributed.DistInfo, run_dir: Path) -> dict
         ckpt.remove_stale_temps(run_dir / "checkpoints")
     run = _build_run(cfg, dinfo, run_dir, manifest)
     if cfg.gate.every and dinfo.is_main:  # refused here, before training, if it is no fair judge
-        judge = Judge.load(cfg.gate.extractor, run.device, reference=manifest)
+        judge = Judge.load(cfg.gate.judge, run.device, reference=manifest)
         run.gate = ValidationGate(cfg.gate, judge, cfg.seed, cfg.model.num_classes, run.gate.best)
     if resumed is not None:
         _load_resumed(run, resumed, resume_path)

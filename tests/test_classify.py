@@ -99,9 +99,7 @@ def test_generate_then_classify_with_synthetic_augmentation_then_compare(
     for arm in others:
         # synthetic_filtered's judge: the real arm's classifier, trained above
         judge = (
-            [f"filter_classifier={tmp_path / 'cls' / 'real' / 'classifier.pt'}"]
-            if arm == "synthetic_filtered"
-            else []
+            [f"judge={tmp_path / 'cls' / 'real' / 'classifier.pt'}"] if arm == "synthetic_filtered" else []
         )
         rc, out, err = _main(
             capsys,
@@ -259,7 +257,7 @@ def test_gain_children_under_one_parent_and_paired_table(tmp_path, phantom_manif
     for r in children:
         if r.data.tags.get("arm") == "synthetic_filtered":
             fr, sd = r.data.tags["fraction"], r.data.tags["seed"]
-            assert r.data.params["filter_classifier"].endswith(f"real-f{fr}-s{sd}/classifier.pt")
+            assert r.data.params["judge"].endswith(f"real-f{fr}-s{sd}/classifier.pt")
     # gain's step budget: within a (fraction, seed) every arm trains the real arm's optimiser steps,
     # although the synthetic arm has twice the images
     for fr in ("0.5", "1"):
@@ -318,7 +316,7 @@ def test_validation_rules():
         load_config(ClassifyConfig, None, ["fraction=0"])
     with pytest.raises(ConfigError, match="step_budget must be 'epochs' or 'real'"):
         load_config(ClassifyConfig, None, ["step_budget=steps"])
-    with pytest.raises(ConfigError, match="needs filter_classifier="):
+    with pytest.raises(ConfigError, match="needs judge="):
         load_config(ClassifyConfig, None, ["arm=synthetic_filtered", "synthetic=x.csv"])
     with pytest.raises(ConfigError, match="'real' must come before 'synthetic_filtered'"):
         load_config(GainConfig, None, ["arms=[synthetic_filtered,real]"])

@@ -81,7 +81,7 @@ def _stage_classes():
 
 
 # the keys a stage requires, so that its config can be built at all
-REQUIRED = {"generate": ["checkpoint=g.pt"], "evaluate": ["checkpoint=g.pt", "extractor=c.pt"]}
+REQUIRED = {"generate": ["checkpoint=g.pt"], "evaluate": ["checkpoint=g.pt", "judge=c.pt"]}
 
 # (stage, override, the flattened key it sets, the value it must take); ingest and compare have no
 # sections, so theirs are top-level keys
@@ -381,3 +381,23 @@ def test_an_override_in_the_new_spelling_wins_over_the_old_one_in_a_file(tmp_pat
     path = tmp_path / "old.yaml"
     path.write_text("lr: 0.003\n")
     assert load_config(ClassifyConfig, path, ["optim.lr=0.5"]).optim.lr == 0.5
+
+
+@pytest.mark.parametrize(
+    "stage,old,path",
+    [
+        ("train", "gate.extractor=c.pt", ("gate", "judge")),
+        ("classify", "filter_classifier=c.pt", ("judge",)),
+        ("evaluate", "extractor=c.pt", ("judge",)),
+    ],
+)
+def test_the_judge_has_one_name_and_its_old_names_still_read(stage, old, path):
+    # a real-only classifier judging synthetic images was gate.extractor, filter_classifier and
+    # extractor in three stages; it is `judge` in each (the old names read for a release)
+    from pipeline.run import config_class
+
+    extra = ["checkpoint=g.pt"] if stage == "evaluate" else []
+    cfg = load_config(config_class(stage), None, [old, *extra])
+    for name in path:
+        cfg = getattr(cfg, name)
+    assert cfg == "c.pt"

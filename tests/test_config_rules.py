@@ -28,7 +28,7 @@ from pipeline.run import CONFIG_STAGES, main
 # the keys a stage requires, so that its config can be built at all
 REQUIRED = {
     "generate": ["checkpoint=g.pt"],
-    "evaluate": ["checkpoint=g.pt", "extractor=c.pt"],
+    "evaluate": ["checkpoint=g.pt", "judge=c.pt"],
     "report": ["records=r"],
 }
 

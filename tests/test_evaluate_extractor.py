@@ -38,7 +38,7 @@ def _cfg(tmp_path, generator: str, extractor: str, reference, *extra: str):
         None,
         [
             f"checkpoint={generator}",
-            f"extractor={extractor}",
+            f"judge={extractor}",
             f"reference={reference}",
             "bootstrap=10",
             "k=3",
@@ -60,7 +60,7 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
     with pytest.raises(ValueError) as e:
         evaluate(_cfg(tmp_path, gen, synthetic, phantom_manifest))
     msg = str(e.value)
-    assert "synthetic-arm.pt" in msg and "arm=synthetic" in msg and "allow_foreign_extractor" in msg
+    assert "synthetic-arm.pt" in msg and "arm=synthetic" in msg and "allow_foreign_judge" in msg
     assert not (tmp_path / "ev").exists() or not any((tmp_path / "ev").rglob("report.md"))
 
     # the extractor the classify stage records (arm=real on the reference manifest) is accepted
@@ -76,12 +76,12 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
     # trained on another manifest than the reference: refused
     other = tmp_path / "other.csv"
     other.write_text("".join(Path(phantom_manifest).read_text().splitlines(keepends=True)[:-1]))
-    with pytest.raises(ValueError, match="not on the reference manifest.*allow_foreign_extractor"):
+    with pytest.raises(ValueError, match="not on the reference manifest.*allow_foreign_judge"):
         evaluate(_cfg(tmp_path, gen, phantom_extractor, other))
 
     # a checkpoint from before the provenance was recorded: refused, clearly
     old = _edited_copy(phantom_extractor, tmp_path / "old.pt", _before_provenance)
-    with pytest.raises(ValueError, match="records no training manifest.*allow_foreign_extractor"):
+    with pytest.raises(ValueError, match="records no training manifest.*allow_foreign_judge"):
         evaluate(_cfg(tmp_path, gen, old, phantom_manifest))
     no_arm = _edited_copy(old, tmp_path / "no-arm.pt", lambda p: p["config"].pop("arm"))
     with pytest.raises(ValueError, match="records no training arm"):
@@ -90,14 +90,14 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
     # the judge of train's gate and of the gain stage's check of each generator refuses it too
     from pipeline.infra.judge import Judge
 
-    with pytest.raises(ValueError, match="arm=synthetic.*allow_foreign_extractor"):
+    with pytest.raises(ValueError, match="arm=synthetic.*allow_foreign_judge"):
         Judge.load(synthetic)
 
     # the explicit override runs, and the report and the MLflow run say so
-    res = evaluate(_cfg(tmp_path, gen, synthetic, phantom_manifest, "allow_foreign_extractor=true"))
+    res = evaluate(_cfg(tmp_path, gen, synthetic, phantom_manifest, "allow_foreign_judge=true"))
     assert "arm=synthetic" in res["meta"]["foreign_extractor"]
     report = Path(res["report"]).read_text()
-    assert "foreign extractor, used with allow_foreign_extractor=true" in report
+    assert "foreign judge, used with allow_foreign_judge=true" in report
     assert "arm=synthetic" in report
     saved = json.loads((Path(res["report"]).parent / "metrics.json").read_text())
     assert saved["meta"]["foreign_extractor"] == res["meta"]["foreign_extractor"]
@@ -105,7 +105,7 @@ def test_evaluate_refuses_a_foreign_extractor_unless_told(
 
     run = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ev.db'}").get_run(res["run_id"])
     assert "arm=synthetic" in run.data.tags["foreign_extractor"]
-    assert run.data.params["allow_foreign_extractor"].lower() == "true"
+    assert run.data.params["allow_foreign_judge"].lower() == "true"
 
 
 def test_judge_scores_once_and_measures_class_fidelity(phantom_generator, phantom_extractor):

@@ -17,7 +17,7 @@ from pipeline.train import TrainConfig, train
 
 
 def test_a_gate_without_a_judge_is_refused():
-    with pytest.raises(ConfigError, match="gate.extractor"):
+    with pytest.raises(ConfigError, match="gate.judge"):
         load_config(TrainConfig, None, ["gate.every=1"])
 
 
@@ -30,7 +30,7 @@ def test_the_gate_keeps_the_epoch_with_the_lowest_fd_among_label_faithful_ones(
         "model.num_classes=2",
         "epochs=3",
         "gate.every=1",
-        f"gate.extractor={phantom_extractor}",
+        f"gate.judge={phantom_extractor}",
         "gate.n=32",
         "gate.min_fidelity=0.0",  # the tiny generator is not label-faithful yet: compare on FD alone
     )
@@ -61,7 +61,7 @@ def test_the_gate_only_watches(tmp_path, phantom_manifest, phantom_extractor):
             tmp_path / "a",
             *common,
             "gate.every=1",
-            f"gate.extractor={phantom_extractor}",
+            f"gate.judge={phantom_extractor}",
             "gate.n=16",
         )
     )

@@ -91,7 +91,7 @@ def test_evaluate_stage_end_to_end(tmp_path, phantom_manifest, phantom_generator
             None,
             [
                 f"checkpoint={phantom_generator['checkpoint']}",
-                f"extractor={phantom_extractor}",
+                f"judge={phantom_extractor}",
                 f"reference={phantom_manifest}",
                 "bootstrap=10",
                 "k=3",
@@ -160,16 +160,16 @@ def test_evaluate_validation():
         load_config(EvaluateConfig, None, [])
     with pytest.raises(ConfigError, match="give checkpoint or samples, not both"):
         load_config(
-            EvaluateConfig, None, ["checkpoint=a.pt", "samples=s.csv", "extractor=b.pt", "reference=r.csv"]
+            EvaluateConfig, None, ["checkpoint=a.pt", "samples=s.csv", "judge=b.pt", "reference=r.csv"]
         )
     with pytest.raises(ConfigError, match="samples= needs reference="):
-        load_config(EvaluateConfig, None, ["samples=s.csv", "extractor=b.pt"])
-    cfg = load_config(EvaluateConfig, None, ["samples=s.csv", "extractor=b.pt", "reference=r.csv"])
+        load_config(EvaluateConfig, None, ["samples=s.csv", "judge=b.pt"])
+    cfg = load_config(EvaluateConfig, None, ["samples=s.csv", "judge=b.pt", "reference=r.csv"])
     assert cfg.samples == "s.csv" and cfg.checkpoint == ""
-    with pytest.raises(ConfigError, match="extractor is required"):
+    with pytest.raises(ConfigError, match="judge is required"):
         load_config(EvaluateConfig, None, ["checkpoint=a.pt"])
     with pytest.raises(ConfigError, match="k must be >= 1"):
-        load_config(EvaluateConfig, None, ["checkpoint=a.pt", "extractor=b.pt", "k=0"])
+        load_config(EvaluateConfig, None, ["checkpoint=a.pt", "judge=b.pt", "k=0"])
 
 
 def test_frechet_distance_matches_the_closed_form_and_monai():
@@ -205,7 +205,7 @@ def test_evaluate_takes_a_model_uri(tmp_path, phantom_manifest, phantom_generato
             None,
             [
                 f"checkpoint=runs:/{phantom_generator['run_id']}/generator",
-                f"extractor={phantom_extractor}",
+                f"judge={phantom_extractor}",
                 "bootstrap=10",
                 "k=3",
                 f"out_dir={tmp_path / 'ev'}",
@@ -228,7 +228,7 @@ def _evaluate(tmp_path, phantom_extractor, reference, *source: str, name: str = 
             None,
             [
                 *source,
-                f"extractor={phantom_extractor}",
+                f"judge={phantom_extractor}",
                 f"reference={reference}",
                 "bootstrap=10",
                 "k=3",

@@ -246,7 +246,7 @@ def test_generate_and_evaluate_go_on_when_the_server_is_down(
             None,
             [
                 f"checkpoint={phantom_generator['checkpoint']}",
-                f"extractor={phantom_extractor}",
+                f"judge={phantom_extractor}",
                 f"reference={phantom_manifest}",
                 "bootstrap=5",
                 "k=3",

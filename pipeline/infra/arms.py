@@ -2,7 +2,7 @@
 
 An arm declares what it trains on (:attr:`Arm.extra`: what joins the real training images), and
 from that what it needs: a generator (``synthetic=``), a judge that filters the synthetic images
-(``filter_classifier=``), ``ratio``, a pre-training phase, classical augmentation, and whether it
+(``judge=``), ``ratio``, a pre-training phase, classical augmentation, and whether it
 may itself judge synthetic images. :meth:`Arm.training_set` composes its training set from parts
 the stage supplies (:class:`TrainingParts`), :meth:`Arm.check` refuses a config the arm cannot run
 with. :data:`ARM_REGISTRY` holds them in the study's order; a new arm is one entry (and, for a new
@@ -46,7 +46,7 @@ class TrainingParts(Protocol):
 
     def source(self, filtered: bool) -> Any:
         """The synthetic source (``synthetic=``); ``filtered``: keeping only the images the judge
-        (``filter_classifier=``) calls their intended label."""
+        (``judge=``) calls their intended label."""
 
     def mix(self, real: Any, source: Any, **kw: Any) -> Any:
         """The real set plus synthetic items (``transforms.synthetic.SyntheticMixDataset``)."""
@@ -92,7 +92,7 @@ class Arm:
         images alone, the classification accuracy score, do not)."""
         return self.synthetic and (self.extra != "synthetic_instead" or self.pretrain)
 
-    def check(self, synthetic: str, ratio: float, filter_classifier: str, epochs: int) -> None:
+    def check(self, synthetic: str, ratio: float, judge: str, epochs: int) -> None:
         """Refuse (ValueError) values of a classify config this arm cannot run with."""
         if self.synthetic and not synthetic:
             raise ValueError(
@@ -100,8 +100,8 @@ class Arm:
             )
         if ratio <= 0 and self.uses_ratio:
             raise ValueError(f"ratio must be > 0 for arm={self.name}, got {ratio}")
-        if self.filtered and not filter_classifier:
-            raise ValueError(f"arm={self.name} needs filter_classifier=<classifier.pt of a real-only arm>")
+        if self.filtered and not judge:
+            raise ValueError(f"arm={self.name} needs judge=<classifier.pt of a real-only arm>")
         if self.pretrain and epochs < 2:
             raise ValueError(
                 f"arm={self.name} needs epochs >= 2 (half pre-training, half real), got {epochs}"

@@ -41,7 +41,7 @@ class ValidationGate:
     def check(self, model: Any, epoch: int, val_ds) -> tuple[dict[str, float], bool]:
         """The gate's metrics of epoch ``epoch`` (0-based) and whether it is the best so far."""
         gate, judge = self.cfg, self.judge
-        assert judge is not None, "the gate is off (no gate.extractor)"
+        assert judge is not None, "the gate is off (no gate.judge)"
         model.eval()  # batch norm from its running statistics, which sampling must not move
         labels = torch.arange(gate.n) % max(self.num_classes, 1) if self.num_classes else None
         fake = model.sample(labels, n=gate.n, seed=self.seed + 7919)

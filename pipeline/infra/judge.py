@@ -3,7 +3,7 @@
 of images.
 
 Train's validation gate, evaluate, the gain study's check of each generator and classify's
-``filter_classifier`` all ask one such classifier about synthetic images; they load it here
+``judge`` all ask one such classifier about synthetic images; they load it here
 (:meth:`Judge.load`: refused when it may have seen synthetic or reference images), score images
 here (:meth:`Judge.score`: penultimate features and P(positive), the one definition of both) and
 measure class fidelity here (:func:`class_fidelity`).
@@ -84,9 +84,9 @@ def check_extractor(
     if not reason:
         return ""
     if allow_foreign:
-        print(f"WARNING: allow_foreign_extractor=true: {reason}", flush=True)
+        print(f"WARNING: allow_foreign_judge=true: {reason}", flush=True)
         return reason
-    raise ValueError(f"{reason}; set allow_foreign_extractor=true to use it anyway (the report will say so)")
+    raise ValueError(f"{reason}; set allow_foreign_judge=true to use it anyway (the report will say so)")
 
 
 class Scores(NamedTuple):

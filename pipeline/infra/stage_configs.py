@@ -199,17 +199,18 @@ class GateConfig:
     every: int = 0  # score every N epochs and at the last; 0: off
     # a classify checkpoint trained (arm real or classical) on this run's manifest: the judge of
     # the samples' FD (its feature space) and class fidelity (its AUROC on their labels)
-    extractor: str = ""
+    judge: str = ""
     n: int = 512  # samples scored, balanced over the classes (prior codes, averaged weights)
     min_fidelity: float = 0.7  # below: a loud warning, and the epoch cannot become best.pt
 
     RANGES: ClassVar[dict[str, str]] = {"min_fidelity": "[0, 1]"}  # an AUROC
+    RENAMED: ClassVar[dict[str, Renamed]] = {"extractor": Renamed("judge")}  # before 2026-12-06
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"gate.every must be >= 0 (0: off), got {self.every}")
-        if self.every > 0 and not self.extractor:
-            raise ValueError("gate.every > 0 needs gate.extractor=<classify checkpoint of a real-only arm>")
+        if self.every > 0 and not self.judge:
+            raise ValueError("gate.every > 0 needs gate.judge=<classify checkpoint of a real-only arm>")
         if self.n < 8:
             raise ValueError(f"gate.n must be >= 8, got {self.n}")
 
@@ -393,7 +394,7 @@ class ClassifyConfig(RuntimeConfig):
     ratio: float = 1.0  # synthetic images per real image (synthetic arms); extra real draws (real_dup)
     # synthetic_filtered: a classify checkpoint of a real-only arm on the same data; a synthetic image
     # is kept only when it classifies it as its intended label at its validation-chosen threshold
-    filter_classifier: str = ""
+    judge: str = ""
     # synthetic arms: the latent prior's sampling scale (its codes' spread times this; < 1 draws
     # nearer each class's centre, > 1 more diverse images, nearer the class boundary)
     synthetic_temperature: float = 1.0
@@ -421,6 +422,7 @@ class ClassifyConfig(RuntimeConfig):
         "grad_clip": Renamed("optim.grad_clip"),
         "channels_last": Renamed("speed.channels_last", ON_OFF),
         "cache_allocations": Renamed("speed.cache_allocations", ON_OFF),
+        "filter_classifier": Renamed("judge"),  # the judge has one name in every stage
     }
 
     def __post_init__(self) -> None:
@@ -431,7 +433,7 @@ class ClassifyConfig(RuntimeConfig):
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         self.check_runtime()
-        ARM_REGISTRY[self.arm].check(self.synthetic, self.ratio, self.filter_classifier, self.epochs)
+        ARM_REGISTRY[self.arm].check(self.synthetic, self.ratio, self.judge, self.epochs)
         if self.step_budget not in ("epochs", "real"):
             raise ValueError(f"step_budget must be 'epochs' or 'real', got {self.step_budget!r}")
         if self.bootstrap < 0:
@@ -454,7 +456,7 @@ class EvaluateConfig:
     # fidelity when labelled 0/1) or a folder of PNG/JPEG files (those directly in it; unlabelled).
     # Needs reference=; no interpolation grid. Preprocessed like the reference at the extractor's size
     samples: str = ""
-    extractor: str = ""  # a classifier checkpoint from the classify stage, trained on real images
+    judge: str = ""  # a classifier checkpoint from the classify stage, trained on real images
     # manifest of the real images (its train split is the memorisation audit's training set with
     # samples=); "" = the generator's training manifest
     reference: str = ""
@@ -473,7 +475,7 @@ class EvaluateConfig:
     # use an extractor that has seen synthetic images, was trained on another manifest than the
     # reference, or does not record its arm and training manifest (a checkpoint from before
     # classify recorded them); the report and the MLflow run then say so
-    allow_foreign_extractor: bool = False
+    allow_foreign_judge: bool = False
     out_dir: str = "outputs/evaluate"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cxr-vaegan-evaluate"))
 
@@ -481,6 +483,11 @@ class EvaluateConfig:
         "bootstrap": "[0, inf)",
         "normal_label": "[0, 999]",
         "batch_size": "[1, 65536]",
+    }
+    # the judge has one name in every stage since 2026-12-06 (the old one is read for a release)
+    RENAMED: ClassVar[dict[str, Renamed]] = {
+        "extractor": Renamed("judge"),
+        "allow_foreign_extractor": Renamed("allow_foreign_judge"),
     }
 
     def __post_init__(self) -> None:
@@ -501,9 +508,9 @@ class EvaluateConfig:
                 "samples= needs reference= (the manifest of the real images): with samples there is no "
                 "generator training run to find the real and training images from"
             )
-        if not self.extractor:
+        if not self.judge:
             raise ValueError(
-                "extractor is required: a classifier checkpoint trained on real images (classify stage)"
+                "judge is required: a classifier checkpoint trained on real images (classify stage)"
             )
         if self.n < 0:
             raise ValueError(f"n must be >= 0, got {self.n}")

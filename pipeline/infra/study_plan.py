@@ -38,8 +38,8 @@ from pipeline.infra.stage_configs import (
 COSMETIC = EXECUTION | {START}
 # paths whose content is keyed otherwise (the source manifest's hash, fraction and seed; the
 # generator's key; the judge's key), so a study continued from another folder keeps its keys
-CHILD_PATH_KEYS = frozenset({"data.manifest", "synthetic", "filter_classifier"})
-GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})
+CHILD_PATH_KEYS = frozenset({"data.manifest", "synthetic", "filter_classifier"})  # (judge, gate.judge)
+GENERATOR_PATH_KEYS = frozenset({"data.manifest", "gate.extractor"})  # keyed by the old spellings
 # the study's own config: what the children are (not where the study writes, its budget, or the
 # base classify values each child replaces)
 STUDY_COSMETIC = frozenset(
