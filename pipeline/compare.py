@@ -27,12 +27,8 @@ import pandas as pd
 
 from pipeline.infra.config import tagged_keys
 from pipeline.infra.metrics import clipped_mean_ci
-from pipeline.infra.stage_configs import (
-    EXECUTION,
-    ClassifyConfig,
-    CompareConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
-    TrainConfig,
-)
+from pipeline.infra.stage_configs import EXECUTION, ClassifyConfig, TrainConfig
+from pipeline.infra.study_configs import CompareConfig  # noqa: F401 - the stage's config, also importable here
 from pipeline.infra.tracking import fail_fast_http, resolve_uri
 from pipeline.infra.viz import pyplot, save_figure
 from transforms.manifest import is_inside, write_csv

@@ -59,7 +59,7 @@ from pipeline.infra.loaders import load_images
 from pipeline.infra.locks import RunLock
 from pipeline.infra.model_store import is_model_uri
 from pipeline.infra.records import StudyRecords
-from pipeline.infra.stage_configs import GainConfig
+from pipeline.infra.study_configs import GainConfig
 from pipeline.infra.study_parent import end_parent, finish_parent, open_parent, sigterm_as_interrupt
 from pipeline.infra.study_plan import (
     CHILD_DEFAULTS,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.infra.config import ConfigError, from_dict, to_dict
-from pipeline.infra.stage_configs import GainConfig
+from pipeline.infra.study_configs import GainConfig
 
 
 def _item_task(

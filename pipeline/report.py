@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.infra.records import StudyRecords
-from pipeline.infra.stage_configs import ReportConfig
+from pipeline.infra.study_configs import ReportConfig
 from pipeline.infra.study_report import (
     SPLIT_TITLES,
     ablation_markdown,

@@ -32,14 +32,12 @@ from pipeline.infra.config import (
 )
 from pipeline.infra.stage_configs import (
     ClassifyConfig,
-    CompareConfig,
     EvaluateConfig,
     ExportConfig,
-    GainConfig,
     GenerateConfig,
-    ReportConfig,
     TrainConfig,
 )
+from pipeline.infra.study_configs import CompareConfig, GainConfig, ReportConfig
 from pipeline.ingest.config import IngestConfig
 
 # stage -> (config dataclass, module, stage function) for the stages taking only key=value overrides;

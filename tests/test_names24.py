@@ -22,7 +22,8 @@ from pipeline.classify import ClassifyConfig
 from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import engine, outbox, tracking
 from pipeline.infra.config import ConfigError, load_config
-from pipeline.infra.stage_configs import GainConfig, TrackingConfig
+from pipeline.infra.stage_configs import TrackingConfig
+from pipeline.infra.study_configs import GainConfig
 from pipeline.train import TrainConfig, train
 
 

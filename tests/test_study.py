@@ -335,7 +335,7 @@ def test_classify_scoring_rules(override, match):
 
 
 def test_the_recipe_ablation_page_renders_from_its_variants_records(tmp_path):
-    from pipeline.infra.stage_configs import ReportConfig
+    from pipeline.infra.study_configs import ReportConfig
     from pipeline.report import report
 
     for v in ("base", "ema"):

@@ -19,7 +19,8 @@ from pipeline.infra import tracking
 from pipeline.infra.config import BudgetReached, ConfigError, flatten, to_dict
 from pipeline.infra.engine import check_writable
 from pipeline.infra.runtime import run_tags
-from pipeline.infra.stage_configs import GainConfig, TrackingConfig
+from pipeline.infra.stage_configs import TrackingConfig
+from pipeline.infra.study_configs import GainConfig
 from pipeline.infra.study_plan import config_key, study_config
 from pipeline.infra.study_report import summarise, to_markdown
 from pipeline.infra.tracking import Tracker

@@ -28,9 +28,9 @@ from pipeline.infra.stage_configs import (
     EXECUTION,
     START,
     ClassifyConfig,
-    GainConfig,
     TrainConfig,
 )
+from pipeline.infra.study_configs import GainConfig
 
 # ------------------------------------------------------------------------------ what identifies a computation
 # where and how a run executes, caches and logs, and how it was started: left out of a key (the
