@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.infra.config import tagged_keys
+from pipeline.infra.config import renamed_keys, tagged_keys
 from pipeline.infra.metrics import clipped_mean_ci
-from pipeline.infra.stage_configs import EXECUTION, ClassifyConfig, TrainConfig
+from pipeline.infra.stage_configs import EXECUTION, ClassifyConfig
 from pipeline.infra.study_configs import CompareConfig  # noqa: F401 - the stage's config, also importable here
 from pipeline.infra.tracking import fail_fast_http, resolve_uri
 from pipeline.infra.viz import pyplot, save_figure
@@ -35,21 +35,17 @@ from transforms.manifest import is_inside, write_csv
 
 # metrics aggregated per group; all lie in [0, 1]
 METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity")
-# params that do not define a configuration: the seed itself, where and how a run was executed
-# and logged, and counts derived from the config and the seed's subset draw
-NOT_CONFIG = (
-    tagged_keys(TrainConfig, EXECUTION)
-    | tagged_keys(ClassifyConfig, EXECUTION)
-    | {
-        "seed",
-        "device",
-        "data.num_workers",
-        "n_train_real",
-        "n_train_total",
-        "optimizer_steps",
-        "steps_per_epoch",
-    }
-)
+# a classifier run's params that do not define its configuration: the seed itself, where and how
+# it was executed and logged, and counts derived from the config and the seed's subset draw
+NOT_CONFIG = tagged_keys(ClassifyConfig, EXECUTION) | {
+    "seed",
+    "device",
+    "data.num_workers",
+    "n_train_real",
+    "n_train_total",
+    "optimizer_steps",
+    "steps_per_epoch",
+}
 UNSET = "<unset>"
 MAX_STEM = 120  # characters of an output file's name taken from the experiment's name
 
@@ -101,12 +97,27 @@ def _first(g: pd.DataFrame, col: str, default: str) -> str:
     return str(vals.iloc[0]) if len(vals) else default
 
 
+def _old_spelling(runs: pd.DataFrame) -> pd.DataFrame:
+    """Classifier runs' params as spelled before the renames of 2026-12-06 (``params.optim.lr`` ->
+    ``params.lr``, ``speed.channels_last`` ``on`` -> ``channels_last`` ``True``, ...), so runs
+    logged before and after them group together."""
+    out = runs.copy()
+    for new, (old, ren) in renamed_keys(ClassifyConfig).items():
+        n, o = f"params.{new}", f"params.{old}"
+        if n not in out:
+            continue
+        vals = out[n].map(lambda v, ren=ren: v if pd.isna(v) else str(ren.backward(v)))
+        out[o] = out[o].where(out[o].notna(), vals) if o in out else vals
+        out = out.drop(columns=[n])
+    return out
+
+
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Seed-aggregated table of classifier runs: one row per configuration (all params but the
     seed and the non-config ones). Columns: arm, fraction, n_seeds, n_runs, config (the params
     that distinguish the group, ``k=v`` joined by spaces), ``params.K`` for each such param, and
     per metric its mean and ``_lo``/``_hi`` bounds (NaN for a single seed)."""
-    runs = runs.reset_index(drop=True)
+    runs = _old_spelling(runs.reset_index(drop=True))
     keys = config_params(runs.columns)
     seeds = runs.apply(_seed_of, axis=1) if len(runs) else pd.Series([], dtype=object)
     norm = pd.DataFrame(

@@ -20,7 +20,7 @@ from networks.objective import GROUP_LOSSES, route_gradients
 from networks.vaegan import VAEGAN
 from pipeline.infra import checkpoint as ckpt
 from pipeline.infra import distributed, engine, runtime, speed, tracking
-from pipeline.infra.config import flatten, tagged_keys, to_dict
+from pipeline.infra.config import current_spelling, flatten, tagged_keys, to_dict
 from pipeline.infra.data import (
     Manifest,
     build_dataset,
@@ -326,7 +326,9 @@ def _restore_or_set_aside(cfg: TrainConfig, run_dir: Path, dinfo: distributed.Di
     if resume_path is None:
         return None, None, runtime.set_aside_earlier(run_dir, dinfo)
     resumed, resume_path = ckpt.load_resumable(resume_path)
-    diff = ckpt.config_diff(resumed.get("config", {}), to_dict(cfg), RESUME_MAY_DIFFER)
+    # a checkpoint from before a key was renamed is compared in today's spelling
+    saved = current_spelling(TrainConfig, resumed.get("config", {}), warn=False)
+    diff = ckpt.config_diff(saved, to_dict(cfg), RESUME_MAY_DIFFER)
     if diff:
         raise ckpt.CheckpointError(
             f"resume={cfg.resume}: {resume_path} was trained with another config ("

@@ -171,3 +171,34 @@ def test_file_stem_is_one_plain_file_name(name, stem):
     # every name gives one file name in out: no separator, no "." or "..", no hidden file
 
     assert file_stem(name) == stem
+
+
+def test_runs_logged_before_and_after_the_renames_group_together():
+    # classify's lr and channels_last became optim.lr and speed.channels_last (2026-12-06): an
+    # experiment holding runs of both revisions shows one row per configuration, not two; and
+    # channels_last still tells configurations apart (it changes the arithmetic)
+    from pipeline.compare import aggregate
+
+    base = {"tags.arm": "real", "tags.fraction": "0.1", "metrics.test/auroc": 0.9}
+    runs = pd.DataFrame(
+        [
+            {**base, "run_id": "a", "params.seed": "0", "params.lr": "0.001", "params.channels_last": "True"},
+            {
+                **base,
+                "run_id": "b",
+                "params.seed": "1",
+                "params.optim.lr": "0.001",
+                "params.speed.channels_last": "on",
+            },
+            {
+                **base,
+                "run_id": "c",
+                "params.seed": "2",
+                "params.optim.lr": "0.001",
+                "params.speed.channels_last": "off",
+            },
+        ]
+    )
+    table = aggregate(runs)
+    assert sorted(table["n_seeds"]) == [1, 2], table
+    assert set(table["config"]) == {"channels_last=True", "channels_last=False"}

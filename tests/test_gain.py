@@ -9,6 +9,7 @@ import shutil
 import pytest
 from cxr_factory import TINY_GAIN_CLASSIFY
 
+from pipeline.infra import engine
 from pipeline.infra.config import ConfigError, load_config
 
 
@@ -216,3 +217,9 @@ def test_a_study_does_not_start_without_its_tracking_store(tmp_path, phantom_man
     with pytest.raises(ConfigError, match=r"tracking store http://127\.0\.0\.1:\d+ cannot be reached"):
         G.gain(_config(tmp_path, phantom_manifest, f"classify.tracking.uri={dead}"))
     assert not (tmp_path / "gain" / "t" / "parent_run_id").exists()
+    # with the store up, the same study starts: the refused start left nothing buffered behind
+    monkeypatch.undo()
+    res = G.gain(_config(tmp_path, phantom_manifest))
+    assert _client(tmp_path).get_run(res["parent_run_id"]).info.status == "FINISHED"
+    # the study's folder is no run folder: a stage run under its name is refused, never moves it
+    assert not engine.is_run_folder(tmp_path / "gain" / "t")

@@ -150,6 +150,24 @@ def test_checkpoint_from_other_model_config_is_refused(tmp_path, phantom_manifes
         )
 
 
+def test_a_checkpoint_from_before_a_rename_is_compared_in_todays_spelling(tmp_path, phantom_manifest):
+    # a checkpoint written when the gate's judge was gate.extractor holds that key, today's config
+    # gate.judge: compared key by key as spelled, a resume with another judge went unnoticed
+    from pipeline.infra.checkpoint import save_checkpoint
+
+    res = train(_tiny(phantom_manifest, tmp_path, "model.kind=vae"))
+    path = Path(res["checkpoint"])
+    payload = load_checkpoint(path)
+    gate = payload["config"]["gate"]
+    gate["extractor"] = "outputs/another-judge/classifier.pt"
+    del gate["judge"]
+    save_checkpoint(path, payload)
+    with pytest.raises(
+        CheckpointError, match=r"gate\.judge: checkpoint 'outputs/another-judge/classifier\.pt', now ''"
+    ):
+        train(_tiny(phantom_manifest, tmp_path, "model.kind=vae", "epochs=2", f"resume={path}"))
+
+
 def test_missing_manifest_fails_before_any_model(tmp_path):
     from transforms.manifest import ManifestError
 

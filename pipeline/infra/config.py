@@ -307,7 +307,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """The stage's own defaults <- ``data`` (checked), as an instance of ``cls``."""
     if not _is_dataclass_type(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    checked = _validate(cls, current_spelling(cls, data or {}), prefix)
+    # load_config renamed (and warned about) what the user wrote; what is left is stored configs
+    checked = _validate(cls, current_spelling(cls, data or {}, warn=False), prefix)
     try:
         # the class (not an instance): default_factory sections are called, so each stage's own
         # defaults hold, while no __post_init__ runs before the values are merged (a derived
@@ -487,7 +488,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
 _WARNED: set[str] = set()
 
 
-def _renamed_leaves(cls: type, data: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+def _renamed_leaves(cls: type, data: dict[str, Any], prefix: str, warn: bool = True) -> list[tuple[str, Any]]:
     """``data``'s (dotted key, value) pairs with every deprecated key (a class's ``RENAMED``
     table: old key -> :class:`pipeline.infra.stage_configs.Renamed`) in its current spelling and
     value; a dotted key (an override) is followed into its sections."""
@@ -498,7 +499,7 @@ def _renamed_leaves(cls: type, data: dict[str, Any], prefix: str) -> list[tuple[
         head, _, rest = str(key).partition(".")
         if key in table:
             ren = table[key]
-            if f"{prefix}{key}" not in _WARNED:
+            if warn and f"{prefix}{key}" not in _WARNED:
                 _WARNED.add(f"{prefix}{key}")
                 print(
                     f"config: '{prefix}{key}' is deprecated, read as '{prefix}{ren.new}' (the old spelling "
@@ -508,7 +509,7 @@ def _renamed_leaves(cls: type, data: dict[str, Any], prefix: str) -> list[tuple[
             out.append((f"{prefix}{ren.new}", ren.forward(value)))
         elif head in hints and _is_dataclass_type(hints[head]) and (rest or isinstance(value, dict)):
             inner = {rest: value} if rest else value
-            out.extend(_renamed_leaves(hints[head], inner, f"{prefix}{head}."))
+            out.extend(_renamed_leaves(hints[head], inner, f"{prefix}{head}.", warn))
         else:
             out.append((f"{prefix}{key}", value))
     return out
@@ -558,10 +559,11 @@ def old_spelling(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def current_spelling(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+def current_spelling(cls: type, data: dict[str, Any], warn: bool = True) -> dict[str, Any]:
     """A nested config dict with its deprecated keys in their current spelling; a key given in
-    both spellings is refused (which one was meant?)."""
-    leaves = _renamed_leaves(cls, data, "")
+    both spellings is refused (which one was meant?). ``warn=False``: a config stored before the
+    rename (a checkpoint's), which its user did not write: no deprecation message."""
+    leaves = _renamed_leaves(cls, data, "", warn)
     seen: set[str] = set()
     out: dict[str, Any] = {}
     for key, value in leaves:

@@ -25,8 +25,8 @@ StepFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda requested but CUDA is not available")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} requested but CUDA is not available")
     return torch.device(name)
 
 

@@ -252,7 +252,7 @@ class RuntimeConfig:
     classify (``pipeline.infra.runtime`` acts on them)."""
 
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto (bf16 on CUDA from 128 px, engine.AUTO_BF16_MIN_SIZE; else off) | bf16 | fp16 | off
     amp: str = "auto"
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
@@ -262,8 +262,8 @@ class RuntimeConfig:
     RUNS: ClassVar[dict[str, str]] = {"out_dir": WHERE, "threads": HOW}
 
     def check_runtime(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import signal
 import sys
 import time
@@ -37,7 +38,8 @@ def open_parent(cfg: GainConfig, out: Path, tracking_cfg: TrackingConfig, source
     tcfg.experiment = cfg.tracking.experiment
     state = out / "parent_run_id"
     parent_id = state.read_text().strip() if state.is_file() else None
-    tracker = Tracker(tcfg, out)
+    # its own folder inside the study's: the study's folder is no run folder (engine.set_aside)
+    tracker = Tracker(tcfg, out / "parent_run")
     if parent_id:
         _check_parent(tracker, parent_id, state)
     tags = run_tags(
@@ -49,6 +51,8 @@ def open_parent(cfg: GainConfig, out: Path, tracking_cfg: TrackingConfig, source
     tracker.start(parent_id, cfg.tracking.run_name or f"gain-{time.strftime('%Y%m%d-%H%M%S')}", tags)
     if tracker.run_id is None:
         tracker.enabled = False  # nothing more goes to a run that does not exist
+        if parent_id is None:  # nothing but the unsent start is buffered: the next start begins anew
+            shutil.rmtree(out / "parent_run", ignore_errors=True)
         raise ConfigError(
             f"gain: the tracking store {tracker.uri} cannot be reached ({tracker.last_error}): a study "
             "links its children to its parent run, so it starts with the store up (start the server, "
@@ -87,8 +91,14 @@ def end_parent(tracker: Tracker | None, exc: BaseException) -> None:
     if tracker is None or tracker.run_id is None:
         return
     status = "KILLED" if isinstance(exc, (KeyboardInterrupt, BudgetReached)) else "FAILED"
-    tracker.log_tags({"gain.error": f"{type(exc).__name__}: {exc}"[:500]})
-    tracker.close(status)
+    try:
+        tracker.log_tags({"gain.error": f"{type(exc).__name__}: {exc}"[:500]})
+        tracker.close(status)
+    except Exception as e:  # noqa: BLE001 - the study's own error is the one to raise
+        print(
+            f"gain: could not mark the parent run {tracker.run_id} {status}: {e}", file=sys.stderr, flush=True
+        )
+        return
     print(
         f"gain: parent run {tracker.run_id} ended {status} ({type(exc).__name__}: {exc})",
         file=sys.stderr,
