@@ -1,5 +1,5 @@
 """Behaviour unchanged across a refactor: a seeded 2-epoch phantom train, a classify run of every
-arm and a tiny gain study, each through the real CLI, reduced to digests of their weights, their
+arm (four of them again with the augmentation on the device) and a tiny gain study, each through the real CLI, reduced to digests of their weights, their
 logged metrics (wall-clock ones left out) and the study's item keys.
 
     python benchmarks/check_behaviour.py --out /tmp/now.json
@@ -157,6 +157,20 @@ def measure(work: Path) -> dict:
         if arm == "real":
             judge = res["checkpoint"]
         result["classify"][arm] = {
+            "weights": tensors_digest(Path(res["checkpoint"])),
+            "metrics": {k: v for k, v in sorted(res["metrics"].items()) if not any(t in k for t in TIMING)},
+        }
+    # the classical and mixing arms again with the augmentation on whole batches (the study's setting)
+    for arm in ("classical", "classical+synthetic", "real_dup", "synthetic"):
+        extra = [f"synthetic={gen}"] if "synthetic" in arm else []
+        name = f"{arm.replace('+', '_')}-device"
+        cli(
+            "classify", f"data.manifest={manifest}", *TINY_CLASSIFY, f"arm={arm}", "seed=1", *extra,
+            "data.augment_on=device", f"out_dir={work / 'cls'}", f"tracking.run_name={name}", uri,
+            cwd=work,
+        )
+        res = json.loads((work / "cls" / name / "result.json").read_text())
+        result["classify"][f"{arm}/device"] = {
             "weights": tensors_digest(Path(res["checkpoint"])),
             "metrics": {k: v for k, v in sorted(res["metrics"].items()) if not any(t in k for t in TIMING)},
         }

@@ -122,9 +122,10 @@ def _label_judge(cfg: ClassifyConfig, device: torch.device):
     return accept
 
 
-def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device):
-    """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None))."""
-    parts = ClassifyParts(cfg, items, device, accept=lambda: _label_judge(cfg, device))
+def _train_dataset(cfg: ClassifyConfig, items: list[dict], device: torch.device, batched: bool):
+    """The arm's training set; returns (dataset, (real dataset, synthetic augmentation or None)).
+    ``batched``: the classical augmentation runs on whole batches on the device, not in the loader."""
+    parts = ClassifyParts(cfg, items, device, accept=lambda: _label_judge(cfg, device), batched=batched)
     return ARM_REGISTRY[cfg.arm].training_set(parts)
 
 
@@ -257,7 +258,8 @@ def _data(
     cfg: ClassifyConfig, items: dict[str, list[dict]], device: torch.device, dinfo: distributed.DistInfo
 ) -> dict[str, Any]:
     """The arm's training set and loaders, validation and test loaders (a test set is whole)."""
-    train_ds, (real_ds, syn_tf) = _train_dataset(cfg, items["train"], device)
+    batch_aug = device_augment(cfg.data, device)  # None: the loader augments each image
+    train_ds, (real_ds, syn_tf) = _train_dataset(cfg, items["train"], device, batch_aug is not None)
     val_ds = build_dataset(items["val"], cfg.data, train=False)
     tests = {
         split: make_loader(build_dataset(items[k], cfg.data, train=False), cfg.data, shuffle=False)
@@ -293,7 +295,7 @@ def _data(
             for x in getattr(ds, "skipped", [])
         ],
         # classical arms with data.augment_on=device: the whole batch is augmented in the step
-        "batch_aug": device_augment(cfg.data, device) if ARM_REGISTRY[cfg.arm].classical else None,
+        "batch_aug": batch_aug if ARM_REGISTRY[cfg.arm].classical else None,
     }
     return data
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.infra.data import build_dataset, device_augment
+from pipeline.infra.data import build_dataset
 from pipeline.infra.loaders import synthetic_source
 from pipeline.infra.stage_configs import ClassifyConfig
 from transforms.presets import tensor_augment_transforms
@@ -27,11 +27,12 @@ class ClassifyParts:
         items: list[dict],
         device: torch.device,
         accept: Callable[[], Callable[[np.ndarray, int], bool]],
+        batched: bool = False,
     ) -> None:
         self.cfg, self.items, self.device, self.accept = cfg, items, device, accept
         self.ratio = cfg.ratio
         # with the augmentation on whole batches (data.augment_on=device) the loader only decodes
-        self.batched = device_augment(cfg.data, device) is not None
+        self.batched = batched
 
     @property
     def labels(self) -> list[int]:
