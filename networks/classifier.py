@@ -11,7 +11,7 @@ import torch
 from monai.networks.nets import DenseNet121, ResNet
 from torch import nn
 
-from networks.config import ARCHS, ClassifierConfig  # noqa: F401 - re-exported; the config lives in networks.config
+from networks.config import ClassifierConfig
 
 
 def _batch_to_instance_norm(module: nn.Module) -> None:

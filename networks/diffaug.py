@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from networks.config import diffaug_policy as parse_policy  # noqa: F401 - the one parser, re-exported
-
 
 def draw_params(policy: tuple[str, ...], n: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
     """One draw of every transform's parameters for a batch of ``n`` images of ``size`` pixels."""

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from networks.config import LossConfig
-from networks.diffaug import diff_augment, parse_policy
+from networks.config import diffaug_policy as parse_policy
+from networks.diffaug import diff_augment
 from networks.losses import (
     discriminator_adversarial,
     feature_reconstruction,

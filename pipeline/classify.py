@@ -52,12 +52,7 @@ from pipeline.infra.data import (
 )
 from pipeline.infra.judge import Judge
 from pipeline.infra.metrics import auroc, bootstrap_ci, youden_threshold
-from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
-    ARMS,
-    ClassifyConfig,
-    DataConfig,
-    TrackingConfig,
-)
+from pipeline.infra.stage_configs import ClassifyConfig
 from pipeline.infra.viz import plot_curves, plot_roc
 from pipeline.ingest.default import resolve_manifest
 from transforms.io import file_sha256

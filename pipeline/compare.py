@@ -28,7 +28,7 @@ import pandas as pd
 from pipeline.infra.config import renamed_keys, tagged_keys
 from pipeline.infra.metrics import clipped_mean_ci
 from pipeline.infra.stage_configs import EXECUTION, ClassifyConfig
-from pipeline.infra.study_configs import CompareConfig  # noqa: F401 - the stage's config, also importable here
+from pipeline.infra.study_configs import CompareConfig
 from pipeline.infra.tracking import fail_fast_http, resolve_uri
 from pipeline.infra.viz import pyplot, save_figure
 from transforms.manifest import is_inside, write_csv

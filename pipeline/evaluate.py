@@ -50,7 +50,7 @@ from pipeline.infra.loaders import (
     sample_images,
 )
 from pipeline.infra.metrics import auroc, bootstrap, bootstrap_ci, mean_with_ci
-from pipeline.infra.stage_configs import EvaluateConfig, TrackingConfig  # noqa: F401 - re-exported; they live in pipeline.infra.stage_configs
+from pipeline.infra.stage_configs import EvaluateConfig
 from pipeline.infra.viz import pairs, plot_roc, pyplot, save_figure, save_grid
 from pipeline.ingest.default import default_manifest
 from transforms.io import file_sha256

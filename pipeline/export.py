@@ -39,7 +39,7 @@ from pipeline.infra.loaders import LoadedGenerator, load_generator
 from pipeline.infra.locks import swap_into_place
 from pipeline.infra.monai_bundle import self_check, write_bundle
 from pipeline.infra.stage_configs import (
-    ExportConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+    ExportConfig,
     TrackingConfig,
 )
 

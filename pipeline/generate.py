@@ -54,7 +54,7 @@ from pipeline.infra.locks import RunLock, swap_into_place
 from pipeline.infra.outbox import OUTBOX_NAME
 from pipeline.infra.quality import nn_distances
 from pipeline.infra.stage_configs import (
-    GenerateConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+    GenerateConfig,
 )
 from pipeline.infra.tracking import resolve_uri
 from pipeline.infra.viz import save_grid

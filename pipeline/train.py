@@ -31,18 +31,7 @@ from pipeline.infra.data import (
 from pipeline.infra.gate import ValidationGate, gate_checks
 from pipeline.infra.grids import grid_inputs, loss_curve, save_grids
 from pipeline.infra.judge import Judge
-from pipeline.infra.stage_configs import (  # noqa: F401 - also re-exported; the configs live in pipeline.infra.stage_configs
-    MEASURES,
-    RESUMABLE,
-    DataConfig,
-    GateConfig,
-    GuardConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from pipeline.infra.stage_configs import RESUMABLE, GateConfig, OptimConfig, TrainConfig
 from pipeline.infra.tracking import git_commit
 from pipeline.ingest.default import resolve_manifest
 from transforms.manifest import may_hold_burned_in
@@ -675,10 +664,4 @@ def _check_labels(items: list[dict], num_classes: int, manifest: Path, names: di
         )
 
 
-__all__ = [
-    "TrainConfig",
-    "LossConfig",
-    "OptimConfig",
-    "train",
-    "train_one_epoch",
-]
+__all__ = ["train", "train_one_epoch"]

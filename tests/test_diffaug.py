@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from networks.config import LossConfig, ModelConfig
-from networks.diffaug import apply, diff_augment, parse_policy
+from networks.config import diffaug_policy as parse_policy
+from networks.diffaug import apply, diff_augment
 from networks.objective import vaegan_losses
 from networks.vaegan import VAEGAN
 

@@ -15,16 +15,12 @@ from cxr_factory import REPO, tiny_train_config
 from mlflow_server import free_port, kill, start_server
 
 from networks import VAEGAN, ModelConfig
+from networks.config import LossConfig
 from networks.objective import route_gradients
 from pipeline.infra.checkpoint import CheckpointError, load_checkpoint
 from pipeline.infra.model_store import load_generator_uri
-from pipeline.train import (
-    Groups,
-    LossConfig,
-    OptimConfig,
-    TrainConfig,
-    train,
-)
+from pipeline.infra.stage_configs import OptimConfig, TrainConfig
+from pipeline.train import Groups, train
 
 _tiny = tiny_train_config  # the train tests' tiny config (tests/cxr_factory.py)
 

@@ -19,7 +19,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from transforms.config import VALID_SIZES, TransformConfig  # noqa: F401 - re-exported; the config lives in transforms.config
+from transforms.config import TransformConfig
 from transforms.dictionary import CLAHEd, LoadCXRd, ToPlainTensord
 
 

@@ -21,7 +21,7 @@ from monai.transforms import Compose
 
 from pipeline.infra.sampling import draw_patients
 from pipeline.infra.stage_configs import (
-    DataConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+    DataConfig,
 )
 from transforms.batch import BatchAugment
 from transforms.cache import DiskCached

@@ -6,8 +6,9 @@ second instead of after the stage's heavy imports. The dataclasses and their ``_
 checks are plain Python; their nested sections come from :mod:`networks.config` and
 :mod:`transforms.config`, which are light in the same way; the arms (``ARMS``, their rules) come
 from :mod:`pipeline.infra.arms`, plain Python too. Keep it so: this module imports only the
-standard library and those three modules. Each stage module re-exports its own config
-(``from pipeline.train import TrainConfig`` keeps working).
+standard library and those three modules. A stage's config is imported from here (the stages
+of studies: :mod:`pipeline.infra.study_configs`; ingest: :mod:`pipeline.ingest.config`); a stage
+module names only the configs it uses, and re-exports none.
 
 A key whose meaning needs a range declares it in its class's ``RANGES`` table (key -> interval),
 which the config loader enforces (:func:`pipeline.infra.config.declared_ranges`); every float is
@@ -21,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from networks.config import PRIORS, ClassifierConfig, LossConfig, ModelConfig  # noqa: F401 - LossConfig re-exported
+from networks.config import PRIORS, ClassifierConfig, LossConfig, ModelConfig
 from pipeline.infra.arms import ARM_REGISTRY, ARMS
 from transforms.config import TransformConfig
 

@@ -27,7 +27,7 @@ from pipeline.infra.outbox import (
     send_op,
 )
 from pipeline.infra.stage_configs import (
-    TrackingConfig,  # also re-exported; it lives in pipeline.infra.stage_configs
+    TrackingConfig,
 )
 
 # the code's own checkout, for the commit hash recorded with every run ("unknown" when installed)
