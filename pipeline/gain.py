@@ -77,6 +77,7 @@ from pipeline.infra.study_plan import (
     generator_name,
     generator_problem,
     generator_record,
+    keep_grid,
     keyed_config,
     read_done,
     study_config,
@@ -455,6 +456,7 @@ class GainStudy:
         rec = generator_record(self.judge_cell(gname), item, res, wall, self.parent_id)
         self.records.write("generators", gname, rec)
         item.record = self.records.read("generators", gname)
+        keep_grid(self.gen_dir / gname, rec, self.records.folder / "grids" / f"{gname}.png")
         self.refit_cost()
 
     def refit_cost(self) -> None:

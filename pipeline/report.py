@@ -9,6 +9,7 @@ page for the committed study (``records=docs/studies/kermany64 out=docs/gain.md`
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,35 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     else:
         lines += ["No classifier child is recorded yet.", ""]
     lines += ["## Generators", "", generator_table(generators) if generators else "None recorded.", ""]
+    lines += _sample_grids(Path(cfg.records), generators, out)
     lines += ["## What the study cost (measured)", "", cost_table(children, generators)]
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     print(f"report: {out} ({len(children)} children, {len(generators)} generators; plots: {len(plots)})")
     return {"page": str(out), "plots": [str(p) for p in plots], "table": table}
+
+
+def _sample_grids(records: Path, generators: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    """One sample grid per fraction (its lowest seed's generator, the kept epoch's prior samples,
+    columns headed by their class), from ``RECORDS/grids/GENERATOR.png``, copied beside the page."""
+    first: dict[float, str] = {}
+    for name, g in sorted(
+        generators.items(), key=lambda kv: (float(kv[1]["fraction"]), int(kv[1].get("seed") or 0))
+    ):
+        if (records / "grids" / f"{name}.png").is_file():
+            first.setdefault(float(g["fraction"]), name)
+    if not first:
+        return []
+    lines = [
+        "## Samples",
+        "",
+        "Prior samples of each fraction's first generator at its kept epoch (columns headed by class):",
+        "",
+    ]
+    for fraction, name in sorted(first.items()):
+        dest = out.with_name(f"{out.stem}_samples_{name}.png")
+        shutil.copyfile(records / "grids" / f"{name}.png", dest)
+        lines += [f"![{name} ({fraction:g} of the real data)]({dest.name})", ""]
+    return lines
 
 
 def _rel(path: Path, start: Path) -> str:

@@ -278,6 +278,21 @@ def test_generators_are_sized_in_steps_and_gated_by_their_subsets_real_child(tmp
     # the generator's quality against the validation split, in its judge's feature space
     q = gen["class_fidelity"]["0"]
     assert q["temperature"] == 1.0 and 0 <= q["coverage"] <= 1 and 0 <= q["precision"] <= 1 and q["fd"] >= 0
+    # the kept epoch's sample grid travels with the records (no weights) and shows on the page
+    grid = tmp_path / "rec" / "grids" / "vaegan-f0.5-s0.png"
+    kept = gen["gate"]["best"]["epoch"] if gen["gate"]["kept"] == "best.pt" else gen["epochs"]
+    run_grid = (
+        tmp_path / "out" / "t" / "generators" / "vaegan-f0.5-s0" / "grids" / f"samples_epoch{kept:03d}.png"
+    )
+    assert grid.read_bytes() == run_grid.read_bytes()
+    from pipeline.infra.study_configs import ReportConfig
+    from pipeline.report import report
+
+    page = tmp_path / "page" / "gain.md"
+    page.parent.mkdir()
+    report(ReportConfig(records=str(tmp_path / "rec"), out=str(page)))
+    assert "![vaegan-f0.5-s0 (0.5 of the real data)](gain_samples_vaegan-f0.5-s0.png)" in page.read_text()
+    assert (page.parent / "gain_samples_vaegan-f0.5-s0.png").read_bytes() == grid.read_bytes()
 
     # a variant that only samples differently (a temperature) shares the generators: none trains
     import pipeline.gain as G

@@ -31,6 +31,7 @@ from pipeline.infra.stage_configs import (
     TrainConfig,
 )
 from pipeline.infra.study_configs import GainConfig
+from transforms.manifest import atomic_writer
 
 # ------------------------------------------------------------------------------ what identifies a computation
 # where and how a run executes, caches and logs, and how it was started: left out of a key (the
@@ -285,6 +286,25 @@ def generator_record(
         },
         "code_version": tracking.git_commit(),
     }
+
+
+def keep_grid(run_dir: Path, rec: dict[str, Any], dest: Path) -> Path | None:
+    """The prior-sample grid of a generator's kept epoch (``best.pt``'s, else the last) copied
+    beside the study's records, where its results page shows it (records hold no weights; a grid
+    is a few kB). None when the run left none; never raises (a picture is not worth a study)."""
+    kept = (rec.get("gate") or {}).get("kept") == "best.pt"
+    epoch = int(((rec.get("gate") or {}).get("best") or {}).get("epoch") or 0) if kept else int(rec["epochs"])
+    src = run_dir / "grids" / f"samples_epoch{epoch:03d}.png"
+    try:
+        if not src.is_file():
+            return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(dest, binary=True, fsync=False) as f:
+            f.write(src.read_bytes())
+        return dest
+    except OSError as e:
+        print(f"gain: the sample grid of {run_dir.name} was not kept ({e})", flush=True)
+        return None
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
