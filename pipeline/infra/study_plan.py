@@ -291,7 +291,7 @@ def generator_record(
 def keep_grid(run_dir: Path, rec: dict[str, Any], dest: Path) -> Path | None:
     """The prior-sample grid of a generator's kept epoch (``best.pt``'s, else the last) copied
     beside the study's records, where its results page shows it (records hold no weights; a grid
-    is a few kB). None when the run left none; never raises (a picture is not worth a study)."""
+    is ~250 kB). None when the run left none; never raises (a picture is not worth a study)."""
     kept = (rec.get("gate") or {}).get("kept") == "best.pt"
     epoch = int(((rec.get("gate") or {}).get("best") or {}).get("epoch") or 0) if kept else int(rec["epochs"])
     src = run_dir / "grids" / f"samples_epoch{epoch:03d}.png"
